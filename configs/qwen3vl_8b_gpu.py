@@ -1,11 +1,22 @@
 """Qwen3-VL-8B on one node of 8 GPUs: the paper's setup (METHOD.md §5–7).
 
-Starts from the SFT cold-start checkpoint (``--config.model.path``); rollouts through the in-process
-JaxEngine by default (set ``rl.engine`` when the SGLang client lands, see the report); renders with
-the Qwen-Image-Edit-2511 render service (``genevolve render-server``); judges with a VLM behind an
-OpenAI-compatible endpoint; fsdp over 8 GPUs with bf16 compute and activation checkpointing.
-Paper values throughout: 8 prompts × 6 rollouts, lr 1e-6 cosine, ε 0.20/0.28, β 1e-3, λ 2.0,
-about 200 steps; SFT lr 1e-5, warmup 0.02, 2 epochs, 32 sequences, cutoff 32768.
+Starts from the SFT cold-start checkpoint (``--config.model.path``). Rollouts go to an SGLang policy
+server on 127.0.0.1:30010 (``rl.engine="sglang"``), colocated with the trainer on the same 8 GPUs
+(TP 2 × DP 4, ``--mem-fraction-static 0.30``; the trainer keeps ``XLA_PYTHON_CLIENT_MEM_FRACTION``
+0.55): ``GENEVOLVE_POLICY_MODEL=<HF dir> launch/single_host.sh genevolve train --config
+qwen3vl_8b_gpu ...`` starts it first and waits for its /health. The trainer pushes its starting
+weights at start and its policy after every step (bf16 HF export to <workdir>/sglang_weights,
+/update_weights_from_disk), and recomputes π_old itself (``rl.old_logprobs="recompute"``: what
+SGLang's log-probs mean depends on its release and flags, see train/run_config.py). The in-process
+JaxEngine (``--config.rl.engine=jax``, the ``engine`` section) remains available.
+
+Renders with the Qwen-Image-Edit-2511 render service on :8100 (launch/render_service.sh) and judges
+with a VLM behind an OpenAI-compatible endpoint on :30000 (an SGLang-served Qwen3-VL-30B-A3B,
+launch/sglang_server.sh, or GENEVOLVE_JUDGE_MODEL with single_host.sh); both are expected on other
+GPUs (another node, or GENEVOLVE_JUDGE_GPUS), since the trainer and the policy server fill these 8.
+fsdp over 8 GPUs with bf16 compute and activation checkpointing. Paper values throughout: 8 prompts
+× 6 rollouts, temperature 0.7, top-p 0.95, lr 1e-6 cosine, ε 0.20/0.28, β 1e-3, λ 2.0, about 200
+steps; SFT lr 1e-5, warmup 0.02, 2 epochs, 32 sequences, cutoff 32768.
 """
 import os
 import sys
@@ -32,8 +43,12 @@ def get_config():
     cfg.data.rl.prompts_per_step = 8
     cfg.rl.group_size = 6
     cfg.rl.num_steps = 200
-    cfg.rl.engine = "jax"
-    cfg.engine.max_slots = 48
+    cfg.rl.engine = "sglang"
+    cfg.rl.old_logprobs = "recompute"
+    cfg.rl.sglang.urls = ["http://127.0.0.1:30010"]   # the policy server (single_host.sh GENEVOLVE_POLICY_PORT)
+    cfg.rl.sglang.export_dtype = "bfloat16"           # = the trainer's bf16 compute weights
+    cfg.rl.sglang.health_wait_s = 300.0               # an 8B server takes minutes to come up
+    cfg.engine.max_slots = 48               # the JaxEngine's, for --config.rl.engine=jax
     cfg.engine.max_seq_len = 36864          # prompt cap 6144 + response cap 30000 (+ slack)
     cfg.engine.mesh.tensor = 8
     cfg.agent.sampling.temperature = 0.7
@@ -42,7 +57,7 @@ def get_config():
     cfg.render.backend = "http"
     cfg.render.http.urls = ["http://127.0.0.1:8100"]
     cfg.reward.judge_kind = "vlm"
-    cfg.reward.endpoint.base_url = "http://127.0.0.1:30000"
+    cfg.reward.endpoint.base_url = "http://127.0.0.1:30000"   # the judge's SGLang; not the policy's :30010
     cfg.experience.summariser.backend = "policy"
     cfg.checkpoint.save_every = 20
     cfg.checkpoint.keep = 3

@@ -1,14 +1,39 @@
 #!/usr/bin/env bash
 # Start an SGLang server for a Hugging Face Qwen3-VL directory (needs a CUDA machine with sglang).
+#
 #   launch/sglang_server.sh MODEL_DIR [TP] [DP] [PORT] [extra sglang args...]
-# The trainer's SGLangEngine syncs weights by exporting to a shared path and calling
-# /update_weights_from_disk; pass --skip-tokenizer-init since the client sends token ids.
+#   ROLE=judge launch/sglang_server.sh /models/Qwen3-VL-30B-A3B-Instruct 8 1 30000
+#
+# Two roles, on the ports configs/qwen3vl_{8b,2b}_gpu.py point at:
+#   policy (default; PORT 30010 = rl.sglang.urls): the rollout engine of `genevolve train`. Token ids
+#     in and out (--skip-tokenizer-init: the agent stops on token ids only; images still go through
+#     SGLang's Qwen3-VL processor). MODEL_DIR only fixes the architecture and processor: the trainer
+#     pushes its own weights at start and after every step (bf16 HF export under
+#     rl.sglang.weights_dir, then /update_weights_from_disk), so that directory must be readable by
+#     this server at the same path. Leave SGLANG_RETURN_ORIGINAL_LOGPROB unset: it makes the returned
+#     log-probs temperature-1 ones (the trainer recomputes π_old anyway, rl.old_logprobs=recompute,
+#     and logs the difference as rollout/logprob_mismatch).
+#   judge (PORT 30000 = reward.endpoint.base_url): the VLM judge behind /v1/chat/completions; keeps
+#     its tokenizer for the chat template.
+#
+# GPU memory: MEM_FRACTION is --mem-fraction-static, the share of each visible GPU for weights + KV
+# cache. Colocated with the trainer on the same GPUs (launch/single_host.sh does this), start the
+# server FIRST (it sizes its pool from free memory) with MEM_FRACTION 0.30, then the trainer with
+# XLA_PYTHON_CLIENT_MEM_FRACTION 0.55 (8 × 80 GB: 24 GB per GPU for the 8B policy at TP 2 × DP 4,
+# 44 GB for the fsdp-sharded trainer). CUDA_VISIBLE_DEVICES picks the GPUs; TP × DP must equal
+# their number. HOST defaults to 127.0.0.1 (set another only behind a firewall).
 set -euo pipefail
-MODEL_DIR=${1:?usage: $0 MODEL_DIR [TP] [DP] [PORT] [extra args]}
+MODEL_DIR=${1:?usage: $0 MODEL_DIR [TP] [DP] [PORT] [extra sglang args]}
 TP=${2:-1}
 DP=${3:-1}
-PORT=${4:-30000}
+ROLE=${ROLE:-policy}
+case "$ROLE" in
+  policy) DEFAULT_PORT=30010; ROLE_ARGS=(--skip-tokenizer-init) ;;
+  judge) DEFAULT_PORT=30000; ROLE_ARGS=() ;;
+  *) echo "sglang_server.sh: ROLE must be policy or judge, got '$ROLE'" >&2; exit 2 ;;
+esac
+PORT=${4:-$DEFAULT_PORT}
 shift $(( $# < 4 ? $# : 4 ))
 exec python -m sglang.launch_server --model-path "$MODEL_DIR" --tp-size "$TP" --dp-size "$DP" \
-  --host "${HOST:-127.0.0.1}" --port "$PORT" --skip-tokenizer-init \
+  --host "${HOST:-127.0.0.1}" --port "$PORT" ${ROLE_ARGS[@]+"${ROLE_ARGS[@]}"} \
   --mem-fraction-static "${MEM_FRACTION:-0.8}" "$@"

@@ -29,6 +29,9 @@ def default_agent_config() -> ml_collections.ConfigDict:
     # the released runtime's behaviour).
     cfg.observation_pixels = False
     cfg.max_images_per_observation = 5
+    # "full": the tool JSON schemas and all rules (Qwen3-VL); "compact": a ~100-token variant for
+    # tiny models (agent/system_prompt.py).
+    cfg.system_prompt = "full"
 
     cfg.sampling = ml_collections.ConfigDict()
     cfg.sampling.temperature = 0.7
@@ -106,6 +109,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ValueError(f"agent.tools.backoff_s must be >= 0, got {t.backoff_s}")
     if not cfg.loop.batch_wait_ms >= 0:
         raise ValueError(f"agent.loop.batch_wait_ms must be >= 0, got {cfg.loop.batch_wait_ms}")
+    from genevolve_jax.agent.system_prompt import STYLES
+    if cfg.get("system_prompt", "full") not in STYLES:
+        raise ValueError(f"agent.system_prompt must be one of {STYLES}, got {cfg.system_prompt!r}")
     if not isinstance(cfg.observation_pixels, bool):
         raise ValueError(f"agent.observation_pixels must be a bool, got {cfg.observation_pixels!r}")
     return cfg

@@ -47,29 +47,45 @@ def _keywords(request: str, limit: int = 8) -> str:
     return " ".join(w for w in words if w.lower() not in stop)[:200] or request[:200]
 
 
-class HeuristicDemoEngine(RolloutEngine):
-    """Deterministic rule-based turns from the decoded context (see the module docstring)."""
+DEFAULT_PLAN = ("query_knowledge", "search", "image_search")
+PLAN_TOOLS = frozenset(DEFAULT_PLAN)
 
-    def __init__(self, tokenizer):
+
+class HeuristicDemoEngine(RolloutEngine):
+    """Deterministic rule-based turns from the decoded context (see the module docstring).
+
+    ``plan`` is the tool order before the answer; an empty plan answers at once from the request
+    alone (the synthetic data of the embedded defaults mixes both, so that the rule judge, which
+    wants facts only a search finds, has something to reward)."""
+
+    def __init__(self, tokenizer, plan: Sequence[str] = DEFAULT_PLAN, top_k: int = 3):
+        unknown = [t for t in plan if t not in PLAN_TOOLS]
+        if unknown:
+            raise ValueError(f"demo plan names unknown tools {unknown}; known: {sorted(PLAN_TOOLS)}")
         self.tokenizer = tokenizer
+        self.plan = tuple(plan)
+        self.top_k = int(top_k)
         self.stop_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def _tool_turn(self, tool: str, request: str) -> str:
+        if tool == "query_knowledge":
+            skill = pick_skill(request)
+            return (f"<think>The request calls for the {skill} skill; read its guide first.</think>\n"
+                    + format_tool_call("query_knowledge", {"skill_name": skill}))
+        if tool == "search":
+            return ("<think>Look up facts about the subject.</think>\n"
+                    + format_tool_call("search", {"queries": [_keywords(request)], "top_k": self.top_k}))
+        return ("<think>Find reference images of the subject.</think>\n"
+                + format_tool_call("image_search", {"query": _keywords(request), "top_k": self.top_k}))
 
     def _turn(self, context: str) -> str:
         request = context.split("<|im_start|>user\n", 1)[-1].split("<|im_end|>", 1)[0].strip()
         round_no = context.count("<|im_start|>assistant")
         responses = re.findall(r"<tool_response>(.*?)</tool_response>", context, re.DOTALL)
         final = FINAL_STEP_INSTRUCTION in context
-        if not final and round_no == 1:
-            skill = pick_skill(request)
-            return (f"<think>The request calls for the {skill} skill; read its guide first.</think>\n"
-                    + format_tool_call("query_knowledge", {"skill_name": skill}))
-        if not final and round_no == 2:
-            return ("<think>Look up facts about the subject.</think>\n"
-                    + format_tool_call("search", {"queries": [_keywords(request)], "top_k": 3}))
+        if not final and round_no <= len(self.plan):
+            return self._tool_turn(self.plan[round_no - 1], request)
         img_ids = list(dict.fromkeys(_IMG.findall(" ".join(responses))))
-        if not final and round_no == 3:
-            return ("<think>Find reference images of the subject.</think>\n"
-                    + format_tool_call("image_search", {"query": _keywords(request), "top_k": 3}))
         fact = ""
         for block in responses:
             match = re.search(r"snippet: (.+)", block)
@@ -84,7 +100,9 @@ class HeuristicDemoEngine(RolloutEngine):
             prompt += f" Take the composition and colours of the {ordinal(i)} reference image."
         program = {"gen_prompt": _IMG.sub("", prompt),
                    "reference_images": [{"img_id": r, "note": "subject appearance and colours"} for r in refs]}
-        return "<think>I have what I need; write the program.</think>\n" + format_answer(program)
+        why = "I have what I need; write the program." if responses else \
+            "The request is clear enough to answer directly."
+        return f"<think>{why}</think>\n" + format_answer(program)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         out = []

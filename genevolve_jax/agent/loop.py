@@ -114,7 +114,7 @@ class AgentLoop:
     def prompt_ids(self, request: str, decision_guide: str | None = None) -> list[int]:
         c = self.cfg
         system = build_system_prompt(c.max_tool_calls, c.program.max_references, c.program.min_references,
-                                     decision_guide=decision_guide)
+                                     decision_guide=decision_guide, style=c.get("system_prompt", "full"))
         messages = [{"role": "system", "content": system}, {"role": "user", "content": request}]
         if getattr(self.tokenizer, "chat_template", None):
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -18,8 +18,19 @@ def ordinal(n: int) -> str:
     return _ORDINALS[n - 1] if 1 <= n <= len(_ORDINALS) else f"{n}th"
 
 
+STYLES = ("full", "compact")
+
+
 def build_system_prompt(max_tool_calls: int = 10, max_references: int = 2, min_references: int = 1,
-                        tools: Sequence[dict] = TOOL_SCHEMAS, decision_guide: str | None = None) -> str:
+                        tools: Sequence[dict] = TOOL_SCHEMAS, decision_guide: str | None = None,
+                        style: str = "full") -> str:
+    """The policy's system prompt. ``style="compact"`` is a short variant (about a tenth of the
+    tokens: the same turn format and program, tools named by signature instead of JSON schemas) for
+    tiny models, whose whole context budget the full prompt would otherwise take."""
+    if style == "compact":
+        return _compact_system_prompt(max_tool_calls, max_references, min_references, tools, decision_guide)
+    if style != "full":
+        raise ValueError(f"agent.system_prompt must be one of {STYLES}, got {style!r}")
     refs = ", ".join(f"'the {ordinal(i)} reference image'" for i in range(1, max_references + 1))
     parts = [
         "You plan images for a text-to-image model that can also take reference images. Given a user's "
@@ -54,4 +65,22 @@ def build_system_prompt(max_tool_calls: int = 10, max_references: int = 2, min_r
     parts += ["", "# Tools", "<tools>"]
     parts += [json.dumps(schema, ensure_ascii=False) for schema in tools]
     parts += ["</tools>"]
+    return "\n".join(parts)
+
+
+def _compact_system_prompt(max_tool_calls: int, max_references: int, min_references: int,
+                           tools: Sequence[dict], decision_guide: str | None) -> str:
+    # Same block order as the full prompt (a guide goes right before "# Tools"), so that
+    # experience.guide.patch_system_prompt gives the same text as building with the guide.
+    parts = [
+        "Plan an image for a text-to-image model. Each turn: <think>reasoning</think>, then one "
+        '<tool_call>{"name": ..., "arguments": {...}}</tool_call> or the final '
+        '<answer>{"gen_prompt": ..., "reference_images": [{"img_id": ..., "note": ...}]}</answer>.',
+        f"Put the facts you found into gen_prompt. Use {min_references} to {max_references} reference images "
+        "that a tool returned, never their ids in gen_prompt.",
+    ]
+    if decision_guide:
+        parts += ["", "# Decision guide from past experience", decision_guide.strip()]
+    names = ", ".join(str(schema.get("name")) for schema in tools)
+    parts += ["", "# Tools", f"{names}; at most {max_tool_calls} calls."]
     return "\n".join(parts)

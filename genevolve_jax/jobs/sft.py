@@ -53,7 +53,8 @@ def prepare_data(cfg, sft: bool = True, rl: bool = True) -> None:
     from genevolve_jax.train.synthetic import write_synthetic_data
 
     out = write_synthetic_data(os.path.join(cfg.workdir, "data"), num_prompts=cfg.synthetic.num_prompts,
-                               num_sft=cfg.synthetic.num_sft)
+                               num_sft=cfg.synthetic.num_sft, agent_cfg=cfg.agent,
+                               plans=list(cfg.synthetic.get("plans", ["query_knowledge,search,image_search"])))
     if not cfg.data.sft.paths:
         cfg.data.sft.paths = [out["sft"]]
     if not cfg.data.rl.paths:

@@ -57,7 +57,7 @@ def _package_texts() -> list[str]:
         with open(path, encoding="utf-8") as f:
             texts.append(f.read())
     from genevolve_jax.agent.system_prompt import build_system_prompt  # local: agent imports us lazily
-    texts.append(build_system_prompt())
+    texts += [build_system_prompt(), build_system_prompt(style="compact")]
     return texts
 
 

@@ -14,6 +14,13 @@ backoff on another server; a request that still fails becomes an "abort" result 
 Weight sync (:meth:`update_weights`): the trainer's model is exported as HF safetensors to a shared
 directory (genevolve_jax.models.hf_io.save_pretrained), then each server is asked to reload it with
 ``POST /update_weights_from_disk {model_path, flush_cache: true}`` and ``POST /flush_cache``.
+:class:`DiskWeightSync` is the trainer's form: one directory per weight version under a directory
+every server can read, written under a temporary name and renamed when complete (a server never
+sees half a checkpoint), older versions deleted once every server has reloaded, export and reload
+timed apart.
+
+What SGLang's ``output_token_logprobs`` mean (temperature, precision, release differences) is
+written down in genevolve_jax/train/run_config.py, next to ``rl.old_logprobs``.
 """
 from __future__ import annotations
 
@@ -22,6 +29,8 @@ import base64
 import io
 import os
 import random
+import re
+import shutil
 import time
 from typing import Any, Sequence
 
@@ -98,6 +107,13 @@ class SGLangEngine(RolloutEngine):
         self._down_until = {u: 0.0 for u in self.urls}
         self.stats = {"requests": 0, "retries": 0, "failures": 0}
 
+    @classmethod
+    def from_config(cls, cfg) -> "SGLangEngine":
+        """From an ``rl.sglang`` section (train/run_config.py)."""
+        return cls(list(cfg.urls), timeout_s=float(cfg.timeout_s), retries=int(cfg.retries),
+                   backoff_s=float(cfg.backoff_s), max_concurrency=int(cfg.max_concurrency),
+                   api_key_env=str(cfg.api_key_env))
+
     # -- server choice --------------------------------------------------------------------------
     def _pick(self, avoid: set[str]) -> str:
         now = time.monotonic()
@@ -117,6 +133,24 @@ class SGLangEngine(RolloutEngine):
         async with httpx.AsyncClient() as client:
             states = await asyncio.gather(*(self._healthy(client, u) for u in self.urls))
         return dict(zip(self.urls, states))
+
+    def wait_healthy(self, wait_s: float = 0.0, *, field: str = "urls", poll_s: float = 1.0) -> dict[str, bool]:
+        """Poll ``GET /health`` of every server until one answers 200 or ``wait_s`` has passed.
+        Raises SGLangError naming ``field`` and the unreachable URLs when none is healthy; servers
+        still down are put on probation (requests go elsewhere until they recover)."""
+        deadline = time.monotonic() + max(0.0, wait_s)
+        while True:
+            states = asyncio.run(self.health())
+            if any(states.values()) or time.monotonic() >= deadline:
+                break
+            time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+        down = [u for u, ok in states.items() if not ok]
+        if len(down) == len(self.urls):
+            raise SGLangError(f"{field}: no SGLang server is healthy after {wait_s:g} s; GET /health failed on "
+                              f"{', '.join(down)} (is the server started, on that host and port?)")
+        for url in down:
+            self._down_until[url] = time.monotonic() + self.probation_s
+        return states
 
     # -- generation -----------------------------------------------------------------------------
     async def _one(self, client: httpx.AsyncClient, sem: asyncio.Semaphore, req: GenerationRequest) -> GenerationResult:
@@ -190,3 +224,70 @@ class SGLangEngine(RolloutEngine):
         os.makedirs(export_dir, exist_ok=True)
         save_pretrained(model, export_dir, dtype=dtype)
         return self.reload_from_disk(export_dir, weight_version)
+
+
+_VERSION_DIR = re.compile(r"weights_v[0-9A-Za-z_-]+")
+
+
+class DiskWeightSync:
+    """The trainer's weight sync to SGLang servers through a shared directory.
+
+    :meth:`push` exports the model to ``<weights_dir>/weights_v<version>`` (written as ``….partial``
+    and renamed when complete), asks every server to reload it (retried with backoff, since a
+    reload that fails leaves that server on its old weights), then deletes the other
+    ``weights_v*`` directories: ``weights_dir`` belongs to the trainer. Returns the seconds spent
+    exporting and reloading, apart.
+    """
+
+    def __init__(self, engine: SGLangEngine, weights_dir: str, *, dtype: str = "bfloat16", retries: int = 3,
+                 backoff_s: float = 1.0):
+        self.engine, self.dtype = engine, dtype
+        self.weights_dir = os.path.abspath(weights_dir)
+        self.retries, self.backoff_s = retries, backoff_s
+        self.current: str | None = None
+
+    @classmethod
+    def from_config(cls, engine: SGLangEngine, cfg, workdir: str) -> "DiskWeightSync":
+        """From an ``rl.sglang`` section; an empty ``weights_dir`` is ``<workdir>/sglang_weights``."""
+        return cls(engine, cfg.weights_dir or os.path.join(workdir, "sglang_weights"), dtype=str(cfg.export_dtype),
+                   retries=int(cfg.retries), backoff_s=float(cfg.backoff_s))
+
+    def export(self, model, version: str) -> str:
+        from genevolve_jax.models.hf_io import save_pretrained
+        name = f"weights_v{version}"
+        if not _VERSION_DIR.fullmatch(name):
+            raise ValueError(f"weight version {version!r} must be letters, digits, '_' or '-'")
+        final = os.path.join(self.weights_dir, name)
+        partial = final + ".partial"
+        for stale in (partial, final):
+            if os.path.isdir(stale):
+                shutil.rmtree(stale)
+        os.makedirs(partial)
+        save_pretrained(model, partial, dtype=self.dtype)
+        os.replace(partial, final)
+        return final
+
+    def reload(self, path: str, version: str) -> dict[str, dict]:
+        attempt = 0
+        while True:
+            try:
+                return self.engine.reload_from_disk(path, weight_version=version)
+            except (SGLangError, httpx.HTTPError) as exc:
+                if attempt >= self.retries:
+                    raise SGLangError(f"weight reload of {path} (version {version}) failed on the SGLang servers "
+                                      f"after {attempt + 1} attempt(s): {exc}") from exc
+            time.sleep(self.backoff_s * 2 ** attempt)
+            attempt += 1
+
+    def push(self, model, version: str) -> dict[str, float]:
+        t = time.perf_counter()
+        path = self.export(model, version)
+        exported = time.perf_counter()
+        self.reload(path, version)
+        reloaded = time.perf_counter()
+        self.current = path
+        for name in os.listdir(self.weights_dir):
+            full = os.path.join(self.weights_dir, name)
+            if full != path and os.path.isdir(full) and (_VERSION_DIR.fullmatch(name) or name.endswith(".partial")):
+                shutil.rmtree(full, ignore_errors=True)
+        return {"time/weight_export_s": exported - t, "time/weight_reload_s": reloaded - exported}

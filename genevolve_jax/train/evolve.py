@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genevolve_jax.train.batch_assembly import (RolloutSample, assemble_evolve_batch, evolve_loss_fn,
-                                                reference_logprobs_fn)
+from genevolve_jax.train.batch_assembly import (ImageBatchSpec, OldLogprobs, RolloutSample, assemble_evolve_batch,
+                                                evolve_loss_fn, mask_unreadable_images, reference_logprobs_fn)
 from genevolve_jax.train.checkpoint import TrainCheckpointer, abstract_like, export_hf, rng_from_json, rng_to_json
 from genevolve_jax.train.losses import advantages_from_config
 from genevolve_jax.train.observability import RunLogger
@@ -95,16 +95,32 @@ class EvolveTrainer:
         self.rng = jax.random.key(int(cfg.seed))
         self.step = 0
         self.losses: list[float] = []
+        if jax.process_count() > 1:  # prompt shards per process, host-array log-prob forwards
+            from genevolve_jax.train import multihost
+            multihost.prepare_trainer(self)
         if c.resume and self.ckpt.latest_step() is not None:
             self.restore()
 
     # -- construction of the default pieces ------------------------------------------------------
     def _make_engine(self):
+        if jax.process_count() > 1 and self.cfg.rl.engine in ("simple", "jax"):  # on this host's devices
+            from genevolve_jax.train import multihost
+            return multihost.host_local_engine(self)
         if self.cfg.rl.engine == "simple":
             from genevolve_jax.train.policy_sampler import PolicySampler
             a = self.cfg.agent
             return PolicySampler(self.setup, self.params, max_batch=a.loop.engine_batch_size,
                                  max_new_tokens=a.round_max_tokens)
+        if self.cfg.rl.engine == "sglang":
+            from genevolve_jax.rollout.sglang_engine import SGLangEngine
+            s = self.cfg.rl.sglang
+            engine = SGLangEngine.from_config(s)
+            # Fail here, before any rollout, when no server answers (errors name rl.sglang.urls).
+            engine.wait_healthy(float(s.health_wait_s), field="rl.sglang.urls")
+            # The servers may hold another checkpoint: the first train_one_step pushes ours first
+            # (not here, so that a resumed run pushes only its restored weights).
+            self._engine_stale = bool(s.sync_at_start)
+            return engine
         from genevolve_jax.rollout.jax_engine import JaxEngine
         engine = JaxEngine(self.setup.merge(self._sampler_copy()), self.tokenizer, self.cfg.engine)
         return engine
@@ -128,7 +144,9 @@ class EvolveTrainer:
             reward_cfg.cache_dir = os.path.join(self.workdir, "render_cache")
         scorer = RewardScorer.from_config(reward_cfg, renderer=build_renderer(self.cfg.render),
                                           render_throughput=self.cfg.render.throughput)
-        return AgentRolloutPhase(loop, scorer, self.group_size, render_seed=int(self.cfg.rl.render_seed))
+        g = self.cfg.loss.grpo
+        return AgentRolloutPhase(loop, scorer, self.group_size, render_seed=int(self.cfg.rl.render_seed),
+                                 mask_truncated=bool(g.mask_truncated), mask_error=bool(g.mask_error))
 
     def _make_prompt_source(self):
         from genevolve_jax.data.prompts import PromptPool
@@ -151,12 +169,27 @@ class EvolveTrainer:
             return list(self.rollout.teacher_prompt(sample, guide))
         return list(self.rollout.loop.prompt_ids(sample.request, guide))
 
+    def _image_spec(self):
+        """How rollout images become trainer inputs; the processor is the engine's (it fixed how many
+        placeholders each image got); engines without one (SGLang) use the default processor, which
+        is SGLang's for Qwen3-VL."""
+        if getattr(self, "_image_spec_cached", None) is None:
+            self._image_spec_cached = ImageBatchSpec.for_model(
+                self.model_config, getattr(self.engine, "image_processor", None), int(self.cfg.rl.patch_multiple))
+        return self._image_spec_cached
+
     def train_one_step(self) -> dict[str, Any]:
         times: dict[str, float] = {}
+        if getattr(self, "_engine_stale", False):  # rl.sglang.sync_at_start: push the starting weights
+            self.sync_weights()
         t = time.perf_counter()
         prompts = next(self.prompts)
         step = self.step + 1
-        samples, info = self.rollout.collect(step, prompts)
+        if jax.process_count() > 1:  # this host's prompts, then every host's samples (train/multihost.py)
+            from genevolve_jax.train import multihost
+            samples, info, prompts = multihost.collect_global(self, step, prompts)
+        else:
+            samples, info = self.rollout.collect(step, prompts)
         times["time/rollout_s"] = time.perf_counter() - t
         num_groups = len(prompts)
         too_long = repeated = 0
@@ -172,6 +205,9 @@ class EvolveTrainer:
                 s.prompt_length = min(s.prompt_length, 8)
                 too_long += 1
 
+        img_masked: dict[str, int] = {}  # before advantages: such a sample must not count in its group
+        mask_unreadable_images(samples, img_masked)
+
         t = time.perf_counter()
         rewards, valid = group_rewards(samples, num_groups, self.group_size)
         adv = np.asarray(advantages_from_config(rewards, valid, self.cfg.loss)).reshape(-1)
@@ -181,8 +217,12 @@ class EvolveTrainer:
         if self.experience is not None:
             t = time.perf_counter()
             groups = [samples[i * self.group_size:(i + 1) * self.group_size] for i in range(num_groups)]
-            exp_metrics.update(self.experience.update(groups, step))
-            guides, m = self.experience.guides([s.request for s in samples])
+            if jax.process_count() > 1:  # process 0 runs it, every process gets its result
+                from genevolve_jax.train import multihost
+                guides, m = multihost.experience_on_process0(self.experience, groups, samples, step)
+            else:
+                exp_metrics.update(self.experience.update(groups, step))
+                guides, m = self.experience.guides([s.request for s in samples])
             exp_metrics.update(m)
             for s, guide in zip(samples, guides):
                 if guide is not None and s.valid:
@@ -190,8 +230,15 @@ class EvolveTrainer:
             times["time/experience_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        batch = assemble_evolve_batch(samples, adv, pad_id=self.pad_id, length_multiple=self.cfg.rl.length_multiple)
+        batch = assemble_evolve_batch(samples, adv, pad_id=self.pad_id, length_multiple=self.cfg.rl.length_multiple,
+                                      image_spec=self._image_spec(), masked=img_masked)
         times["time/assemble_s"] = time.perf_counter() - t
+        t = time.perf_counter()  # π_old: the sampler's or recomputed (rl.old_logprobs); mismatch logged either way
+        if getattr(self, "_old_logprobs", None) is None:
+            self._old_logprobs = OldLogprobs(self.setup, self.cfg.loss, self.compute_dtype, self.cfg.rl.old_logprobs,
+                                             fn=self.ref_fn)
+        logprob_metrics = self._old_logprobs(self.params, batch)
+        times["time/old_logprobs_s"] = time.perf_counter() - t
         if self.use_kl:
             t = time.perf_counter()
             batch["ref_logprobs"] = np.asarray(self.ref_fn(self.ref_params, batch))
@@ -204,12 +251,13 @@ class EvolveTrainer:
         times["time/train_step_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        self.sync_weights()
+        self.sync_weights(step)
         times["time/weight_sync_s"] = time.perf_counter() - t
+        times.update(self.last_sync_metrics)
         self.step = step
         self.losses.append(mets["loss"])
 
-        metrics: dict[str, Any] = {**mets, **step_metrics(samples), **exp_metrics, **times}
+        metrics: dict[str, Any] = {**mets, **step_metrics(samples), **exp_metrics, **logprob_metrics, **times}
         metrics.update({k: v for k, v in info.items() if k.startswith("time/")})
         for name, value in (info.get("reward_dims") or {}).items():
             metrics[name] = value
@@ -218,6 +266,8 @@ class EvolveTrainer:
             masked["too_long_for_batch"] = masked.get("too_long_for_batch", 0) + too_long
         if repeated:
             masked["repeated"] = masked.get("repeated", 0) + repeated
+        for reason, n in img_masked.items():
+            masked[reason] = masked.get(reason, 0) + n
         for reason, n in masked.items():
             metrics[f"masked/{reason}"] = n
         self.logger.log(step, metrics)
@@ -227,12 +277,28 @@ class EvolveTrainer:
             self.save()
         return metrics
 
-    def sync_weights(self) -> None:
-        """Weight sync to the rollout engine (a fresh copy: the next train step donates params)."""
+    def sync_weights(self, step: int | None = None) -> None:
+        """Weight sync to the rollout engine. In-process engines get a fresh copy (the next train
+        step donates params). SGLang servers reload an HF export of the policy from
+        rl.sglang.weights_dir, tagged weight_version=str(step); the export and reload seconds land
+        in ``self.last_sync_metrics``."""
+        if jax.process_count() > 1:  # host-local copies; SGLang: process 0 pushes (train/multihost.py)
+            from genevolve_jax.train import multihost
+            return multihost.sync_weights(self, step)
+        self.last_sync_metrics: dict[str, float] = {}
+        self._engine_stale = False
         if self.engine is None or not hasattr(self.engine, "update_weights"):
             return
+        from genevolve_jax.rollout.sglang_engine import DiskWeightSync, SGLangEngine
         from genevolve_jax.train.policy_sampler import PolicySampler
-        if isinstance(self.engine, PolicySampler):
+        if isinstance(self.engine, SGLangEngine):
+            # One process here; multihost.sync_weights gathers to process 0, which pushes, and
+            # broadcasts the timings.
+            if getattr(self, "_weight_sync", None) is None:
+                self._weight_sync = DiskWeightSync.from_config(self.engine, self.cfg.rl.sglang, self.workdir)
+            version = str(self.step if step is None else step)
+            self.last_sync_metrics = self._weight_sync.push(self.setup.merge(self.params), version)
+        elif isinstance(self.engine, PolicySampler):
             self.engine.update_weights(self.params)
         else:
             from flax import nnx
@@ -283,7 +349,11 @@ class EvolveTrainer:
                 out["reward_curve"] = curve
             if self.cfg.rl.export_hf:
                 path = os.path.join(self.workdir, "hf_export")
-                export_hf(self.setup, self.params, path, dtype=self.cfg.rl.export_dtype, tokenizer=self.tokenizer)
+                if jax.process_count() > 1:  # every process joins the gather, process 0 writes
+                    from genevolve_jax.train import multihost
+                    multihost.export_hf(self, path)
+                else:
+                    export_hf(self.setup, self.params, path, dtype=self.cfg.rl.export_dtype, tokenizer=self.tokenizer)
                 out["hf_export"] = path
             return out
         finally:

@@ -9,8 +9,10 @@
   rendered images;
 - ``reward_curve.png`` at the end (mean reward per step, with a moving average).
 
-Writers are opened lazily and closed by :meth:`RunLogger.close`; process 0 writes, the others
-only show progress.
+Writers are opened lazily and closed by :meth:`RunLogger.close`; process 0 writes (metrics.jsonl,
+TensorBoard, sample dumps, the curve), the others only keep the history (it goes into checkpoints)
+and show progress. In a multi-host run, samples rendered on another host carry their image as
+``extra["image_bytes"]`` on dump steps (train/multihost.py), since process 0 cannot read its path.
 """
 from __future__ import annotations
 
@@ -123,6 +125,11 @@ class RunLogger:
                 if image and os.path.exists(image):
                     copied = f"{s.sample_id}{os.path.splitext(image)[1] or '.png'}"
                     shutil.copyfile(image, os.path.join(out, copied))
+                elif s.extra.get("image_bytes"):  # rendered on another host (train/multihost.py)
+                    ext, data = s.extra["image_bytes"]
+                    copied = f"{s.sample_id}{ext}"
+                    with open(os.path.join(out, copied), "wb") as img:
+                        img.write(data)
                 record = {"sample_id": s.sample_id, "group": s.group, "request": s.request, "reward": s.reward,
                           "valid": s.valid, "mask_reason": s.mask_reason, "has_bundle": s.has_bundle,
                           "stats": s.stats, "image": copied,

@@ -86,17 +86,25 @@ def _skills(traj) -> list[str]:
 class AgentRolloutPhase:
     """Rollouts through the agent loop (any engine), rewards through the RewardScorer."""
 
-    def __init__(self, loop, scorer, group_size: int, *, render_seed: int = 0):
+    def __init__(self, loop, scorer, group_size: int, *, render_seed: int = 0, mask_truncated: bool = True,
+                 mask_error: bool = True):
         self.loop, self.scorer, self.group_size, self.render_seed = loop, scorer, group_size, render_seed
+        # loss.grpo.mask_truncated / mask_error: False trains such a rollout as a reward-0 sample
+        # instead of dropping it (only when it has policy tokens to train on).
+        self.keep = {"too_long": not mask_truncated, "error": not mask_error}
 
-    def collect(self, step: int, prompts: Sequence[dict]) -> tuple[list[RolloutSample], dict]:
-        return asyncio.run(self._collect(step, prompts))
+    def collect(self, step: int, prompts: Sequence[dict],
+                group_ids: Sequence[int] | None = None) -> tuple[list[RolloutSample], dict]:
+        """``group_ids``: the global index of each prompt (multi-host: this host's shard of the
+        step), so that sample ids, seeds and groups do not depend on the number of hosts."""
+        return asyncio.run(self._collect(step, prompts, group_ids))
 
-    async def _collect(self, step: int, prompts: Sequence[dict]):
+    async def _collect(self, step: int, prompts: Sequence[dict], group_ids: Sequence[int] | None = None):
         from genevolve_jax.reward.scorer import RewardSample
 
         k = self.group_size
-        items = [(f"s{step}-p{i}-k{j}", p["question"]) for i, p in enumerate(prompts) for j in range(k)]
+        gids = list(range(len(prompts))) if group_ids is None else [int(g) for g in group_ids]
+        items = [(f"s{step}-p{gids[i]}-k{j}", p["question"]) for i, p in enumerate(prompts) for j in range(k)]
         t0 = time.perf_counter()
         trajs = await self.loop.run_many(items)
         t_roll = time.perf_counter() - t0
@@ -123,7 +131,9 @@ class AgentRolloutPhase:
         samples, masked = [], collections.Counter()
         for n, traj in enumerate(trajs):
             rec = records[n]
-            if traj.masked:
+            if traj.masked and self.keep.get(traj.termination or "") and sum(traj.loss_mask()) > 0:
+                reward, valid, reason = 0.0, True, f"zero_reward_{traj.termination}: {traj.mask_reason}"
+            elif traj.masked:
                 # Keyed by termination (too_long / error) so that counts group by cause.
                 reason = f"{traj.termination or 'masked'}: {traj.mask_reason}"
                 reward, valid = None, False
@@ -136,14 +146,15 @@ class AgentRolloutPhase:
             if not valid:
                 masked[reason.split(":")[0].strip() or "masked"] += 1
             samples.append(RolloutSample(
-                traj.traj_id, n // k, traj.token_ids(), traj.loss_mask(), traj.logprobs(), reward, valid, reason,
+                traj.traj_id, gids[n // k], traj.token_ids(), traj.loss_mask(), traj.logprobs(), reward, valid, reason,
                 prompt_length=traj.prompt_length, request=traj.request,
                 stats={"tool_calls": traj.stats.get("tool_calls", 0), "rounds": traj.stats.get("rounds", 0),
                        "format_errors": traj.stats.get("format_errors", 0), "skills": _skills(traj),
                        "repeated_calls": traj.stats.get("repeated_calls", 0),
                        "termination": traj.termination, "response_tokens": traj.response_length},
                 extra={"trajectory": traj, "reward_record": rec, "reward_reason": rec.reason if rec else reason,
-                       "image_path": getattr(rec, "image_path", None) if rec else None}))
+                       "image_path": getattr(rec, "image_path", None) if rec else None},
+                images=traj.context_images()))
         info = {"time/rollout_s": t_roll, "time/judge_s": t_judge, "masked_reasons": dict(masked)}
         dims = collections.defaultdict(list)
         for rec in records:

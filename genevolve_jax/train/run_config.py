@@ -3,20 +3,66 @@ and the cross-section checks a run config must pass before anything compiles.
 
 Section defaults are the paper's (METHOD.md §5–7): 8 prompts × 6 rollouts, about 200 GRPO steps;
 SFT for 2 epochs. Values the paper does not give are marked (ours).
+
+Old log-probs (``rl.old_logprobs``). The GRPO ratio and the SDL weight need π_old at the training
+temperature (``loss.logprob.rl_temperature``) over the whole vocabulary, which is what the trainer's
+fused op computes. "sampler" takes the log-probs the rollout engine recorded; "recompute" replaces
+them by a jitted forward of the pre-update params over the assembled batch (one extra forward per
+step). The trainer logs ``rollout/logprob_mismatch`` (mean |sampler − recomputed| over policy
+tokens) in both modes: it is the health check of a sampler and of its weight sync.
+
+- JaxEngine and the simple sampler record log_softmax(logits / T) over the whole vocabulary in
+  float32 (rollout/sampling.py), the trainer's quantity: "sampler" is exact up to float error.
+- SGLang (read in sgl-project/sglang, python/sglang/srt/layers/sampler.py and
+  layers/logits_processor.py): logits are the lm_head matmul in the model dtype (bf16) cast to
+  float32 (``_get_logits``). When a batch samples, the returned ``output_token_logprobs`` are
+  log(softmax(logits / T)) in float32, clamped at the float32 minimum: temperature-scaled. But
+  (a) a batch in which every request is greedy returns log_softmax(logits), T = 1; (b) with the
+  environment variable SGLANG_RETURN_ORIGINAL_LOGPROB=1 they are log_softmax(logits), T = 1,
+  always; (c) with ``--rl-on-policy-target`` they are log_softmax of bf16(logits / T); (d) mid-2025
+  releases (e.g. commit 584f55d) returned the log of the top-p *renormalised* probabilities when
+  top_p < 1 (``top_p_normalize_probs_torch``), i.e. not the full-vocabulary distribution our ratio
+  uses. The meaning thus depends on the release, a server flag and the batch, and the server runs
+  bf16 kernels other than ours: the GPU configs use "recompute" with SGLang, and read the mismatch
+  metric to see what the servers return.
 """
 from __future__ import annotations
 
+import re
+
 import ml_collections
 
-ENGINES = ("jax", "simple")
+ENGINES = ("jax", "simple", "sglang")
+OLD_LOGPROBS = ("sampler", "recompute")
+EXPORT_DTYPES = ("float32", "bfloat16")
+
+
+def default_sglang_config() -> ml_collections.ConfigDict:
+    """``rl.sglang``: the SGLang policy servers of ``rl.engine = "sglang"`` (all ours)."""
+    return ml_collections.ConfigDict({
+        "urls": [],                 # policy servers, http(s)://host:port; load-balanced
+        "timeout_s": 600.0,         # per /generate or reload call
+        "retries": 3,               # per request, on another server when there is one
+        "backoff_s": 1.0,           # base of the exponential backoff between retries
+        "max_concurrency": 256,     # requests in flight from the trainer
+        "api_key_env": "",          # NAME of an env var holding a bearer key (never the key)
+        "weights_dir": "",          # a directory every server can read; empty = <workdir>/sglang_weights
+        "export_dtype": "bfloat16",  # of the HF export the servers reload
+        "sync_at_start": True,      # push the trainer's starting weights before the first rollout
+        "health_wait_s": 60.0,      # at start, wait this long for at least one server's /health
+    })
 
 
 def default_rl_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({
         "group_size": 6,            # K rollouts per prompt (paper)
         "num_steps": 200,           # GRPO steps (paper: about 200)
-        "engine": "jax",            # jax: rollout.jax_engine.JaxEngine; simple: train.policy_sampler
+        "engine": "jax",            # jax: rollout.jax_engine.JaxEngine; simple: train.policy_sampler;
+                                    # sglang: rollout.sglang_engine.SGLangEngine on rl.sglang.urls
+        "old_logprobs": "sampler",  # sampler | recompute: where π_old comes from (module docstring)
+        "sglang": default_sglang_config(),
         "length_multiple": 256,     # (ours) batch token length rounded up to this, to reuse compiles
+        "patch_multiple": 1024,     # (ours) per-row image patch budget rounded up to this (image batches)
         "max_seq_len": 32768,       # (ours) a longer rollout is masked ("too_long_for_batch")
         "render_seed": 0,
         "export_hf": True,          # HF export of the final policy
@@ -51,6 +97,13 @@ def _int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
 def validate_rl(cfg) -> ml_collections.ConfigDict:
     _require(_int(cfg.group_size) and cfg.group_size >= 2, "rl.group_size",
              ">= 2 (GRPO compares rollouts within a group)", cfg.group_size)
@@ -58,10 +111,52 @@ def validate_rl(cfg) -> ml_collections.ConfigDict:
     _require(cfg.engine in ENGINES, "rl.engine", f"one of {ENGINES}", cfg.engine)
     _require(_int(cfg.length_multiple) and cfg.length_multiple >= 1, "rl.length_multiple", ">= 1",
              cfg.length_multiple)
+    _require(_int(cfg.patch_multiple) and cfg.patch_multiple >= 1, "rl.patch_multiple", "an int >= 1",
+             cfg.patch_multiple)
     _require(_int(cfg.max_seq_len) and cfg.max_seq_len >= cfg.length_multiple, "rl.max_seq_len",
              f">= rl.length_multiple ({cfg.length_multiple})", cfg.max_seq_len)
-    _require(cfg.export_dtype in ("float32", "bfloat16"), "rl.export_dtype", "float32 or bfloat16",
-             cfg.export_dtype)
+    _require(cfg.export_dtype in EXPORT_DTYPES, "rl.export_dtype", "float32 or bfloat16", cfg.export_dtype)
+    _require(cfg.old_logprobs in OLD_LOGPROBS, "rl.old_logprobs", f"one of {OLD_LOGPROBS}", cfg.old_logprobs)
+    if cfg.engine == "sglang":
+        validate_sglang(cfg.sglang)
+    return cfg
+
+
+def _is_url(url) -> bool:
+    from urllib.parse import urlsplit
+    if not isinstance(url, str):
+        return False
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and port is not None \
+        and parts.path in ("", "/") and not parts.query and not parts.fragment
+
+
+def validate_sglang(cfg, prefix: str = "rl.sglang") -> ml_collections.ConfigDict:
+    urls = cfg.urls
+    _require(isinstance(urls, (list, tuple)) and len(urls) >= 1, f"{prefix}.urls",
+             "a non-empty list of server URLs when rl.engine is 'sglang'", urls)
+    for i, url in enumerate(urls):
+        _require(_is_url(url), f"{prefix}.urls[{i}]", "http(s)://host:port", url)
+    _require(len(set(u.rstrip("/") for u in urls)) == len(urls), f"{prefix}.urls", "free of duplicates", urls)
+    _require(_number(cfg.timeout_s) and cfg.timeout_s > 0, f"{prefix}.timeout_s", "> 0", cfg.timeout_s)
+    _require(_number(cfg.health_wait_s) and cfg.health_wait_s >= 0, f"{prefix}.health_wait_s", ">= 0",
+             cfg.health_wait_s)
+    _require(_int(cfg.retries) and cfg.retries >= 0, f"{prefix}.retries", ">= 0", cfg.retries)
+    _require(_number(cfg.backoff_s) and cfg.backoff_s >= 0, f"{prefix}.backoff_s", ">= 0", cfg.backoff_s)
+    _require(_int(cfg.max_concurrency) and cfg.max_concurrency >= 1, f"{prefix}.max_concurrency", ">= 1",
+             cfg.max_concurrency)
+    if not (isinstance(cfg.api_key_env, str) and (cfg.api_key_env == "" or _ENV_NAME.fullmatch(cfg.api_key_env))):
+        # Never echo the value: it may be the key itself, pasted by mistake.
+        raise ValueError(f"{prefix}.api_key_env must be the name of an environment variable holding the key "
+                         f"(letters, digits, _), or empty; got a value that is not one (not shown)")
+    _require(isinstance(cfg.weights_dir, str), f"{prefix}.weights_dir", "a path (empty = <workdir>/sglang_weights)",
+             cfg.weights_dir)
+    _require(cfg.export_dtype in EXPORT_DTYPES, f"{prefix}.export_dtype", "float32 or bfloat16", cfg.export_dtype)
+    _require(isinstance(cfg.sync_at_start, bool), f"{prefix}.sync_at_start", "a bool", cfg.sync_at_start)
     return cfg
 
 

@@ -22,6 +22,7 @@ def default_model_config() -> ml_collections.ConfigDict:
         "preset": "tiny",        # tiny | qwen3vl_2b | qwen3vl_8b (random init only)
         "num_layers": 0,         # random init: override the preset's decoder depth (0 = keep)
         "vision_depth": 0,       # random init: override the vision depth (0 = keep)
+        "hidden_size": 0,        # random init: override the decoder width (0 = keep; heads follow head_dim)
         "seed": 0,
         "tokenizer": "",         # tokenizer folder; empty = the checkpoint's, else the in-repo tiny one
         "param_dtype": "float32",
@@ -35,7 +36,7 @@ def validate_model(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ValueError(f"model.preset must be one of {PRESETS}, got {cfg.preset!r}")
     if cfg.path and not os.path.exists(cfg.path):
         raise ValueError(f"model.path {cfg.path!r} does not exist")
-    for name in ("num_layers", "vision_depth"):
+    for name in ("num_layers", "vision_depth", "hidden_size"):
         if not isinstance(cfg[name], int) or cfg[name] < 0:
             raise ValueError(f"model.{name} must be an int >= 0, got {cfg[name]!r}")
     for name in ("param_dtype", "dtype"):
@@ -75,6 +76,16 @@ def random_model_config(model_cfg, tokenizer):
         cfg = getattr(C, model_cfg.preset)(**kw)
     if model_cfg.num_layers:
         cfg = cfg.replace(text=dataclasses.replace(cfg.text, num_hidden_layers=model_cfg.num_layers))
+    if model_cfg.get("hidden_size", 0):
+        h, t = int(model_cfg.hidden_size), cfg.text
+        if h % (2 * t.head_dim):
+            raise ValueError(f"model.hidden_size must be a multiple of 2 × head_dim ({2 * t.head_dim}) so that "
+                             f"heads and key/value heads divide it, got {h}")
+        heads = h // t.head_dim
+        kv = max(1, heads * t.num_key_value_heads // t.num_attention_heads)
+        cfg = cfg.replace(text=dataclasses.replace(t, hidden_size=h, intermediate_size=t.intermediate_size * h // t.hidden_size,
+                                                   num_attention_heads=heads, num_key_value_heads=kv),
+                          vision=dataclasses.replace(cfg.vision, out_hidden_size=h))
     if model_cfg.vision_depth:
         keep = tuple(i for i in cfg.vision.deepstack_visual_indexes if i < model_cfg.vision_depth)
         cfg = cfg.replace(vision=dataclasses.replace(cfg.vision, depth=model_cfg.vision_depth,

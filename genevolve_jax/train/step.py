@@ -4,7 +4,9 @@ Compiled with ``jax.jit`` and explicit in/out shardings under the mesh, with the
 from its static ``graphdef`` inside (split/merge at the boundary, no ``nnx.jit`` traversal).
 
 A loss function has the shape ``loss_fn(model, microbatch, rng) -> (loss_sum, weight, metric_sums)``
-and the step minimises ``Σ loss_sum / Σ weight`` over the micro-batches of a step. Returning sums
+and the step minimises ``Σ loss_sum / Σ weight`` over the micro-batches of a step. A loss function
+with ``metrics_are_means = True`` returns per-micro-batch means instead; the step averages them
+(except the counts listed in its ``summed_metrics``). Returning sums
 rather than means makes accumulation exact: m micro-batches give the same loss and gradient as
 one batch m times larger, whatever the mask counts per micro-batch. SFT's weight is the number of
 trained tokens; a seq-mean GRPO loss's weight is the number of sequences.
@@ -24,7 +26,9 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from genevolve_jax.models.qwen3_vl.model import ModelBatch
+from genevolve_jax.models.qwen3_vl.model import ModelBatch, _scatter
+from genevolve_jax.models.qwen3_vl.text import DeepstackInputs
+from genevolve_jax.models.qwen3_vl.vision import VisionInputs
 from genevolve_jax.ops.fused_logprob import token_logprobs
 from genevolve_jax.sharding import logical as L
 from genevolve_jax.sharding.mesh import check_divisible
@@ -33,7 +37,14 @@ from genevolve_jax.train.state import TrainSetup
 LossFn = Callable[[nnx.Module, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, jax.Array, dict]]
 
 # Logical axes of batch fields; any other [B, T] field is (batch, seq), any [B] field (batch,).
-BATCH_AXES = {"position_ids": (L.BATCH, None, L.SEQ), "teacher_position_ids": (L.BATCH, None, L.SEQ)}
+BATCH_AXES = {"position_ids": (L.BATCH, None, L.SEQ), "teacher_position_ids": (L.BATCH, None, L.SEQ),
+              # Per-row image blocks of RL batches (see row_image_features): batch-major, so they
+              # split into micro-batches and shard over the batch like every other field.
+              "row_pixel_values": (L.BATCH, None, None), "row_vision_pos_indices": (L.BATCH, None, None),
+              "row_vision_pos_weights": (L.BATCH, None, None), "row_vision_rope_positions": (L.BATCH, None, None),
+              "row_vision_segment_ids": (L.BATCH, None)}
+ROW_IMAGE_FIELDS = ("row_pixel_values", "row_vision_pos_indices", "row_vision_pos_weights",
+                    "row_vision_rope_positions", "row_vision_segment_ids")
 NOT_BATCH_MAJOR = ("pixel_values",)
 STATIC_FIELDS = ("image_grid_thw",)  # host-side; part of the compile key, never traced
 
@@ -122,6 +133,11 @@ def build_step_fn(setup: TrainSetup, loss_fn: LossFn, *, compute_dtype=jnp.float
                 return jax.tree.map(jnp.add, acc, out), None
 
             (num, den, mets, grads), _ = jax.lax.scan(body, zeros, (micro, keys))
+            if getattr(loss_fn, "metrics_are_means", False):
+                # Per-micro-batch means (the evolve loss): report their mean, not their sum;
+                # counts it names in ``summed_metrics`` stay totals.
+                summed = set(getattr(loss_fn, "summed_metrics", ()))
+                mets = {k: v if k in summed else v / grad_accum_steps for k, v in mets.items()}
         safe = jnp.where(den > 0, den, 1.0)
         grads = jax.tree.map(lambda g: (g / safe).astype(g.dtype), grads)
         grad_norm = optax.global_norm(grads)
@@ -129,8 +145,9 @@ def build_step_fn(setup: TrainSetup, loss_fn: LossFn, *, compute_dtype=jnp.float
         train = optax.apply_updates(train, updates)
         # Every count in the chain advances together; the first one is the step number.
         count = optax.tree_utils.tree_get_all_with_path(opt_state, "count")[0][1]
-        metrics = {"loss": num / safe, "weight": den, "grad_norm": grad_norm,
-                   "learning_rate": setup.schedule(jnp.maximum(count - 1, 0)), **mets}
+        # The step's own numbers win over same-named loss-function metrics.
+        metrics = {**mets, "loss": num / safe, "weight": den, "grad_norm": grad_norm,
+                   "learning_rate": setup.schedule(jnp.maximum(count - 1, 0))}
         return {"train": train, "frozen": frozen}, opt_state, metrics
 
     return step
@@ -217,22 +234,68 @@ def lm_head_kernel(model) -> jax.Array:
     return model.language_model.embed_tokens.embedding.get_value().T
 
 
-def qwen3vl_hidden_states(model, batch: Mapping[str, Any]) -> jax.Array:
+def row_image_features(model, batch: Mapping[str, Any]) -> tuple[jax.Array, list[jax.Array]]:
+    """Vision features of a batch's per-row image blocks: (merged [B·P/m², D], deepstack levels).
+
+    Row r carries its own images' patches in ``row_pixel_values[r]`` ([P, C·T·P·P], zero-padded
+    to the batch's patch budget P) with the host-computed :class:`VisionInputs` of its grids
+    (``row_vision_*``; segment 0 marks padding). The blocks are flattened into one patch list and
+    encoded once; attention segments are made unique per (row, image), and the padding patches
+    only see each other, so every real image is encoded exactly as on its own.
+    """
+    pix = batch["row_pixel_values"]
+    b, p, d = pix.shape
+    seg = batch["row_vision_segment_ids"]
+    seg = jnp.where(seg > 0, seg + jnp.arange(b, dtype=seg.dtype)[:, None] * (p + 1), 0)
+    aux = VisionInputs(pos_indices=batch["row_vision_pos_indices"].reshape(b * p, -1),
+                       pos_weights=batch["row_vision_pos_weights"].reshape(b * p, -1),
+                       rope_positions=batch["row_vision_rope_positions"].reshape(b * p, -1),
+                       segment_ids=seg.reshape(b * p))
+    feats, deepstack = model.visual.encode(pix.reshape(b * p, d), aux)
+    return feats, list(deepstack)
+
+
+def _row_image_embeddings(model, ids: jax.Array, segments: jax.Array, features) -> tuple[jax.Array, Any]:
+    """Token embeddings with row r's k-th placeholder replaced by feature r·(P/m²) + k, and the
+    matching deepstack inputs. Only the first (real patches)/m² placeholders of a row take
+    features: a row without images (or a placeholder id the policy sampled as text past its
+    images) keeps the token embedding, as the sampler saw it."""
+    feats, deepstack = features
+    merge2 = model.config.vision.spatial_merge_size ** 2
+    per_row = segments.shape[1] // merge2
+    real = jnp.sum(segments > 0, axis=1, dtype=jnp.int32)[:, None] // merge2
+    local = jnp.cumsum((ids == model.config.image_token_id).astype(jnp.int32), axis=1) - 1
+    is_tok = (ids == model.config.image_token_id) & (local < real)
+    index = jnp.where(is_tok, local + jnp.arange(ids.shape[0], dtype=jnp.int32)[:, None] * per_row, -1)
+    x = _scatter(model.language_model.embed_tokens(ids), index, feats)
+    x = L.constrain(x, (L.BATCH, L.SEQ, L.EMBED))
+    return x, (DeepstackInputs(index, deepstack) if deepstack else None)
+
+
+def qwen3vl_hidden_states(model, batch: Mapping[str, Any], image_features=None) -> jax.Array:
     """Final hidden states [B, T, D] of a (packed or padded) batch, never the logits.
 
     Position ids arrive batch-major [B, 3, T] (see data/packing.py) and go to the decoder as
     [3, B, T]; segment ids keep attention inside each packed trajectory. Images, when present, are
-    encoded by the vision tower and scattered into their placeholders with deepstack features.
+    encoded by the vision tower and scattered into their placeholders with deepstack features:
+    either SFT's flat ``pixel_values`` + static ``image_grid_thw``, or RL's per-row image blocks
+    (``row_pixel_values`` …, see :func:`row_image_features`). ``image_features`` passes the
+    latter's already encoded features (a teacher row reuses its student row's images).
     """
     ids = batch["input_ids"]
     positions = jnp.swapaxes(batch["position_ids"], 0, 1)
     segment_ids = batch.get("segment_ids")
     valid = jnp.ones(ids.shape, jnp.int32) if segment_ids is None else (segment_ids > 0).astype(jnp.int32)
-    grid = batch.get("image_grid_thw", ())
-    mb = ModelBatch(input_ids=ids, attention_mask=valid, position_ids=positions,
-                    rope_deltas=jnp.zeros(ids.shape[:1], jnp.int32), pixel_values=batch.get("pixel_values"),
-                    image_grid_thw=tuple(tuple(int(x) for x in row) for row in grid))
-    x, deepstack = model.embed(mb)
+    if "row_pixel_values" in batch:
+        if image_features is None:
+            image_features = row_image_features(model, batch)
+        x, deepstack = _row_image_embeddings(model, ids, batch["row_vision_segment_ids"], image_features)
+    else:
+        grid = batch.get("image_grid_thw", ())
+        mb = ModelBatch(input_ids=ids, attention_mask=valid, position_ids=positions,
+                        rope_deltas=jnp.zeros(ids.shape[:1], jnp.int32), pixel_values=batch.get("pixel_values"),
+                        image_grid_thw=tuple(tuple(int(x) for x in row) for row in grid))
+        x, deepstack = model.embed(mb)
     hidden, _ = model.language_model(x, positions, valid, deepstack=deepstack, segment_ids=segment_ids)
     return hidden
 

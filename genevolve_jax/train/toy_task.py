@@ -20,20 +20,31 @@ def _seed(*parts) -> int:
 
 
 class CyclingPrompts:
-    """An endless, checkpointable source of prompt batches: lists of ``per_step`` prompts."""
+    """An endless, checkpointable source of prompt batches: lists of ``per_step`` prompts.
 
-    def __init__(self, prompts: Sequence[Sequence[int]], per_step: int):
+    With ``shard_count`` > 1 (one shard per process of a multi-host run) shard ``shard_index``
+    yields its ``per_step / shard_count`` prompts of each global batch, strided like the prompt
+    pool's host shard: local prompt g is global prompt ``g·shard_count + shard_index``. The state
+    (the global position) is the same on every shard."""
+
+    def __init__(self, prompts: Sequence[Sequence[int]], per_step: int, *, shard_index: int = 0,
+                 shard_count: int = 1):
         if not prompts or per_step < 1:
             raise ValueError("CyclingPrompts needs prompts and per_step >= 1")
+        if shard_count < 1 or not 0 <= shard_index < shard_count or per_step % shard_count:
+            raise ValueError(f"CyclingPrompts: shard {shard_index} of {shard_count} does not split "
+                             f"per_step={per_step} prompts evenly")
         self.prompts = [list(p) for p in prompts]
         self.per_step = per_step
+        self.shard_index, self.shard_count = shard_index, shard_count
         self.position = 0
 
     def __iter__(self):
         return self
 
     def __next__(self) -> list[list[int]]:
-        out = [self.prompts[(self.position + i) % len(self.prompts)] for i in range(self.per_step)]
+        n, i = self.shard_count, self.shard_index
+        out = [self.prompts[(self.position + g * n + i) % len(self.prompts)] for g in range(self.per_step // n)]
         self.position += self.per_step
         return out
 
@@ -53,10 +64,13 @@ class TokenChoicePhase:
         self.new_tokens, self.temperature, self.seed = new_tokens, temperature, seed
         self.guide_ids = list(guide_ids)
 
-    def collect(self, step: int, prompts: Sequence[Sequence[int]]):
+    def collect(self, step: int, prompts: Sequence[Sequence[int]], group_ids: Sequence[int] | None = None):
+        """``group_ids``: the global index of each prompt in the step (multi-host; default 0..P-1);
+        sample ids, seeds and groups follow it, so they do not depend on the number of hosts."""
+        gids = list(range(len(prompts))) if group_ids is None else [int(g) for g in group_ids]
         reqs = [GenerationRequest(list(p), SamplingParams(max_new_tokens=self.new_tokens, temperature=self.temperature,
-                                                          top_p=1.0, seed=_seed(self.seed, step, i, j)),
-                                  request_id=f"s{step}-p{i}-k{j}")
+                                                          top_p=1.0, seed=_seed(self.seed, step, gids[i], j)),
+                                  request_id=f"s{step}-p{gids[i]}-k{j}")
                 for i, p in enumerate(prompts) for j in range(self.group_size)]
         results = self.engine.generate(reqs)
         samples = []
@@ -64,7 +78,8 @@ class TokenChoicePhase:
             toks = list(res.token_ids)
             reward = sum(t in self.targets for t in toks) / max(1, self.new_tokens)
             p = req.prompt_ids
-            samples.append(RolloutSample(req.request_id, n // self.group_size, p + toks, [0] * len(p) + [1] * len(toks),
+            samples.append(RolloutSample(req.request_id, gids[n // self.group_size], p + toks,
+                                         [0] * len(p) + [1] * len(toks),
                                          [0.0] * len(p) + list(res.logprobs), reward, True, prompt_length=len(p),
                                          request=" ".join(map(str, p)), stats={"response_tokens": len(toks)}))
         return samples, {}

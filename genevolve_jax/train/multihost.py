@@ -1,0 +1,437 @@
+"""Multi-host evolve steps: each process rolls out its share of the prompts, every process trains.
+
+A multi-process ``genevolve train`` (``jax.process_count() > 1``) runs one evolve step like this:
+
+1. Each process reads ITS prompts (the prompt pool's host shard, ``data.sharding``) and rolls them
+   out through a HOST-LOCAL engine (its own devices, no collectives), with GLOBAL group indices:
+   local prompt g of shard i of n is global prompt ``g·n + i``, the inverse of the strided host
+   shard in ``data/rows.py`` (host i reads positions i, i+n, …). So the step's global prompt order,
+   the sample ids and the sampling seeds are those of a single-host run over the same data.
+2. :func:`gather_samples`: every process all-gathers every process's samples (pickled bytes,
+   padded to the longest) and orders them by global group; from here on every process holds the
+   identical global list, and advantages, batch assembly and the sharded train step run unchanged.
+3. Experience (pairs → summariser → memory → retrieval) runs on process 0 only, because a
+   summariser that calls a model or an endpoint is not deterministic across hosts; its guides,
+   metrics and memory state are broadcast (:func:`broadcast_object`), so every process holds the
+   same memory and checkpoints agree.
+4. Weight sync: :func:`host_local_params` turns the fsdp-sharded global params into an array tree
+   on this host's devices with one jitted reshard (no host-memory copy), which feeds the local
+   engine. SGLang servers: every process takes part in the reshard, process 0 exports and asks the
+   servers to reload, and the broadcast of its timings is the barrier the others wait at.
+
+Writers (metrics.jsonl, TensorBoard, sample dumps, the reward curve, the HF export) are process 0's.
+Nothing here runs in a single-process job: evolve.py calls it only when ``jax.process_count() > 1``.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import inspect
+import io
+import math
+import os
+import pickle
+import warnings
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+IMAGE_UNREADABLE = "image_unreadable"     # as train/batch_assembly.py: a file that cannot be read
+
+
+# --- objects over collectives -------------------------------------------------------------------
+def _encode(obj: Any) -> np.ndarray:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    if len(data) >= 2 ** 31:
+        raise ValueError(f"cannot send {len(data)} bytes between processes in one piece (limit 2 GiB)")
+    return np.frombuffer(data, np.uint8)
+
+
+def allgather_objects(obj: Any) -> list[Any]:
+    """Every process's ``obj``, in process order, on every process.
+
+    Why bytes: samples are ragged Python objects (token lists, trajectories, images), and the
+    collectives move arrays of one shape. So each process pickles, the byte counts are gathered
+    first, every buffer is padded to the longest, and one ``process_allgather`` moves them."""
+    data = _encode(obj)
+    sizes = np.asarray(multihost_utils.process_allgather(np.asarray([data.size], np.int32))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:data.size] = data
+    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    return [pickle.loads(rows[p, :int(n)].tobytes()) for p, n in enumerate(sizes)]
+
+
+def broadcast_object(obj: Any = None) -> Any:
+    """Process 0's ``obj`` on every process (the others pass anything, e.g. None).
+
+    Why: results computed on process 0 alone (the experience stage, a server reload) must be the
+    same on every process. The length goes first so that the receivers can allocate the buffer.
+    A collective, so it is also a barrier."""
+    source = jax.process_index() == 0
+    data = _encode(obj) if source else np.zeros(0, np.uint8)
+    n = int(np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(data.size, np.int32))))
+    out = np.asarray(multihost_utils.broadcast_one_to_all(data if source else np.zeros(n, np.uint8)))
+    return obj if source else pickle.loads(out.tobytes())
+
+
+# --- samples ---------------------------------------------------------------------------------------
+def _load_image(data: bytes):
+    from PIL import Image
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        return im.copy()
+
+
+class _ImageBytes:
+    """A file's bytes that unpickle as a decoded PIL image: an image travels compressed, and the
+    receiver needs neither the sender's file system nor a second code path (batch assembly takes
+    PIL images as well as paths)."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def __reduce__(self):
+        return _load_image, (self.data,)
+
+
+def portable_samples(samples: Sequence, *, embed_rendered: bool = False) -> list:
+    """Make ``samples`` readable on another host: the files behind their image placeholders travel
+    as bytes (a sample whose file cannot be read is masked here, by its owner, with
+    ``image_unreadable``, so that no process reads it differently), and with ``embed_rendered`` the
+    rendered image (``extra["image_path"]``) travels as ``extra["image_bytes"]`` for sample dumps."""
+    for s in samples:
+        images = []
+        for im in getattr(s, "images", None) or []:
+            if isinstance(im, (str, os.PathLike)):
+                try:
+                    with open(im, "rb") as f:
+                        im = _ImageBytes(f.read())
+                except OSError:
+                    s.valid, s.reward, s.mask_reason = False, None, IMAGE_UNREADABLE
+            images.append(im)
+        if images:
+            s.images = images
+        path = s.extra.get("image_path") if embed_rendered else None
+        if path and os.path.exists(path):
+            with open(path, "rb") as f:
+                s.extra["image_bytes"] = (os.path.splitext(path)[1] or ".png", f.read())
+    return list(samples)
+
+
+def order_samples(per_process: Sequence[Sequence]) -> list:
+    """Concatenate per-process sample lists and order them by global group. The sort is stable
+    and a group lives on one process, so rollout k of a group stays at position k."""
+    merged = [s for samples in per_process for s in samples]
+    return sorted(merged, key=lambda s: int(s.group))
+
+
+def gather_samples(samples: Sequence, payload: Any = None) -> tuple[list, list]:
+    """Every process's samples, ordered by global group, plus each process's ``payload`` (in
+    process order). Why: advantages, the experience stage and the train step need the whole step's
+    samples, and every process must assemble exactly the same batch for the sharded step."""
+    got = allgather_objects((list(samples), payload))
+    return order_samples([g[0] for g in got]), [g[1] for g in got]
+
+
+def global_group_ids(num_local: int, shard_index: int, shard_count: int) -> list[int]:
+    """Global prompt indices within the step of a shard's local prompts 0..num_local-1: the
+    inverse of the strided host shard of data/rows.py ``shard`` (shard i reads i, i+n, …)."""
+    return [g * shard_count + shard_index for g in range(num_local)]
+
+
+def merge_rollout_infos(infos: Sequence[dict], weights: Sequence[float]) -> dict:
+    """One step's rollout info from every process's: ``time/*`` is the slowest process's (the step
+    waits for it), ``masked_reasons`` add up, ``reward_dims`` are means weighted by each process's
+    judged samples (exact when every judged sample reports every dimension); other keys: process 0's."""
+    out = dict(infos[0]) if infos else {}
+    for key in {k for info in infos for k in info}:
+        vals = [(info[key], w) for info, w in zip(infos, weights) if key in info]
+        if key.startswith("time/"):
+            out[key] = max(float(v) for v, _ in vals)
+        elif key == "masked_reasons":
+            total: collections.Counter = collections.Counter()
+            for v, _ in vals:
+                total.update(dict(v or {}))
+            out[key] = dict(total)
+        elif key == "reward_dims":
+            sums: dict[str, float] = collections.defaultdict(float)
+            mass: dict[str, float] = collections.defaultdict(float)
+            for v, w in vals:
+                for name, x in (v or {}).items():
+                    sums[name] += float(x) * w
+                    mass[name] += w
+            out[key] = {name: sums[name] / mass[name] if mass[name] else 0.0 for name in sums}
+    return out
+
+
+# --- the rollout half of a step ----------------------------------------------------------------
+def prompt_shard(trainer) -> tuple[int, int]:
+    """(shard_index, shard_count) of this process's prompts: the prompt source's own when it has
+    them (e.g. toy_task.CyclingPrompts), else the pool's ``data.sharding``."""
+    src = trainer.prompts
+    if hasattr(src, "shard_index") and hasattr(src, "shard_count"):
+        return int(src.shard_index), int(src.shard_count)
+    from genevolve_jax.data.rows import shard_options
+    opts = shard_options(trainer.cfg.data)
+    return int(opts.shard_index), int(opts.shard_count)
+
+
+def check_prompt_shards(shards: Sequence[tuple[int, int]], process_count: int, source: str = "data.sharding") -> None:
+    """Every global prompt must belong to exactly one process: the shard counts equal the number of
+    processes and the shard indices are a permutation of them."""
+    counts = {c for _, c in shards}
+    if counts != {process_count} or sorted(i for i, _ in shards) != list(range(process_count)):
+        raise ValueError(f"{source}: a multi-process run needs one prompt shard per process ({process_count}), "
+                         f"got (shard_index, shard_count) per process {list(shards)}; set data.sharding="
+                         f"'jax_process' ('none' makes every host roll out the same prompts)")
+
+
+def _collect(phase, step: int, prompts: Sequence, group_ids: list[int]):
+    """Local rollouts with global group ids. A phase whose ``collect`` takes ``group_ids`` derives
+    its sample ids and seeds from them; an older one is renumbered afterwards (ids prefixed by the
+    process so they stay unique) and warned about, because its seeds then repeat across hosts."""
+    if "group_ids" in inspect.signature(phase.collect).parameters:
+        return phase.collect(step, prompts, group_ids=group_ids)
+    warnings.warn(f"{type(phase).__name__}.collect takes no group_ids: rollout seeds repeat across hosts",
+                  RuntimeWarning, stacklevel=3)
+    samples, info = phase.collect(step, prompts)
+    for s in samples:
+        s.group = group_ids[s.group]
+        s.sample_id = f"h{jax.process_index()}-{s.sample_id}"
+    return samples, info
+
+
+def collect_global(trainer, step: int, prompts: Sequence) -> tuple[list, dict, list]:
+    """Roll out this process's prompts, then gather: returns the step's global samples (group-major,
+    identical on every process), the merged rollout info and the global prompts in group order."""
+    index, count = trainer._prompt_shard
+    group_ids = global_group_ids(len(prompts), index, count)
+    samples, info = _collect(trainer.rollout, step, prompts, group_ids)
+    judged = sum(1 for s in samples if s.valid and s.reward is not None)
+    dump = trainer.logger.should_dump(step) and jax.process_index() != 0
+    samples = portable_samples(samples, embed_rendered=dump)
+    merged, payloads = gather_samples(samples, {"prompts": list(zip(group_ids, prompts)), "info": info,
+                                                "judged": judged})
+    by_group = sorted((gp for pl in payloads for gp in pl["prompts"]), key=lambda gp: gp[0])
+    k = trainer.group_size
+    sizes = collections.Counter(int(s.group) for s in merged)
+    if [g for g, _ in by_group] != list(range(len(by_group))) or \
+            any(sizes.get(g, 0) != k for g in range(len(by_group))) or len(sizes) != len(by_group):
+        raise ValueError(f"step {step}: the processes' rollouts do not cover global prompts 0..{len(by_group) - 1} "
+                         f"with {k} rollouts each (groups seen: {dict(sorted(sizes.items()))})")
+    info = merge_rollout_infos([pl["info"] for pl in payloads], [pl["judged"] for pl in payloads])
+    return merged, info, [p for _, p in by_group]
+
+
+def experience_on_process0(experience, groups, samples, step: int) -> tuple[list, dict]:
+    """The experience stage on process 0; its guides, metrics and memory state on every process."""
+    result = None
+    if jax.process_index() == 0:
+        metrics = dict(experience.update(groups, step))
+        guides, m = experience.guides([s.request for s in samples])
+        metrics.update(m)
+        result = (list(guides), metrics, experience.state_dict())
+    guides, metrics, state = broadcast_object(result)
+    if jax.process_index() != 0:
+        experience.load_state_dict(state)
+    return guides, metrics
+
+
+# --- params on this host -----------------------------------------------------------------------------
+def _sorted_local() -> list:
+    return sorted(jax.local_devices(), key=lambda d: d.id)
+
+
+_TWINS: dict = {}
+
+
+def _twin_mesh(local_mesh: Mesh) -> Mesh:
+    """A global mesh ("hosts", "replicas", *local axes) over every device: process p's block
+    arranges p's devices as ``local_mesh`` arranges this process's (by position among the
+    process's devices, sorted by id), and when the local mesh uses only some of a process's
+    devices the others form further replicas of that arrangement. A sharding over the local axes
+    then puts, on every host, the shards that ``local_mesh``'s sharding would."""
+    key = (local_mesh.devices.shape, local_mesh.axis_names, tuple(d.id for d in local_mesh.devices.flat))
+    if key in _TWINS:
+        return _TWINS[key]
+    local = _sorted_local()
+    position = {d.id: i for i, d in enumerate(local)}
+    try:
+        ordinals = np.vectorize(lambda d: position[d.id], otypes=[np.int64])(local_mesh.devices)
+    except KeyError:
+        raise ValueError("host_local_params: the local mesh must use only this process's devices") from None
+    if len(local) % ordinals.size:
+        raise ValueError(f"host_local_params: a local mesh of {ordinals.size} devices does not tile this "
+                         f"process's {len(local)} devices")
+    others = [i for i in range(len(local)) if i not in set(ordinals.flat)]
+    layout = np.stack([ordinals] + [np.asarray(others[k:k + ordinals.size]).reshape(ordinals.shape)
+                                    for k in range(0, len(others), ordinals.size)])
+    # Every process must build the same global mesh: check that they all arrange alike.
+    if jax.process_count() > 1:
+        seen = allgather_objects(layout.tolist())
+        if any(x != seen[0] for x in seen):
+            raise ValueError("host_local_params: the processes' local meshes arrange their devices differently")
+    by_process = collections.defaultdict(list)
+    for d in jax.devices():
+        by_process[d.process_index].append(d)
+    grid = np.empty((jax.process_count(),) + layout.shape, dtype=object)
+    for p in range(jax.process_count()):
+        devs = sorted(by_process[p], key=lambda d: d.id)
+        if len(devs) != len(local):
+            raise ValueError(f"host_local_params: process {p} has {len(devs)} devices, this one {len(local)}")
+        grid[p] = np.vectorize(lambda i: devs[i], otypes=[object])(layout)
+    names = ("hosts", "replicas") + tuple(local_mesh.axis_names)
+    twin = Mesh(grid, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+    _TWINS[key] = twin
+    return twin
+
+
+_COPIERS: dict = {}
+
+
+def host_local_params(tree, shardings) -> Any:
+    """A copy of ``tree`` (global arrays over every device, e.g. fsdp-sharded across processes) on
+    THIS process's devices, laid out by ``shardings`` (one NamedSharding over a local mesh, or a
+    matching tree).
+
+    Why not ``process_allgather``: it returns numpy, so on GPU/TPU every host pulls the whole model
+    into host memory and then copies it back to its devices. Here one jitted reshard targets a
+    global twin of the local sharding (replicated across hosts, laid out like the local mesh within
+    each), and each host keeps the shards on its local mesh as a local array: device-to-device
+    collectives, no host copy. A collective: every process must call it. The result owns fresh
+    buffers (the next train step may donate ``tree``)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    if not leaves:
+        return tree
+    if isinstance(shardings, NamedSharding):
+        local = [shardings] * len(leaves)
+    else:
+        local = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+        if len(local) != len(leaves):
+            raise ValueError(f"host_local_params: {len(local)} shardings for {len(leaves)} arrays")
+    every = set(jax.devices())
+    for x in leaves:
+        if set(x.sharding.device_set) != every:
+            raise ValueError("host_local_params: the arrays must span every device of every process "
+                             f"(got {len(x.sharding.device_set)} of {len(every)})")
+    twins = tuple(NamedSharding(_twin_mesh(sh.mesh), sh.spec) for sh in local)
+    key = (treedef, twins)
+    if key not in _COPIERS:
+        _COPIERS[key] = jax.jit(lambda xs: [jnp.copy(x) for x in xs], out_shardings=list(twins))
+    out = _COPIERS[key](leaves)
+    mine = []
+    for x, sh in zip(out, local):
+        keep = set(sh.mesh.devices.flat)
+        mine.append(jax.make_array_from_single_device_arrays(
+            x.shape, sh, [s.data for s in x.addressable_shards if s.device in keep]))
+    return jax.tree.unflatten(treedef, mine)
+
+
+def local_mesh(sizes: dict | None = None) -> Mesh:
+    """A 4-axis mesh over this process's devices (default: its first device)."""
+    from genevolve_jax.sharding.logical import MESH_AXES
+    from genevolve_jax.sharding.mesh import make_mesh
+    sizes = {a: int((sizes or {}).get(a, 1)) for a in MESH_AXES}
+    n = math.prod(sizes.values())
+    devices = _sorted_local()
+    if n > len(devices):
+        raise ValueError(f"engine.mesh asks for {n} devices, this process has {len(devices)}")
+    return make_mesh(sizes, devices[:n])
+
+
+def _replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def local_setup(setup, mesh: Mesh):
+    """The TrainSetup's model on a local mesh (for merge() on host-local params)."""
+    return dataclasses.replace(setup, mesh=mesh, rest=host_local_params(setup.rest, _replicated(mesh)))
+
+
+def host_local_engine(trainer):
+    """The rollout engine of this host for rl.engine "simple" (PolicySampler) or "jax" (JaxEngine
+    on ``engine.mesh`` over this process's devices), loaded with the current params."""
+    if trainer.cfg.rl.engine == "simple":
+        from genevolve_jax.train.policy_sampler import PolicySampler
+        mesh = local_mesh()
+        a = trainer.cfg.agent
+        setup = local_setup(trainer.setup, mesh)
+        return PolicySampler(setup, host_local_params(trainer.params, _replicated(mesh)),
+                             max_batch=a.loop.engine_batch_size, max_new_tokens=a.round_max_tokens)
+    from genevolve_jax.rollout.jax_engine import JaxEngine
+    mesh = local_mesh(dict(trainer.cfg.engine.mesh))
+    setup = local_setup(trainer.setup, mesh)
+    model = setup.merge(host_local_params(trainer.params, _replicated(mesh)))
+    return JaxEngine(model, trainer.tokenizer, trainer.cfg.engine, mesh=mesh)
+
+
+def sync_weights(trainer, step: int | None = None) -> None:
+    """EvolveTrainer.sync_weights in a multi-process run (every process calls it)."""
+    from flax import nnx
+
+    from genevolve_jax.train.policy_sampler import PolicySampler
+    trainer.last_sync_metrics = {}
+    trainer._engine_stale = False
+    engine = trainer.engine
+    if engine is None or not hasattr(engine, "update_weights"):
+        return
+    if isinstance(engine, PolicySampler):
+        engine.update_weights(host_local_params(trainer.params, _replicated(engine.setup.mesh)))
+        return
+    from genevolve_jax.rollout.jax_engine import JaxEngine
+    if isinstance(engine, JaxEngine):
+        from genevolve_jax.sharding import logical as L
+        state = nnx.state(trainer.setup.merge(trainer.params), nnx.Param)
+        engine.update_weights(host_local_params(state, L.state_shardings(state, engine.mesh, "sample")))
+        return
+    mesh = local_mesh()
+    model = local_setup(trainer.setup, mesh).merge(host_local_params(trainer.params, _replicated(mesh)))
+    from genevolve_jax.rollout.sglang_engine import DiskWeightSync, SGLangEngine
+    if not isinstance(engine, SGLangEngine):
+        engine.update_weights(nnx.state(model, nnx.Param))
+        return
+    # SGLang: rl.sglang.urls lists every host's servers and weights_dir is on a shared file system;
+    # process 0 exports and reloads them all, the others wait for it at the broadcast.
+    metrics = None
+    if jax.process_index() == 0:
+        if getattr(trainer, "_weight_sync", None) is None:
+            trainer._weight_sync = DiskWeightSync.from_config(engine, trainer.cfg.rl.sglang, trainer.workdir)
+        version = str(trainer.step if step is None else step)
+        metrics = trainer._weight_sync.push(model, version)
+    trainer.last_sync_metrics = dict(broadcast_object(metrics) or {})
+
+
+def export_hf(trainer, path: str) -> None:
+    """HF export of the policy: every process joins the reshard, process 0 writes."""
+    from genevolve_jax.train.checkpoint import export_hf as write
+    mesh = local_mesh()
+    params = host_local_params(trainer.params, _replicated(mesh))
+    if jax.process_index() == 0:
+        write(local_setup(trainer.setup, mesh), params, path, dtype=trainer.cfg.rl.export_dtype,
+              tokenizer=trainer.tokenizer)
+    broadcast_object(None)   # the others wait until the export is complete
+
+
+def gathered(fn):
+    """``fn(params, batch)`` whose global (process-sharded) result comes back as one numpy array on
+    every process: the reference and old-log-prob forwards end in ``np.asarray``, which cannot read
+    another process's shards."""
+    def run(params, batch):
+        return np.asarray(multihost_utils.process_allgather(fn(params, batch), tiled=True))
+    return run
+
+
+def prepare_trainer(trainer) -> None:
+    """Multi-process wiring at construction: check that the prompt shards cover every global
+    prompt once, and make the log-prob forwards return host arrays."""
+    shard = prompt_shard(trainer)
+    check_prompt_shards(allgather_objects(shard), jax.process_count())
+    trainer._prompt_shard = shard
+    from genevolve_jax.train.batch_assembly import reference_logprobs_fn
+    fn = trainer.ref_fn if trainer.ref_fn is not None else \
+        reference_logprobs_fn(trainer.setup, trainer.cfg.loss, trainer.compute_dtype)
+    trainer.ref_fn = gathered(fn)

@@ -1,0 +1,214 @@
+"""`genevolve train` with rl.engine="sglang": rollouts over HTTP from a `genevolve serve` app (the same
+native API as SGLang) on 127.0.0.1, weight sync by HF export + /update_weights_from_disk after every
+step, π_old recomputed, the sampler-vs-trainer mismatch as a metric, and the config checks."""
+import socket
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from flax import nnx
+
+from genevolve_jax.config_loader import load_config
+from genevolve_jax.models.qwen3_vl.keymap import hf_state_dict
+from genevolve_jax.rollout.jax_engine import JaxEngine, default_engine_config
+from genevolve_jax.rollout.server import create_app
+from genevolve_jax.rollout.sglang_engine import SGLangError
+from genevolve_jax.train.batch_assembly import OldLogprobs, logprob_mismatch
+from genevolve_jax.train.run_config import default_rl_config, validate_rl
+from genevolve_jax.train.toy_task import toy_model, toy_run_config, toy_trainer
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def toy_server():
+    """The toy model (vocab 64, other weights than the trainer's: seed 1) behind `genevolve serve`'s
+    app, tokenizer-free (the client sends token ids); counts the generations it runs."""
+    ecfg = default_engine_config()
+    ecfg.max_slots, ecfg.max_seq_len, ecfg.steps_per_sync, ecfg.min_prefill_bucket = 16, 16, 4, 8
+    engine = JaxEngine(toy_model(seed=1), None, ecfg)
+    served = []
+    submit = engine.submit
+    engine.submit = lambda req: (served.append(req.request_id), submit(req))[1]
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, None, model_name="toy"), host="127.0.0.1",
+                                           port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(400):
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    yield url, engine, served
+    server.should_exit = True
+    thread.join(timeout=10)
+    engine.close()
+
+
+def sglang_config(workdir, urls, **rl):
+    cfg = toy_run_config(str(workdir), steps=2, group=4, prompts_per_step=2)
+    cfg.rl.engine = "sglang"
+    cfg.rl.sglang.urls = list(urls)
+    cfg.rl.sglang.export_dtype = "float32"   # the toy trains in float32: the servers get its exact weights
+    cfg.rl.sglang.timeout_s = 60.0
+    cfg.rl.sglang.retries = 1
+    cfg.rl.sglang.backoff_s = 0.01
+    cfg.rl.sglang.health_wait_s = 5.0
+    cfg.rl.old_logprobs = "recompute"
+    for k, v in rl.items():
+        cfg.rl[k] = v
+    return cfg
+
+
+def hf_weights(model) -> dict[str, np.ndarray]:
+    return dict(hf_state_dict(model))
+
+
+def server_weights(engine) -> dict[str, np.ndarray]:
+    return hf_weights(nnx.merge(engine._graphdef, engine._params, engine._rest))
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+@pytest.mark.slow  # ~40 s on 2 CPU cores: the server's and the trainer's first compiles
+def test_two_steps_roll_out_over_http_and_the_server_follows_the_trainer(toy_server, tmp_path):
+    url, engine, served = toy_server
+    served.clear()
+    cfg = sglang_config(tmp_path / "run", [url])
+    trainer = toy_trainer(cfg)
+    try:
+        start = hf_weights(trainer.setup.merge(trainer.params))
+        before = server_weights(engine)
+        assert any(not np.array_equal(before[k], start[k]) for k in start)  # the push at start is needed
+
+        m1 = trainer.train_one_step()
+        trained1 = hf_weights(trainer.setup.merge(trainer.params))
+        assert_same_weights(server_weights(engine), trained1)
+        assert any(not np.array_equal(trained1[k], start[k]) for k in start)  # the step changed the policy
+        # Rolled out by the server on the pushed starting weights: its log-probs are the trainer's.
+        assert m1["rollout/logprob_mismatch"] < 1e-5 and m1["rollout/logprob_mismatch_max"] < 1e-4
+        # π_old recomputed with the params the step starts from: the ratio is 1 on every token.
+        assert abs(m1["grpo/ratio_mean"] - 1) < 1e-5 and m1["grpo/approx_kl_old"] < 1e-10
+        assert m1["time/weight_export_s"] > 0 and m1["time/weight_reload_s"] > 0
+
+        m2 = trainer.train_one_step()
+        assert_same_weights(server_weights(engine), hf_weights(trainer.setup.merge(trainer.params)))
+        # Sampled after the sync of step 1: the server ran the step-1 weights.
+        assert m2["rollout/logprob_mismatch"] < 1e-5
+        rows = 2 * cfg.data.rl.prompts_per_step * cfg.rl.group_size
+        assert trainer.engine.stats["requests"] == rows and len(served) == rows
+        assert sorted(served)[:2] == ["s1-p0-k0", "s1-p0-k1"]
+        assert httpx.get(url + "/get_model_info").json()["weight_version"] == "2"
+        weights_dir = tmp_path / "run" / "sglang_weights"
+        assert sorted(p.name for p in weights_dir.iterdir()) == ["weights_v2"]  # older versions removed
+        assert (weights_dir / "weights_v2" / "config.json").exists()
+
+        # rl.old_logprobs="sampler" keeps the server's log-probs: with the server moved to other
+        # weights behind the trainer's back, the mismatch shows it and π/π_old leaves 1.
+        trainer._old_logprobs = OldLogprobs(None, None, mode="sampler", fn=trainer._old_logprobs.fn)
+        engine.update_weights(toy_model(seed=3))
+        m3 = trainer.train_one_step()
+        assert m3["rollout/logprob_mismatch"] > 0.05 and m3["grpo/approx_kl_old"] > 1e-3
+    finally:
+        trainer.close()
+
+
+def test_a_dead_url_fails_at_construction_naming_the_field(tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}"
+    cfg = sglang_config(tmp_path / "run", [dead])
+    cfg.rl.sglang.health_wait_s = 0.0
+    with pytest.raises(SGLangError, match=r"rl\.sglang\.urls.*" + dead.replace(".", r"\.")):
+        toy_trainer(cfg)
+
+
+def test_one_dead_url_among_healthy_ones_is_put_on_probation(toy_server):
+    from genevolve_jax.rollout.sglang_engine import SGLangEngine
+    url, _, _ = toy_server
+    dead = f"http://127.0.0.1:{free_port()}"
+    client = SGLangEngine([dead, url], timeout_s=5)
+    states = client.wait_healthy(0.0, field="rl.sglang.urls")
+    assert states == {dead: False, url: True}
+    assert client._pick(set()) == url
+
+
+# --- config -------------------------------------------------------------------------------------------
+def rl(**kw):
+    cfg = default_rl_config()
+    cfg.engine = "sglang"
+    cfg.sglang.urls = ["http://127.0.0.1:30010"]
+    for key, value in kw.items():
+        section, _, name = key.rpartition("__")
+        (cfg.sglang if section == "sglang" else cfg)[name] = value
+    return cfg
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(sglang__urls=[]), "rl.sglang.urls"),
+    (dict(sglang__urls=["127.0.0.1:30010"]), r"rl.sglang.urls\[0\]"),
+    (dict(sglang__urls=["http://127.0.0.1"]), r"rl.sglang.urls\[0\]"),
+    (dict(sglang__urls=["http://127.0.0.1:30010", "ftp://h:1"]), r"rl.sglang.urls\[1\]"),
+    (dict(sglang__urls=["http://127.0.0.1:30010/generate"]), r"rl.sglang.urls\[0\]"),
+    (dict(sglang__urls=["http://a:1", "http://a:1/"]), "rl.sglang.urls"),
+    (dict(sglang__timeout_s=0.0), "rl.sglang.timeout_s"),
+    (dict(sglang__retries=-1), "rl.sglang.retries"),
+    (dict(sglang__max_concurrency=0), "rl.sglang.max_concurrency"),
+    (dict(sglang__health_wait_s=-1.0), "rl.sglang.health_wait_s"),
+    (dict(sglang__export_dtype="float16"), "rl.sglang.export_dtype"),
+    (dict(old_logprobs="trainer"), "rl.old_logprobs"),
+    (dict(engine="vllm"), "rl.engine"),
+])
+def test_bad_sglang_settings_fail_naming_the_field(change, field):
+    with pytest.raises(ValueError, match=field):
+        validate_rl(rl(**change))
+
+
+def test_a_key_pasted_into_api_key_env_is_rejected_without_echoing_it():
+    with pytest.raises(ValueError, match="rl.sglang.api_key_env") as err:
+        validate_rl(rl(sglang__api_key_env="sk-live-123456"))
+    assert "sk-live" not in str(err.value)
+    validate_rl(rl(sglang__api_key_env="POLICY_API_KEY", sglang__urls=["https://h.example:443"]))
+
+
+def test_other_engines_need_no_urls():
+    cfg = default_rl_config()
+    assert cfg.engine == "jax" and cfg.old_logprobs == "sampler" and list(cfg.sglang.urls) == []
+    validate_rl(cfg)
+
+
+@pytest.mark.parametrize("name", ["qwen3vl_8b_gpu", "qwen3vl_2b_gpu"])
+def test_gpu_configs_roll_out_on_sglang_on_their_own_ports(name):
+    from urllib.parse import urlsplit
+    cfg = load_config(name)
+    assert cfg.rl.engine == "sglang" and cfg.rl.old_logprobs == "recompute"
+    validate_rl(cfg.rl)
+    policy = {urlsplit(u).port for u in cfg.rl.sglang.urls}
+    others = {urlsplit(cfg.reward.endpoint.base_url).port} | {urlsplit(u).port for u in cfg.render.http.urls}
+    assert policy and not policy & others, (cfg.rl.sglang.urls, cfg.reward.endpoint.base_url, cfg.render.http.urls)
+    assert cfg.agent.sampling.temperature == cfg.loss.logprob.rl_temperature
+
+
+def test_logprob_mismatch_counts_policy_tokens_of_valid_rows_only():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(3, 7)), rng.normal(size=(3, 7))
+    mask = rng.random((3, 7)) < 0.5
+    mask[0, 0] = True
+    valid = np.array([1.0, 0.0, 1.0])
+    out = logprob_mismatch(a, b, mask.astype(np.float32), valid)
+    diffs = [abs(a[r, c] - b[r, c]) for r in (0, 2) for c in range(7) if mask[r, c]]
+    assert out["rollout/logprob_mismatch"] == pytest.approx(sum(diffs) / len(diffs), rel=1e-12)
+    assert out["rollout/logprob_mismatch_max"] == pytest.approx(max(diffs), rel=1e-12)
+    assert logprob_mismatch(a, b, np.zeros((3, 7)), valid)["rollout/logprob_mismatch"] == 0.0

@@ -1,0 +1,70 @@
+"""The agent rollout phase on the embedded task: real agent loop, offline tools and the rule judge,
+driven by the scripted demo policy (deterministic, no model) so that rewards can be checked by hand.
+The rule judge must reward searching for the fact over answering at once, and the mask switches
+(loss.grpo.mask_truncated / mask_error) decide whether a cut-off rollout is dropped or trained as 0."""
+import pytest
+
+from genevolve_jax.agent.demo_policy import HeuristicDemoEngine
+from genevolve_jax.agent.loop import AgentLoop
+from genevolve_jax.agent.tools import make_backend
+from genevolve_jax.config_loader import load_config
+from genevolve_jax.processing.tokenizer import default_tokenizer
+from genevolve_jax.reward.scorer import RewardScorer
+from genevolve_jax.train.rollout_phase import AgentRolloutPhase
+from genevolve_jax.train.synthetic import key_detail, prompt_rows
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config("tiny_cpu")
+
+
+def phase(cfg, plan, *, group=2, **kw):
+    tok = default_tokenizer()
+    loop = AgentLoop(HeuristicDemoEngine(tok, plan, top_k=cfg.agent.tools.search_top_k), tok,
+                     make_backend(cfg.agent.tools), cfg.agent, seed=0)
+    return AgentRolloutPhase(loop, RewardScorer.from_config(cfg.reward), group, **kw)
+
+
+def test_key_detail_is_a_fact_the_request_does_not_give_away():
+    rows = prompt_rows(8)
+    assert len({r["question"] for r in rows}) == 8
+    for row in rows:
+        (detail,) = row["meta"]["required_facts"]
+        assert len(detail) >= 7 and detail.lower() not in row["question"].lower()
+    assert key_detail({"id": "x", "title": "Eiffel Tower", "text": "The Eiffel Tower is wrought-iron."}) == "wrought"
+    with pytest.raises(ValueError, match="'x'"):
+        key_detail({"id": "x", "title": "A", "text": "tiny words only"})
+
+
+def test_rule_judge_rewards_searching_for_the_fact(cfg):
+    prompts = prompt_rows(3)
+    searched, info = phase(cfg, ("search",)).collect(1, prompts)
+    direct, _ = phase(cfg, ()).collect(1, prompts)
+    assert [s.group for s in searched] == [0, 0, 1, 1, 2, 2]
+    assert all(s.valid and s.stats["tool_calls"] == 1 for s in searched)
+    assert all(s.valid and s.stats["tool_calls"] == 0 for s in direct)
+    # searched: fact, hygiene and the program's text score all pass -> 1.0; at once: the fact
+    # is missing -> R_img 0.5 (hygiene only), R_text 0 -> 0.25 with alpha 0.5.
+    assert [s.reward for s in searched] == pytest.approx([1.0] * 6)
+    assert [s.reward for s in direct] == pytest.approx([0.25] * 6)
+    assert info["reward_dims"]["reward/r_img"] == pytest.approx(1.0) and not info["masked_reasons"]
+    # The trainer's view of a sample: policy tokens under the mask, sampler log-probs aligned.
+    s = searched[0]
+    assert len(s.token_ids) == len(s.loss_mask) == len(s.logprobs) and s.prompt_length > 0
+    assert sum(s.loss_mask) == sum(t.num_tokens for t in s.extra["trajectory"].turns)
+
+
+@pytest.mark.parametrize("mask_truncated", [True, False])
+def test_cut_off_rollouts_follow_the_mask_switch(cfg, mask_truncated):
+    c = cfg.copy_and_resolve_references()
+    c.agent.round_max_tokens = 8          # every first turn is cut off: termination too_long
+    samples, info = phase(c, ("search",), mask_truncated=mask_truncated).collect(1, prompt_rows(2))
+    assert all(s.stats["termination"] == "too_long" for s in samples)
+    if mask_truncated:
+        assert all(not s.valid and s.reward is None for s in samples)
+        assert info["masked_reasons"] == {"too_long": 4}
+    else:
+        assert all(s.valid and s.reward == 0.0 and s.mask_reason.startswith("zero_reward_too_long")
+                   for s in samples)
+        assert not info["masked_reasons"]
