@@ -106,7 +106,11 @@ def write_synthetic_data(out_dir: str, *, num_prompts: int = 16, num_sft: int = 
     with open(rl_path, "w", encoding="utf-8") as f:
         for row in prompt_rows(num_prompts):
             f.write(json.dumps(row) + "\n")
-    cfg = agent_cfg if agent_cfg is not None else default_agent_config()
+    cfg = (agent_cfg if agent_cfg is not None else default_agent_config()).copy_and_resolve_references()
+    # The scripted teacher's turns are at most ~250 tokens; a run may cap the student's rounds far
+    # lower (smoke tests cut them at a few tokens), which must not censor the teacher set.
+    cfg.round_max_tokens = max(int(cfg.round_max_tokens), 512)
+    cfg.response_max_tokens = max(int(cfg.response_max_tokens), int(cfg.round_max_tokens))
     tokenizer = default_tokenizer()
     backend = make_backend(cfg.tools)
     plan_list = parse_plans(plans)
