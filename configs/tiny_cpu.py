@@ -96,7 +96,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.data.sft.cutoff_len = 1024
     cfg.data.sft.row_len = 1024
     cfg.data.sft.pack = True
-    cfg.data.sft.num_epochs = 100
+    cfg.data.sft.num_epochs = 100             # 45 epochs ends at loss 0.19 and rollouts score ~0
     cfg.data.sharding = "none"
     cfg.checkpoint.save_every = 4
     cfg.checkpoint.keep = 2
