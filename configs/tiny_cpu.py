@@ -71,8 +71,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     # The task: 8 corpus subjects; the rule judge wants a detail of the subject that only a search
     # finds. The SFT set shows each subject twice, once searched then answered with the fact, once
-    # answered at once without it, so the cold-started policy does both and GRPO has to learn to
-    # prefer searching (the reward rises from about 0.6 towards 1.0 as it does).
+    # answered at once without it, so the cold-started policy does both and GRPO has something to
+    # prefer (the rule judge gives 1.0 with the fact, 0.25 without).
     cfg.synthetic.num_prompts = 8
     cfg.synthetic.num_sft = 16
     cfg.synthetic.plans = ["search", ""]

@@ -25,7 +25,7 @@ def build_system_prompt(max_tool_calls: int = 10, max_references: int = 2, min_r
                         tools: Sequence[dict] = TOOL_SCHEMAS, decision_guide: str | None = None,
                         style: str = "full") -> str:
     """The policy's system prompt. ``style="compact"`` is a short variant (about a tenth of the
-    tokens: the same turn format and program, tools named by signature instead of JSON schemas) for
+    tokens: the same turn format and program, tools listed by name instead of their JSON schemas) for
     tiny models, whose whole context budget the full prompt would otherwise take."""
     if style == "compact":
         return _compact_system_prompt(max_tool_calls, max_references, min_references, tools, decision_guide)

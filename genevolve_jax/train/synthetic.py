@@ -5,8 +5,8 @@ Each prompt asks for a picture of a corpus subject; its metadata names, as the r
 detail of the subject that is in the corpus text but not in the request (``key_detail``), so the
 offline rule judge rewards a program only when the agent searched and carried the fact into
 gen_prompt. The teacher trajectories are the scripted heuristic demo policy (agent/demo_policy.py)
-run through the real agent loop and tools, so they follow the protocol exactly. They mix plans (by
-default: search then answer, and answer at once): the cold start teaches the format and both
+run through the real agent loop and tools, so they follow the protocol exactly. They may mix plans
+(tiny_cpu: search then answer, and answer at once): the cold start teaches the format and both
 behaviours, and GRPO has a better and a worse behaviour to choose between, which is what the
 embedded run and the learning test measure.
 """
