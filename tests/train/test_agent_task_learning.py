@@ -31,8 +31,7 @@ def task_config(workdir, **overrides):
     cfg.train.global_batch_size = 8
     cfg.rl.export_hf = False
     cfg.sft_run.export_hf = False
-    cfg.experience.enabled = False
-    cfg.loss.grpo.kl_coef = 0.0
+    cfg.experience.enabled = False            # GRPO with tiny_cpu's KL to the SFT policy (β = 1.0)
     cfg.train.schedule.kind = "constant"
     cfg.checkpoint.save_every = 1000
     cfg.logging.sample_every = 0
