@@ -1,16 +1,14 @@
 """`genevolve serve`'s app on 127.0.0.1 (random free port), driven by the official `openai` client and
 by SGLangEngine, including a weight update through /update_weights_from_disk that changes outputs."""
 import socket
-import threading
-import time
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 
 from genevolve_jax.models.hf_io import model_from_state_dict, random_state_dict
 from genevolve_jax.processing.tokenizer import default_tokenizer
+from genevolve_jax.render.service import LoopbackServer
 from genevolve_jax.rollout.engine import GenerationRequest, SamplingParams
 from genevolve_jax.rollout.jax_engine import JaxEngine, default_engine_config
 from genevolve_jax.rollout.server import create_app
@@ -41,21 +39,8 @@ def served():
     ecfg = default_engine_config()
     ecfg.max_slots, ecfg.max_seq_len, ecfg.steps_per_sync, ecfg.min_prefill_bucket = 4, 160, 4, 32
     engine = JaxEngine(model, tok, ecfg)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, tok, model_name="tiny"), host="127.0.0.1",
-                                           port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    yield url, tok, cfg, engine
-    server.should_exit = True
-    thread.join(timeout=10)
+    with LoopbackServer(create_app(engine, tok, model_name="tiny")).running() as url:
+        yield url, tok, cfg, engine
     engine.close()
 
 

@@ -2,16 +2,14 @@
 native API as SGLang) on 127.0.0.1, weight sync by HF export + /update_weights_from_disk after every
 step, π_old recomputed, the sampler-vs-trainer mismatch as a metric, and the config checks."""
 import socket
-import threading
-import time
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from flax import nnx
 
 from genevolve_jax.config_loader import load_config
+from genevolve_jax.render.service import LoopbackServer
 from genevolve_jax.models.qwen3_vl.keymap import hf_state_dict
 from genevolve_jax.rollout.jax_engine import JaxEngine, default_engine_config
 from genevolve_jax.rollout.server import create_app
@@ -37,21 +35,8 @@ def toy_server():
     served = []
     submit = engine.submit
     engine.submit = lambda req: (served.append(req.request_id), submit(req))[1]
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, None, model_name="toy"), host="127.0.0.1",
-                                           port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(400):
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    yield url, engine, served
-    server.should_exit = True
-    thread.join(timeout=10)
+    with LoopbackServer(create_app(engine, None, model_name="toy")).running() as url:
+        yield url, engine, served
     engine.close()
 
 
