@@ -27,7 +27,7 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.schedule = ml_collections.ConfigDict({
         "kind": "cosine",
         "warmup_ratio": 0.02,
-        "total_steps": 1000,    # set by the driver from epochs × steps per epoch
+        "total_steps": 1000,    # set by the driver: SFT from epochs × batches, RL from rl.num_steps
         "final_lr_ratio": 0.0,  # cosine/linear decay to this fraction of the peak
     })
     cfg.global_batch_size = 32      # sequences (packed rows) per optimiser step

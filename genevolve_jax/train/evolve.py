@@ -68,7 +68,11 @@ class EvolveTrainer:
         mesh = mesh_from_config(cfg.sharding, devices)
         source = model if model is not None else model_source(cfg.model, self.tokenizer)
         freeze = is_vision_path if cfg.train.freeze_vision else None
-        self.setup, self.params, self.opt_state = create_train_state(source, cfg.train, mesh, cfg.sharding.strategy,
+        # The schedule spans the run (as SFT's spans its epochs): a cosine decays to its floor at
+        # the last step whatever rl.num_steps is.
+        train_cfg = cfg.train.copy_and_resolve_references()
+        train_cfg.schedule.total_steps = self.num_steps
+        self.setup, self.params, self.opt_state = create_train_state(source, train_cfg, mesh, cfg.sharding.strategy,
                                                                      freeze=freeze)
         self.model_config = self.setup.merge(self.params).config
         opts = compiler_options(cfg.model)

@@ -149,7 +149,8 @@ class RunLogger:
 
         path = path or os.path.join(self.workdir, "reward_curve.png")
         xs, ys = zip(*points)
-        window = max(1, len(ys) // 10)
+        # A quarter of a short run (3 of 12 steps), at most 20 steps on long ones.
+        window = max(1, min(20, len(ys) // 4))
         smooth = [sum(ys[max(0, i - window + 1):i + 1]) / len(ys[max(0, i - window + 1):i + 1]) for i in range(len(ys))]
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot(xs, ys, alpha=0.4, label=key)

@@ -159,6 +159,9 @@ def toy_run_config(workdir: str, *, lr: float = 1e-2, sdl: float = 0.0, kl: floa
     cfg.loss.grpo.kl_coef = kl
     cfg.loss.sdl.coef = sdl
     cfg.loss.logprob.chunk_size = 32
+    # Plain softmax sampling: the toy's rewarded tokens start rare (~8 %), and temperature 1 keeps
+    # them reachable (tiny_cpu samples at the paper's 0.7).
+    cfg.agent.sampling.temperature = cfg.loss.logprob.rl_temperature = 1.0
     cfg.checkpoint.save_every = save_every
     cfg.logging.sample_every = 0
     cfg.logging.progress = False
