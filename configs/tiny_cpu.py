@@ -133,9 +133,9 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.render.backend = "tiny"
     cfg.reward.judge_kind = "rule"
     cfg.agent.tools.backend = "offline"
-    cfg.experience.summariser.backend = "policy"
-    cfg.experience.summariser.max_tokens = 128
-    cfg.experience.summariser.attempts = 1
-    cfg.experience.summariser.backoff_s = 0.0
+    # The tiny policy cannot write an experience summary (with backend "policy" every pair was
+    # dropped and SDL never acted); the scripted proxy writes bundles from the two transcripts, so
+    # memory, retrieval, the guided teacher and the SDL loss run for real (2–3 bundles a step).
+    cfg.experience.summariser.backend = "rule"
     cfg.experience.embedder.kind = "hashed"
     return cfg

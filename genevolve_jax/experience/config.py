@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-SUMMARISER_BACKENDS = ("policy", "openai")
+SUMMARISER_BACKENDS = ("policy", "openai", "rule")
 EMBEDDERS = ("hashed", "hf")
 
 
@@ -22,7 +22,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     cfg.summariser = ml_collections.ConfigDict()
     # policy: the trainer's own policy through the JaxEngine (default, as in the issue);
-    # openai: any OpenAI-compatible /v1/chat/completions endpoint.
+    # openai: any OpenAI-compatible /v1/chat/completions endpoint; rule: the scripted offline
+    # proxy (experience/rule_summariser.py) for runs whose policy cannot write a summary yet.
     cfg.summariser.backend = "policy"
     cfg.summariser.base_url = "http://127.0.0.1:30000"
     cfg.summariser.model = "Qwen/Qwen3-VL-8B-Instruct"

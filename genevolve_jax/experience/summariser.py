@@ -264,8 +264,12 @@ def make_summariser(summariser_cfg, generate: Callable[[str], str] | None = None
                     generate_many: Callable[[list[str]], list[str]] | None = None,
                     transport: httpx.BaseTransport | None = None) -> Summariser:
     """From the ``experience.summariser`` section. Backend "policy" uses the callable the trainer
-    passes (its policy through the JaxEngine); "openai" builds an OpenAI-compatible client."""
+    passes (its policy through the JaxEngine); "openai" builds an OpenAI-compatible client; "rule"
+    is the scripted offline proxy (experience/rule_summariser.py)."""
     s = summariser_cfg
+    if s.backend == "rule":
+        from genevolve_jax.experience.rule_summariser import RuleSummariser
+        return RuleSummariser(max_bullets=s.max_bullets, max_bullet_words=s.max_bullet_words)
     if s.backend == "openai":
         generate = OpenAICompatibleGenerate(s.base_url, s.model, api_key_env=s.api_key_env, timeout_s=s.timeout_s,
                                             temperature=s.temperature, max_tokens=s.max_tokens, transport=transport)

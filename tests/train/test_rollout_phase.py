@@ -68,3 +68,48 @@ def test_cut_off_rollouts_follow_the_mask_switch(cfg, mask_truncated):
         assert all(s.valid and s.reward == 0.0 and s.mask_reason.startswith("zero_reward_too_long")
                    for s in samples)
         assert not info["masked_reasons"]
+
+
+def test_policy_summariser_backend_asks_the_engine_a_single_turn_chat():
+    """The "policy" summariser backend: one chat-formatted request per pair, sampled with the
+    summariser's temperature, stopped at <|im_end|>, each with its own seed; the decoded replies
+    go through the summariser's parser."""
+    import json
+
+    from genevolve_jax.experience.summariser import Summariser
+    from genevolve_jax.rollout.engine import GenerationResult
+    from genevolve_jax.train.rollout_phase import policy_generate_fn
+
+    tok = default_tokenizer()
+    reply = json.dumps({"retrieval_key": {"trigger": "a named subject", "request_summary": "a picture of a subject"},
+                        "decision_guidance": {"tool_plan": ["Search before answering."],
+                                              "failure_guards": ["Do not skip the search."]}})
+
+    class Recorder:
+        def __init__(self):
+            self.requests = []
+
+        def generate(self, requests):
+            self.requests += requests
+            ids = list(tok.encode(reply, add_special_tokens=False))
+            return [GenerationResult(ids, [0.0] * len(ids), "stop") for _ in requests]
+
+    engine = Recorder()
+    generate_many = policy_generate_fn(engine, tok, max_new_tokens=77, temperature=0.4)
+    texts = ["first pair transcript", "second pair transcript"]
+    assert generate_many(texts) == [reply, reply]
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    for i, (req, text) in enumerate(zip(engine.requests, texts)):
+        decoded = tok.decode(req.prompt_ids, skip_special_tokens=False)
+        assert decoded.startswith("<|im_start|>user\n" + text) and decoded.endswith("<|im_start|>assistant\n")
+        s = req.sampling
+        assert (s.max_new_tokens, s.temperature, s.top_p, s.seed) == (77, 0.4, 1.0, i) and im_end in s.stop_token_ids
+    bundle = Summariser(generate_many=generate_many, attempts=1, backoff_s=0.0)._finish(reply, _pair("Red panda"))
+    assert bundle.guidance["tool_plan"] == ["Search before answering."]
+
+
+def _pair(subject):
+    from genevolve_jax.experience.pairs import Candidate, Pair
+
+    request = f"Create a poster of the {subject}."
+    return Pair("0", Candidate("a", request, 1.0), Candidate("b", request, 0.25))
