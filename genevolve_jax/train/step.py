@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from genevolve_jax.models.qwen3_vl.model import ModelBatch, _scatter
+from genevolve_jax.models.qwen3_vl.model import ModelBatch, scatter_features
 from genevolve_jax.models.qwen3_vl.text import DeepstackInputs
 from genevolve_jax.models.qwen3_vl.vision import VisionInputs
 from genevolve_jax.ops.fused_logprob import token_logprobs
@@ -267,7 +267,7 @@ def _row_image_embeddings(model, ids: jax.Array, segments: jax.Array, features) 
     local = jnp.cumsum((ids == model.config.image_token_id).astype(jnp.int32), axis=1) - 1
     is_tok = (ids == model.config.image_token_id) & (local < real)
     index = jnp.where(is_tok, local + jnp.arange(ids.shape[0], dtype=jnp.int32)[:, None] * per_row, -1)
-    x = _scatter(model.language_model.embed_tokens(ids), index, feats)
+    x = scatter_features(model.language_model.embed_tokens(ids), index, feats)
     x = L.constrain(x, (L.BATCH, L.SEQ, L.EMBED))
     return x, (DeepstackInputs(index, deepstack) if deepstack else None)
 

@@ -150,6 +150,7 @@ def toy_run_config(workdir: str, *, lr: float = 1e-2, sdl: float = 0.0, kl: floa
     cfg.train.schedule.kind = "constant"
     cfg.train.schedule.total_steps = steps
     cfg.rl.engine = "simple"
+    cfg.train.grad_accum_steps = 1           # the toy's batches are a few short rows
     cfg.rl.group_size = group
     cfg.rl.num_steps = steps
     cfg.rl.length_multiple = 16

@@ -32,6 +32,7 @@ def task_config(workdir, **overrides):
     cfg.model.fast_compile = False            # this test is bound by step time, not compiles
     cfg.data.rl.prompts_per_step = 1
     cfg.train.global_batch_size = 8
+    cfg.train.grad_accum_steps = 1
     cfg.agent.loop.engine_batch_size = cfg.engine.max_slots = 8
     cfg.rl.export_hf = False
     cfg.sft_run.export_hf = False

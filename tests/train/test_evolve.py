@@ -151,7 +151,7 @@ def test_agent_path_end_to_end_through_the_cli(tmp_path, capsys):
                    "--config.rl.group_size=2", "--config.rl.num_steps=2", "--config.agent.max_rounds=2",
                    "--config.agent.round_max_tokens=8", "--config.checkpoint.save_every=1",
                    "--config.logging.sample_every=1", "--config.engine.max_slots=2",
-                   "--config.agent.loop.engine_batch_size=2"])
+                   "--config.agent.loop.engine_batch_size=2", "--config.train.grad_accum_steps=1"])
     assert rc == 0
     out = capsys.readouterr().out
     assert '"checkpoints"' in out and "mean reward" in out

@@ -118,7 +118,9 @@ def _placeholder_index(ids: jax.Array, token_id: int) -> jax.Array:
     return jnp.where(is_tok, running, -1).astype(jnp.int32)
 
 
-def _scatter(embeds: jax.Array, index: jax.Array, features: jax.Array) -> jax.Array:
+def scatter_features(embeds: jax.Array, index: jax.Array, features: jax.Array) -> jax.Array:
+    """``embeds`` [B, L, D] with position (b, l) replaced by ``features[index[b, l]]`` where the
+    index is ≥ 0 (a placeholder's running feature number, see :func:`_placeholder_index`)."""
     gathered = jnp.take(features, jnp.maximum(index, 0), axis=0).astype(embeds.dtype)
     return jnp.where((index >= 0)[..., None], gathered, embeds)
 
@@ -150,7 +152,7 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
                 continue
             feats, deep = self._vision(pixels, grid)
             own = _placeholder_index(batch.input_ids, token)
-            x = _scatter(x, own, feats)
+            x = scatter_features(x, own, feats)
             if index is None:
                 index, levels = own, deep
             else:  # images first, then videos, in one feature table per level
