@@ -14,6 +14,7 @@ Its advice is only as good as these rules; real runs summarise with a model
 from __future__ import annotations
 
 import json
+import logging
 import re
 from typing import Any, Mapping, Sequence
 
@@ -22,6 +23,7 @@ from genevolve_jax.experience.pairs import Pair
 from genevolve_jax.experience.summariser import Summariser
 
 PROXY_LABEL = "scripted rule summariser (offline proxy, not a model)"
+log = logging.getLogger(__name__)
 
 _WORD = re.compile(r"[a-z]{5,}")
 
@@ -118,6 +120,7 @@ class RuleSummariser(Summariser):
     def __init__(self, *, max_bullets: int = 4, max_bullet_words: int = 30):
         super().__init__(lambda text: text, attempts=1, backoff_s=0.0, max_concurrency=1,
                          max_bullets=max_bullets, max_bullet_words=max_bullet_words)
+        log.info("experience bundles come from the %s", PROXY_LABEL)
 
     def summarise_all(self, pairs: Sequence[Pair]) -> list[Bundle | None]:
         out: list[Bundle | None] = []
