@@ -100,7 +100,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.train.optimizer.learning_rate = 3e-4
     cfg.train.global_batch_size = 32
     # 4 micro-batches of 8 rollouts: the XLA CPU attention materialises [rows, 8 heads, T, T] scores,
-    # and one 32-row step on 1024 tokens peaked the run at 15.4 GB (measured; 6.8 GB with 4
+    # and one 32-row step on 1024 tokens peaked the run at 15.4 GB (measured; 6.9 GB with 4
     # micro-batches, and the compiles got shorter). The evolve loss is averaged over micro-batches.
     cfg.train.grad_accum_steps = 4
     cfg.sft.global_batch_size = 1
@@ -139,7 +139,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.agent.tools.backend = "offline"
     # The tiny policy cannot write an experience summary (with backend "policy" every pair was
     # dropped and SDL never acted); the scripted proxy writes bundles from the two transcripts, so
-    # memory, retrieval, the guided teacher and the SDL loss run for real (2–3 bundles a step).
+    # memory, retrieval, the guided teacher and the SDL loss run for real (2–4 bundles a step).
     cfg.experience.summariser.backend = "rule"
     cfg.experience.embedder.kind = "hashed"
     return cfg
