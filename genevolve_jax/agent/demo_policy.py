@@ -104,6 +104,10 @@ class HeuristicDemoEngine(RolloutEngine):
             "The request is clear enough to answer directly."
         return f"<think>{why}</think>\n" + format_answer(program)
 
+    def update_weights(self, params, step: int) -> dict[str, float]:
+        """Rules have no weights: a scripted teacher ignores weight syncs."""
+        return {}
+
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         out = []
         for req in requests:

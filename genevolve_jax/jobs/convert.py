@@ -63,7 +63,7 @@ def run_import_hf(args: argparse.Namespace) -> int:
 def _import_hf(args: argparse.Namespace) -> int:
     from genevolve_jax.models import hf_io
     from genevolve_jax.models.qwen3_vl import keymap
-    from genevolve_jax.train import checkpoint_io
+    from genevolve_jax.models import loading as checkpoint_io
 
     start = time.perf_counter()
     existing = os.path.join(os.path.abspath(args.ckpt_dir), checkpoint_io.PARAMS_DIR)
@@ -102,7 +102,7 @@ def run_export_hf(args: argparse.Namespace) -> int:
 def _export_hf(args: argparse.Namespace) -> int:
     from genevolve_jax.models import hf_io
     from genevolve_jax.models.qwen3_vl import keymap
-    from genevolve_jax.train import checkpoint_io
+    from genevolve_jax.models import loading as checkpoint_io
 
     start = time.perf_counter()
     max_bytes = hf_io.parse_size(args.max_shard_size)  # a bad size fails before the restore

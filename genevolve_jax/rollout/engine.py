@@ -1,4 +1,4 @@
-"""The rollout-engine interface, and a scripted engine for tests and demos.
+"""The rollout-engine interface.
 
 An engine takes a batch of multimodal prompts (token ids with vision placeholders already expanded,
 plus the images in placeholder order) with per-prompt sampling parameters, and returns per prompt
@@ -17,8 +17,7 @@ import abc
 import asyncio
 import dataclasses
 import math
-import threading
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Sequence
 
 FINISH_REASONS = ("stop", "length", "abort")
 
@@ -83,6 +82,22 @@ class RolloutEngine(abc.ABC):
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Sample every request (one result per request, same order). Blocking."""
 
+    @abc.abstractmethod
+    def update_weights(self, params, step: int) -> dict[str, float]:
+        """Sample with ``params`` from now on.
+
+        ``params`` is the policy's ``nnx.State`` of ``nnx.Param`` (the trainer's current weights, on
+        this host's devices, in any layout; a fresh copy the engine may keep). ``step`` is the
+        optimiser step they come from, the weight version. Returns metrics of the sync (seconds,
+        lag) to log with the step; an empty dict when there is nothing to report."""
+
+    @property
+    def serves_every_host(self) -> bool:
+        """True when one engine object stands for servers that every host's rollouts share (SGLang
+        URLs listing every host's servers): then one process pushes weights for all. False for an
+        engine on this host's own devices, which every process updates for itself."""
+        return False
+
     async def agenerate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Async form for the agent loop; runs :meth:`generate` in a worker thread by default so that
         tool calls of other trajectories proceed meanwhile. HTTP engines override it."""
@@ -92,86 +107,16 @@ class RolloutEngine(abc.ABC):
         """How many image-pad tokens one image expands to (Qwen3-VL's processor by default)."""
         from genevolve_jax.processing.chat import merged_tokens
         from genevolve_jax.processing.image import image_grid
-        width, height = _image_size(image)
+        width, height = image_size(image)
         return merged_tokens(image_grid(height, width))
 
     def close(self) -> None:
         """Release resources (threads, connections). Safe to call twice."""
 
 
-def _image_size(image) -> tuple[int, int]:
+def image_size(image) -> tuple[int, int]:
     if isinstance(image, str):
         from PIL import Image
         with Image.open(image) as img:
             return img.size
     return image.size
-
-
-ABORT = object()  # a script entry that makes the engine abort that turn
-
-
-class ScriptedEngine(RolloutEngine):
-    """Replays given assistant turns, one per call, per request id.
-
-    ``scripts`` maps a request id to its turns; a plain list is used for every request id. A turn is
-    a text (tokenised with ``tokenizer``; the stop token is appended), a list of token ids (replayed
-    as given, e.g. from a recorded trajectory) or :data:`ABORT`. Turns longer than the request's
-    ``max_new_tokens`` are cut there with finish reason "length". Log-probs are the deterministic
-    stand-in ``-(0.01 + 0.001·(id mod 97))`` unless a ``logprob_fn(token_id, position)`` is given.
-    After the script runs out, ``default_turn`` (if any) is repeated.
-    """
-
-    def __init__(self, scripts: Mapping[str, Sequence] | Sequence, tokenizer=None, *,
-                 stop_token_id: int | None = None, default_turn=None,
-                 logprob_fn: Callable[[int, int], float] | None = None):
-        self.scripts = scripts
-        self.tokenizer = tokenizer
-        if stop_token_id is None and tokenizer is not None:
-            stop_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        self.stop_token_id = stop_token_id
-        self.default_turn = default_turn
-        self.logprob_fn = logprob_fn or (lambda token, pos: -(0.01 + 0.001 * (token % 97)))
-        self._cursor: dict[str, int] = {}
-        self._lock = threading.Lock()
-        self.calls: list[list[str]] = []  # request ids of each generate() batch, for tests
-
-    def _next_turn(self, request_id: str):
-        turns = self.scripts if not isinstance(self.scripts, Mapping) else self.scripts.get(request_id, ())
-        with self._lock:
-            i = self._cursor.get(request_id, 0)
-            self._cursor[request_id] = i + 1
-        if i < len(turns):
-            return turns[i]
-        if self.default_turn is not None:
-            return self.default_turn
-        return ABORT
-
-    def _ids(self, turn) -> list[int]:
-        if isinstance(turn, str):
-            if self.tokenizer is None:
-                raise ValueError("ScriptedEngine needs a tokenizer for text turns")
-            ids = list(self.tokenizer.encode(turn, add_special_tokens=False))
-            return ids + ([self.stop_token_id] if self.stop_token_id is not None else [])
-        return [int(t) for t in turn]
-
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        self.calls.append([r.request_id for r in requests])
-        out = []
-        for req in requests:
-            turn = self._next_turn(req.request_id)
-            if turn is ABORT:
-                out.append(GenerationResult([], [], "abort", error="script exhausted or scripted abort"))
-                continue
-            ids = self._ids(turn)
-            stops = set(req.sampling.stop_token_ids)
-            finish = "length"
-            for pos, token in enumerate(ids):
-                if token in stops:
-                    ids, finish = ids[: pos + 1], "stop"
-                    break
-            if len(ids) > req.sampling.max_new_tokens:
-                ids, finish = ids[: req.sampling.max_new_tokens], "length"
-            elif finish != "stop" and ids and ids[-1] == self.stop_token_id:
-                finish = "stop"
-            out.append(GenerationResult(ids, [float(self.logprob_fn(t, p)) for p, t in enumerate(ids)], finish))
-        return out

@@ -135,6 +135,7 @@ class JaxEngine(RolloutEngine):
         self._worker: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self.stats = {"prefills": 0, "decode_chunks": 0, "compactions": 0, "max_live": 0}
+        self.weight_version = 0   # the trainer step of the weights in use (update_weights)
 
     # -- layout ----------------------------------------------------------------------------------
     def _rules(self):
@@ -231,17 +232,16 @@ class JaxEngine(RolloutEngine):
     def num_image_tokens(self, image) -> int:
         """Image-pad tokens for one image under this engine's image processor (merge 2×2 per token)."""
         from genevolve_jax.processing.image import image_grid
-        from genevolve_jax.rollout.engine import _image_size
-        width, height = _image_size(image)
+        from genevolve_jax.rollout.engine import image_size
+        width, height = image_size(image)
         t, h, w = image_grid(height, width, self.image_processor)
         return t * h * w // self.config.vision.spatial_merge_size ** 2
 
-    def update_weights(self, params) -> None:
+    def update_weights(self, params, step: int = 0) -> dict[str, float]:
         """Replace the weights with ``params`` (an ``nnx.State`` of the model's ``nnx.Param``s, e.g. the
-        trainer's, in any layout, or a model); they are resharded to the sampling layout. Requests in
-        flight continue on the new weights with their existing cache (call between rollout phases)."""
-        if isinstance(params, nnx.Module):
-            params = nnx.state(params, nnx.Param)
+        trainer's, in any layout); they are resharded in memory to the sampling layout. Requests in
+        flight continue on the new weights with their existing cache (call between rollout phases).
+        ``step`` is recorded as :attr:`weight_version`."""
         want = jax.tree.structure(self._params)
         got = jax.tree.structure(params)
         if want != got:
@@ -253,6 +253,8 @@ class JaxEngine(RolloutEngine):
         new = jax.tree.map(lambda x, old: jnp.asarray(x).astype(old.dtype), params, self._params)
         with self._device_lock, self._rules():
             self._params = jax.device_put(new, self._param_shardings)
+        self.weight_version = int(step)
+        return {}
 
     def flush_cache(self) -> None:
         """Nothing to drop between requests (no prefix cache); kept for the SGLang-style API."""
@@ -442,37 +444,12 @@ def _needs_filter(params) -> bool:
 
 
 # --- construction from files -------------------------------------------------------------------------
-def load_model(path: str | os.PathLike, *, param_dtype: str | None = None, dtype: str | None = None) -> nnx.Module:
-    """An orbax model checkpoint (model_config.json + params/) or a Hugging Face directory (config.json)."""
-    path = os.fspath(path)
-    from genevolve_jax.train.checkpoint_io import CONFIG_FILE, restore_model
-    if os.path.exists(os.path.join(path, CONFIG_FILE)):
-        return restore_model(path, param_dtype=param_dtype, dtype=dtype)
-    if os.path.exists(os.path.join(path, "config.json")):
-        from genevolve_jax.models.hf_io import load_pretrained
-        return load_pretrained(path, param_dtype=param_dtype, dtype=dtype)
-    raise FileNotFoundError(f"{path} is neither a model checkpoint ({CONFIG_FILE}) nor a Hugging Face "
-                            "directory (config.json)")
-
-
-def load_tokenizer(path: str | os.PathLike):
-    """The tokenizer saved with a checkpoint (its hf_assets/ or the directory itself), else the
-    embedded default tokenizer (tiny models trained with it)."""
-    path = os.fspath(path)
-    for candidate in (os.path.join(path, "hf_assets"), path):
-        if os.path.exists(os.path.join(candidate, "tokenizer.json")) or \
-                os.path.exists(os.path.join(candidate, "tokenizer_config.json")):
-            from transformers import AutoTokenizer
-            return AutoTokenizer.from_pretrained(candidate, local_files_only=True)
-    from genevolve_jax.processing.tokenizer import default_tokenizer
-    return default_tokenizer()
-
-
 def from_checkpoint(path: str | os.PathLike, cfg: ml_collections.ConfigDict | None = None,
                     **load_kw: Any) -> tuple[JaxEngine, Any]:
     """``(engine, tokenizer)`` for a checkpoint or HF directory (what eval's agent source expects)."""
+    from genevolve_jax.models.loading import load_model, load_tokenizer
     tokenizer = load_tokenizer(path)
     return JaxEngine(load_model(path, **load_kw), tokenizer, cfg), tokenizer
 
 
-__all__ = ["JaxEngine", "default_engine_config", "validate", "from_checkpoint", "load_model", "load_tokenizer"]
+__all__ = ["JaxEngine", "default_engine_config", "validate", "from_checkpoint"]

@@ -65,7 +65,7 @@ def create_app(engine, tokenizer, *, model_name: str = "genevolve", model_path: 
 
         def load():
             from flax import nnx
-            from genevolve_jax.rollout.jax_engine import load_model
+            from genevolve_jax.models.loading import load_model
             with reload_lock:
                 model = load_model(path, param_dtype=engine.config.param_dtype, dtype=engine.config.dtype)
                 engine.update_weights(nnx.state(model, nnx.Param))

@@ -50,7 +50,7 @@ def compiler_options(model_cfg) -> dict:
 
 
 def build_tokenizer(model_cfg):
-    from genevolve_jax.rollout.jax_engine import load_tokenizer
+    from genevolve_jax.models.loading import load_tokenizer
 
     if model_cfg.tokenizer:
         return load_tokenizer(model_cfg.tokenizer)
@@ -98,7 +98,7 @@ def model_source(model_cfg, tokenizer):
     ``create_train_state`` so a large model never exists whole on one device)."""
     validate_model(model_cfg)
     if model_cfg.path:
-        from genevolve_jax.rollout.jax_engine import load_model
+        from genevolve_jax.models.loading import load_model
         return load_model(model_cfg.path, param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype)
     from flax import nnx
 

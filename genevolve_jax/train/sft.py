@@ -108,7 +108,7 @@ class SFTTrainer:
         return mets
 
     def run(self) -> dict[str, Any]:
-        from genevolve_jax.train.checkpoint_io import save_model
+        from genevolve_jax.models.loading import save_model
 
         self.logger.start(self.step)
         try:

@@ -11,7 +11,8 @@ from genevolve_jax.agent.tools.backends import OfflineCorpus
 from genevolve_jax.agent.trajectory import TERMINATIONS, read_jsonl, write_jsonl
 from genevolve_jax.processing.chat import render_messages
 from genevolve_jax.processing.tokenizer import default_tokenizer
-from genevolve_jax.rollout.engine import ABORT, RolloutEngine, ScriptedEngine
+from genevolve_jax.rollout.engine import RolloutEngine
+from tests.fixtures.engines import ABORT, ScriptedEngine
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +52,9 @@ LONG = "<think>" + "ramble " * 400 + "</think>"
 
 
 class RaisingEngine(RolloutEngine):
+    def update_weights(self, params, step):
+        return {}
+
     def generate(self, requests):
         raise RuntimeError("device lost")
 

@@ -10,7 +10,7 @@ from genevolve_jax import cli
 from genevolve_jax.models import hf_io
 from genevolve_jax.models.qwen3_vl import config as C
 from genevolve_jax.models.qwen3_vl import hf_reference
-from genevolve_jax.train import checkpoint_io
+from genevolve_jax.models import loading as checkpoint_io
 
 
 @pytest.fixture(scope="module")

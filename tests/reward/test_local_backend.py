@@ -13,7 +13,7 @@ from genevolve_jax.reward import config as reward_config
 from genevolve_jax.reward.backends import ChatMessage
 from genevolve_jax.reward.local_backend import EngineChatBackend
 from genevolve_jax.reward.scorer import RewardSample, RewardScorer
-from genevolve_jax.rollout.engine import ABORT, ScriptedEngine
+from tests.fixtures.engines import ABORT, ScriptedEngine
 
 KSCORE = ('{"rationale": "shape right, colour wrong", "faithfulness": 1, "visual_correctness": 0.5, '
           '"text_accuracy": 0, "aesthetics": 1, "text_accuracy_na": true}')  # 0.1 + 0.2 + 0.4·0.5 + 0.1 = 0.6

@@ -5,8 +5,8 @@ import pytest
 from PIL import Image
 
 from genevolve_jax.processing.tokenizer import default_tokenizer
-from genevolve_jax.rollout.engine import (ABORT, GenerationRequest, GenerationResult, RolloutEngine,
-                                          SamplingParams, ScriptedEngine)
+from genevolve_jax.rollout.engine import GenerationRequest, GenerationResult, RolloutEngine, SamplingParams
+from tests.fixtures.engines import ABORT, ScriptedEngine
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +64,9 @@ def test_scripted_engine_length_cap_and_shared_script(tok):
 
 def test_default_image_token_count_follows_qwen3vl_processor(tmp_path):
     class Echo(RolloutEngine):
+        def update_weights(self, params, step):
+            return {}
+
         def generate(self, requests):
             return [GenerationResult([], [], "stop") for _ in requests]
 

@@ -18,13 +18,13 @@ from genevolve_jax.train.checkpoint import (CheckpointError, TrainCheckpointer, 
                                             rng_to_json)
 from genevolve_jax.train.state import create_train_state, is_vision_path
 from genevolve_jax.train.step import TrainStep, sft_loss_fn
-from genevolve_jax.train.toy_task import toy_model, toy_run_config, toy_trainer
+from tests.fixtures.toy_task import toy_model, toy_run_config, toy_trainer
 
 FAST = {"xla_backend_optimization_level": 0}
 
 KILLED_RUN = textwrap.dedent("""
     import os, signal, sys
-    from genevolve_jax.train.toy_task import toy_run_config, toy_trainer
+    from tests.fixtures.toy_task import toy_run_config, toy_trainer
     cfg = toy_run_config(sys.argv[1], steps=4, save_every=2)
     trainer = toy_trainer(cfg)
     while True:

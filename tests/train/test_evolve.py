@@ -16,7 +16,7 @@ from genevolve_jax.train.batch_assembly import RolloutSample, assemble_evolve_ba
 from genevolve_jax.train.evolve import EvolveTrainer
 from genevolve_jax.train.run_config import validate_evolve_run
 from genevolve_jax.train.step import lm_head_kernel, qwen3vl_hidden_states
-from genevolve_jax.train.toy_task import (TOY_GUIDE, TOY_PROMPTS, FixedGuideExperience, toy_run_config,
+from tests.fixtures.toy_task import (TOY_GUIDE, TOY_PROMPTS, FixedGuideExperience, toy_run_config,
                                           toy_trainer)
 
 PROMPTS, GUIDE = TOY_PROMPTS, list(TOY_GUIDE)

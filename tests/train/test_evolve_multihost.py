@@ -97,7 +97,7 @@ GATHER_WORKER = HEADER + textwrap.dedent('''
 EVOLVE_WORKER = HEADER + textwrap.dedent('''
     # -- two evolve steps of the toy task, fsdp over both processes.
     from genevolve_jax.train.evolve import EvolveTrainer
-    from genevolve_jax.train.toy_task import (TOY_GUIDE, TOY_PROMPTS, TOY_TARGETS, CyclingPrompts,
+    from tests.fixtures.toy_task import (TOY_GUIDE, TOY_PROMPTS, TOY_TARGETS, CyclingPrompts,
                                               FixedGuideExperience, TokenChoicePhase, toy_model, toy_run_config)
     import types
     cfg = toy_run_config(os.path.join(out_dir, "run"), lr=1e-2, sdl=2.0, kl=1e-3, steps=2, mesh={"fsdp": 2})
@@ -178,7 +178,7 @@ def test_gather_and_broadcast_on_ragged_input(tmp_path):
 
 @pytest.mark.slow
 def test_two_process_evolve_equals_single_process(tmp_path):
-    from genevolve_jax.train.toy_task import FixedGuideExperience, toy_run_config, toy_trainer
+    from tests.fixtures.toy_task import FixedGuideExperience, toy_run_config, toy_trainer
 
     procs = _launch(tmp_path, EVOLVE_WORKER)
     try:  # the single-process reference runs while the workers compile
@@ -253,7 +253,7 @@ def test_prompt_shards_must_cover_every_prompt_once():
 
 
 def test_cycling_prompts_shards_rebuild_the_global_batches():
-    from genevolve_jax.train.toy_task import CyclingPrompts
+    from tests.fixtures.toy_task import CyclingPrompts
     prompts = [[i] for i in range(7)]
     whole = CyclingPrompts(prompts, 4)
     shards = [CyclingPrompts(prompts, 4, shard_index=i, shard_count=2) for i in range(2)]
@@ -301,7 +301,7 @@ def test_host_local_engine_and_weight_sync(tmp_path, kind):
 
     from genevolve_jax.sharding.mesh import make_mesh
     from genevolve_jax.train.state import create_train_state
-    from genevolve_jax.train.toy_task import toy_model, toy_run_config
+    from tests.fixtures.toy_task import toy_model, toy_run_config
 
     cfg = toy_run_config(str(tmp_path), mesh={"fsdp": -1})
     cfg.rl.engine = kind

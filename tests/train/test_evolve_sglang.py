@@ -16,7 +16,7 @@ from genevolve_jax.rollout.server import create_app
 from genevolve_jax.rollout.sglang_engine import SGLangError
 from genevolve_jax.train.batch_assembly import OldLogprobs, logprob_mismatch
 from genevolve_jax.train.run_config import default_rl_config, validate_rl
-from genevolve_jax.train.toy_task import toy_model, toy_run_config, toy_trainer
+from tests.fixtures.toy_task import toy_model, toy_run_config, toy_trainer
 
 
 def free_port() -> int:

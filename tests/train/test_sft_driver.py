@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from genevolve_jax.config_loader import load_config
-from genevolve_jax.rollout.jax_engine import load_model
+from genevolve_jax.models.loading import load_model
 from genevolve_jax.train.sft import SFTTrainer
 
 WORDS = ["red", "blue", "circle", "square", "tower", "bridge", "search", "image", "draw", "sky"]

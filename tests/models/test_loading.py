@@ -9,7 +9,7 @@ from jax.sharding import AxisType, PartitionSpec as P
 from genevolve_jax.models import hf_io
 from genevolve_jax.models.qwen3_vl import config as C
 from genevolve_jax.models.qwen3_vl import keymap
-from genevolve_jax.train import checkpoint_io as ckpt
+from genevolve_jax.models import loading as ckpt
 
 
 def _params(model):

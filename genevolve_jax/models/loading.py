@@ -1,4 +1,7 @@
-"""Orbax save/restore of a Qwen3-VL model's parameters plus its config, as one directory.
+"""Loading and saving a Qwen3-VL model and its tokenizer: orbax model checkpoints and HF directories.
+
+Every layer that needs a model from disk (the trainers, the rollout engines, eval, the CLI) comes
+here: :func:`load_model` and :func:`load_tokenizer` take either kind of directory.
 
 Layout of a model checkpoint directory::
 
@@ -139,5 +142,31 @@ def copy_hf_assets(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> li
     return copied
 
 
-__all__ = ["save_pytree", "restore_pytree", "save_model", "restore_model", "load_model_config",
+# --- either kind of directory ------------------------------------------------------------------
+def load_model(path: str | os.PathLike, *, param_dtype: str | None = None, dtype: str | None = None) -> nnx.Module:
+    """An orbax model checkpoint (model_config.json + params/) or a Hugging Face directory (config.json)."""
+    path = os.fspath(path)
+    if os.path.exists(os.path.join(path, CONFIG_FILE)):
+        return restore_model(path, param_dtype=param_dtype, dtype=dtype)
+    if os.path.exists(os.path.join(path, "config.json")):
+        from genevolve_jax.models.hf_io import load_pretrained
+        return load_pretrained(path, param_dtype=param_dtype, dtype=dtype)
+    raise FileNotFoundError(f"{path} is neither a model checkpoint ({CONFIG_FILE}) nor a Hugging Face "
+                            "directory (config.json)")
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer saved with a checkpoint (its hf_assets/ or the directory itself), else the
+    embedded default tokenizer (tiny models trained with it)."""
+    path = os.fspath(path)
+    for candidate in (os.path.join(path, "hf_assets"), path):
+        if os.path.exists(os.path.join(candidate, "tokenizer.json")) or \
+                os.path.exists(os.path.join(candidate, "tokenizer_config.json")):
+            from transformers import AutoTokenizer
+            return AutoTokenizer.from_pretrained(candidate, local_files_only=True)
+    from genevolve_jax.processing.tokenizer import default_tokenizer
+    return default_tokenizer()
+
+
+__all__ = ["load_model", "load_tokenizer", "save_pytree", "restore_pytree", "save_model", "restore_model", "load_model_config",
            "config_to_json", "config_from_json", "copy_hf_assets", "CheckpointNotFound"]
