@@ -29,7 +29,8 @@ def main() -> None:
     from genevolve_jax.models.hf_io import model_from_state_dict, random_state_dict
     from genevolve_jax.models.qwen3_vl import config as C
     from genevolve_jax.rollout.engine import GenerationRequest, SamplingParams
-    from genevolve_jax.rollout.jax_engine import JaxEngine, default_engine_config
+    from genevolve_jax.rollout.config import default_engine_config
+    from genevolve_jax.rollout.jax_engine import JaxEngine
 
     cfg = (C.qwen3vl_2b if args.shape == "2b" else C.tiny)(param_dtype=args.dtype, dtype=args.dtype)
     sd = random_state_dict(cfg, seed=0)

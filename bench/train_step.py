@@ -79,14 +79,15 @@ def bench_ours(cfg, state_dict, inputs, args, dtype):
     from genevolve_jax.sharding.mesh import make_mesh
     from genevolve_jax.train import config as train_config
     from genevolve_jax.train.state import create_train_state, is_vision_path
-    from genevolve_jax.train.step import TrainStep, sft_loss_fn
+    from genevolve_jax.train.losses.step_losses import SFTLoss
+    from genevolve_jax.train.step import TrainStep
 
     model = hf_io.model_from_state_dict(cfg, state_dict)
     tcfg = train_config.default_config()
     tcfg.schedule.warmup_ratio = 0.0
     setup, params, opt = create_train_state(model, tcfg, make_mesh({"fsdp": -1}), "fsdp", freeze=is_vision_path)
     del model
-    step = TrainStep(setup, sft_loss_fn(8192), compute_dtype=jnp.dtype(dtype))
+    step = TrainStep(setup, SFTLoss(chunk_size=8192), compute_dtype=jnp.dtype(dtype))
     compiled, compile_s, _ = step.compile_and_time(params, opt, inputs, jax.random.key(0))
     rng = jax.random.key(1)
     params, opt, m = step(params, opt, inputs, rng)

@@ -5,15 +5,13 @@ on the 8 GPUs (for 2B: TP 1 × DP 8, ``--mem-fraction-static 0.30``, started by
 ``GENEVOLVE_POLICY_MODEL=<HF dir> GENEVOLVE_POLICY_TP=1 GENEVOLVE_POLICY_DP=8 launch/single_host.sh``),
 π_old recomputed, the judge on :30000 and the render service on :8100 elsewhere.
 """
-import os
-import sys
+import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from qwen3vl_8b_gpu import get_config as config_8b  # noqa: E402
+from configs import qwen3vl_8b_gpu
 
 
-def get_config():
-    cfg = config_8b()
+def get_config() -> ml_collections.ConfigDict:
+    cfg = qwen3vl_8b_gpu.get_config()
     cfg.workdir = "runs/qwen3vl_2b"
     cfg.model.preset = "qwen3vl_2b"
     cfg.sharding.strategy = "fsdp_tp"

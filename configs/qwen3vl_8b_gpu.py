@@ -8,7 +8,8 @@ qwen3vl_8b_gpu ...`` starts it first and waits for its /health. The trainer push
 weights at start and its policy after every step (bf16 HF export to <workdir>/sglang_weights,
 /update_weights_from_disk), and recomputes π_old itself (``rl.old_logprobs="recompute"``: what
 SGLang's log-probs mean depends on its release and flags, see train/run_config.py). The in-process
-JaxEngine (``--config.rl.engine=jax``, the ``engine`` section) remains available.
+JaxEngine (``--config.rl.engine=jax``, the ``engine`` section) remains available. A delta on
+configs/base.py.
 
 Renders with the Qwen-Image-Edit-2511 render service on :8100 (launch/render_service.sh) and judges
 with a VLM behind an OpenAI-compatible endpoint on :30000 (an SGLang-served Qwen3-VL-30B-A3B,
@@ -18,15 +19,13 @@ fsdp over 8 GPUs with bf16 compute and activation checkpointing. Paper values th
 × 6 rollouts, temperature 0.7, top-p 0.95, lr 1e-6 cosine, ε 0.20/0.28, β 1e-3, λ 2.0, about 200
 steps; SFT lr 1e-5, warmup 0.02, 2 epochs, 32 sequences, cutoff 32768.
 """
-import os
-import sys
+import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tiny_cpu import base_config  # noqa: E402
+from configs import base
 
 
-def get_config():
-    cfg = base_config()
+def get_config() -> ml_collections.ConfigDict:
+    cfg = base.get_config()
     cfg.workdir = "runs/qwen3vl_8b"
     cfg.model.preset = "qwen3vl_8b"
     cfg.model.path = ""                     # set: the SFT output (orbax) or an HF Qwen3-VL-8B folder
@@ -39,8 +38,7 @@ def get_config():
     for section in (cfg.sft, cfg.train):
         section.compute_dtype = "bfloat16"
         section.remat = "full"
-    cfg.train.global_batch_size = 48        # 8 prompts × 6 rollouts
-    cfg.data.rl.prompts_per_step = 8
+    cfg.data.rl.prompts_per_step = 8        # × rl.group_size = 48 rollouts per optimiser step
     cfg.rl.group_size = 6
     cfg.rl.num_steps = 200
     cfg.rl.engine = "sglang"
@@ -51,9 +49,8 @@ def get_config():
     cfg.engine.max_slots = 48               # the JaxEngine's, for --config.rl.engine=jax
     cfg.engine.max_seq_len = 36864          # prompt cap 6144 + response cap 30000 (+ slack)
     cfg.engine.mesh.tensor = 8
-    cfg.agent.sampling.temperature = 0.7
+    cfg.loss.logprob.rl_temperature = 0.7   # and agent.sampling.temperature: one field (configs/base.py)
     cfg.agent.sampling.top_p = 0.95
-    cfg.loss.logprob.rl_temperature = 0.7
     cfg.render.backend = "http"
     cfg.render.http.urls = ["http://127.0.0.1:8100"]
     cfg.reward.judge_kind = "vlm"

@@ -6,56 +6,16 @@ renderer, the offline rule judge (a proxy, labelled as such), the in-process Jax
 one-device mesh. The data are generated at the start of a run (train/synthetic.py): a prompt pool
 over the demo corpus and SFT teacher trajectories from the scripted demo policy.
 
-Sections are the package's own config factories with the paper's values; this file only states
-what the tiny run changes, each with its reason.
+A delta on configs/base.py (every section at the paper's values): this file only states what the
+tiny run changes, each with its reason.
 """
 import ml_collections
 
-
-def base_config() -> ml_collections.ConfigDict:
-    """Every section at the paper's defaults (METHOD.md); the configs/ files start from this."""
-    from genevolve_jax.agent.config import default_agent_config
-    from genevolve_jax.data.config import get_config as data_config
-    from genevolve_jax.experience.config import get_config as experience_config
-    from genevolve_jax.render.config import get_config as render_config
-    from genevolve_jax.reward.config import get_config as reward_config
-    from genevolve_jax.rollout.jax_engine import default_engine_config
-    from genevolve_jax.sharding.config import default_config as sharding_config
-    from genevolve_jax.train.config import default_config as train_config
-    from genevolve_jax.train.losses.config import default_loss_config
-    from genevolve_jax.train.run_config import (default_checkpoint_config, default_logging_config,
-                                                default_rl_config, default_sft_run_config)
-    from genevolve_jax.train.run_setup import default_model_config
-
-    cfg = ml_collections.ConfigDict()
-    cfg.seed = 0
-    cfg.workdir = "runs/genevolve"
-    cfg.model = default_model_config()
-    cfg.sharding = sharding_config()
-    cfg.sft = train_config()                 # SFT optimiser: lr 1e-5 cosine, warmup 0.02 (paper)
-    cfg.train = train_config()               # GRPO optimiser: lr 1e-6 cosine, no warmup (paper)
-    cfg.train.optimizer.learning_rate = 1e-6
-    cfg.train.schedule.warmup_ratio = 0.0
-    cfg.train.schedule.total_steps = 200     # genevolve train sets it to rl.num_steps (200, paper)
-    cfg.sft_run = default_sft_run_config()
-    cfg.loss = default_loss_config()
-    cfg.rl = default_rl_config()
-    cfg.agent = default_agent_config()
-    cfg.engine = default_engine_config()
-    cfg.reward = reward_config()
-    cfg.render = render_config()
-    cfg.data = data_config()
-    cfg.experience = experience_config()
-    cfg.checkpoint = default_checkpoint_config()
-    cfg.logging = default_logging_config()
-    # The synthetic set (train/synthetic.py): plans are the scripted teacher's tool orders.
-    cfg.synthetic = ml_collections.ConfigDict({"enabled": False, "num_prompts": 16, "num_sft": 16,
-                                               "plans": ["query_knowledge,search,image_search"]})
-    return cfg
+from configs import base
 
 
 def get_config() -> ml_collections.ConfigDict:
-    cfg = base_config()
+    cfg = base.get_config()
     cfg.workdir = "runs/tiny_cpu"
     cfg.synthetic.enabled = True             # write the prompt pool and SFT set into <workdir>/data
 
@@ -80,8 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.agent.system_prompt = "compact"       # ~120 tokens instead of ~850: trajectories of 200–450
     cfg.agent.tools.search_top_k = 1
     cfg.agent.tools.snippet_chars = 120
-    cfg.agent.program.min_references = 0      # few corpus subjects have a matching demo image
-    cfg.reward.program.min_references = 0
+    cfg.reward.program.min_references = 0     # few corpus subjects have a matching demo image (= agent's)
 
     # A random 2-layer model learns the turn format only with a much larger step than the paper's
     # and many updates: one packed row of 1024 per step (the 16 trajectories fill ~6.5 rows), 30
@@ -89,7 +48,6 @@ def get_config() -> ml_collections.ConfigDict:
     for section in (cfg.sft, cfg.train):
         section.compute_dtype = "float32"
         section.remat = "none"
-        section.logprob_chunk_size = 1024
     cfg.sft.optimizer.learning_rate = 3e-3
     # GRPO: the paper's KL β (1e-3) and sampling temperature (0.7), with a step 300× the paper's,
     # decayed by the cosine over the run. Measured from one SFT model (8 steps, 2 prompts × 8
@@ -98,12 +56,10 @@ def get_config() -> ml_collections.ConfigDict:
     # fact and the reward goes 0.63 → 0.77 → 0.84 → 1.0 (a constant lr 3e-4 then drifts, and lr
     # 1e-3 breaks the policy in two steps).
     cfg.train.optimizer.learning_rate = 3e-4
-    cfg.train.global_batch_size = 32
-    # 4 micro-batches of 8 rollouts: the XLA CPU attention materialises [rows, 8 heads, T, T] scores,
+    # The step's 32 rollouts (4 prompts × 8, below) in 4 micro-batches of 8: the XLA CPU attention materialises [rows, 8 heads, T, T] scores,
     # and one 32-row step on 1024 tokens peaked the run at 15.4 GB (measured; 6.9 GB with 4
     # micro-batches, and the compiles got shorter). The evolve loss is averaged over micro-batches.
     cfg.train.grad_accum_steps = 4
-    cfg.sft.global_batch_size = 1
     cfg.data.sft.rows_per_batch = 1
     cfg.data.sft.cutoff_len = 1024
     cfg.data.sft.row_len = 1024

@@ -1,21 +1,55 @@
-"""Qwen3-VL-8B on a TPU pod slice (e.g. v5p-64: 32 chips): fsdp across hosts, multi-host init from
-the TPU environment. Override ``--config.sharding.mesh.fsdp`` to the slice's chip count."""
+"""Qwen3-VL-8B on a TPU pod slice (e.g. v5p-64: 32 chips on 8 hosts of 4): fsdp across every chip,
+multi-host init from the TPU environment. Override ``--config.sharding.mesh.fsdp`` to fix the
+slice's chip count (-1: all of them). A delta on configs/qwen3vl_8b_gpu.py (the paper's values).
+
+Rollouts: the in-process JaxEngine on every host (``rl.engine = "jax"``; SGLang, the GPU configs'
+policy server, is a CUDA server). Each host samples its own share of the step's prompts
+(``data.sharding = "jax_process"``) on an engine that holds the policy tensor-parallel over that
+host's 4 chips (``engine.mesh``: the mesh of one host, not of the slice); after every step the
+trainer moves the new parameters into the engines in memory. π_old: ``rl.old_logprobs = "auto"``:
+with one update per rollout batch the step's own pre-update log-probs are π_old and no forward is
+spent; the JaxEngine records the trainer's quantity (log_softmax(logits / T) over the vocabulary
+in float32), so ``rollout/logprob_mismatch`` stays near float error and is the health check.
+
+Services outside the pod: the render service (Qwen-Image-Edit-2511 through diffusers,
+launch/render_service.sh, on GPU machines) and the VLM judge (any OpenAI-compatible server, e.g.
+an SGLang-served Qwen3-VL-30B-A3B, launch/sglang_server.sh). There is no address a pod could
+assume for them, so they are read from the environment of every host when the config loads:
+
+    export GENEVOLVE_RENDER_URLS=http://10.128.0.5:8100,http://10.128.0.6:8100   # comma-separated
+    export GENEVOLVE_JUDGE_URL=http://10.128.0.7:30000
+
+or given on the command line (``--config.render.http.urls='["http://…:8100"]'``,
+``--config.reward.endpoint.base_url=http://…:30000``). Left unset they are empty, and
+``genevolve train`` stops before building anything with an error that names the field to set
+(render.http.urls, reward.endpoint.base_url). A judge that needs a key reads it from the variable
+named by ``reward.endpoint.api_key_env``.
+"""
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from qwen3vl_8b_gpu import get_config as config_8b  # noqa: E402
+import ml_collections
+
+from configs import qwen3vl_8b_gpu
+
+RENDER_URLS_ENV = "GENEVOLVE_RENDER_URLS"
+JUDGE_URL_ENV = "GENEVOLVE_JUDGE_URL"
 
 
-def get_config():
-    cfg = config_8b()
-    cfg.workdir = "gs://your-bucket/genevolve/qwen3vl_8b_tpu"
+def get_config() -> ml_collections.ConfigDict:
+    cfg = qwen3vl_8b_gpu.get_config()
+    cfg.workdir = "gs://your-bucket/genevolve/qwen3vl_8b_tpu"   # set: a bucket every host can write
     cfg.sharding.distributed.mode = "tpu"
     cfg.sharding.strategy = "fsdp"
     cfg.sharding.mesh.fsdp = -1             # every chip of the slice
     cfg.data.sharding = "jax_process"       # each host reads its share of the prompt pool
-    cfg.data.rl.prompts_per_step = 32
-    cfg.train.global_batch_size = 192
-    cfg.engine.max_slots = 64
-    cfg.engine.mesh.tensor = 4
+    cfg.data.rl.prompts_per_step = 32       # × rl.group_size 6 = 192 rollouts per optimiser step
+
+    cfg.rl.engine = "jax"
+    cfg.rl.old_logprobs = "auto"
+    cfg.rl.sglang.urls = []                 # no SGLang server on a pod
+    cfg.engine.max_slots = 64               # per host: 8 hosts × 64 slots hold the 192 rollouts at once
+    cfg.engine.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 4, "sequence": 1})
+
+    cfg.render.http.urls = [u.strip() for u in os.environ.get(RENDER_URLS_ENV, "").split(",") if u.strip()]
+    cfg.reward.endpoint.base_url = os.environ.get(JUDGE_URL_ENV, "").strip()
     return cfg

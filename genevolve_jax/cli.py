@@ -16,6 +16,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
              "tiny-model demo on the embedded defaults: forward, HF export, reload, compare"),
     "import-hf": ("genevolve_jax.jobs.convert", "convert a Hugging Face Qwen3-VL directory to an orbax checkpoint"),
     "export-hf": ("genevolve_jax.jobs.convert", "export an orbax checkpoint to a Hugging Face directory"),
+    "plan": ("genevolve_jax.jobs.plan",
+             "compile a config's steps for a target (cpu:N, tpu:…, gpu:h100x8) and report per-device "
+             "memory, FLOPs, collectives; exit 3 when it does not fit"),
     "compare-sharding": ("genevolve_jax.jobs.compare_sharding",
                          "run one train step under several sharding strategies and compare loss, time, memory, collectives"),
     "render-server": ("genevolve_jax.jobs.render_server",

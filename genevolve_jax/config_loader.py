@@ -16,10 +16,16 @@ from typing import Iterable
 import ml_collections
 
 _CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+CONFIG_PACKAGE = "configs"
 
 
 class ConfigOverrideError(ValueError):
     pass
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configs in the ``configs`` package (``base`` included)."""
+    return sorted(f[:-3] for f in os.listdir(_CONFIG_DIR) if f.endswith(".py") and not f.startswith("_"))
 
 
 def resolve_config_path(name_or_path: str) -> str:
@@ -28,18 +34,25 @@ def resolve_config_path(name_or_path: str) -> str:
     candidate = os.path.join(_CONFIG_DIR, name_or_path if name_or_path.endswith(".py") else name_or_path + ".py")
     if os.path.exists(candidate):
         return candidate
-    known = sorted(f[:-3] for f in os.listdir(_CONFIG_DIR) if f.endswith(".py") and not f.startswith("_"))
-    raise FileNotFoundError(f"no config {name_or_path!r}; give a path or one of {known}")
+    raise FileNotFoundError(f"no config {name_or_path!r}; give a path or one of {shipped_configs()}")
 
 
 def _import_config(path: str) -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location(f"genevolve_config_{abs(hash(path))}", path)
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
+    """``get_config()`` of a config file. A file of the ``configs`` package is imported as
+    ``configs.<name>`` (so that it imports its base the ordinary way, ``from configs import base``);
+    any other file by its path (it may import ``configs`` too: the package is installed)."""
+    path = os.path.abspath(path)
+    if os.path.dirname(path) == os.path.abspath(_CONFIG_DIR):
+        module = importlib.import_module(f"{CONFIG_PACKAGE}.{os.path.basename(path)[:-3]}")
+    else:
+        spec = importlib.util.spec_from_file_location(f"genevolve_config_{abs(hash(path))}", path)
+        module = importlib.util.module_from_spec(spec)
+        assert spec.loader is not None
+        spec.loader.exec_module(module)
+    get_config = getattr(module, "get_config", None)
+    if get_config is None:
         raise AttributeError(f"config file {path} defines no get_config()")
-    return module.get_config()
+    return get_config()
 
 
 def _parse_value(text: str):
@@ -87,7 +100,7 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Iterable[str]) ->
 VALIDATORS: dict[str, str] = {
     "model": "genevolve_jax.train.run_setup:validate_model",
     "sharding": "genevolve_jax.sharding.config:validate",
-    "sft": "genevolve_jax.train.config:validate",
+    "sft": "genevolve_jax.train.config:validate_sft",
     "train": "genevolve_jax.train.config:validate",
     "sft_run": "genevolve_jax.train.run_config:validate_sft_run",
     "loss": "genevolve_jax.train.run_config:validate_loss",
@@ -95,7 +108,7 @@ VALIDATORS: dict[str, str] = {
     "checkpoint": "genevolve_jax.train.run_config:validate_checkpoint",
     "logging": "genevolve_jax.train.run_config:validate_logging",
     "agent": "genevolve_jax.agent.config:validate",
-    "engine": "genevolve_jax.rollout.jax_engine:validate",
+    "engine": "genevolve_jax.rollout.config:validate",
     "reward": "genevolve_jax.reward.config:validate",
     "render": "genevolve_jax.render.config:validate",
     "data": "genevolve_jax.data.config:validate",

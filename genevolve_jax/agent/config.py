@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from genevolve_jax.config_checks import Checker, is_env_name, is_int, is_url
+
 SKILL_NAMES = ("spatial_layout", "aesthetic_drawing", "text_rendering", "creative_drawing",
                "anatomy_body_coherence", "attribute_binding", "physical_material_consistency",
                "quantity_counting")
@@ -65,53 +67,45 @@ def default_agent_config() -> ml_collections.ConfigDict:
     return cfg
 
 
-def _positive_int(cfg, path: str) -> None:
-    value = cfg
-    for part in path.split("."):
-        value = value[part]
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"agent.{path} must be a positive integer, got {value!r}")
-
-
 def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Reject invalid values before anything runs; returns ``cfg`` for chaining."""
+    from genevolve_jax.agent.system_prompt import STYLES
+
+    check = Checker("agent")
     for path in ("max_rounds", "round_max_tokens", "prompt_max_tokens", "response_max_tokens",
                  "max_consecutive_format_errors", "max_tool_calls", "max_images_per_observation",
                  "program.max_references", "tools.search_top_k", "tools.image_search_top_k",
                  "tools.max_queries_per_search", "tools.snippet_chars", "tools.retries",
                  "tools.max_concurrency", "loop.max_concurrent_trajectories",
                  "loop.engine_batch_size"):
-        _positive_int(cfg, path)
-    if cfg.max_rounds < 2:
-        raise ValueError(f"agent.max_rounds must be >= 2 (one tool round and the answer), got {cfg.max_rounds}")
-    if cfg.round_max_tokens > cfg.response_max_tokens:
-        raise ValueError(f"agent.round_max_tokens must be <= agent.response_max_tokens "
-                         f"({cfg.response_max_tokens}), got {cfg.round_max_tokens}")
+        value = cfg
+        for part in path.split("."):
+            value = value[part]
+        check(is_int(value) and value > 0, path, "a positive integer", value)
+    check(cfg.max_rounds >= 2, "max_rounds", ">= 2 (one tool round and the answer)", cfg.max_rounds)
+    check(cfg.round_max_tokens <= cfg.response_max_tokens, "round_max_tokens",
+          f"<= agent.response_max_tokens ({cfg.response_max_tokens})", cfg.round_max_tokens)
     s = cfg.sampling
-    if not s.temperature >= 0:
-        raise ValueError(f"agent.sampling.temperature must be >= 0, got {s.temperature}")
-    if not 0 < s.top_p <= 1:
-        raise ValueError(f"agent.sampling.top_p must be in (0, 1], got {s.top_p}")
-    if not (s.top_k == -1 or (isinstance(s.top_k, int) and s.top_k > 0)):
-        raise ValueError(f"agent.sampling.top_k must be -1 or a positive integer, got {s.top_k}")
+    check.number(s.temperature, "sampling.temperature", low=0)
+    check.number(s.top_p, "sampling.top_p", low=0, high=1, low_open=True)
+    check(s.top_k == -1 or (is_int(s.top_k) and s.top_k > 0), "sampling.top_k", "-1 or a positive integer",
+          s.top_k)
     p = cfg.program
-    if not isinstance(p.min_references, int) or p.min_references < 0:
-        raise ValueError(f"agent.program.min_references must be >= 0, got {p.min_references}")
-    if p.min_references > p.max_references:
-        raise ValueError(f"agent.program.min_references must be <= agent.program.max_references "
-                         f"({p.max_references}), got {p.min_references}")
+    check.integer(p.min_references, "program.min_references", 0, ">= 0")
+    check(p.min_references <= p.max_references, "program.min_references",
+          f"<= agent.program.max_references ({p.max_references})", p.min_references)
     t = cfg.tools
-    if t.backend not in BACKENDS:
-        raise ValueError(f"agent.tools.backend must be one of {BACKENDS}, got {t.backend!r}")
-    if not t.timeout_s > 0:
-        raise ValueError(f"agent.tools.timeout_s must be > 0, got {t.timeout_s}")
-    if not t.backoff_s >= 0:
-        raise ValueError(f"agent.tools.backoff_s must be >= 0, got {t.backoff_s}")
-    if not cfg.loop.batch_wait_ms >= 0:
-        raise ValueError(f"agent.loop.batch_wait_ms must be >= 0, got {cfg.loop.batch_wait_ms}")
-    from genevolve_jax.agent.system_prompt import STYLES
-    if cfg.get("system_prompt", "full") not in STYLES:
-        raise ValueError(f"agent.system_prompt must be one of {STYLES}, got {cfg.system_prompt!r}")
-    if not isinstance(cfg.observation_pixels, bool):
-        raise ValueError(f"agent.observation_pixels must be a bool, got {cfg.observation_pixels!r}")
+    check.one_of(t.backend, "tools.backend", BACKENDS)
+    check(isinstance(t.corpus_dir, str), "tools.corpus_dir", "a folder path (empty: the demo corpus)",
+          t.corpus_dir)
+    check(isinstance(t.image_cache_dir, str), "tools.image_cache_dir", "a folder path (empty: a temporary one)",
+          t.image_cache_dir)
+    check(is_url(t.serper_url), "tools.serper_url", "an http(s) URL", t.serper_url)
+    check.secret(is_env_name(t.serper_key_env), "tools.serper_key_env",
+                 "the name of an environment variable holding the key (letters, digits, _), or empty")
+    check.number(t.timeout_s, "tools.timeout_s", low=0, low_open=True)
+    check.number(t.backoff_s, "tools.backoff_s", low=0)
+    check.number(cfg.loop.batch_wait_ms, "loop.batch_wait_ms", low=0)
+    check.one_of(cfg.system_prompt, "system_prompt", STYLES)
+    check.boolean(cfg.observation_pixels, "observation_pixels")
     return cfg

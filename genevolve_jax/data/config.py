@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from genevolve_jax.config_checks import Checker, is_int
+
 FORMATS = ("auto", "jsonl", "parquet")
 OVERFLOW = ("truncate", "drop", "error")
 SHARDING = ("jax_process", "explicit", "none")
@@ -62,59 +64,47 @@ def get_config() -> ml_collections.ConfigDict:
     return cfg
 
 
-def _check(cond: bool, field: str, rule: str, value) -> None:
-    if not cond:
-        raise ValueError(f"data.{field} must be {rule}, got {value!r}")
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def validate(cfg: ml_collections.ConfigDict) -> None:
     """Reject invalid values with an error naming the field."""
-    _check(isinstance(cfg.skip_malformed, bool), "skip_malformed", "a bool", cfg.skip_malformed)
-    _check(_is_int(cfg.read_threads) and cfg.read_threads >= 0, "read_threads", "an int >= 0", cfg.read_threads)
-    _check(_is_int(cfg.prefetch_buffer_size) and cfg.prefetch_buffer_size >= 1, "prefetch_buffer_size",
-           "an int >= 1", cfg.prefetch_buffer_size)
-    _check(cfg.sharding in SHARDING, "sharding", f"one of {SHARDING}", cfg.sharding)
-    _check(_is_int(cfg.shard_count) and cfg.shard_count >= 1, "shard_count", "an int >= 1", cfg.shard_count)
-    _check(_is_int(cfg.shard_index) and 0 <= cfg.shard_index < cfg.shard_count, "shard_index",
-           f"an int in [0, shard_count={cfg.shard_count})", cfg.shard_index)
+    check = Checker("data")
+    check.boolean(cfg.skip_malformed, "skip_malformed")
+    check.integer(cfg.read_threads, "read_threads", 0)
+    check.integer(cfg.prefetch_buffer_size, "prefetch_buffer_size", 1)
+    check.one_of(cfg.sharding, "sharding", SHARDING)
+    check.integer(cfg.shard_count, "shard_count", 1)
+    check(is_int(cfg.shard_index) and 0 <= cfg.shard_index < cfg.shard_count, "shard_index",
+          f"an int in [0, shard_count={cfg.shard_count})", cfg.shard_index)
 
     s = cfg.sft
-    _check(s.format in FORMATS, "sft.format", f"one of {FORMATS}", s.format)
-    _check(all(isinstance(p, str) and p for p in s.paths), "sft.paths", "a list of file paths", list(s.paths))
-    _check(isinstance(s.image_placeholder, str) and bool(s.image_placeholder), "sft.image_placeholder",
-           "a non-empty string", s.image_placeholder)
-    _check(_is_int(s.seed), "sft.seed", "an int", s.seed)
-    _check(_is_int(s.num_epochs) and s.num_epochs >= 1, "sft.num_epochs", "an int >= 1", s.num_epochs)
-    _check(_is_int(s.cutoff_len) and s.cutoff_len >= 2, "sft.cutoff_len", "an int >= 2", s.cutoff_len)
-    _check(s.overflow in OVERFLOW, "sft.overflow", f"one of {OVERFLOW}", s.overflow)
-    _check(isinstance(s.pack, bool), "sft.pack", "a bool", s.pack)
-    _check(_is_int(s.rows_per_batch) and s.rows_per_batch >= 1, "sft.rows_per_batch", "an int >= 1",
-           s.rows_per_batch)
-    _check(_is_int(s.row_len) and (s.row_len == 0 or s.row_len >= s.cutoff_len), "sft.row_len",
-           f"0 or an int >= sft.cutoff_len ({s.cutoff_len})", s.row_len)
-    _check(isinstance(s.train_eos, bool), "sft.train_eos", "a bool", s.train_eos)
+    check.one_of(s.format, "sft.format", FORMATS)
+    check(all(isinstance(p, str) and p for p in s.paths), "sft.paths", "a list of file paths", list(s.paths))
+    check(isinstance(s.image_placeholder, str) and bool(s.image_placeholder), "sft.image_placeholder",
+          "a non-empty string", s.image_placeholder)
+    check.integer(s.seed, "sft.seed")
+    check.integer(s.num_epochs, "sft.num_epochs", 1)
+    check.integer(s.cutoff_len, "sft.cutoff_len", 2)
+    check.one_of(s.overflow, "sft.overflow", OVERFLOW)
+    check.boolean(s.pack, "sft.pack")
+    check.integer(s.rows_per_batch, "sft.rows_per_batch", 1)
+    check(is_int(s.row_len) and (s.row_len == 0 or s.row_len >= s.cutoff_len), "sft.row_len",
+          f"0 or an int >= sft.cutoff_len ({s.cutoff_len})", s.row_len)
+    check.boolean(s.train_eos, "sft.train_eos")
     for name in ("image_min_pixels", "image_max_pixels", "merge_size", "patch_size", "temporal_patch_size"):
-        _check(_is_int(s[name]) and s[name] >= 1, f"sft.{name}", "an int >= 1", s[name])
-    _check(s.image_min_pixels <= s.image_max_pixels, "sft.image_min_pixels",
-           f"<= sft.image_max_pixels ({s.image_max_pixels})", s.image_min_pixels)
+        check.integer(s[name], f"sft.{name}", 1)
+    check(s.image_min_pixels <= s.image_max_pixels, "sft.image_min_pixels",
+          f"<= sft.image_max_pixels ({s.image_max_pixels})", s.image_min_pixels)
 
     r = cfg.rl
-    _check(r.format in FORMATS, "rl.format", f"one of {FORMATS}", r.format)
-    _check(all(isinstance(p, str) and p for p in r.paths), "rl.paths", "a list of file paths", list(r.paths))
-    _check(_is_int(r.seed), "rl.seed", "an int", r.seed)
-    _check(_is_int(r.prompts_per_step) and r.prompts_per_step >= 1, "rl.prompts_per_step", "an int >= 1",
-           r.prompts_per_step)
-    _check(_is_int(r.num_epochs) and r.num_epochs >= 0, "rl.num_epochs", "an int >= 0 (0 = forever)",
-           r.num_epochs)
-    _check(isinstance(r.require_gt_image, bool), "rl.require_gt_image", "a bool", r.require_gt_image)
+    check.one_of(r.format, "rl.format", FORMATS)
+    check(all(isinstance(p, str) and p for p in r.paths), "rl.paths", "a list of file paths", list(r.paths))
+    check.integer(r.seed, "rl.seed")
+    check.integer(r.prompts_per_step, "rl.prompts_per_step", 1)
+    check.integer(r.num_epochs, "rl.num_epochs", 0, "an int >= 0 (0 = forever)")
+    check.boolean(r.require_gt_image, "rl.require_gt_image")
 
     if cfg.sharding == "explicit":
         # Per-host batch sizes must be whole numbers: every host steps in lockstep.
-        _check(s.rows_per_batch % cfg.shard_count == 0, "sft.rows_per_batch",
-               f"divisible by shard_count ({cfg.shard_count})", s.rows_per_batch)
-        _check(r.prompts_per_step % cfg.shard_count == 0, "rl.prompts_per_step",
-               f"divisible by shard_count ({cfg.shard_count})", r.prompts_per_step)
+        check(s.rows_per_batch % cfg.shard_count == 0, "sft.rows_per_batch",
+              f"divisible by shard_count ({cfg.shard_count})", s.rows_per_batch)
+        check(r.prompts_per_step % cfg.shard_count == 0, "rl.prompts_per_step",
+              f"divisible by shard_count ({cfg.shard_count})", r.prompts_per_step)

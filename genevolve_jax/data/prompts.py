@@ -12,6 +12,7 @@ The iterator's ``get_state``/``set_state`` resume exactly where a checkpoint lef
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import json
 import os
@@ -124,3 +125,50 @@ class PromptPool:
 
     def summary(self) -> dict:
         return {"rows": len(self.rows), "malformed": self.report.to_dict(), "prompts_per_host": self.prompts_per_host}
+
+
+class PromptSource(abc.ABC):
+    """An endless, checkpointable iterator of a step's prompts (this host's share of them)."""
+
+    @abc.abstractmethod
+    def __next__(self) -> list[Any]:
+        """This host's prompts of the next step."""
+
+    def __iter__(self):
+        return self
+
+    @property
+    @abc.abstractmethod
+    def shard(self) -> tuple[int, int]:
+        """(index, count) of this host's share: it reads global prompts index, index + count, …"""
+
+    @abc.abstractmethod
+    def get_state(self) -> dict:
+        """JSON-able position, for checkpoints."""
+
+    @abc.abstractmethod
+    def set_state(self, state: dict) -> None:
+        """Resume at :meth:`get_state`'s position."""
+
+
+class PoolPrompts(PromptSource):
+    """The trainer's prompt source over a :class:`PromptPool`: this host's shard (``data.sharding``)
+    of each step's prompts, checkpointable through grain's iterator state."""
+
+    def __init__(self, data_cfg):
+        options = shard_options(data_cfg)
+        self._shard = (int(options.shard_index), int(options.shard_count))
+        self.iterator = PromptPool(data_cfg).iterator()
+
+    def __next__(self) -> list:
+        return next(self.iterator)
+
+    @property
+    def shard(self) -> tuple[int, int]:
+        return self._shard
+
+    def get_state(self) -> dict:
+        return self.iterator.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self.iterator.set_state(state)

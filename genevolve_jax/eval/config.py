@@ -1,12 +1,16 @@
 """Evaluation settings (the ``eval`` config section), with the paper's values as defaults.
 
-METHOD.md §9: GenEvolve-Bench is scored with KScore = 0.1f + 0.4v + 0.4t + 0.1a on dimensions in
-{0, 0.5, 1}; WISE with WiScore = (0.7C + 0.2R + 0.1A)/2 on scores in 0–2 and a category-weighted
-overall. The weights live here so that a report always states the numbers it was computed with.
+METHOD.md §9: WISE is scored with WiScore = (0.7C + 0.2R + 0.1A)/2 on scores in 0–2 and a
+category-weighted overall; these weights live here so that a report always states the numbers it
+was computed with. GenEvolve-Bench is scored with KScore = 0.1f + 0.4v + 0.4t + 0.1a on dimensions
+in {0, 0.5, 1}: the reward's KScore, so its weights are read from ``reward.kscore`` (one definition
+for training and evaluation), not repeated here.
 """
 from __future__ import annotations
 
 import ml_collections
+
+from genevolve_jax.config_checks import Checker
 
 PROGRAM_SOURCES = ("agent", "raw_request", "programs")
 JUDGES = ("rule", "vlm")
@@ -30,13 +34,6 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.runner.retry_missing = True       # on restart, re-run cases whose last record is missing
     cfg.runner.limit = 0                  # evaluate only the first N cases; 0 = all
 
-    cfg.kscore = ml_collections.ConfigDict()
-    cfg.kscore.w_faithfulness = 0.1
-    cfg.kscore.w_visual_correctness = 0.4
-    cfg.kscore.w_text_accuracy = 0.4
-    cfg.kscore.w_aesthetics = 0.1
-    cfg.kscore.text_na_value = 0.5        # per-sample t when the request needs no text
-
     cfg.wise = ml_collections.ConfigDict()
     cfg.wise.w_consistency = 0.7
     cfg.wise.w_realism = 0.2
@@ -55,38 +52,30 @@ def get_config() -> ml_collections.ConfigDict:
     return cfg
 
 
-def _check(cond: bool, field: str, rule: str, value) -> None:
-    if not cond:
-        raise ValueError(f"eval.{field} must be {rule}, got {value!r}")
-
-
 def validate(cfg: ml_collections.ConfigDict) -> None:
     """Reject invalid values with an error naming the field."""
-    _check(cfg.program_source in PROGRAM_SOURCES, "program_source", f"one of {PROGRAM_SOURCES}",
-           cfg.program_source)
+    check = Checker("eval")
+    check.one_of(cfg.program_source, "program_source", PROGRAM_SOURCES)
     if cfg.program_source == "programs":
-        _check(bool(cfg.programs_path), "programs_path", "a cases.jsonl path when program_source is 'programs'",
-               cfg.programs_path)
-    _check(cfg.judge in JUDGES, "judge", f"one of {JUDGES}", cfg.judge)
-    _check(isinstance(cfg.seed, int) and cfg.seed >= 0, "seed", "an integer >= 0", cfg.seed)
+        check(bool(cfg.programs_path), "programs_path", "a cases.jsonl path when program_source is 'programs'",
+              cfg.programs_path)
+    check.one_of(cfg.judge, "judge", JUDGES)
+    check.integer(cfg.seed, "seed", 0, "an integer >= 0")
     r = cfg.runner
-    _check(int(r.max_concurrency) >= 1, "runner.max_concurrency", ">= 1", r.max_concurrency)
-    _check(float(r.requests_per_minute) >= 0, "runner.requests_per_minute", ">= 0", r.requests_per_minute)
-    _check(int(r.limit) >= 0, "runner.limit", ">= 0", r.limit)
-    for section, names in (("kscore", ("w_faithfulness", "w_visual_correctness", "w_text_accuracy", "w_aesthetics")),
-                           ("wise", ("w_consistency", "w_realism", "w_aesthetics"))):
-        weights = [float(cfg[section][n]) for n in names]
-        for n, w in zip(names, weights):
-            _check(w >= 0, f"{section}.{n}", ">= 0", w)
-        _check(abs(sum(weights) - 1.0) < 1e-6, f"{section}.{names[0]}", f"part of weights {names} summing to 1",
-               sum(weights))
-    _check(0.0 <= float(cfg.kscore.text_na_value) <= 1.0, "kscore.text_na_value", "in [0, 1]",
-           cfg.kscore.text_na_value)
+    check.integer(r.max_concurrency, "runner.max_concurrency", 1, ">= 1")
+    check.number(r.requests_per_minute, "runner.requests_per_minute", low=0)
+    check.boolean(r.retry_missing, "runner.retry_missing")
+    check.integer(r.limit, "runner.limit", 0, ">= 0")
+    names = ("w_consistency", "w_realism", "w_aesthetics")
+    for n in names:
+        check.number(cfg.wise[n], f"wise.{n}", low=0)
+    total = sum(float(cfg.wise[n]) for n in names)
+    check(abs(total - 1.0) < 1e-6, f"wise.{names[0]}", f"part of weights {names} summing to 1", total)
     cats = ("w_cultural", "w_time", "w_space", "w_biology", "w_physics", "w_chemistry")
     for n in cats:
-        _check(float(cfg.wise[n]) >= 0, f"wise.{n}", ">= 0", cfg.wise[n])
+        check.number(cfg.wise[n], f"wise.{n}", low=0)
     total = sum(float(cfg.wise[n]) for n in cats)
-    _check(abs(total - 1.0) < 1e-6, "wise.w_cultural", f"part of category weights {cats} summing to 1", total)
-    _check(int(cfg.report.n_best) >= 0, "report.n_best", ">= 0", cfg.report.n_best)
-    _check(int(cfg.report.n_worst) >= 0, "report.n_worst", ">= 0", cfg.report.n_worst)
-    _check(int(cfg.report.thumb_px) >= 16, "report.thumb_px", ">= 16", cfg.report.thumb_px)
+    check(abs(total - 1.0) < 1e-6, "wise.w_cultural", f"part of category weights {cats} summing to 1", total)
+    check.integer(cfg.report.n_best, "report.n_best", 0, ">= 0")
+    check.integer(cfg.report.n_worst, "report.n_worst", 0, ">= 0")
+    check.integer(cfg.report.thumb_px, "report.thumb_px", 16, ">= 16")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from genevolve_jax.config_checks import Checker, is_env_name, is_int, is_url
+
 SUMMARISER_BACKENDS = ("policy", "openai", "rule")
 EMBEDDERS = ("hashed", "hf")
 
@@ -58,50 +60,40 @@ def get_config() -> ml_collections.ConfigDict:
     return cfg
 
 
-def _check(cond: bool, field: str, rule: str, value) -> None:
-    if not cond:
-        raise ValueError(f"experience.{field} must be {rule}, got {value!r}")
-
-
-def _int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def validate(cfg: ml_collections.ConfigDict) -> None:
     """Reject invalid values with an error naming the field."""
-    _check(isinstance(cfg.enabled, bool), "enabled", "a bool", cfg.enabled)
-    _check(0.0 <= float(cfg.pairs.min_gap) <= 1.0, "pairs.min_gap", "in [0, 1]", cfg.pairs.min_gap)
+    check = Checker("experience")
+    check.boolean(cfg.enabled, "enabled")
+    check.number(cfg.pairs.min_gap, "pairs.min_gap", low=0, high=1)
+    check.boolean(cfg.pairs.skip_protocol_failures, "pairs.skip_protocol_failures")
     s = cfg.summariser
-    _check(s.backend in SUMMARISER_BACKENDS, "summariser.backend", f"one of {SUMMARISER_BACKENDS}", s.backend)
+    check.one_of(s.backend, "summariser.backend", SUMMARISER_BACKENDS)
     if s.backend == "openai":
-        _check(str(s.base_url).startswith(("http://", "https://")), "summariser.base_url", "an http(s) URL",
-               s.base_url)
-        _check(bool(s.model), "summariser.model", "a model name", s.model)
-    _check(float(s.timeout_s) > 0, "summariser.timeout_s", "> 0", s.timeout_s)
-    _check(float(s.temperature) >= 0, "summariser.temperature", ">= 0", s.temperature)
-    _check(_int(s.max_tokens) and s.max_tokens >= 64, "summariser.max_tokens", "an int >= 64", s.max_tokens)
-    _check(_int(s.attempts) and s.attempts >= 1, "summariser.attempts", "an int >= 1", s.attempts)
-    _check(float(s.backoff_s) >= 0, "summariser.backoff_s", ">= 0", s.backoff_s)
-    _check(_int(s.max_concurrency) and s.max_concurrency >= 1, "summariser.max_concurrency", "an int >= 1",
-           s.max_concurrency)
-    _check(_int(s.max_observation_chars) and s.max_observation_chars >= 0, "summariser.max_observation_chars",
-           "an int >= 0", s.max_observation_chars)
-    _check(_int(s.max_bullets) and s.max_bullets >= 1, "summariser.max_bullets", "an int >= 1", s.max_bullets)
-    _check(_int(s.max_bullet_words) and s.max_bullet_words >= 3, "summariser.max_bullet_words", "an int >= 3",
-           s.max_bullet_words)
+        check(is_url(s.base_url), "summariser.base_url", "an http(s) URL", s.base_url)
+        check(bool(s.model), "summariser.model", "a model name", s.model)
+    check.secret(is_env_name(s.api_key_env), "summariser.api_key_env",
+                 "the name of an environment variable holding the key (letters, digits, _), or empty")
+    check.number(s.timeout_s, "summariser.timeout_s", low=0, low_open=True)
+    check.number(s.temperature, "summariser.temperature", low=0)
+    check.integer(s.max_tokens, "summariser.max_tokens", 64)
+    check.integer(s.attempts, "summariser.attempts", 1)
+    check.number(s.backoff_s, "summariser.backoff_s", low=0)
+    check.integer(s.max_concurrency, "summariser.max_concurrency", 1)
+    check.integer(s.max_observation_chars, "summariser.max_observation_chars", 0)
+    check.integer(s.max_bullets, "summariser.max_bullets", 1)
+    check.integer(s.max_bullet_words, "summariser.max_bullet_words", 3)
     m = cfg.memory
-    _check(_int(m.capacity) and m.capacity >= 1, "memory.capacity", "an int >= 1", m.capacity)
-    _check(_int(m.max_inserts_per_step) and m.max_inserts_per_step >= 0, "memory.max_inserts_per_step",
-           "an int >= 0", m.max_inserts_per_step)
-    _check(_int(m.eviction_window) and 1 <= m.eviction_window <= m.capacity, "memory.eviction_window",
-           f"an int in [1, memory.capacity={m.capacity}]", m.eviction_window)
+    check.integer(m.capacity, "memory.capacity", 1)
+    check.integer(m.max_inserts_per_step, "memory.max_inserts_per_step", 0)
+    check(is_int(m.eviction_window) and 1 <= m.eviction_window <= m.capacity, "memory.eviction_window",
+          f"an int in [1, memory.capacity={m.capacity}]", m.eviction_window)
     e = cfg.embedder
-    _check(e.kind in EMBEDDERS, "embedder.kind", f"one of {EMBEDDERS}", e.kind)
-    _check(_int(e.dim) and e.dim >= 16, "embedder.dim", "an int >= 16", e.dim)
+    check.one_of(e.kind, "embedder.kind", EMBEDDERS)
+    check.integer(e.dim, "embedder.dim", 16)
     if e.kind == "hf":
-        _check(bool(e.model_dir), "embedder.model_dir", "a local model folder when embedder.kind is 'hf'",
-               e.model_dir)
-    _check(_int(e.max_length) and e.max_length >= 8, "embedder.max_length", "an int >= 8", e.max_length)
-    _check(_int(e.batch_size) and e.batch_size >= 1, "embedder.batch_size", "an int >= 1", e.batch_size)
-    _check(-1.0 <= float(cfg.retrieval.min_similarity) <= 1.0, "retrieval.min_similarity", "in [-1, 1]",
-           cfg.retrieval.min_similarity)
+        check(bool(e.model_dir), "embedder.model_dir", "a local model folder when embedder.kind is 'hf'",
+              e.model_dir)
+    check.integer(e.max_length, "embedder.max_length", 8)
+    check.integer(e.batch_size, "embedder.batch_size", 1)
+    check(isinstance(e.instruction, str), "embedder.instruction", "a string (empty: none)", e.instruction)
+    check.number(cfg.retrieval.min_similarity, "retrieval.min_similarity", low=-1, high=1)

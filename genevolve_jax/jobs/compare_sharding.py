@@ -207,7 +207,8 @@ def compare(args) -> list[dict]:
     from genevolve_jax.sharding.mesh import make_mesh
     from genevolve_jax.train import config as train_config
     from genevolve_jax.train.state import bytes_per_device, create_train_state, is_vision_path
-    from genevolve_jax.train.step import TrainStep, sft_loss_fn
+    from genevolve_jax.train.losses.step_losses import SFTLoss
+    from genevolve_jax.train.step import TrainStep
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     for s in strategies:
@@ -216,7 +217,6 @@ def compare(args) -> list[dict]:
     cfg = load_model_config(args.config, args.layers, args.scan_layers, args.remat, args.dtype)
     tcfg = train_config.default_config()
     tcfg.grad_accum_steps = args.grad_accum
-    tcfg.global_batch_size = args.batch_size
     train_config.validate(tcfg)
     n = len(jax.devices())
     # Check every mesh before building or compiling anything: an impossible one fails up front.
@@ -236,7 +236,7 @@ def compare(args) -> list[dict]:
     for s, mesh in plans:
         setup, params, opt_state = create_train_state(model, tcfg, mesh, s, freeze=is_vision_path)
         state_bytes = bytes_per_device((params, opt_state))
-        step = TrainStep(setup, sft_loss_fn(min(8192, cfg.text.vocab_size)),
+        step = TrainStep(setup, SFTLoss(chunk_size=min(8192, cfg.text.vocab_size)),
                          compute_dtype=jnp.dtype(args.dtype), grad_accum_steps=args.grad_accum, donate=True)
         compiled, compile_s, _ = step.compile_and_time(params, opt_state, batch, jax.random.key(0))
         mem = compiled.memory_analysis()

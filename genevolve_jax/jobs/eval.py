@@ -196,7 +196,7 @@ def build_judge(benchmark: str, cfg: ml_collections.ConfigDict, out: Path):
         return judges.WiseVLMJudge(backend, cache, throttle, int(ep.max_retries), float(ep.backoff_s))
     from genevolve_jax.reward.kscore import KScoreJudge, KScoreWeights
 
-    k = cfg.eval.kscore
+    k = cfg.reward.kscore
     weights = KScoreWeights(k.w_faithfulness, k.w_visual_correctness, k.w_text_accuracy, k.w_aesthetics, k.text_na_value)
     return judges.KScoreBenchJudge(KScoreJudge(backend, weights, tuple(cfg.reward.kscore.levels), cache, throttle,
                                                int(ep.max_retries), float(ep.backoff_s)))
@@ -210,7 +210,7 @@ def normalizer(benchmark: str, cfg: ml_collections.ConfigDict):
         w = cfg.eval.wise
         weights = (w.w_consistency, w.w_realism, w.w_aesthetics)
         return lambda obj: normalize_wise_output(obj, weights)
-    k = cfg.eval.kscore
+    k = cfg.reward.kscore
     weights = {"faithfulness": k.w_faithfulness, "visual_correctness": k.w_visual_correctness,
                "text_accuracy": k.w_text_accuracy, "aesthetics": k.w_aesthetics}
     return lambda obj: normalize_kscore_output(obj, weights, k.text_na_value)
@@ -237,7 +237,7 @@ def aggregate(benchmark: str, cases: list, records: dict, cfg: ml_collections.Co
         w = cfg.eval.wise
         cw = {c: float(w[f"w_{c}"]) for c in ("cultural", "time", "space", "biology", "physics", "chemistry")}
         return wise_results(cases, records, (w.w_consistency, w.w_realism, w.w_aesthetics), cw)
-    k = cfg.eval.kscore
+    k = cfg.reward.kscore
     weights = {"faithfulness": k.w_faithfulness, "visual_correctness": k.w_visual_correctness,
                "text_accuracy": k.w_text_accuracy, "aesthetics": k.w_aesthetics}
     return bench_results(cases, records, weights, k.text_na_value)

@@ -3,11 +3,14 @@
     genevolve render-server --model /models/Qwen-Image-Edit-2511 --devices auto --port 8100
     genevolve render-server --tiny            # random tiny pipeline on CPU, for demos and tests
 
-Binds 127.0.0.1 unless --host says otherwise. See genevolve_jax/render/service.py for the contract.
+Binds 127.0.0.1 unless --host says otherwise; ``--api-key-env NAME`` requires ``Authorization: Bearer
+$NAME`` on every route but /health; request bounds have flags (``--max-side``, ``--max-steps``, ...). See genevolve_jax/render/service.py for the contract.
 """
 from __future__ import annotations
 
 import argparse
+
+from genevolve_jax.render.service import RenderLimits
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +23,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8100)
-    parser.add_argument("--queue-size", type=int, default=256)
+    parser.add_argument("--queue-size", type=int, default=256,
+                        help="images waiting for a worker; more get 503 with Retry-After")
+    parser.add_argument("--api-key-env", default="", metavar="NAME",
+                        help="environment variable holding a bearer token required on every route but /health")
+    limits = parser.add_argument_group("request limits (out of bounds: a 4xx naming the field)")
+    d = RenderLimits()
+    limits.add_argument("--max-side", type=int, default=d.max_side, help="largest width or height")
+    limits.add_argument("--max-pixels", type=int, default=d.max_pixels, help="largest width x height")
+    limits.add_argument("--max-steps", type=int, default=d.max_steps, help="largest num_inference_steps")
+    limits.add_argument("--max-images", type=int, default=d.max_images, help="largest num_images_per_prompt")
+    limits.add_argument("--max-refs", type=int, default=d.max_refs, help="reference images per request")
+    limits.add_argument("--max-ref-pixels", type=int, default=d.max_ref_pixels,
+                        help="width x height of one reference, checked before it is decoded")
+    limits.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="request body size")
     parser.add_argument("--steps", type=int, default=40, help="default num_inference_steps")
     parser.add_argument("--true-cfg-scale", type=float, default=4.0)
     parser.add_argument("--long-side", type=int, default=1024)
@@ -63,13 +79,28 @@ def build_workers(args: argparse.Namespace) -> list:
     return workers
 
 
+def limits_from_args(args: argparse.Namespace) -> RenderLimits:
+    return RenderLimits(max_side=args.max_side, max_pixels=args.max_pixels, max_steps=args.max_steps,
+                        max_images=args.max_images, max_refs=args.max_refs, max_ref_pixels=args.max_ref_pixels,
+                        max_body_bytes=args.max_body_bytes)
+
+
 def run(args: argparse.Namespace) -> int:
+    import sys
+
     import uvicorn
     from rich.console import Console
 
     from genevolve_jax.render.service import create_app
+    from genevolve_jax.server_guards import api_key_from_env
 
+    try:
+        limits, api_key = limits_from_args(args), api_key_from_env(args.api_key_env)
+    except ValueError as exc:
+        print(f"render-server: {exc}", file=sys.stderr)
+        return 2
     workers = build_workers(args)
     Console(stderr=True).print(f"render-server: {len(workers)} worker(s) on http://{args.host}:{args.port}")
-    uvicorn.run(create_app(workers, args.queue_size), host=args.host, port=args.port, log_level="info")
+    uvicorn.run(create_app(workers, args.queue_size, limits=limits, api_key=api_key), host=args.host,
+                port=args.port, log_level="info")
     return 0

@@ -15,11 +15,13 @@ raised before the model is built or any tensor is read.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import math
 import os
 import re
+import shutil
 import struct
 from typing import Any, Callable, Iterator, Mapping
 
@@ -471,6 +473,37 @@ def save_pretrained(model: nnx.Module, path: str | os.PathLike, *, dtype: str = 
     return written + [CONFIG, GENERATION_CONFIG]
 
 
+PARTIAL_SUFFIX = ".partial"
+REPLACED_SUFFIX = ".replaced"
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[str]:
+    """Write a directory under ``<path>.partial`` and move it to ``path`` only when the block ends
+    without an error, so that ``path`` holds either the previous export or the new one, complete;
+    never a half-written one (a reader such as an SGLang reload or ``from_pretrained`` may look at
+    any time). An existing ``path`` is first renamed to ``<path>.replaced`` and deleted after the
+    swap (POSIX cannot rename a directory over a non-empty one): a crash between the two renames
+    leaves ``path`` absent and the previous export whole under ``.replaced``. Leftovers of an
+    earlier crash are removed first. On an error the partial directory is removed."""
+    final = os.path.abspath(os.fspath(path))
+    partial, replaced = final + PARTIAL_SUFFIX, final + REPLACED_SUFFIX
+    for stale in (partial, replaced):
+        if os.path.isdir(stale):
+            shutil.rmtree(stale)
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    os.makedirs(partial)
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if os.path.lexists(final):
+        os.replace(final, replaced)
+    os.replace(partial, final)
+    shutil.rmtree(replaced, ignore_errors=True)
+
+
 def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike,
                     max_shard_bytes: int | str = "5GB") -> list[str]:
     """Write a plain dict of arrays in the same (sharded) layout; used for fixtures and tools."""
@@ -478,7 +511,7 @@ def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLik
     return write_safetensors_stream(path, iter(state_dict.items()), max_shard_bytes, planned=planned)
 
 
-__all__ = ["SafetensorsReader", "CheckpointError", "read_config", "load_pretrained", "save_pretrained",
+__all__ = ["SafetensorsReader", "CheckpointError", "read_config", "load_pretrained", "save_pretrained", "atomic_directory",
            "model_from_state_dict", "random_state_dict",
            "save_state_dict", "write_safetensors_stream", "parse_size", "plan_shards", "abstract_model",
            "read_safetensors_header"]

@@ -125,12 +125,30 @@ def use_implementation(name: str) -> Iterator[None]:
         _FORCED.reset(token)
 
 
+_TARGET_BACKEND: contextvars.ContextVar[str | None] = contextvars.ContextVar("genevolve_attention_target", default=None)
+
+
+@contextlib.contextmanager
+def compile_for(backend: str) -> Iterator[None]:
+    """Trace for ``backend`` ("cpu", "gpu", "tpu") instead of the process's default backend: a
+    deviceless compile (``genevolve plan``) on a CPU host must pick the target's kernels."""
+    token = _TARGET_BACKEND.set(backend)
+    try:
+        yield
+    finally:
+        _TARGET_BACKEND.reset(token)
+
+
+def target_backend() -> str:
+    return _TARGET_BACKEND.get() or jax.default_backend()
+
+
 def choose_implementation(q: jax.Array, k: jax.Array, *, q_positions=None, backend: str | None = None) -> str:
     """The implementation ``attention`` uses for these inputs.
 
     A forced choice that cannot take the inputs raises instead of silently falling back."""
     forced = _FORCED.get()
-    backend = backend or jax.default_backend()
+    backend = backend or target_backend()
     t, s, d = q.shape[1], k.shape[1], q.shape[-1]
     half = q.dtype in (jnp.bfloat16, jnp.float16)
     cudnn_ok = half and q_positions is None and d % 8 == 0 and d <= 256 and t == s
@@ -232,7 +250,7 @@ def splash_attention(q, k, v, *, causal, q_positions=None, kv_valid_mask=None, q
     kvh = k.shape[2]
     group = h // kvh
     scale = d ** -0.5 if scale is None else scale
-    interpret = jax.default_backend() != "tpu" if interpret is None else interpret
+    interpret = target_backend() != "tpu" if interpret is None else interpret
     qs, ks = _splash_segments(b, t, kv_valid_mask, q_segment_ids, kv_segment_ids)
 
     def local(q, k, v, qs, ks):

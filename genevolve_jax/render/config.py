@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from genevolve_jax.config_checks import Checker, is_env_name, is_int, is_url
+
 BACKENDS = ("tiny", "diffusers", "http", "gemini")
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -65,46 +67,52 @@ def get_config() -> ml_collections.ConfigDict:
     return cfg
 
 
-def _check(cond: bool, field: str, rule: str, value) -> None:
-    if not cond:
-        raise ValueError(f"render.{field} must be {rule}, got {value!r}")
-
-
 def validate(cfg: ml_collections.ConfigDict) -> None:
     """Reject invalid values with an error naming the field."""
-    _check(cfg.backend in BACKENDS, "backend", f"one of {BACKENDS}", cfg.backend)
+    check = Checker("render")
+    check.one_of(cfg.backend, "backend", BACKENDS)
+    check.integer(cfg.seed, "seed")
     s = cfg.sampling
-    _check(int(s.num_inference_steps) >= 1, "sampling.num_inference_steps", ">= 1", s.num_inference_steps)
-    _check(float(s.true_cfg_scale) >= 0, "sampling.true_cfg_scale", ">= 0", s.true_cfg_scale)
-    _check(float(s.guidance_scale) >= 0, "sampling.guidance_scale", ">= 0", s.guidance_scale)
-    _check(isinstance(s.negative_prompt, str), "sampling.negative_prompt", "a string", s.negative_prompt)
-    _check(int(s.multiple_of) >= 1, "sampling.multiple_of", ">= 1", s.multiple_of)
-    _check(int(s.long_side) >= int(s.multiple_of) and int(s.long_side) % int(s.multiple_of) == 0,
-           "sampling.long_side", f"a positive multiple of sampling.multiple_of ({s.multiple_of})", s.long_side)
-    _check(1 <= int(s.max_sequence_length) <= 1024, "sampling.max_sequence_length", "in [1, 1024]",
-           s.max_sequence_length)
-    _check(cfg.diffusers.dtype in DTYPES, "diffusers.dtype", f"one of {DTYPES}", cfg.diffusers.dtype)
+    check.integer(s.num_inference_steps, "sampling.num_inference_steps", 1, ">= 1")
+    check.number(s.true_cfg_scale, "sampling.true_cfg_scale", low=0)
+    check.number(s.guidance_scale, "sampling.guidance_scale", low=0)
+    check(isinstance(s.negative_prompt, str), "sampling.negative_prompt", "a string", s.negative_prompt)
+    check.integer(s.multiple_of, "sampling.multiple_of", 1, ">= 1")
+    check(is_int(s.long_side) and s.long_side >= s.multiple_of and s.long_side % s.multiple_of == 0,
+          "sampling.long_side", f"a positive multiple of sampling.multiple_of ({s.multiple_of})", s.long_side)
+    check(is_int(s.max_sequence_length) and 1 <= s.max_sequence_length <= 1024, "sampling.max_sequence_length",
+          "in [1, 1024]", s.max_sequence_length)
+    check.one_of(cfg.diffusers.dtype, "diffusers.dtype", DTYPES)
     if cfg.backend == "diffusers":
-        _check(bool(cfg.diffusers.edit_model_path), "diffusers.edit_model_path",
-               "a local model directory when backend is 'diffusers'", cfg.diffusers.edit_model_path)
-    _check(int(cfg.tiny.long_side) >= 16 and int(cfg.tiny.long_side) % 16 == 0, "tiny.long_side",
-           "a positive multiple of 16", cfg.tiny.long_side)
-    _check(int(cfg.tiny.num_inference_steps) >= 1, "tiny.num_inference_steps", ">= 1", cfg.tiny.num_inference_steps)
+        check(bool(cfg.diffusers.edit_model_path), "diffusers.edit_model_path",
+              "a local model directory when backend is 'diffusers'", cfg.diffusers.edit_model_path)
+    check(is_int(cfg.tiny.long_side) and cfg.tiny.long_side >= 16 and cfg.tiny.long_side % 16 == 0,
+          "tiny.long_side", "a positive multiple of 16", cfg.tiny.long_side)
+    check.integer(cfg.tiny.num_inference_steps, "tiny.num_inference_steps", 1, ">= 1")
     urls = list(cfg.http.urls)
-    if cfg.backend == "http":
-        _check(len(urls) >= 1, "http.urls", "a non-empty list when backend is 'http'", urls)
     for u in urls:
-        _check(isinstance(u, str) and u.startswith(("http://", "https://")), "http.urls",
-               "a list of http(s) URLs", u)
+        check(is_url(u), "http.urls", "a list of http(s) URLs", u)
     for sec in ("http", "gemini"):
-        _check(float(cfg[sec].timeout_s) > 0, f"{sec}.timeout_s", "> 0", cfg[sec].timeout_s)
-        _check(int(cfg[sec].max_retries) >= 1, f"{sec}.max_retries", ">= 1", cfg[sec].max_retries)
-        _check(float(cfg[sec].backoff_s) >= 0, f"{sec}.backoff_s", ">= 0", cfg[sec].backoff_s)
-    _check(bool(cfg.gemini.api_key_env), "gemini.api_key_env", "the name of an environment variable",
-           cfg.gemini.api_key_env)
-    _check(0 < int(cfg.server.port) < 65536, "server.port", "in [1, 65535]", cfg.server.port)
-    _check(int(cfg.server.queue_size) >= 1, "server.queue_size", ">= 1", cfg.server.queue_size)
-    _check(int(cfg.throughput.max_concurrency) >= 1, "throughput.max_concurrency", ">= 1",
-           cfg.throughput.max_concurrency)
-    _check(float(cfg.throughput.requests_per_minute) >= 0, "throughput.requests_per_minute", ">= 0",
-           cfg.throughput.requests_per_minute)
+        check.number(cfg[sec].timeout_s, f"{sec}.timeout_s", low=0, low_open=True)
+        check.integer(cfg[sec].max_retries, f"{sec}.max_retries", 1, ">= 1")
+        check.number(cfg[sec].backoff_s, f"{sec}.backoff_s", low=0)
+    check(bool(cfg.gemini.api_key_env) and is_env_name(cfg.gemini.api_key_env), "gemini.api_key_env",
+          "the name of an environment variable", cfg.gemini.api_key_env)
+    check(is_int(cfg.server.port) and 0 < cfg.server.port < 65536, "server.port", "in [1, 65535]",
+          cfg.server.port)
+    check.integer(cfg.server.queue_size, "server.queue_size", 1, ">= 1")
+    check.integer(cfg.throughput.max_concurrency, "throughput.max_concurrency", 1, ">= 1")
+    check.number(cfg.throughput.requests_per_minute, "throughput.requests_per_minute", low=0)
+
+
+def require_service(cfg: ml_collections.ConfigDict) -> None:
+    """At the start of a run: backend "http" needs its service URLs.
+
+    A config may leave ``render.http.urls`` empty until it is run (``configs/tpu_pod.py`` reads
+    them from ``GENEVOLVE_RENDER_URLS``), so this is not part of :func:`validate`."""
+    check = Checker("render")
+    if cfg.backend == "http":
+        check(len(cfg.http.urls) >= 1, "http.urls",
+              "a non-empty list when backend is 'http': start the render service (launch/render_service.sh) "
+              "and pass its http(s)://host:port as --config.render.http.urls (tpu_pod: GENEVOLVE_RENDER_URLS)",
+              list(cfg.http.urls))

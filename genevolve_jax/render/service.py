@@ -6,12 +6,15 @@ clients work unchanged:
     POST /generate {image_urls: [data-URI JPEGs], prompt, seed, true_cfg_scale, negative_prompt,
                     num_inference_steps, guidance_scale, num_images_per_prompt, width, height}
       -> 200 {success: true, image: <base64 PNG>, images: [...], width, height, seed, worker}
-      -> 4xx/5xx {success: false, error: "..."}
-    GET /health -> {status, workers, queue_depth, busy, served, failed}
+      -> 4xx/5xx {success: false, error: "...", param, code}
+    GET /health -> {status, workers, queue_depth, busy, served, failed, refused_busy, cancelled, ...}
 
 A worker is anything with ``render_images(request, refs) -> PIL.Image`` (a DiffusersRenderer on its
 own device). Workers pull from one queue, so a slow worker never holds up a free one. A full queue
-answers 503, which clients retry elsewhere.
+answers 503 with Retry-After, which clients retry elsewhere. Every numeric field is bounded
+(:class:`RenderLimits`; reference images are size-checked from their header before decoding), the
+body is capped (413), a client that disconnects has its queued images dropped, and an optional
+bearer token guards every route but /health (genevolve_jax/server_guards.py).
 """
 from __future__ import annotations
 
@@ -20,63 +23,111 @@ import base64
 import dataclasses
 import contextlib
 import logging
+import math
 import threading
 import time
 from typing import Any, Iterator, Sequence
 
-from fastapi import Request  # module level: FastAPI resolves the handler's annotation by name here
+from fastapi import Request, Response  # module level: FastAPI resolves the handler's annotation by name here
 
 from genevolve_jax.render.base import RenderError, RenderRequest
-from genevolve_jax.render.remote import decode_image_payload, image_to_bytes
+from genevolve_jax.render.remote import image_to_bytes
+from genevolve_jax.server_guards import (ClientDisconnected, GuardMiddleware, RequestError, await_or_disconnect,
+                                         decode_base64_image, error_response, open_image, parse_json_body)
 
 log = logging.getLogger(__name__)
 
 MAX_IMAGES_PER_PROMPT = 4
 
 
-def _parse_generate(body: Any) -> tuple[RenderRequest, list, int]:
-    """Validate a /generate body. Raises ValueError naming the bad field."""
+@dataclasses.dataclass(frozen=True)
+class RenderLimits:
+    """Bounds on one /generate request; each has a `genevolve render-server` flag. Out of bounds: a 400
+    naming the field (413 for the body)."""
+    max_side: int = 2048                 # width, height
+    max_pixels: int = 2048 * 2048        # width x height of the output
+    max_steps: int = 200                 # num_inference_steps
+    max_images: int = MAX_IMAGES_PER_PROMPT  # num_images_per_prompt
+    max_refs: int = 4                    # image_urls
+    max_ref_pixels: int = 4096 * 4096    # one reference, checked from its header before decoding
+    max_prompt_chars: int = 8192         # prompt, negative_prompt
+    max_cfg: float = 100.0               # true_cfg_scale, guidance_scale
+    max_body_bytes: int = 64 * 2 ** 20
+    retry_after_s: int = 1
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+                raise ValueError(f"RenderLimits.{f.name} must be a positive number, got {v!r}")
+
+
+def _render_error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    """The original service's error shape, plus the field and a code."""
+    return {"success": False, "error": message, "param": param, "code": code}
+
+
+def _error(status: int, message: str, param: str | None = None, code: str | None = None, headers=None):
+    return error_response(status, message, param, code, body=_render_error_body, headers=headers)
+
+
+def _parse_generate(body: Any, limits: RenderLimits | None = None) -> tuple[RenderRequest, list, int]:
+    """Validate a /generate body. Raises RequestError (a ValueError) naming the bad field."""
+    limits = limits or RenderLimits()
     if not isinstance(body, dict):
-        raise ValueError("request body must be a JSON object")
+        raise RequestError("request body must be a JSON object")
     prompt = body.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError("prompt must be a non-empty string")
+        raise RequestError("prompt must be a non-empty string", "prompt")
+    if len(prompt) > limits.max_prompt_chars:
+        raise RequestError(f"prompt must have at most {limits.max_prompt_chars} characters, got {len(prompt)}",
+                           "prompt")
     urls = body.get("image_urls") or []
     if not isinstance(urls, list):
-        raise ValueError("image_urls must be a list of data URIs")
+        raise RequestError("image_urls must be a list of data URIs", "image_urls")
+    if len(urls) > limits.max_refs:
+        raise RequestError(f"image_urls holds {len(urls)} images; at most {limits.max_refs}", "image_urls")
     refs = []
     for i, u in enumerate(urls):
-        try:
-            refs.append(decode_image_payload(u))
-        except ValueError as e:
-            raise ValueError(f"image_urls[{i}]: {e}") from None
+        if not isinstance(u, str) or not u:
+            raise RequestError(f"image_urls[{i}]: image payload must be a non-empty string", f"image_urls[{i}]")
+        refs.append(open_image(decode_base64_image(u, f"image_urls[{i}]"), max_pixels=limits.max_ref_pixels,
+                               param=f"image_urls[{i}]"))
 
-    def opt(name: str, typ, lo=None):
+    def opt(name: str, typ, lo=None, hi=None):
         v = body.get(name)
         if v is None:
             return None
         if typ is str:
             if not isinstance(v, str):
-                raise ValueError(f"{name} must be a string, got {v!r}")
+                raise RequestError(f"{name} must be a string, got {str(v)[:40]!r}", name)
+            if len(v) > limits.max_prompt_chars:
+                raise RequestError(f"{name} must have at most {limits.max_prompt_chars} characters", name)
             return v
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ValueError(f"{name} must be a number, got {v!r}")
+            raise RequestError(f"{name} must be a number, got {str(v)[:40]!r}", name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise RequestError(f"{name} must be finite, got {v}", name)
         if typ is int and v != int(v):
-            raise ValueError(f"{name} must be an integer, got {v!r}")
+            raise RequestError(f"{name} must be an integer, got {v!r}", name)
         v = typ(v)
         if lo is not None and v < lo:
-            raise ValueError(f"{name} must be >= {lo}, got {v}")
+            raise RequestError(f"{name} must be >= {lo}, got {v}", name)
+        if hi is not None and v > hi:
+            raise RequestError(f"{name} must be <= {hi}, got {v}", name)
         return v
 
-    n = opt("num_images_per_prompt", int, 1) or 1
-    if n > MAX_IMAGES_PER_PROMPT:
-        raise ValueError(f"num_images_per_prompt must be <= {MAX_IMAGES_PER_PROMPT}, got {n}")
-    width, height = opt("width", int, 16), opt("height", int, 16)
+    n = opt("num_images_per_prompt", int, 1, limits.max_images) or 1
+    width, height = opt("width", int, 16, limits.max_side), opt("height", int, 16, limits.max_side)
     if (width is None) != (height is None):
-        raise ValueError("width and height must be given together")
-    req = RenderRequest(prompt=prompt, seed=opt("seed", int, 0) or 0,
-                        num_inference_steps=opt("num_inference_steps", int, 1),
-                        true_cfg_scale=opt("true_cfg_scale", float, 0), guidance_scale=opt("guidance_scale", float, 0),
+        raise RequestError("width and height must be given together", "width" if width is None else "height")
+    if width is not None and width * height > limits.max_pixels:
+        raise RequestError(f"width x height = {width * height} pixels exceeds the limit of {limits.max_pixels}",
+                           "width")
+    req = RenderRequest(prompt=prompt, seed=opt("seed", int, 0, 2 ** 63 - 1 - limits.max_images) or 0,
+                        num_inference_steps=opt("num_inference_steps", int, 1, limits.max_steps),
+                        true_cfg_scale=opt("true_cfg_scale", float, 0, limits.max_cfg),
+                        guidance_scale=opt("guidance_scale", float, 0, limits.max_cfg),
                         negative_prompt=opt("negative_prompt", str), width=width, height=height)
     return req, refs, n
 
@@ -88,14 +139,19 @@ class _Job:
         self.request, self.refs, self.future = request, refs, future
 
 
-def create_app(workers: Sequence[Any], queue_size: int = 256):
-    """The FastAPI app over ``workers`` (one per device)."""
+def create_app(workers: Sequence[Any], queue_size: int = 256, *, limits: RenderLimits | None = None,
+               api_key: str | None = None):
+    """The FastAPI app over ``workers`` (one per device). ``queue_size`` bounds the images waiting for
+    a worker (more: 503 with Retry-After); ``api_key`` guards every route but /health."""
     from fastapi import FastAPI
-    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     if not workers:
         raise ValueError("the render service needs at least one worker")
-    stats = {"served": 0, "failed": 0, "busy": 0}
+    if queue_size < 1:
+        raise ValueError(f"queue_size must be >= 1, got {queue_size}")
+    limits = limits or RenderLimits()
+    stats = {"served": 0, "failed": 0, "busy": 0, "refused_busy": 0, "cancelled": 0, "bad_requests": 0}
     state: dict[str, Any] = {}
 
     async def worker_loop(index: int, worker: Any) -> None:
@@ -128,43 +184,54 @@ def create_app(workers: Sequence[Any], queue_size: int = 256):
         await asyncio.gather(*tasks, return_exceptions=True)
 
     app = FastAPI(title="genevolve render service", lifespan=lifespan)
+    app.add_middleware(GuardMiddleware, max_body_bytes=limits.max_body_bytes, api_key=api_key,
+                       error_body=_render_error_body)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request, exc: StarletteHTTPException):
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request, exc: Exception):  # a bug: still JSON, and the server lives on
+        return _error(500, f"internal error: {type(exc).__name__}: {str(exc)[:200]}", code="internal_error")
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "workers": len(workers), "queue_depth": state["queue"].qsize(), **stats}
+        return {"status": "ok", "workers": len(workers), "queue_depth": state["queue"].qsize(),
+                "queue_size": queue_size, **stats}
 
     @app.post("/generate")
     async def generate(request: Request):
         try:
-            body = await request.json()
-        except Exception:
-            return JSONResponse({"success": False, "error": "body is not valid JSON"}, status_code=400)
-        try:
-            req, refs, n = _parse_generate(body)
-        except ValueError as e:
-            return JSONResponse({"success": False, "error": str(e)}, status_code=400)
+            body = parse_json_body(await request.body())
+            req, refs, n = await asyncio.to_thread(_parse_generate, body, limits)
+        except RequestError as e:
+            stats["bad_requests"] += 1
+            return _error(e.status, e.message, e.param, e.code)
         loop = asyncio.get_running_loop()
         futures = []
         t0 = time.perf_counter()
-        for k in range(n):
+        if state["queue"].qsize() + n > queue_size:
+            stats["refused_busy"] += 1
+            return _error(503, f"queue full ({queue_size} images waiting); retry later", code="overloaded",
+                          headers={"Retry-After": str(limits.retry_after_s)})
+        for k in range(n):  # no await in between: the check above still holds
             fut = loop.create_future()
-            sub = dataclasses.replace(req, seed=req.seed + k)
-            try:
-                state["queue"].put_nowait(_Job(sub, refs, fut))
-            except asyncio.QueueFull:
-                for f in futures:
-                    f.cancel()
-                stats["failed"] += 1
-                return JSONResponse({"success": False, "error": "queue full"}, status_code=503)
+            state["queue"].put_nowait(_Job(dataclasses.replace(req, seed=req.seed + k), refs, fut))
             futures.append(fut)
         try:
-            results = await asyncio.gather(*futures)
+            results = await await_or_disconnect(request.receive, asyncio.gather(*futures))
+        except ClientDisconnected:  # queued images are skipped by the workers; one being drawn finishes
+            stats["cancelled"] += 1
+            for f in futures:
+                f.cancel()
+            return Response(status_code=499)
         except RenderError as e:
             stats["failed"] += 1
-            return JSONResponse({"success": False, "error": str(e)}, status_code=500)
+            return _error(500, str(e), code="render_failed")
         except Exception as e:
             stats["failed"] += 1
-            return JSONResponse({"success": False, "error": f"{type(e).__name__}: {e}"}, status_code=500)
+            return _error(500, f"{type(e).__name__}: {e}", code="render_failed")
         stats["served"] += 1
         images = [base64.b64encode(image_to_bytes(img, "PNG")).decode("ascii") for _, img in results]
         first = results[0][1]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from genevolve_jax.config_checks import Checker, is_env_name, is_int, is_url
+
 JUDGE_KINDS = ("rule", "vlm", "local")
 
 
@@ -59,42 +61,54 @@ def get_config() -> ml_collections.ConfigDict:
     return cfg
 
 
-def _check(cond: bool, field: str, rule: str, value) -> None:
-    if not cond:
-        raise ValueError(f"reward.{field} must be {rule}, got {value!r}")
-
-
 def validate(cfg: ml_collections.ConfigDict) -> None:
     """Reject invalid values with an error naming the field."""
-    _check(0.0 <= float(cfg.alpha) <= 1.0, "alpha", "in [0, 1]", cfg.alpha)
-    _check(cfg.judge_kind in JUDGE_KINDS, "judge_kind", f"one of {JUDGE_KINDS}", cfg.judge_kind)
+    check = Checker("reward")
+    check.number(cfg.alpha, "alpha", low=0, high=1)
+    check.one_of(cfg.judge_kind, "judge_kind", JUDGE_KINDS)
     k = cfg.kscore
-    weights = [k.w_faithfulness, k.w_visual_correctness, k.w_text_accuracy, k.w_aesthetics]
-    for name, w in zip(("w_faithfulness", "w_visual_correctness", "w_text_accuracy", "w_aesthetics"), weights):
-        _check(float(w) >= 0, f"kscore.{name}", ">= 0", w)
-    _check(abs(sum(float(w) for w in weights) - 1.0) < 1e-6, "kscore weights", "summing to 1", weights)
-    _check(0.0 <= float(k.text_na_value) <= 1.0, "kscore.text_na_value", "in [0, 1]", k.text_na_value)
+    names = ("w_faithfulness", "w_visual_correctness", "w_text_accuracy", "w_aesthetics")
+    for name in names:
+        check.number(k[name], f"kscore.{name}", low=0)
+    weights = [k[n] for n in names]
+    check(abs(sum(float(w) for w in weights) - 1.0) < 1e-6, "kscore weights", "summing to 1", weights)
+    check.number(k.text_na_value, "kscore.text_na_value", low=0, high=1)
     for sec in ("kscore", "program"):
         lv = [float(x) for x in cfg[sec].levels]
-        _check(len(lv) >= 2 and lv == sorted(set(lv)) and lv[0] >= 0 and lv[-1] <= 1, f"{sec}.levels",
-               "a strictly increasing list of >= 2 values in [0, 1]", list(cfg[sec].levels))
+        check(len(lv) >= 2 and lv == sorted(set(lv)) and lv[0] >= 0 and lv[-1] <= 1, f"{sec}.levels",
+              "a strictly increasing list of >= 2 values in [0, 1]", list(cfg[sec].levels))
     p = cfg.program
-    _check(int(p.min_references) >= 0, "program.min_references", ">= 0", p.min_references)
-    _check(int(p.max_references) >= int(p.min_references), "program.max_references",
-           f">= program.min_references ({p.min_references})", p.max_references)
+    check.integer(p.min_references, "program.min_references", 0, ">= 0")
+    check(is_int(p.max_references) and p.max_references >= p.min_references, "program.max_references",
+          f">= program.min_references ({p.min_references})", p.max_references)
     e = cfg.endpoint
+    # Empty = not set yet (required when the run starts: require_service); anything else a URL.
+    check(e.base_url == "" or is_url(e.base_url), "endpoint.base_url", "an http(s) URL", e.base_url)
     if cfg.judge_kind == "vlm":
-        _check(str(e.base_url).startswith(("http://", "https://")), "endpoint.base_url", "an http(s) URL", e.base_url)
-        _check(bool(e.model), "endpoint.model", "a model name", e.model)
+        check(bool(e.model), "endpoint.model", "a model name", e.model)
     if cfg.judge_kind == "local":
-        _check(bool(cfg.local.checkpoint), "local.checkpoint", "a checkpoint directory", cfg.local.checkpoint)
-    _check(float(e.timeout_s) > 0, "endpoint.timeout_s", "> 0", e.timeout_s)
-    _check(int(e.max_retries) >= 1, "endpoint.max_retries", ">= 1", e.max_retries)
-    _check(float(e.backoff_s) >= 0, "endpoint.backoff_s", ">= 0", e.backoff_s)
-    _check(float(e.temperature) >= 0, "endpoint.temperature", ">= 0", e.temperature)
-    _check(int(e.max_tokens) >= 16, "endpoint.max_tokens", ">= 16", e.max_tokens)
-    _check(int(e.max_concurrency) >= 1, "endpoint.max_concurrency", ">= 1", e.max_concurrency)
-    _check(float(e.requests_per_minute) >= 0, "endpoint.requests_per_minute", ">= 0", e.requests_per_minute)
-    _check(bool(cfg.rule.facts_key) and bool(cfg.rule.text_key), "rule.facts_key/text_key", "non-empty",
-           (cfg.rule.facts_key, cfg.rule.text_key))
-    _check(int(cfg.rule.min_note_chars) >= 0, "rule.min_note_chars", ">= 0", cfg.rule.min_note_chars)
+        check(bool(cfg.local.checkpoint), "local.checkpoint", "a checkpoint directory", cfg.local.checkpoint)
+    check.secret(is_env_name(e.api_key_env), "endpoint.api_key_env",
+                 "the name of an environment variable holding the key (letters, digits, _), or empty")
+    check.number(e.timeout_s, "endpoint.timeout_s", low=0, low_open=True)
+    check.integer(e.max_retries, "endpoint.max_retries", 1, ">= 1")
+    check.number(e.backoff_s, "endpoint.backoff_s", low=0)
+    check.number(e.temperature, "endpoint.temperature", low=0)
+    check.integer(e.max_tokens, "endpoint.max_tokens", 16, ">= 16")
+    check.integer(e.max_concurrency, "endpoint.max_concurrency", 1, ">= 1")
+    check.number(e.requests_per_minute, "endpoint.requests_per_minute", low=0)
+    check(bool(cfg.rule.facts_key) and bool(cfg.rule.text_key), "rule.facts_key/text_key", "non-empty",
+          (cfg.rule.facts_key, cfg.rule.text_key))
+    check.integer(cfg.rule.min_note_chars, "rule.min_note_chars", 0, ">= 0")
+
+
+def require_service(cfg: ml_collections.ConfigDict) -> None:
+    """At the start of a run: judge_kind "vlm" needs its endpoint.
+
+    A config may leave ``reward.endpoint.base_url`` empty until it is run (``configs/tpu_pod.py``
+    reads it from ``GENEVOLVE_JUDGE_URL``), so this is not part of :func:`validate`."""
+    if cfg.judge_kind == "vlm":
+        Checker("reward")(bool(cfg.endpoint.base_url), "endpoint.base_url",
+                          "set when judge_kind is 'vlm': the OpenAI-compatible judge server's http(s)://host:port "
+                          "(launch/sglang_server.sh), as --config.reward.endpoint.base_url (tpu_pod: "
+                          "GENEVOLVE_JUDGE_URL)", cfg.endpoint.base_url)

@@ -92,6 +92,13 @@ class RolloutEngine(abc.ABC):
         lag) to log with the step; an empty dict when there is nothing to report."""
 
     @property
+    def weight_shardings(self):
+        """The shardings (a tree matching the policy's ``nnx.Param`` state, on this host's devices)
+        in which :meth:`update_weights` wants its params, so that the trainer reshards straight into
+        them; None: any layout (the engine copies or exports them itself)."""
+        return None
+
+    @property
     def serves_every_host(self) -> bool:
         """True when one engine object stands for servers that every host's rollouts share (SGLang
         URLs listing every host's servers): then one process pushes weights for all. False for an

@@ -1,21 +1,27 @@
-"""JaxEngine: in-process sampling with a KV cache and continuous batching.
+"""JaxEngine: in-process sampling with a KV cache, prefix reuse and continuous batching.
 
-A fixed number of batch *slots* share one preallocated KV cache ([slots, S] per layer). A worker
-thread runs the schedule; callers (``generate``, the agent loop, the HTTP server's handlers) only
-queue requests and wait for their futures, so requests from several callers share the device:
+A fixed number of batch *slots* share one preallocated, *ragged* KV cache ([slots, S] per layer,
+each row with its own write position): a row holds one conversation from slot 0 on. A worker thread
+runs the schedule; callers (``generate``, the agent loop, the HTTP server's handlers) only queue
+requests and wait for their futures, so requests from several callers share the device:
 
-- admission: a queued request is prefilled alone (batch 1, left-padded to a power-of-two bucket,
-  images through the vision tower) into a small cache, which is copied into a free slot's row so
-  that its last token sits just before the shared write position; its first token is sampled from
-  the prefill logits. Admission happens between decode chunks, so new requests enter while others
-  are mid-generation;
-- decode: ``steps_per_sync`` decode steps run in one jitted scan over all slots (idle slots are
-  masked and do not advance); tokens come back to the host once per chunk, where stop token ids,
-  stop strings and ``max_new_tokens`` are checked, and a finished slot is freed (tokens it sampled
-  after finishing in the same chunk are discarded);
-- compaction: all rows share the cache's write position, so when it would run past the cache the
-  valid slots of every live row are gathered to the front (positions live in ``next_position``,
-  not in slot indices, so this changes no logits).
+- placement (genevolve_jax/rollout/kv_pool.py): a finished request's row is *parked* with the
+  tokens it holds. A new request that continues a parked conversation (an agent's next round, which
+  resends the whole context) takes that row over and prefills only the appended tokens; one that
+  shares a prefix with any row (the K rollouts of one prompt) copies that prefix into a free row;
+  anything else is a fresh prefill. Parked rows are evicted least recently used first, and all of
+  them are dropped when the weights change. ``engine.kv_reuse = False`` turns reuse off;
+- admission: the placed requests of one wave are prefilled together where their padded lengths
+  agree (right-padded to a power of two; images go one request per call, through the vision
+  tower). A prefill reads its rows' reused prefixes and writes the new tokens over a window of the
+  cache just long enough for them; its first token is sampled from the prefill logits. Admission
+  happens between decode chunks, so new requests enter while others are mid-generation;
+- decode: ``steps_per_sync`` decode steps run in one jitted scan over all slots (rows without a
+  request are masked and do not advance), attending over the window of the cache in use (a power
+  of two ≥ every live row's length plus a chunk), not the whole capacity. Tokens come back to the
+  host once per chunk, where stop token ids, stop strings, ``max_new_tokens`` and cancellations
+  are checked, and a finished slot is released (tokens it sampled after finishing in the same
+  chunk are discarded: the row's host record says which tokens it really holds).
 
 Everything on the device runs under ``jax.jit`` with explicit shardings from the "sample" rules of
 genevolve_jax/sharding/logical.py (weights tensor-parallel only, slots split over ``data``), inside
@@ -23,13 +29,16 @@ genevolve_jax/sharding/logical.py (weights tensor-parallel only, slots split ove
 
 Log-probs: see genevolve_jax/rollout/sampling.py. By default the recorded log-prob is that of
 ``log_softmax(logits / temperature)`` (what the trainer recomputes for the importance ratio);
-``cfg.raw_logprobs = True`` records temperature-1 log-probs instead.
+``cfg.raw_logprobs = True`` records temperature-1 log-probs instead. Reuse changes no token's
+inputs, only where its keys/values were computed, so outputs agree with fresh prefills to float
+rounding.
 
 A request whose prompt plus ``max_new_tokens`` exceeds ``cfg.max_seq_len`` generates up to the
 limit and finishes with "length"; a prompt that alone fills it is aborted with the reason.
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import dataclasses
 import os
@@ -45,41 +54,18 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from genevolve_jax.models.qwen3_vl.model import ModelBatch, prepare_inputs
+from genevolve_jax.models.qwen3_vl import rope
+from genevolve_jax.models.qwen3_vl.model import prepare_inputs
 from genevolve_jax.models.qwen3_vl.text import KVCache, init_cache
-from genevolve_jax.rollout.engine import GenerationRequest, GenerationResult, RolloutEngine
+from genevolve_jax.rollout import config as engine_config
+from genevolve_jax.rollout.engine import GenerationRequest, GenerationResult, RolloutEngine, image_size
+from genevolve_jax.rollout.kv_pool import DEFER, Placement, RowPool, image_key, image_runs
 from genevolve_jax.rollout.sampling import sample_tokens
 from genevolve_jax.sharding import logical as L
 from genevolve_jax.sharding.logical import MESH_AXES
 
-
-def default_engine_config() -> ml_collections.ConfigDict:
-    cfg = ml_collections.ConfigDict()
-    cfg.max_slots = 32          # concurrent sequences in the decode batch
-    cfg.max_seq_len = 8192      # prompt + generated tokens per request (cache slots per row)
-    cfg.steps_per_sync = 8      # decode steps per jitted chunk between host checks
-    cfg.min_prefill_bucket = 64  # prompts are left-padded to max(this, next power of two)
-    cfg.raw_logprobs = False    # True: record log_softmax(logits) instead of log_softmax(logits / T)
-    cfg.seed = 0                # seeds requests that carry none
-    cfg.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1, "sequence": 1})
-    return cfg
-
-
-def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    for name in ("max_slots", "max_seq_len", "steps_per_sync", "min_prefill_bucket"):
-        value = cfg[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"engine.{name} must be a positive integer, got {value!r}")
-    if cfg.min_prefill_bucket > cfg.max_seq_len:
-        raise ValueError(f"engine.min_prefill_bucket must be <= engine.max_seq_len ({cfg.max_seq_len}), "
-                         f"got {cfg.min_prefill_bucket}")
-    if not isinstance(cfg.raw_logprobs, bool):
-        raise ValueError(f"engine.raw_logprobs must be a bool, got {cfg.raw_logprobs!r}")
-    for axis in MESH_AXES:
-        size = cfg.mesh.get(axis, 1)
-        if not isinstance(size, int) or size < 1:
-            raise ValueError(f"engine.mesh.{axis} must be a positive integer, got {size!r}")
-    return cfg
+COUNTERS = ("requests", "prefill_batches", "prefill_tokens", "reused_tokens", "decode_tokens", "decode_chunks",
+            "evictions", "max_live")
 
 
 def _bucket(n: int, lo: int, hi: int) -> int:
@@ -91,10 +77,22 @@ class _Job:
     request: GenerationRequest
     future: cf.Future
     seed: int
+    state: str = "queued"  # queued → live → done; "cancelled" marks a cancel not yet applied
     tokens: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
     max_new: int = 0
     pending: int = 0  # last sampled token, not yet in the cache
+
+
+@dataclasses.dataclass
+class _Prefill:
+    """One placed request: the part of its prompt to prefill and where it goes."""
+    job: _Job
+    place: Placement
+    suffix: np.ndarray        # prompt[reuse:]
+    images: list              # the request's images among the suffix's placeholders
+    offset: int               # rope position of the first suffix token
+    bucket: int               # padded suffix length
 
 
 class JaxEngine(RolloutEngine):
@@ -102,7 +100,7 @@ class JaxEngine(RolloutEngine):
 
     def __init__(self, model: nnx.Module, tokenizer=None, cfg: ml_collections.ConfigDict | None = None, *,
                  mesh: jax.sharding.Mesh | None = None, image_processor=None):
-        self.cfg = validate(cfg if cfg is not None else default_engine_config())
+        self.cfg = engine_config.validate(cfg if cfg is not None else engine_config.default_engine_config())
         self.config = model.config
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -110,7 +108,8 @@ class JaxEngine(RolloutEngine):
             from genevolve_jax.sharding.mesh import make_mesh
             sizes = {a: int(self.cfg.mesh.get(a, 1)) for a in MESH_AXES}
             n = int(np.prod(list(sizes.values())))
-            mesh = make_mesh(sizes, jax.devices()[:n])
+            # An engine is host-local: its mesh is this host's devices, in id order.
+            mesh = make_mesh(sizes, sorted(jax.local_devices(), key=lambda d: d.id)[:n])
         self.mesh = mesh
         self.slots = self.cfg.max_slots
         self.chunk = self.cfg.steps_per_sync
@@ -123,18 +122,21 @@ class JaxEngine(RolloutEngine):
             self._params = jax.device_put(params, self._param_shardings)
             self._rest = jax.device_put(rest, self._replicated)
             self._cache_shardings = self._cache_sharding_tree()
-            self._cache = jax.jit(lambda: init_cache(self.config, self.slots, self.capacity),
-                                  out_shardings=self._cache_shardings)()
-        self._length = 0  # the cache's shared write position, tracked on the host
         self._build_functions()
+        self._version = 0         # bumped by every weight update; parked rows of older ones are stale
+        self._reset_cache()
         self._rng = np.random.default_rng(self.cfg.seed)
         self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._pending: collections.deque[_Job] = collections.deque()  # taken from the queue, not placed
         self._active: list[_Job | None] = [None] * self.slots
         self._device_lock = threading.Lock()
+        self._jobs_lock = threading.Lock()  # request states and the request-id index
+        self._by_id: dict[str, _Job] = {}
         self._closed = False
         self._worker: threading.Thread | None = None
         self._start_lock = threading.Lock()
-        self.stats = {"prefills": 0, "decode_chunks": 0, "compactions": 0, "max_live": 0}
+        self._counters = dict.fromkeys(COUNTERS, 0)
+        self._queued = 0          # submitted requests still in state "queued"
         self.weight_version = 0   # the trainer step of the weights in use (update_weights)
 
     # -- layout ----------------------------------------------------------------------------------
@@ -149,68 +151,70 @@ class JaxEngine(RolloutEngine):
         kv_shape = (self.slots, self.capacity, t.num_key_value_heads, t.head_dim)
         kv = self._named((L.BATCH, L.CACHE_SEQ, L.KV_HEADS, L.HEAD_DIM), kv_shape)
         n = t.num_hidden_layers
+        per_row = self._named((L.BATCH,), (self.slots,))
         return KVCache(k=(kv,) * n, v=(kv,) * n, valid=self._named((L.BATCH, L.CACHE_SEQ), (self.slots, self.capacity)),
-                       length=self._replicated, next_position=self._named((L.BATCH,), (self.slots,)))
+                       length=per_row, next_position=per_row)
 
     # -- jitted device functions -------------------------------------------------------------------
     def _build_functions(self) -> None:
-        graphdef, config, capacity = self._graphdef, self.config, self.capacity
+        graphdef, capacity = self._graphdef, self.capacity
         raw = bool(self.cfg.raw_logprobs)
-        rep, cache_sh = self._replicated, self._cache_shardings
+        rep, cache_sh, p_sh = self._replicated, self._cache_shardings, self._param_shardings
 
         def model_of(params, rest):
             return nnx.merge(graphdef, params, rest)
 
-        def admit(params, rest, batch: ModelBatch, cache: KVCache, slot, sampling, use_filter):
-            model = model_of(params, rest)
-            bucket = batch.input_ids.shape[1]
-            logits, small = model.prefill(batch, cache=init_cache(config, 1, bucket))
-            length = jnp.maximum(cache.length, bucket)
-            start = length - bucket  # the prompt's last token lands at slot length − 1
-            k = tuple(jax.lax.dynamic_update_slice(big, s.astype(big.dtype), (slot, start, 0, 0))
-                      for big, s in zip(cache.k, small.k))
-            v = tuple(jax.lax.dynamic_update_slice(big, s.astype(big.dtype), (slot, start, 0, 0))
-                      for big, s in zip(cache.v, small.v))
-            row = jax.lax.dynamic_update_slice(jnp.zeros((1, capacity), bool), small.valid, (0, start))
-            valid = jax.lax.dynamic_update_slice(cache.valid, row, (slot, 0))
-            nextpos = cache.next_position.at[slot].set(small.next_position[0])
-            cache = KVCache(k, v, valid, length, nextpos)
+        def prefill(params, rest, batch, cache: KVCache, src, dst, start, offset, sampling, use_filter, window):
+            # Rows src[i]'s first start[i] slots (the reused prefix; none when start is 0) are read
+            # into a [B, window] view, the new tokens appended there and the view written to dst[i]
+            # (out of range for padding rows: dropped). Copy and prefill in one pass.
+            view = KVCache(k=tuple(x[src, :window] for x in cache.k), v=tuple(x[src, :window] for x in cache.v),
+                           valid=jnp.arange(window)[None, :] < start[:, None], length=start, next_position=offset)
+            logits, view = model_of(params, rest).prefill(batch, cache=view)
+            rows = jnp.zeros((dst.shape[0], capacity), bool).at[:, :window].set(view.valid)
+            put = lambda full, part: full.at[dst, :window].set(part.astype(full.dtype), mode="drop")  # noqa: E731
+            cache = KVCache(tuple(map(put, cache.k, view.k)), tuple(map(put, cache.v, view.v)),
+                            cache.valid.at[dst].set(rows, mode="drop"),
+                            cache.length.at[dst].set(view.length, mode="drop"),
+                            cache.next_position.at[dst].set(view.next_position, mode="drop"))
             temp, top_p, top_k, seed = sampling
-            token, lp = sample_tokens(logits, temp[None], top_p[None], top_k[None], seed[None],
-                                      jnp.zeros((1,), jnp.int32), raw_logprobs=raw, use_filter=use_filter)
-            return token[0], lp[0], cache
+            token, lp = sample_tokens(logits, temp, top_p, top_k, seed, jnp.zeros_like(start), raw_logprobs=raw,
+                                      use_filter=use_filter)
+            return token, lp, cache
 
-        def decode_chunk(params, rest, tokens, cache, live, temp, top_p, top_k, seeds, counters, use_filter):
+        def decode_chunk(params, rest, tokens, cache, live, temp, top_p, top_k, seeds, counters, use_filter, window):
             model = model_of(params, rest)
+            view = KVCache(tuple(x[:, :window] for x in cache.k), tuple(x[:, :window] for x in cache.v),
+                           cache.valid[:, :window], cache.length, cache.next_position)
 
             def step(carry, i):
-                tok, cache = carry
-                logits, cache = model.decode_step(tok, cache, live)
+                tok, view = carry
+                logits, view = model.decode_step(tok, view, live)
                 new, lp = sample_tokens(logits, temp, top_p, top_k, seeds, counters + i,
                                         raw_logprobs=raw, use_filter=use_filter)
-                return (jnp.where(live, new, tok), cache), (new, lp)
+                return (jnp.where(live, new, tok), view), (new, lp)
 
-            (_, cache), (toks, lps) = jax.lax.scan(step, (tokens, cache), jnp.arange(self.chunk, dtype=jnp.int32))
+            (_, view), (toks, lps) = jax.lax.scan(step, (tokens, view), jnp.arange(self.chunk, dtype=jnp.int32))
+            put = lambda full, part: jax.lax.dynamic_update_slice(full, part, (0,) * full.ndim)  # noqa: E731
+            cache = KVCache(tuple(map(put, cache.k, view.k)), tuple(map(put, cache.v, view.v)),
+                            put(cache.valid, view.valid), view.length, view.next_position)
             return toks, lps, cache
 
-        def compact(cache: KVCache, live):
-            valid = cache.valid & live[:, None]
-            order = jnp.argsort(~valid, axis=1, stable=True)  # each row's valid slots first, in order
-            gather = lambda x: jnp.take_along_axis(x, order[:, :, None, None], axis=1)  # noqa: E731
-            valid = jnp.take_along_axis(valid, order, axis=1)
-            length = jnp.max(jnp.sum(valid, axis=1)).astype(jnp.int32)
-            return KVCache(tuple(map(gather, cache.k)), tuple(map(gather, cache.v)), valid, length,
-                           cache.next_position)
-
-        p_sh = self._param_shardings
-        self._admit = jax.jit(admit, static_argnums=6, donate_argnames="cache",
-                              in_shardings=(p_sh, rep, rep, cache_sh, rep, rep),
-                              out_shardings=(rep, rep, cache_sh))
-        self._decode_chunk = jax.jit(decode_chunk, static_argnums=10, donate_argnames="cache",
+        self._prefill = jax.jit(prefill, static_argnums=(9, 10), donate_argnames="cache",
+                                in_shardings=(p_sh, rep, rep, cache_sh, rep, rep, rep, rep, rep),
+                                out_shardings=(rep, rep, cache_sh))
+        self._decode_chunk = jax.jit(decode_chunk, static_argnums=(10, 11), donate_argnames="cache",
                                      in_shardings=(p_sh, rep, rep, cache_sh, rep, rep, rep, rep, rep, rep),
                                      out_shardings=(rep, rep, cache_sh))
-        self._compact = jax.jit(compact, donate_argnames="cache", in_shardings=(cache_sh, rep),
-                                out_shardings=cache_sh)
+
+    def _reset_cache(self) -> None:
+        def fresh():
+            cache = init_cache(self.config, self.slots, self.capacity)
+            return cache._replace(length=jnp.zeros((self.slots,), jnp.int32))
+        with self._rules():
+            self._cache = jax.jit(fresh, out_shardings=self._cache_shardings)()
+        self.pool = RowPool(self.slots, self.config.image_token_id, reuse=self.cfg.kv_reuse)
+        self.pool.version = self._version
 
     # -- public API --------------------------------------------------------------------------------
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
@@ -225,23 +229,83 @@ class JaxEngine(RolloutEngine):
             return future
         s = request.sampling
         seed = int(s.seed) & 0xFFFFFFFF if s.seed is not None else int(self._rng.integers(0, 2**32))
-        self._queue.put(_Job(request, future, seed))
+        job = _Job(request, future, seed)
+        with self._jobs_lock:
+            self._queued += 1
+            if request.request_id:
+                self._by_id[request.request_id] = job
+        self._queue.put(job)
         self._ensure_worker()
         return future
 
+    def cancel(self, request_id: str) -> bool:
+        """Abort the queued or running request with this ``request_id``: its future resolves to an
+        "abort" result with error "cancelled" (a running one at the next host check, between decode
+        chunks, which frees its slot). False when no such request is queued or running."""
+        if not request_id:
+            return False
+        with self._jobs_lock:
+            job = self._by_id.get(request_id)
+            if job is None or job.state not in ("queued", "live"):
+                return False
+            was_queued = job.state == "queued"
+            self._set_state(job, "cancelled")
+        if was_queued:
+            self._resolve(job, GenerationResult([], [], "abort", error="cancelled"))
+        return True
+
+    @property
+    def num_live(self) -> int:
+        """Requests decoding in a slot now."""
+        return sum(j is not None for j in self._active)
+
+    @property
+    def num_queued(self) -> int:
+        """Requests submitted and not yet in a slot (cancelled ones excluded)."""
+        return self._queued
+
+    def _set_state(self, job: _Job, state: str) -> None:
+        """Move a request to ``state``; the caller holds ``_jobs_lock``."""
+        self._queued += (state == "queued") - (job.state == "queued")
+        job.state = state
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters since construction: ``requests`` placed, ``prefill_batches`` (device calls),
+        ``prefill_tokens`` (prompt tokens run through the model), ``reused_tokens`` (prompt tokens
+        whose keys/values came from a cached row), ``decode_tokens`` (tokens sampled by decode
+        steps), ``decode_chunks``, ``evictions`` (parked conversations dropped for room),
+        ``max_live``; and the current ``live``, ``parked`` and ``queued`` counts."""
+        out = dict(self._counters)
+        out.update(live=self.num_live, parked=self.pool.num_parked, queued=self.num_queued)
+        return out
+
+    @property
+    def params(self):
+        """The weights in use (an ``nnx.State`` in the sampling layout); read-only by convention."""
+        return self._params
+
     def num_image_tokens(self, image) -> int:
         """Image-pad tokens for one image under this engine's image processor (merge 2×2 per token)."""
-        from genevolve_jax.processing.image import image_grid
-        from genevolve_jax.rollout.engine import image_size
-        width, height = image_size(image)
-        t, h, w = image_grid(height, width, self.image_processor)
+        t, h, w = self._image_grid(image)
         return t * h * w // self.config.vision.spatial_merge_size ** 2
+
+    def _image_grid(self, image) -> tuple[int, int, int]:
+        from genevolve_jax.processing.image import image_grid
+        width, height = image_size(image)
+        return image_grid(height, width, self.image_processor)
+
+    @property
+    def weight_shardings(self):
+        """The sampling layout of the weights (tensor-parallel over ``engine.mesh``)."""
+        return self._param_shardings
 
     def update_weights(self, params, step: int = 0) -> dict[str, float]:
         """Replace the weights with ``params`` (an ``nnx.State`` of the model's ``nnx.Param``s, e.g. the
-        trainer's, in any layout); they are resharded in memory to the sampling layout. Requests in
-        flight continue on the new weights with their existing cache (call between rollout phases).
-        ``step`` is recorded as :attr:`weight_version`."""
+        trainer's, in any layout); they are resharded in memory to the sampling layout. Parked
+        conversations are dropped (their keys/values belong to the old weights); requests in flight
+        continue on the new weights with their existing cache and are not parked when they end (call
+        between rollout phases). ``step`` is recorded as :attr:`weight_version`."""
         want = jax.tree.structure(self._params)
         got = jax.tree.structure(params)
         if want != got:
@@ -253,11 +317,15 @@ class JaxEngine(RolloutEngine):
         new = jax.tree.map(lambda x, old: jnp.asarray(x).astype(old.dtype), params, self._params)
         with self._device_lock, self._rules():
             self._params = jax.device_put(new, self._param_shardings)
+            self._version += 1
+            self.pool.new_version(self._version)
         self.weight_version = int(step)
         return {}
 
     def flush_cache(self) -> None:
-        """Nothing to drop between requests (no prefix cache); kept for the SGLang-style API."""
+        """Drop every parked conversation (the next requests prefill from scratch)."""
+        with self._device_lock:
+            self.pool.drop_parked()
 
     def close(self) -> None:
         if self._closed:
@@ -274,105 +342,217 @@ class JaxEngine(RolloutEngine):
                 self._worker = threading.Thread(target=self._run, name="jax-engine", daemon=True)
                 self._worker.start()
 
+    def _take_queued(self, block: bool) -> bool:
+        """Move submitted requests to the pending list; False once the engine is closing."""
+        try:
+            item = self._queue.get(block=block)
+            while True:
+                if item is None:
+                    return False
+                self._pending.append(item)
+                item = self._queue.get_nowait()
+        except queue.Empty:
+            return True
+
     def _run(self) -> None:
         while True:
-            idle = all(j is None for j in self._active)
-            full = all(j is not None for j in self._active)
-            try:  # take new work only when a slot is free (a full batch keeps decoding)
-                job = "none" if full else self._queue.get(block=idle, timeout=None if idle else 0)
-            except queue.Empty:
-                job = "none"
-            if job is None:
+            idle = not self._pending and self.num_live == 0
+            if not self._take_queued(block=idle):
                 self._abort_all("engine closed")
                 return
             try:
                 with self._device_lock:
-                    while job != "none":
-                        self._admit_job(job)
-                        if all(j is not None for j in self._active):
-                            break
-                        try:
-                            job = self._queue.get_nowait()
-                        except queue.Empty:
-                            job = "none"
-                        if job is None:
-                            self._queue.put(None)
-                            break
-                    if any(j is not None for j in self._active):
+                    self._apply_cancels()
+                    self._admit_pending()
+                    if self.num_live:
                         self._step()
             except Exception as exc:  # a device failure aborts the live requests, not the engine
-                self._abort_all(f"engine error: {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}")
+                why = f"engine error: {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
+                for i, job in enumerate(self._active):
+                    if job is not None:
+                        self._finish(i, "abort", why)
                 self._reset_cache()
 
     def _abort_all(self, why: str) -> None:
         for i, job in enumerate(self._active):
             if job is not None:
                 self._finish(i, "abort", why)
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if job is not None and not job.future.done():
-                job.future.set_result(GenerationResult([], [], "abort", error=why))
+        self._take_queued(block=False)
+        while self._pending:
+            self._resolve(self._pending.popleft(), GenerationResult([], [], "abort", error=why))
 
-    def _reset_cache(self) -> None:
-        with self._rules():
-            self._cache = jax.jit(lambda: init_cache(self.config, self.slots, self.capacity),
-                                  out_shardings=self._cache_shardings)()
-        self._length = 0
+    def _resolve(self, job: _Job, result: GenerationResult) -> None:
+        with self._jobs_lock:
+            self._set_state(job, "done")
+            if self._by_id.get(job.request.request_id) is job:
+                del self._by_id[job.request.request_id]
+        if not job.future.done():
+            job.future.set_result(result)
 
-    def _model_batch(self, req: GenerationRequest):
-        prompt = [int(t) for t in req.prompt_ids]
+    def _apply_cancels(self) -> None:
+        for slot, job in enumerate(self._active):
+            if job is not None and job.state == "cancelled":
+                self._finish(slot, "abort", "cancelled")
+
+    # -- admission ------------------------------------------------------------------------------------
+    def _check(self, req: GenerationRequest) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+        """The prompt as an array and its images' grids; ValueError names what is wrong."""
+        prompt = np.asarray([int(t) for t in req.prompt_ids], np.int64)
         n = len(prompt)
         if n == 0:
             raise ValueError("prompt_ids is empty")
         if n >= self.cfg.max_seq_len:
             raise ValueError(f"prompt of {n} tokens leaves no room under engine.max_seq_len={self.cfg.max_seq_len}")
-        bucket = _bucket(n, self.cfg.min_prefill_bucket, self.cfg.max_seq_len)
-        ids = np.zeros((1, bucket), np.int32)
-        mask = np.zeros((1, bucket), np.int32)
-        ids[0, bucket - n:] = prompt
-        mask[0, bucket - n:] = 1
-        vision = {}
-        if req.images:
-            from genevolve_jax.processing.image import preprocess_images
-            processed = preprocess_images([_open_image(x) for x in req.images], self.image_processor)
-            vision = dict(pixel_values=processed[0], image_grid_thw=processed[1])
-        return prepare_inputs(self.config, ids, mask, **vision), n
+        vocab = self.config.text.vocab_size
+        if prompt.min() < 0 or prompt.max() >= vocab:
+            raise ValueError(f"prompt_ids hold ids outside [0, vocab_size={vocab}): min {prompt.min()}, "
+                             f"max {prompt.max()}")
+        runs = image_runs(prompt, self.config.image_token_id)
+        if len(runs) != len(req.images):
+            raise ValueError(f"{len(runs)} runs of image placeholder tokens but {len(req.images)} images")
+        grids = [self._image_grid(x) for x in req.images]
+        merge2 = self.config.vision.spatial_merge_size ** 2
+        for (a, b), g in zip(runs, grids):
+            if b - a != int(np.prod(g)) // merge2:
+                raise ValueError(f"an image placeholder run at token {a} has {b - a} tokens; its image needs "
+                                 f"{int(np.prod(g)) // merge2}")
+        return prompt.astype(np.int32), grids
 
-    def _admit_job(self, job: _Job) -> None:
+    def _plan(self, job: _Job) -> _Prefill | str | None:
+        """Place one request (a _Prefill, DEFER, or None when no row is free); bad requests abort."""
+        req = job.request
         try:
-            batch, n = self._model_batch(job.request)
+            prompt, grids = self._check(req)
+            keys = [image_key(x) for x in req.images]
         except Exception as exc:  # bad prompt or image: this request only
-            job.future.set_result(GenerationResult([], [], "abort", error=f"bad request: {exc}"))
+            self._resolve(job, GenerationResult([], [], "abort", error=f"bad request: {exc}"))
+            return "rejected"
+        place = self.pool.place(prompt, keys)
+        if place is None or place == DEFER:
+            return place
+        m = place.reuse
+        k = sum(1 for a, _ in image_runs(prompt[:m], self.config.image_token_id))
+        offset = m
+        if k:  # positions after images are not token counts (rope.get_rope_index)
+            _, delta = rope.get_rope_index(prompt[None, :m], None, np.asarray(grids[:k]), None, None,
+                                           spatial_merge_size=self.config.vision.spatial_merge_size,
+                                           image_token_id=self.config.image_token_id,
+                                           video_token_id=self.config.video_token_id)
+            offset = m + int(delta[0])
+        lo = self.cfg.min_append_bucket if m else self.cfg.min_prefill_bucket
+        bucket = _bucket(len(prompt) - m, lo, self.cfg.max_seq_len)
+        return _Prefill(job, place, prompt[m:], list(req.images[k:]), offset, bucket)
+
+    def _admit_pending(self) -> None:
+        while self._pending and self.pool.has_room():
+            self.pool.begin_wave()
+            wave, later = [], collections.deque()
+            while self._pending:
+                job = self._pending.popleft()
+                with self._jobs_lock:
+                    if job.state != "queued":
+                        continue  # cancelled while queued (already resolved)
+                plan = self._plan(job)
+                if plan is None:  # no free row: it and everything after it wait
+                    later.append(job)
+                    later.extend(self._pending)
+                    self._pending.clear()
+                elif plan == DEFER:
+                    later.append(job)
+                elif plan != "rejected":
+                    wave.append(plan)
+            self._pending = later
+            if not wave:
+                return
+            self._run_wave(wave)
+
+    def _run_wave(self, wave: list[_Prefill]) -> None:
+        groups: dict[tuple, list[_Prefill]] = collections.defaultdict(list)
+        for p in wave:
+            groups[(p.bucket, bool(p.images), id(p) if p.images else 0)].append(p)
+        calls = []
+        for (bucket, _, _), plans in groups.items():
+            # at most max_seq_len padded tokens per call (a power of two of rows)
+            per_call = max(1, 1 << ((self.cfg.max_seq_len // bucket).bit_length() - 1))
+            calls += [(plans[i:i + per_call], bucket) for i in range(0, len(plans), per_call)]
+        for i, (plans, bucket) in enumerate(calls):
+            try:
+                self._prefill_batch(plans, bucket)
+            except Exception:  # the wave's later requests were taken off the queue: abort them too
+                for later, _ in calls[i + 1:]:
+                    for p in later:
+                        self._resolve(p.job, GenerationResult([], [], "abort", error="an earlier prefill failed"))
+                raise
+
+    def _prefill_batch(self, plans: list[_Prefill], bucket: int) -> None:
+        rows = _bucket(len(plans), 1, self.slots)
+        ids = np.zeros((rows, bucket), np.int32)
+        mask = np.zeros((rows, bucket), np.int32)
+        mask[len(plans):, 0] = 1  # padding rows hold one token so that every row has positions
+        src = np.zeros(rows, np.int32)
+        dst = np.full(rows, self.slots, np.int32)  # out of range: the padding rows' writes are dropped
+        start = np.zeros(rows, np.int32)
+        offset = np.zeros(rows, np.int32)
+        temp, top_p = np.ones(rows, np.float32), np.ones(rows, np.float32)
+        top_k, seed = np.full(rows, -1, np.int32), np.zeros(rows, np.uint32)
+        for r, p in enumerate(plans):
+            n = len(p.suffix)
+            ids[r, :n], mask[r, :n] = p.suffix, 1
+            src[r] = p.place.source if p.place.reuse else p.place.slot
+            dst[r], start[r], offset[r] = p.place.slot, p.place.reuse, p.offset
+            s = p.job.request.sampling
+            temp[r], top_p[r], top_k[r], seed[r] = s.temperature, s.top_p, s.top_k, p.job.seed
+        window = _bucket(int(max(start + bucket)), self.cfg.min_prefill_bucket, self.capacity)
+        try:
+            vision = {}
+            if plans[0].images:
+                from genevolve_jax.processing.image import preprocess_images
+                processed = preprocess_images([_open_image(x) for x in plans[0].images], self.image_processor)
+                vision = dict(pixel_values=processed[0], image_grid_thw=processed[1])
+            batch = prepare_inputs(self.config, ids, mask, **vision)
+        except Exception as exc:  # an image that fails to load or process: these requests only
+            for p in plans:
+                self.pool.finish(p.place.slot, None)
+                self._resolve(p.job, GenerationResult([], [], "abort", error=f"bad request: {exc}"))
             return
-        slot = self._active.index(None)
-        s = job.request.sampling
-        job.max_new = min(s.max_new_tokens, self.cfg.max_seq_len - n)
-        sampling = (np.float32(s.temperature), np.float32(s.top_p), np.int32(s.top_k), np.uint32(job.seed))
+        use_filter = _needs_filter([p.job.request.sampling for p in plans])
         try:
             with self._rules():
-                token, lp, self._cache = self._admit(self._params, self._rest, batch, self._cache, np.int32(slot),
-                                                     sampling, _needs_filter([s]))
+                tokens, lps, self._cache = self._prefill(
+                    self._params, self._rest, batch, self._cache, src, dst, start, offset,
+                    (temp, top_p, top_k, seed), use_filter, window)
         except Exception as exc:
-            job.future.set_result(GenerationResult([], [], "abort", error=f"prefill failed: {type(exc).__name__}: "
-                                                                          f"{exc}"))
+            for p in plans:
+                self.pool.finish(p.place.slot, None)
+                self._resolve(p.job, GenerationResult([], [], "abort", error=f"prefill failed: "
+                                                                            f"{type(exc).__name__}: {exc}"))
             raise
-        self._length = max(self._length, batch.input_ids.shape[1])
-        self.stats["prefills"] += 1
-        self._active[slot] = job
-        self.stats["max_live"] = max(self.stats["max_live"], sum(j is not None for j in self._active))
-        self._accept(slot, int(token), float(lp))
+        tokens, lps = np.asarray(tokens), np.asarray(lps)
+        c = self._counters
+        c["prefill_batches"] += 1
+        for r, p in enumerate(plans):
+            job, slot, n = p.job, p.place.slot, len(p.job.request.prompt_ids)
+            job.max_new = min(job.request.sampling.max_new_tokens, self.cfg.max_seq_len - n)
+            self.pool.rows[slot].device_length = n
+            c["requests"] += 1
+            c["prefill_tokens"] += n - p.place.reuse
+            c["reused_tokens"] += p.place.reuse
+            with self._jobs_lock:
+                cancelled = job.state == "cancelled"
+                if not cancelled:
+                    self._set_state(job, "live")
+            self._active[slot] = job
+            if cancelled:
+                self._finish(slot, "abort", "cancelled")
+            else:
+                self._accept(slot, int(tokens[r]), float(lps[r]))
+        c["evictions"] = self.pool.evictions
+        c["max_live"] = max(c["max_live"], self.num_live)
 
+    # -- decoding -------------------------------------------------------------------------------------
     def _step(self) -> None:
-        live = np.array([j is not None for j in self._active])
-        if self._length + self.chunk > self.capacity:
-            with self._rules():
-                self._cache = self._compact(self._cache, live)
-            self._length = int(self._cache.length)
-            self.stats["compactions"] += 1
         jobs = [(i, j) for i, j in enumerate(self._active) if j is not None]
+        live = np.array([j is not None for j in self._active])
         tokens = np.zeros(self.slots, np.int32)
         temp = np.ones(self.slots, np.float32)
         top_p = np.ones(self.slots, np.float32)
@@ -383,17 +563,20 @@ class JaxEngine(RolloutEngine):
             s = j.request.sampling
             tokens[i], temp[i], top_p[i], top_k[i] = j.pending, s.temperature, s.top_p, s.top_k
             seeds[i], counters[i] = j.seed, len(j.tokens)
+        need = max(self.pool.rows[i].device_length for i, _ in jobs) + self.chunk
+        window = _bucket(need, self.cfg.min_prefill_bucket, self.capacity)
         with self._rules():
             toks, lps, self._cache = self._decode_chunk(
                 self._params, self._rest, tokens, self._cache, live, temp, top_p, top_k, seeds, counters,
-                _needs_filter([j.request.sampling for _, j in jobs]))
-        self._length += self.chunk
-        self.stats["decode_chunks"] += 1
+                _needs_filter([j.request.sampling for _, j in jobs]), window)
+        self._counters["decode_chunks"] += 1
         toks, lps = np.asarray(toks), np.asarray(lps)
         for i, _ in jobs:
+            self.pool.rows[i].device_length += self.chunk
             for step in range(self.chunk):
                 if self._active[i] is None:
                     break
+                self._counters["decode_tokens"] += 1
                 self._accept(i, int(toks[step, i]), float(lps[step, i]))
 
     def _accept(self, slot: int, token: int, logprob: float) -> None:
@@ -405,6 +588,8 @@ class JaxEngine(RolloutEngine):
         job.pending = token
         if not np.isfinite(logprob):
             self._finish(slot, "abort", "non-finite logits (cache overflow or bad weights)")
+        elif job.state == "cancelled":
+            self._finish(slot, "abort", "cancelled")
         elif token in s.stop_token_ids or (s.stop and self._hits_stop_string(job.tokens, s.stop)):
             self._finish(slot, "stop")
         elif len(job.tokens) >= job.max_new:
@@ -424,11 +609,14 @@ class JaxEngine(RolloutEngine):
         job = self._active[slot]
         self._active[slot] = None
         if reason == "abort":
+            self.pool.finish(slot, None)
             result = GenerationResult([], [], "abort", error=error)
         else:
+            # The row holds the prompt and every sampled token but the last (never fed back).
+            held = np.concatenate([self.pool.rows[slot].tokens, np.asarray(job.tokens[:-1], np.int32)])
+            self.pool.finish(slot, held)
             result = GenerationResult(list(job.tokens), list(job.logprobs), reason)
-        if not job.future.done():
-            job.future.set_result(result)
+        self._resolve(job, result)
 
 
 def _open_image(image):
@@ -452,4 +640,4 @@ def from_checkpoint(path: str | os.PathLike, cfg: ml_collections.ConfigDict | No
     return JaxEngine(load_model(path, **load_kw), tokenizer, cfg), tokenizer
 
 
-__all__ = ["JaxEngine", "default_engine_config", "validate", "from_checkpoint"]
+__all__ = ["JaxEngine", "from_checkpoint"]

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from genevolve_jax.config_checks import Checker, is_int
+
 from genevolve_jax.sharding.logical import MESH_AXES, STRATEGY_RULES
 
 DISTRIBUTED_MODES = ("none", "auto", "slurm", "tpu", "explicit")
@@ -35,28 +37,28 @@ def default_config() -> ml_collections.ConfigDict:
 
 def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Reject settings that can never work, naming the field. Device-count checks are in mesh.py."""
-    if cfg.strategy not in STRATEGY_RULES:
-        raise ValueError(f"sharding.strategy must be one of {sorted(STRATEGY_RULES)}, got {cfg.strategy!r}")
+    check = Checker("sharding")
+    check.one_of(cfg.strategy, "strategy", sorted(STRATEGY_RULES))
     unknown = set(cfg.mesh.keys()) - set(MESH_AXES)
     if unknown:
-        raise ValueError(f"sharding.mesh has unknown axes {sorted(unknown)}; the axes are {list(MESH_AXES)}")
+        check.fail("mesh", f"has unknown axes {sorted(unknown)}; the axes are {list(MESH_AXES)}")
     rest = 0
     for axis in MESH_AXES:
         size = cfg.mesh.get(axis, 1)
-        if not isinstance(size, int) or (size < 1 and size != -1):
-            raise ValueError(f"sharding.mesh.{axis} must be a positive int or -1, got {size!r}")
+        check(is_int(size) and (size >= 1 or size == -1), f"mesh.{axis}", "a positive int or -1", size)
         rest += size == -1
     if rest > 1:
-        raise ValueError("sharding.mesh: at most one axis may be -1 (the rest of the devices)")
+        check.fail("mesh", "is invalid: at most one axis may be -1 (the rest of the devices)")
     d = cfg.distributed
-    if d.mode not in DISTRIBUTED_MODES:
-        raise ValueError(f"sharding.distributed.mode must be one of {list(DISTRIBUTED_MODES)}, got {d.mode!r}")
-    if d.mode == "explicit" and d.num_processes and d.num_processes < 1:
-        raise ValueError(f"sharding.distributed.num_processes must be >= 1, got {d.num_processes}")
-    if d.num_processes and d.process_id >= d.num_processes:
-        raise ValueError(f"sharding.distributed.process_id {d.process_id} must be < num_processes "
-                         f"{d.num_processes}")
-    if d.initialization_timeout_s <= 0:
-        raise ValueError("sharding.distributed.initialization_timeout_s must be > 0, got "
-                         f"{d.initialization_timeout_s}")
+    check.one_of(d.mode, "distributed.mode", DISTRIBUTED_MODES)
+    check(isinstance(d.coordinator_address, str), "distributed.coordinator_address", "a host:port string",
+          d.coordinator_address)
+    check.integer(d.num_processes, "distributed.num_processes", 0, "an int >= 0 (0 = from the environment)")
+    check.integer(d.process_id, "distributed.process_id", -1, "an int >= -1 (-1 = from the environment)")
+    if d.num_processes:
+        check(d.process_id < d.num_processes, "distributed.process_id", f"< num_processes ({d.num_processes})",
+              d.process_id)
+    check(isinstance(d.local_device_ids, str), "distributed.local_device_ids",
+          "a comma-separated string (empty = all local devices)", d.local_device_ids)
+    check.number(d.initialization_timeout_s, "distributed.initialization_timeout_s", low=0, low_open=True)
     return cfg

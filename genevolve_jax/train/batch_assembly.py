@@ -1,4 +1,4 @@
-"""Batch assembly for the evolve step, and the evolve loss function that the sharded step runs.
+"""Batch assembly for the evolve step: samples and their advantages → the train step's rows.
 
 One rollout becomes one row (right-padded, the same layout as ``data.packing``): the student
 sequence (prompt + its own turns + observations) with next-token targets, the policy-token mask,
@@ -8,86 +8,33 @@ carries the decision guide. ``teacher_index[b, t]`` is the teacher-row position 
 same token as student position t, so the teacher's log-probs are gathered into student positions
 inside the step (teacher and student prompts differ in length).
 
-The loss function (``evolve_loss_fn``) is pure and jittable: policy forward → fused log-probs and
-entropy; teacher forward on the guided row under stop-gradient → fused log-probs; GRPO + λ·SDL.
-The reference log-probs come in the batch (``ref_logprobs``), from :func:`reference_logprobs_fn`,
-a separate jitted forward of the frozen reference params.
-
 Images (``agent.observation_pixels``): a sample lists the files behind its image placeholders, in
-order. When any trainable row has images, the batch gains per-row image blocks (``row_pixel_values``
-[B, P, C·T·P·P] and the host-computed vision inputs of its grids, ``row_vision_*``, see
-``train.step.row_image_features``) and MRoPE position ids from the model's rope index for student
-and teacher rows. The blocks are batch-major, so gradient accumulation splits them with the rows,
-and P is rounded up to ``rl.patch_multiple`` so that steps reuse compiles. A sample whose images
-cannot be read, or whose placeholders do not match its images, is masked with its reason.
+order. :func:`prepare_images` decodes them and checks them against the placeholders; the mask
+stage (train/masking.py) calls it before advantages, so a sample whose images are unreadable or
+do not match is masked before it counts in its group. When any trainable row has images, the
+batch gains per-row image blocks (``row_pixel_values`` [B, P, C·T·P·P] and the host-computed
+vision inputs of its grids, ``row_vision_*``) and MRoPE position ids from the model's rope index
+for student and teacher rows. The blocks are batch-major, so gradient accumulation splits them
+with the rows, and P is rounded up to ``rl.patch_multiple`` so that steps reuse compiles.
 Text-only batches have exactly the text layout.
 """
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 
 from genevolve_jax.data import packing
 from genevolve_jax.models.qwen3_vl.config import VisionConfig
 from genevolve_jax.models.qwen3_vl.rope import get_rope_index
 from genevolve_jax.models.qwen3_vl.vision import VisionInputs, vision_inputs
-from genevolve_jax.ops.fused_logprob import token_logprobs
 from genevolve_jax.processing.image import ImageProcessorConfig, preprocess_images
-from genevolve_jax.sharding import logical as L
-from genevolve_jax.train.losses import evolve_loss
-from genevolve_jax.train.step import (ROW_IMAGE_FIELDS, batch_shardings, cast_floating, lm_head_kernel,
-                                      qwen3vl_hidden_states, row_image_features)
-
-IMAGE_UNREADABLE = "image_unreadable"          # a file is missing or does not decode
-IMAGE_TOKEN_MISMATCH = "image_token_mismatch"  # placeholders do not match the images' grids
-
-
-@dataclasses.dataclass
-class RolloutSample:
-    """One rollout as the trainer needs it (independent of where it came from)."""
-    sample_id: str
-    group: int                          # index of its prompt in the step (GRPO group)
-    token_ids: list[int]
-    loss_mask: list[int]                # 1 on the policy's sampled tokens
-    logprobs: list[float]               # sampler log-probs aligned with token_ids (0 off-mask)
-    reward: float | None                # None: masked (no trustworthy reward)
-    valid: bool = True                  # False: masked from the loss (error, cut off, judge failure)
-    mask_reason: str = ""
-    prompt_length: int = 0              # tokens of the prompt segment
-    teacher_prompt: list[int] | None = None   # prompt ids with the decision guide, when retrieved
-    request: str = ""
-    stats: dict = dataclasses.field(default_factory=dict)
-    extra: dict = dataclasses.field(default_factory=dict)   # trajectory, program, image path, …
-    images: list = dataclasses.field(default_factory=list)  # files (or PIL images) behind its image
-    #                                                         placeholders, in placeholder order
-
-    def __post_init__(self):
-        n = len(self.token_ids)
-        if len(self.loss_mask) != n or len(self.logprobs) != n:
-            raise ValueError(f"sample {self.sample_id}: token_ids ({n}), loss_mask ({len(self.loss_mask)}) and "
-                             f"logprobs ({len(self.logprobs)}) must have the same length")
-
-    def mask(self, reason: str) -> None:
-        self.valid, self.reward, self.mask_reason = False, None, reason
-
-    @property
-    def has_bundle(self) -> bool:
-        return self.teacher_prompt is not None
-
-    def teacher_ids(self) -> tuple[list[int], list[int]]:
-        """(teacher token ids, teacher policy mask): the guided prompt, then the student's own tokens."""
-        if self.teacher_prompt is None:
-            return list(self.token_ids), list(self.loss_mask)
-        rest = slice(self.prompt_length, None)
-        return (list(self.teacher_prompt) + list(self.token_ids[rest]),
-                [0] * len(self.teacher_prompt) + list(self.loss_mask[rest]))
+from genevolve_jax.train.batch_layout import ROW_IMAGE_FIELDS
+from genevolve_jax.train.records import IMAGE_TOKEN_MISMATCH, IMAGE_UNREADABLE, RolloutSample
 
 
 def _bucket(n: int, multiple: int) -> int:
@@ -140,18 +87,19 @@ class ImageBatchSpec:
         return math.lcm(self.patch_multiple, self.merge2)
 
 
-@dataclasses.dataclass
-class _RowImages:
+@dataclasses.dataclass(frozen=True)
+class SampleImages:
+    """A sample's decoded images: patches, the vision inputs of their grids and the grids."""
     pixels: np.ndarray        # [n, C·T·P·P] float32
     aux: VisionInputs         # of the sample's grids, [n] leading
-    positions: np.ndarray     # [3, len(token_ids)] MRoPE position ids of the student sequence
-    teacher_positions: np.ndarray  # [3, len(teacher ids)]
+    grid: np.ndarray          # [images, 3]
 
 
 def _open_image(image) -> Image.Image:
     if isinstance(image, Image.Image):
         return image
-    with Image.open(image) as im:
+    source = io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else image
+    with Image.open(source) as im:
         im.load()
         return im.copy()
 
@@ -170,67 +118,29 @@ def _mrope_positions(ids: Sequence[int], grid: np.ndarray, spec: ImageBatchSpec)
     return pos[:, 0].astype(np.int32)
 
 
-def _count(masked: dict | None, reason: str) -> None:
-    if masked is not None:
-        masked[reason] = masked.get(reason, 0) + 1
-
-
-def mask_unreadable_images(samples: Sequence[RolloutSample], masked: dict | None = None) -> int:
-    """Mask (reason ``image_unreadable``) every valid sample with an image that cannot be opened
-    and decoded; returns how many. Cheap enough to run before advantages are computed, so that
-    such a sample does not count in its group; :func:`assemble_evolve_batch` checks again."""
-    n = 0
-    for s in samples:
-        if not s.valid:
-            continue
-        for image in s.images:
-            try:
-                _open_image(image)
-            except (OSError, ValueError) as exc:
-                s.mask(f"{IMAGE_UNREADABLE}: {image} ({type(exc).__name__})")
-                _count(masked, IMAGE_UNREADABLE)
-                n += 1
-                break
-    return n
-
-
-def _row_images(s: RolloutSample, teacher_ids: Sequence[int], spec: ImageBatchSpec | None,
-                masked: dict | None) -> _RowImages | None:
-    """The sample's image block and MRoPE positions, or None (no images, or the sample is masked
-    here with its reason)."""
-    if not s.valid:
-        return None
-    if not s.images:
-        if spec is not None:
-            # Placeholders the policy did not write itself need pixels behind them.
-            ids, mask = np.asarray(s.token_ids), np.asarray(s.loss_mask)
-            if ((ids == spec.image_token_id) & (mask == 0)).any():
-                s.mask(f"{IMAGE_TOKEN_MISMATCH}: image placeholders but no images")
-                _count(masked, IMAGE_TOKEN_MISMATCH)
+def prepare_images(sample: RolloutSample, spec: ImageBatchSpec | None) -> SampleImages | str | None:
+    """The sample's decoded images; None when it has none (and needs none); else the mask reason
+    ("image_unreadable: …" or "image_token_mismatch: …") when they cannot be trained on."""
+    ids, mask = np.asarray(sample.token_ids), np.asarray(sample.loss_mask)
+    if not sample.images:
+        # Placeholders the policy did not write itself need pixels behind them.
+        if spec is not None and ((ids == spec.image_token_id) & (mask == 0)).any():
+            return f"{IMAGE_TOKEN_MISMATCH}: image placeholders but no images"
         return None
     if spec is None:
-        raise ValueError(f"sample {s.sample_id} carries {len(s.images)} image(s): assemble_evolve_batch needs "
+        raise ValueError(f"sample {sample.sample_id} carries {len(sample.images)} image(s): batch assembly needs "
                          "image_spec=ImageBatchSpec.for_model(model_config, engine.image_processor, "
                          "rl.patch_multiple)")
     try:
-        pils = [_open_image(x) for x in s.images]
-        pixels, grid = preprocess_images(pils, spec.processor)
+        pixels, grid = preprocess_images([_open_image(x) for x in sample.images], spec.processor)
     except (OSError, ValueError) as exc:
-        s.mask(f"{IMAGE_UNREADABLE}: {str(exc)[:200]}")
-        _count(masked, IMAGE_UNREADABLE)
-        return None
-    positions = _mrope_positions(s.token_ids, grid, spec)
-    teacher = _mrope_positions(teacher_ids, grid, spec)
-    if positions is None or teacher is None:
-        which = "student" if positions is None else "teacher"
-        s.mask(f"{IMAGE_TOKEN_MISMATCH}: {which} placeholders do not match {len(s.images)} image(s)")
-        _count(masked, IMAGE_TOKEN_MISMATCH)
-        return None
-    aux = vision_inputs(grid, spec.vision)
-    return _RowImages(np.asarray(pixels, np.float32), aux, positions, teacher)
+        return f"{IMAGE_UNREADABLE}: {str(exc)[:200]} ({type(exc).__name__})"
+    if _mrope_positions(sample.token_ids, grid, spec) is None:
+        return f"{IMAGE_TOKEN_MISMATCH}: placeholders do not match {len(sample.images)} image(s)"
+    return SampleImages(np.asarray(pixels, np.float32), vision_inputs(grid, spec.vision), np.asarray(grid))
 
 
-def _image_blocks(blocks: Sequence[_RowImages | None], rows: int, spec: ImageBatchSpec,
+def _image_blocks(blocks: Sequence[SampleImages | None], rows: int, spec: ImageBatchSpec,
                   patch_budget: int | None) -> dict[str, np.ndarray]:
     """The ``row_*`` fields: each row's patches and vision inputs, zero-padded to the budget."""
     longest = max(b.pixels.shape[0] for b in blocks if b is not None)
@@ -259,13 +169,17 @@ def _image_blocks(blocks: Sequence[_RowImages | None], rows: int, spec: ImageBat
 def assemble_evolve_batch(samples: Sequence[RolloutSample], advantages: Sequence[float], *, pad_id: int = 0,
                           length_multiple: int = 64, num_rows: int | None = None,
                           seq_len: int | None = None, image_spec: ImageBatchSpec | None = None,
-                          patch_budget: int | None = None, masked: dict | None = None) -> dict[str, np.ndarray]:
-    """Rows for :func:`evolve_loss_fn`. Row and token counts are rounded up (``num_rows``,
+                          images: Mapping[str, SampleImages] | None = None,
+                          patch_budget: int | None = None, old_logprobs: bool = True) -> dict[str, np.ndarray]:
+    """Rows for the evolve loss. Row and token counts are rounded up (``num_rows``,
     ``length_multiple``) so that steps share compiled shapes; padding rows are invalid.
 
-    Samples with images need ``image_spec``; the per-row patch count is rounded up to
-    ``image_spec.patch_multiple`` (or fixed by ``patch_budget``). Samples masked here (unreadable
-    images, placeholders that do not match) are counted by reason in ``masked``."""
+    ``images`` maps sample ids to their :func:`prepare_images` result (the mask stage's); samples
+    of trainable rows not in it are prepared here, and one that cannot be trained on raises: the
+    mask stage, not assembly, decides what trains. The per-row patch count is rounded up to
+    ``image_spec.patch_multiple`` (or fixed by ``patch_budget``). ``old_logprobs`` False leaves π_old
+    out of the batch (an on-policy step takes it from its own forward); the sampler's log-probs
+    are always there as ``sampler_logprobs`` for the mismatch check."""
     if len(samples) != len(advantages):
         raise ValueError(f"{len(samples)} samples but {len(advantages)} advantages")
     if not samples:
@@ -273,20 +187,34 @@ def assemble_evolve_batch(samples: Sequence[RolloutSample], advantages: Sequence
     rows = num_rows or len(samples)
     if rows < len(samples):
         raise ValueError(f"num_rows {rows} < {len(samples)} samples")
+    blocks: list[SampleImages | None] = []
+    for s in samples:
+        got = (images or {}).get(s.sample_id) if s.valid else None
+        if got is None and s.valid:
+            got = prepare_images(s, image_spec)
+        if isinstance(got, str):
+            raise ValueError(f"sample {s.sample_id} cannot be trained on ({got}): mask it before assembly "
+                             "(train/masking.py)")
+        blocks.append(got)
     teacher = [s.teacher_ids() for s in samples]
-    blocks = [_row_images(s, t[0], image_spec, masked) for s, t in zip(samples, teacher)]
     longest = max(max(len(s.token_ids) for s in samples), max(len(t[0]) for t in teacher))
     length = seq_len or _bucket(longest, length_multiple)
     if longest > length:
         raise ValueError(f"a sample has {longest} tokens, more than seq_len {length}")
-    out = {k: [] for k in ("input_ids", "targets", "loss_mask", "segment_ids", "position_ids", "old_logprobs",
+    out = {k: [] for k in ("input_ids", "targets", "loss_mask", "segment_ids", "position_ids", "sampler_logprobs",
                            "teacher_input_ids", "teacher_targets", "teacher_segment_ids",
                            "teacher_position_ids", "teacher_index")}
     for s, (t_ids, t_mask), img in zip(samples, teacher, blocks):
-        b = _row(s.token_ids, s.loss_mask, length, pad_id, {"old_logprobs": s.logprobs},
-                 None if img is None else img.positions)
-        tb = _row(t_ids, t_mask, length, pad_id, positions=None if img is None else img.teacher_positions)
-        for k in ("input_ids", "targets", "loss_mask", "segment_ids", "position_ids", "old_logprobs"):
+        positions = teacher_positions = None
+        if img is not None:
+            positions = _mrope_positions(s.token_ids, img.grid, image_spec)
+            teacher_positions = _mrope_positions(t_ids, img.grid, image_spec)
+            if teacher_positions is None:
+                raise ValueError(f"sample {s.sample_id}: its teacher prompt adds image placeholders; the teacher "
+                                 "stage must not attach such a guide")
+        b = _row(s.token_ids, s.loss_mask, length, pad_id, {"sampler_logprobs": s.logprobs}, positions)
+        tb = _row(t_ids, t_mask, length, pad_id, positions=teacher_positions)
+        for k in ("input_ids", "targets", "loss_mask", "segment_ids", "position_ids", "sampler_logprobs"):
             out[k].append(b[k][0])
         for k in ("input_ids", "targets", "segment_ids", "position_ids"):
             out[f"teacher_{k}"].append(tb[k][0])
@@ -297,7 +225,9 @@ def assemble_evolve_batch(samples: Sequence[RolloutSample], advantages: Sequence
         idx = np.where((b["loss_mask"][0] > 0) & (idx >= 0) & (idx < length), idx, 0)
         out["teacher_index"].append(idx.astype(np.int32))
     batch = {k: np.stack(v) for k, v in out.items()}
-    batch["old_logprobs"] = batch["old_logprobs"].astype(np.float32)
+    batch["sampler_logprobs"] = batch["sampler_logprobs"].astype(np.float32)
+    if old_logprobs:
+        batch["old_logprobs"] = batch["sampler_logprobs"].copy()
     batch["advantages"] = np.asarray(advantages, np.float32)
     batch["sample_valid"] = np.asarray([s.valid for s in samples], np.float32)
     batch["has_bundle"] = np.asarray([s.has_bundle for s in samples], np.float32)
@@ -311,127 +241,3 @@ def assemble_evolve_batch(samples: Sequence[RolloutSample], advantages: Sequence
     if any(b is not None for b in blocks):
         batch.update(_image_blocks(blocks, rows, image_spec, patch_budget))
     return batch
-
-
-def _teacher_view(batch: Mapping[str, Any]) -> dict:
-    view = {"input_ids": batch["teacher_input_ids"], "position_ids": batch["teacher_position_ids"],
-            "segment_ids": batch["teacher_segment_ids"]}
-    # A teacher row holds its student row's images in the same order: the same image block.
-    view.update({k: batch[k] for k in ROW_IMAGE_FIELDS if k in batch})
-    return view
-
-
-def policy_forward(model, batch: Mapping[str, Any], loss_cfg):
-    """(log-probs [B, T] of ``batch["targets"]`` at the RL temperature, entropy [B, T], the encoded
-    row images or None): the policy half of :func:`evolve_loss_fn`, through the fused op."""
-    chunk = int(loss_cfg.logprob.chunk_size)
-    temp = float(loss_cfg.logprob.rl_temperature)
-    feats = row_image_features(model, batch) if "row_pixel_values" in batch else None
-    hidden = qwen3vl_hidden_states(model, batch, feats)
-    kernel = lm_head_kernel(model).astype(hidden.dtype)
-    lp, ent = token_logprobs(hidden, kernel, batch["targets"], chunk_size=chunk, temperature=temp,
-                             return_entropy=True)
-    return lp, ent, feats
-
-
-def teacher_logprobs(model, batch: Mapping[str, Any], loss_cfg, image_features=None) -> jax.Array:
-    """[B, T] stop-gradient log-probs of the student's tokens under the teacher rows, gathered into
-    student positions (``teacher_index``). ``image_features``: the student's encoded row images."""
-    feats = None if image_features is None else jax.tree.map(jax.lax.stop_gradient, image_features)
-    hidden = jax.lax.stop_gradient(qwen3vl_hidden_states(model, _teacher_view(batch), feats))
-    kernel = jax.lax.stop_gradient(lm_head_kernel(model)).astype(hidden.dtype)
-    row = token_logprobs(hidden, kernel, batch["teacher_targets"], chunk_size=int(loss_cfg.logprob.chunk_size),
-                         temperature=float(loss_cfg.logprob.rl_temperature))
-    return jnp.take_along_axis(row, batch["teacher_index"], axis=1)
-
-
-def evolve_loss_fn(loss_cfg, *, sdl: bool | None = None):
-    """LossFn for ``train.step.TrainStep``: L = L_GRPO + λ·L_SDL, computed in one forward of the
-    policy, one stop-gradient forward of the teacher row (same weights) and the fused op. Images
-    are encoded once; the teacher row reuses the features under stop-gradient.
-
-    The GRPO/SDL losses are already means, so the step's weight is 1 per (micro-)batch."""
-    use_sdl = (loss_cfg.sdl.coef > 0) if sdl is None else sdl
-
-    def loss_fn(model, batch, rng):
-        del rng
-        lp, ent, feats = policy_forward(model, batch, loss_cfg)
-        teacher_lp = teacher_logprobs(model, batch, loss_cfg, feats) if use_sdl else None
-        loss, metrics = evolve_loss(lp, batch["old_logprobs"], batch["advantages"], batch["loss_mask"], loss_cfg,
-                                    ref_logprobs=batch.get("ref_logprobs"), teacher_logprobs=teacher_lp,
-                                    has_bundle=batch["has_bundle"] if use_sdl else None,
-                                    sample_valid=batch["sample_valid"], entropy=ent)
-        metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
-        return loss, jnp.ones((), jnp.float32), metrics
-
-    loss_fn.metrics_are_means = True   # the step averages them over micro-batches, but for counts:
-    loss_fn.summed_metrics = ("grpo/tokens", "grpo/seqs", "grpo/masked_seqs", "sdl/tokens", "sdl/samples")
-    return loss_fn
-
-
-def reference_logprobs_fn(setup, loss_cfg, compute_dtype=jnp.float32):
-    """Jitted ``(ref_params, batch) -> log-probs [B, T]`` of the batch's targets under the frozen
-    reference params (same model function, same temperature as the step)."""
-    chunk = int(loss_cfg.logprob.chunk_size)
-    temp = float(loss_cfg.logprob.rl_temperature)
-    cache: dict = {}
-
-    def fn(params, batch):
-        model = setup.merge(cast_floating(params, compute_dtype))
-        hidden = qwen3vl_hidden_states(model, batch)
-        kernel = lm_head_kernel(model).astype(hidden.dtype)
-        return token_logprobs(hidden, kernel, batch["targets"], chunk_size=chunk, temperature=temp)
-
-    def run(params, batch: Mapping[str, np.ndarray]) -> jax.Array:
-        view = {k: batch[k] for k in ("input_ids", "targets", "segment_ids", "position_ids", *ROW_IMAGE_FIELDS)
-                if k in batch}
-        key = tuple((k, v.shape) for k, v in sorted(view.items()))
-        shardings = batch_shardings(view, setup.mesh, setup.rules)
-        if key not in cache:
-            out_sh = NamedSharding(setup.mesh, L.partition_spec((L.BATCH, L.SEQ), setup.rules, setup.mesh,
-                                                                view["targets"].shape))
-            cache[key] = jax.jit(fn, in_shardings=(setup.param_shardings, shardings), out_shardings=out_sh)
-        placed = {k: jax.device_put(np.asarray(v), shardings[k]) for k, v in view.items()}
-        with L.use_rules(setup.mesh, setup.rules):
-            return cache[key](params, placed)
-
-    return run
-
-
-def replicated_copy(tree, mesh):
-    """A fresh, replicated copy of ``tree`` (jit outputs are new buffers, so a later donation of
-    ``tree`` by the train step cannot invalidate it)."""
-    rep = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=rep)(tree)
-
-
-# --- old log-probs: the sampler's, or recomputed (rl.old_logprobs) ------------------------------------
-def logprob_mismatch(sampler_lp, recomputed_lp, loss_mask, sample_valid) -> dict[str, float]:
-    """Mean and max |sampler − recomputed| log-prob over the policy tokens of valid rows: the health
-    check of a sampler (its temperature, precision, weight sync). 0 when there is no such token."""
-    diff = np.abs(np.asarray(sampler_lp, np.float64) - np.asarray(recomputed_lp, np.float64))
-    sel = (np.asarray(loss_mask) > 0) & (np.asarray(sample_valid)[:, None] > 0)
-    if not sel.any():
-        return {"rollout/logprob_mismatch": 0.0, "rollout/logprob_mismatch_max": 0.0}
-    return {"rollout/logprob_mismatch": float(diff[sel].mean()), "rollout/logprob_mismatch_max": float(diff[sel].max())}
-
-
-class OldLogprobs:
-    """π_old for the step (``rl.old_logprobs``, train/run_config.py): computes the batch's target
-    log-probs under the pre-update params with the reference forward (same model function, dtype
-    and temperature as the train step), reports the sampler-vs-recomputed mismatch, and with
-    mode "recompute" writes them into ``batch["old_logprobs"]``. ``fn`` may be an existing
-    :func:`reference_logprobs_fn` (it takes the params as an argument, so the KL reference's serves)."""
-
-    def __init__(self, setup, loss_cfg, compute_dtype=jnp.float32, mode: str = "sampler", fn=None):
-        if mode not in ("sampler", "recompute"):
-            raise ValueError(f"rl.old_logprobs must be 'sampler' or 'recompute', got {mode!r}")
-        self.mode = mode
-        self.fn = fn if fn is not None else reference_logprobs_fn(setup, loss_cfg, compute_dtype)
-
-    def __call__(self, params, batch: dict) -> dict[str, float]:
-        recomputed = np.asarray(self.fn(params, batch), np.float32)
-        metrics = logprob_mismatch(batch["old_logprobs"], recomputed, batch["loss_mask"], batch["sample_valid"])
-        if self.mode == "recompute":
-            batch["old_logprobs"] = recomputed
-        return metrics

@@ -10,20 +10,45 @@ Saves are asynchronous (the step loop continues while arrays are written) every 
 steps, keeping the last ``keep``. A restore takes the *abstract* target of the current run
 (:func:`abstract_like`: shapes, dtypes and the current shardings), so a checkpoint written under
 one mesh/strategy restores under another: orbax reads each shard the new layout needs.
+
+Trust. Orbax writes a step under ``<step>.orbax-checkpoint-tmp`` and renames it to ``<step>`` only
+after every item is written (``AtomicRenameTemporaryPath`` on local and POSIX file systems), so a
+process killed mid-save leaves a tmp directory that is never listed as a step (and is removed at
+the next start, ``cleanup_tmp_directories``). A listed step can still fail to restore: a file
+truncated or deleted afterwards, a tree that does not fit. :meth:`TrainCheckpointer.restore` then
+logs the step and the reason, tries the next older step, and moves the steps it skipped to
+``<directory>/unrestorable/`` (with a ``REASON.txt``) so that the run can save those step numbers
+again. On several processes every attempt's outcome is agreed (any process failing fails it for
+all), so no process restores a step another skipped.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import shutil
+import time
 from typing import Any
 
 import jax
 import numpy as np
 
+log = logging.getLogger(__name__)
+
+UNRESTORABLE_DIR = "unrestorable"
+
 
 class CheckpointError(ValueError):
     """A checkpoint that does not fit the run (missing item, wrong tree or metadata)."""
+
+
+class UnrestorableStep(CheckpointError):
+    """One saved step that does not restore; ``reason`` says why in one line."""
+
+    def __init__(self, directory: str, step: int, reason: str):
+        self.step, self.reason = step, reason
+        super().__init__(f"checkpoint step {step} under {directory} {reason}")
 
 
 def abstract_like(tree, shardings):
@@ -78,12 +103,45 @@ def _unjson(obj: Any) -> Any:
     return obj
 
 
+@dataclasses.dataclass(frozen=True)
+class SkippedStep:
+    """A saved step that did not restore, and why (the first line of the error)."""
+    step: int
+    reason: str
+    moved_to: str | None = None   # where it was set aside (``<directory>/unrestorable/<step>-<time>``)
+
+    def log_line(self) -> str:
+        where = f"; moved to {self.moved_to}" if self.moved_to else ""
+        return f"checkpoint step {self.step} skipped: {self.reason}{where}"
+
+
 @dataclasses.dataclass
 class Restored:
     step: int
     params: Any
     opt_state: Any
     meta: dict
+    skipped: list[SkippedStep] = dataclasses.field(default_factory=list)  # newer steps that failed
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else ""
+    return f"{type(exc).__name__}: {line[:limit]}"
+
+
+def _all_processes_ok(ok: bool) -> bool:
+    """True when ``ok`` holds on every process (a collective when there are several)."""
+    if jax.process_count() == 1:
+        return ok
+    from genevolve_jax.train.agreement import all_processes
+    return all_processes(ok)
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
 
 
 class TrainCheckpointer:
@@ -99,8 +157,10 @@ class TrainCheckpointer:
             raise ValueError(f"checkpoint.keep must be >= 1, got {keep}")
         self.directory = os.path.abspath(os.fspath(directory))
         self.save_every = save_every
+        # cleanup_tmp_directories: a save killed midway left ``<step>.orbax-checkpoint-tmp``;
+        # it is never listed as a step, and is removed here so the step can be saved again.
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                               create=True)
+                                               create=True, cleanup_tmp_directories=True)
         self._ocp = ocp
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("params", "opt_state", "meta"))
@@ -128,22 +188,78 @@ class TrainCheckpointer:
             meta=ocp.args.JsonSave(meta)), force=force)
 
     def restore(self, abstract_params, abstract_opt_state, step: int | None = None) -> Restored:
-        """Restore ``step`` (default: the latest) into the given abstract trees (their shardings)."""
-        ocp = self._ocp
-        step = self.latest_step() if step is None else step
-        if step is None:
+        """Restore into the given abstract trees (their shardings).
+
+        With ``step``, that step or a :class:`CheckpointError`. Without, the newest step that
+        restores: each newer one that fails is logged (step and reason), listed in
+        ``Restored.skipped`` and moved to ``<directory>/unrestorable/``. When none restores, the
+        error names every step and its reason."""
+        if step is not None:
+            return self._restore_step(int(step), abstract_params, abstract_opt_state)
+        steps = sorted(self.all_steps(), reverse=True)
+        if not steps:
             raise CheckpointError(f"no checkpoint under {self.directory}")
+        failed: list[SkippedStep] = []
+        for candidate in steps:
+            error: UnrestorableStep | None = None
+            try:
+                out = self._restore_step(candidate, abstract_params, abstract_opt_state)
+            except UnrestorableStep as exc:
+                error = exc
+            if _all_processes_ok(error is None):
+                return dataclasses.replace(out, skipped=self._set_aside(failed))
+            reason = error.reason if error is not None else "restored here but not on another process"
+            failed.append(SkippedStep(candidate, reason))
+            older = [s for s in steps if s < candidate]
+            log.warning("checkpoint step %d under %s %s; %s", candidate, self.directory, reason,
+                        f"trying step {older[0]}" if older else "no older step to try")
+        lines = "; ".join(f"step {f.step}: {f.reason}" for f in failed)
+        raise CheckpointError(f"no checkpoint under {self.directory} restores: {lines}")
+
+    def _restore_step(self, step: int, abstract_params, abstract_opt_state) -> Restored:
+        ocp = self._ocp
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(abstract_params),
                 opt_state=ocp.args.StandardRestore(abstract_opt_state), meta=ocp.args.JsonRestore()))
-        except (ValueError, KeyError, FileNotFoundError) as exc:
-            raise CheckpointError(f"checkpoint step {step} under {self.directory} does not fit this run "
-                                  f"(model, optimiser or strategy tree differs): {exc}") from exc
-        meta = _unjson(dict(out["meta"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            # Orbax raises these for a tree or an item that does not match, and for a JSON file cut short.
+            raise UnrestorableStep(self.directory, step, "does not fit this run (model, optimiser or strategy "
+                                   f"tree differs) or is damaged: {_first_line(exc)}") from exc
+        except Exception as exc:  # noqa: BLE001 — tensorstore read errors arrive as a bare Exception
+            if "RESOURCE_EXHAUSTED" in str(exc):  # out of device memory: the step may be fine, say so
+                raise
+            raise UnrestorableStep(self.directory, step, "cannot be read (a truncated or missing file): "
+                                   f"{_first_line(exc)}") from exc
+        meta = out["meta"]
+        if not isinstance(meta, dict):
+            raise UnrestorableStep(self.directory, step, f"has a meta of type {type(meta).__name__}, not a JSON object")
+        meta = _unjson(dict(meta))
         if int(meta.get("step", -1)) != int(step):
-            raise CheckpointError(f"checkpoint step {step}: meta says step {meta.get('step')!r}")
+            raise UnrestorableStep(self.directory, step, f"has a meta that says step {meta.get('step')!r}")
         return Restored(int(step), out["params"], out["opt_state"], meta)
+
+    def _set_aside(self, failed: list[SkippedStep]) -> list[SkippedStep]:
+        """Move the steps that did not restore out of the manager's listing (process 0 moves;
+        everyone waits), so that the resumed run saves those step numbers afresh."""
+        if not failed:
+            return []
+        dest_root = os.path.join(self.directory, UNRESTORABLE_DIR)
+        out = []
+        for f in failed:
+            dest = os.path.join(dest_root, f"{f.step}-{time.strftime('%Y%m%dT%H%M%S')}")
+            if jax.process_index() == 0:
+                os.makedirs(dest_root, exist_ok=True)
+                src = os.path.join(self.directory, str(f.step))
+                if os.path.isdir(src):
+                    shutil.move(src, dest)
+                    with open(os.path.join(dest, "REASON.txt"), "w") as fh:
+                        fh.write(f.reason + "\n")
+            out.append(dataclasses.replace(f, moved_to=dest))
+            log.warning("%s", out[-1].log_line())
+        _barrier("genevolve_checkpoint_set_aside")
+        self.manager.reload()
+        return out
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -153,14 +269,16 @@ class TrainCheckpointer:
         self.manager.close()
 
 
-def export_hf(setup, params, path: str | os.PathLike, *, dtype: str = "bfloat16", tokenizer=None) -> list[str]:
-    """HF-format export of the current policy (config.json + safetensors), plus the tokenizer."""
-    from genevolve_jax.models.hf_io import save_pretrained
+def export_hf(model, path: str | os.PathLike, *, dtype: str = "bfloat16", tokenizer=None) -> list[str]:
+    """HF-format export of the policy ``model`` (config.json + safetensors, read tensor by tensor),
+    plus the tokenizer.
 
-    host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
-    model = setup.merge(jax.tree.map(jax.numpy.asarray, host))
-    os.makedirs(path, exist_ok=True)
-    written = save_pretrained(model, path, dtype=dtype)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(os.fspath(path))
+    Written under ``<path>.partial`` and renamed when complete (:func:`hf_io.atomic_directory`), so
+    ``path`` never holds a half-written export, whatever kills the process."""
+    from genevolve_jax.models.hf_io import atomic_directory, save_pretrained
+
+    with atomic_directory(path) as partial:
+        written = save_pretrained(model, partial, dtype=dtype)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(partial)
     return written

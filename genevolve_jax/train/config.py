@@ -1,12 +1,23 @@
 """Train-step hyperparameters: optimiser, schedule, precision, remat, accumulation, freezing.
 
-Defaults are the paper's SFT cold start (METHOD.md §5): AdamW at lr 1e-5 with a cosine schedule
-and 2% warmup, weight decay 1e-6, 32 sequences per step, bf16 compute, activation checkpointing,
-LM only (vision tower and projector frozen). Values the paper does not report are marked (ours).
+One factory serves two sections: ``sft`` (the SFT cold start) and ``train`` (GRPO). Defaults are the
+paper's SFT cold start (METHOD.md §5): AdamW at lr 1e-5 with a cosine schedule and 2% warmup,
+weight decay 1e-6, bf16 compute, activation checkpointing, LM only (vision tower and projector
+frozen). Values the paper does not report are marked (ours).
+
+What is not here, and why:
+- batch sizes: the rows of one optimiser step are set by the data. SFT takes
+  ``data.sft.rows_per_batch`` packed rows per step (the paper's 32 sequences); GRPO takes
+  ``data.rl.prompts_per_step × rl.group_size`` rollouts per step (8 × 6 = 48 in the paper). A
+  separate "global batch size" could only repeat those numbers, so there is none;
+- the fused log-prob op's vocabulary chunk and temperatures: ``loss.logprob.*``;
+- parameter storage and compute dtypes of the model itself: ``model.param_dtype`` / ``model.dtype``.
 """
 from __future__ import annotations
 
 import ml_collections
+
+from genevolve_jax.config_checks import Checker
 
 REMAT_POLICIES = ("none", "full", "save_dots")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -30,65 +41,37 @@ def default_config() -> ml_collections.ConfigDict:
         "total_steps": 1000,    # set by the driver: SFT from epochs × batches, RL from rl.num_steps
         "final_lr_ratio": 0.0,  # cosine/linear decay to this fraction of the peak
     })
-    cfg.global_batch_size = 32      # sequences (packed rows) per optimiser step
-    cfg.grad_accum_steps = 1        # micro-batches per step (scanned)
-    cfg.max_tokens = 32768          # SFT cutoff (packing budget per row)
-    cfg.compute_dtype = "bfloat16"
-    cfg.param_dtype = "float32"     # fp32 master weights; "bfloat16" keeps params in bf16 only
+    cfg.grad_accum_steps = 1        # micro-batches per step (scanned); the step's rows split evenly
+    cfg.compute_dtype = "bfloat16"  # params are cast to this for the step's forward and backward
     cfg.remat = "full"              # activation checkpointing per decoder layer
     cfg.freeze_vision = True        # SFT trains the LM only
-    cfg.logprob_chunk_size = 8192   # vocab chunk of the fused logprob op
+    cfg.max_consecutive_nonfinite = 5  # (ours) stop after this many skipped non-finite steps in a row
     return cfg
 
 
-def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def validate(cfg: ml_collections.ConfigDict, prefix: str = "train") -> ml_collections.ConfigDict:
+    """Reject invalid values naming ``<prefix>.<field>`` (the section is "train" or "sft")."""
+    check = Checker(prefix)
     o, s = cfg.optimizer, cfg.schedule
-    if not o.learning_rate > 0:
-        raise ValueError(f"train.optimizer.learning_rate must be > 0, got {o.learning_rate}")
-    if o.weight_decay < 0:
-        raise ValueError(f"train.optimizer.weight_decay must be >= 0, got {o.weight_decay}")
+    check.number(o.learning_rate, "optimizer.learning_rate", low=0, low_open=True)
+    check.number(o.weight_decay, "optimizer.weight_decay", low=0)
     for name in ("b1", "b2"):
-        if not 0 <= o[name] < 1:
-            raise ValueError(f"train.optimizer.{name} must be in [0, 1), got {o[name]}")
-    if not o.eps > 0:
-        raise ValueError(f"train.optimizer.eps must be > 0, got {o.eps}")
-    if o.max_grad_norm < 0:
-        raise ValueError(f"train.optimizer.max_grad_norm must be >= 0 (0 disables), got {o.max_grad_norm}")
-    if o.mu_dtype not in DTYPES:
-        raise ValueError(f"train.optimizer.mu_dtype must be one of {DTYPES}, got {o.mu_dtype!r}")
-    if s.kind not in SCHEDULES:
-        raise ValueError(f"train.schedule.kind must be one of {SCHEDULES}, got {s.kind!r}")
-    if not 0 <= s.warmup_ratio < 1:
-        raise ValueError(f"train.schedule.warmup_ratio must be in [0, 1), got {s.warmup_ratio}")
-    if s.total_steps < 1:
-        raise ValueError(f"train.schedule.total_steps must be >= 1, got {s.total_steps}")
-    if not 0 <= s.final_lr_ratio <= 1:
-        raise ValueError(f"train.schedule.final_lr_ratio must be in [0, 1], got {s.final_lr_ratio}")
-    if cfg.global_batch_size < 1:
-        raise ValueError(f"train.global_batch_size must be >= 1, got {cfg.global_batch_size}")
-    if cfg.grad_accum_steps < 1:
-        raise ValueError(f"train.grad_accum_steps must be >= 1, got {cfg.grad_accum_steps}")
-    if cfg.global_batch_size % cfg.grad_accum_steps:
-        raise ValueError(f"train.global_batch_size {cfg.global_batch_size} must be divisible by "
-                         f"train.grad_accum_steps {cfg.grad_accum_steps}")
-    if cfg.max_tokens < 2:
-        raise ValueError(f"train.max_tokens must be >= 2, got {cfg.max_tokens}")
-    for name in ("compute_dtype", "param_dtype"):
-        if cfg[name] not in DTYPES:
-            raise ValueError(f"train.{name} must be one of {DTYPES}, got {cfg[name]!r}")
-    if cfg.remat not in REMAT_POLICIES:
-        raise ValueError(f"train.remat must be one of {REMAT_POLICIES}, got {cfg.remat!r}")
-    if cfg.logprob_chunk_size < 1:
-        raise ValueError(f"train.logprob_chunk_size must be >= 1, got {cfg.logprob_chunk_size}")
+        check.number(o[name], f"optimizer.{name}", low=0, high=1, high_open=True)
+    check.number(o.eps, "optimizer.eps", low=0, low_open=True)
+    check.number(o.max_grad_norm, "optimizer.max_grad_norm", low=0, rule=">= 0 (0 disables)")
+    check.one_of(o.mu_dtype, "optimizer.mu_dtype", DTYPES)
+    check.one_of(s.kind, "schedule.kind", SCHEDULES)
+    check.number(s.warmup_ratio, "schedule.warmup_ratio", low=0, high=1, high_open=True)
+    check.integer(s.total_steps, "schedule.total_steps", 1, ">= 1")
+    check.number(s.final_lr_ratio, "schedule.final_lr_ratio", low=0, high=1)
+    check.integer(cfg.grad_accum_steps, "grad_accum_steps", 1, ">= 1")
+    check.one_of(cfg.compute_dtype, "compute_dtype", DTYPES)
+    check.one_of(cfg.remat, "remat", REMAT_POLICIES)
+    check.boolean(cfg.freeze_vision, "freeze_vision")
+    check.integer(cfg.max_consecutive_nonfinite, "max_consecutive_nonfinite", 1, ">= 1")
     return cfg
 
 
-def model_overrides(cfg: ml_collections.ConfigDict, scan_layers: bool = True) -> dict:
-    """The Qwen3VLConfig fields the train config decides: ``model_cfg.replace(**model_overrides(t))``.
-
-    Parameters are held in ``param_dtype`` (fp32 master weights by default) and every matmul runs
-    in ``compute_dtype``; the step also casts parameters to the compute dtype before use, so fsdp
-    gathers move bf16.
-    """
-    return {"param_dtype": cfg.param_dtype, "dtype": cfg.compute_dtype, "remat": cfg.remat,
-            "scan_layers": scan_layers}
+def validate_sft(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The ``sft`` section: the same fields as ``train``, errors naming ``sft.<field>``."""
+    return validate(cfg, prefix="sft")

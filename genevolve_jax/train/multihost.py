@@ -1,38 +1,33 @@
-"""Multi-host evolve steps: each process rolls out its share of the prompts, every process trains.
+"""The multi-process :class:`~genevolve_jax.train.collective.Collective`: what an evolve step does
+across hosts, over jax's multi-process collectives.
 
-A multi-process ``genevolve train`` (``jax.process_count() > 1``) runs one evolve step like this:
+A multi-process ``genevolve train`` (``jax.process_count() > 1``) runs the same pipeline as one
+process; where they differ, :class:`MultiProcess` does:
 
 1. Each process reads ITS prompts (the prompt pool's host shard, ``data.sharding``) and rolls them
    out through a HOST-LOCAL engine (its own devices, no collectives), with GLOBAL group indices:
-   local prompt g of shard i of n is global prompt ``g·n + i``, the inverse of the strided host
-   shard in ``data/rows.py`` (host i reads positions i, i+n, …). So the step's global prompt order,
+   local prompt g of shard i of n is global prompt ``g·n + i``. So the step's global prompt order,
    the sample ids and the sampling seeds are those of a single-host run over the same data.
-2. :func:`gather_samples`: every process all-gathers every process's samples (pickled bytes,
-   padded to the longest) and orders them by global group; from here on every process holds the
-   identical global list, and advantages, batch assembly and the sharded train step run unchanged.
-3. Experience (pairs → summariser → memory → retrieval) runs on process 0 only, because a
-   summariser that calls a model or an endpoint is not deterministic across hosts; its guides,
-   metrics and memory state are broadcast (:func:`broadcast_object`), so every process holds the
-   same memory and checkpoints agree.
-4. Weight sync: :func:`host_local_params` turns the fsdp-sharded global params into an array tree
-   on this host's devices with one jitted reshard (no host-memory copy), which feeds the local
-   engine. SGLang servers: every process takes part in the reshard, process 0 exports and asks the
-   servers to reload, and the broadcast of its timings is the barrier the others wait at.
-
-Writers (metrics.jsonl, TensorBoard, sample dumps, the reward curve, the HF export) are process 0's.
-Nothing here runs in a single-process job: evolve.py calls it only when ``jax.process_count() > 1``.
+2. :meth:`MultiProcess.gather_rollouts`: every process all-gathers every process's samples
+   (pickled bytes, padded to the longest; images travel as bytes) and orders them by global group;
+   from there on every process holds the identical global list, and masking, advantages, batch
+   assembly and the sharded train step run unchanged.
+3. :meth:`MultiProcess.on_writer`: the experience stage (a summariser that calls a model is not
+   deterministic across hosts) and pushes to shared SGLang servers run on process 0; the result is
+   broadcast, which is also the barrier the others wait at.
+4. :meth:`MultiProcess.engine_params`: :func:`host_local_params` turns the fsdp-sharded global
+   params into an array tree on this host's devices with one jitted reshard (no host-memory copy),
+   in the layout the host's engine wants.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
-import inspect
 import io
 import math
 import os
 import pickle
-import warnings
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +35,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-IMAGE_UNREADABLE = "image_unreadable"     # as train/batch_assembly.py: a file that cannot be read
+from genevolve_jax.train.collective import Collective
+from genevolve_jax.train.records import IMAGE_UNREADABLE, RolloutSample, StepRollouts
 
 
 # --- objects over collectives -------------------------------------------------------------------
@@ -98,28 +94,30 @@ class _ImageBytes:
         return _load_image, (self.data,)
 
 
-def portable_samples(samples: Sequence, *, embed_rendered: bool = False) -> list:
-    """Make ``samples`` readable on another host: the files behind their image placeholders travel
+def portable_samples(samples: Sequence[RolloutSample], *, embed_rendered: bool = False) -> list[RolloutSample]:
+    """``samples`` made readable on another host: the files behind their image placeholders travel
     as bytes (a sample whose file cannot be read is masked here, by its owner, with
     ``image_unreadable``, so that no process reads it differently), and with ``embed_rendered`` the
     rendered image (``extra["image_path"]``) travels as ``extra["image_bytes"]`` for sample dumps."""
+    out = []
     for s in samples:
-        images = []
-        for im in getattr(s, "images", None) or []:
+        images, unreadable = [], None
+        for im in s.images:
             if isinstance(im, (str, os.PathLike)):
                 try:
                     with open(im, "rb") as f:
                         im = _ImageBytes(f.read())
-                except OSError:
-                    s.valid, s.reward, s.mask_reason = False, None, IMAGE_UNREADABLE
+                except OSError as exc:
+                    unreadable = f"{IMAGE_UNREADABLE}: {im} ({type(exc).__name__})"
             images.append(im)
-        if images:
-            s.images = images
-        path = s.extra.get("image_path") if embed_rendered else None
+        extra = dict(s.extra)
+        path = extra.get("image_path") if embed_rendered else None
         if path and os.path.exists(path):
             with open(path, "rb") as f:
-                s.extra["image_bytes"] = (os.path.splitext(path)[1] or ".png", f.read())
-    return list(samples)
+                extra["image_bytes"] = (os.path.splitext(path)[1] or ".png", f.read())
+        s = dataclasses.replace(s, images=tuple(images), extra=extra)
+        out.append(s.masked(unreadable) if unreadable and s.valid else s)
+    return out
 
 
 def order_samples(per_process: Sequence[Sequence]) -> list:
@@ -135,12 +133,6 @@ def gather_samples(samples: Sequence, payload: Any = None) -> tuple[list, list]:
     samples, and every process must assemble exactly the same batch for the sharded step."""
     got = allgather_objects((list(samples), payload))
     return order_samples([g[0] for g in got]), [g[1] for g in got]
-
-
-def global_group_ids(num_local: int, shard_index: int, shard_count: int) -> list[int]:
-    """Global prompt indices within the step of a shard's local prompts 0..num_local-1: the
-    inverse of the strided host shard of data/rows.py ``shard`` (shard i reads i, i+n, …)."""
-    return [g * shard_count + shard_index for g in range(num_local)]
 
 
 def merge_rollout_infos(infos: Sequence[dict], weights: Sequence[float]) -> dict:
@@ -166,79 +158,6 @@ def merge_rollout_infos(infos: Sequence[dict], weights: Sequence[float]) -> dict
                     mass[name] += w
             out[key] = {name: sums[name] / mass[name] if mass[name] else 0.0 for name in sums}
     return out
-
-
-# --- the rollout half of a step ----------------------------------------------------------------
-def prompt_shard(trainer) -> tuple[int, int]:
-    """(shard_index, shard_count) of this process's prompts: the prompt source's own when it has
-    them (e.g. toy_task.CyclingPrompts), else the pool's ``data.sharding``."""
-    src = trainer.prompts
-    if hasattr(src, "shard_index") and hasattr(src, "shard_count"):
-        return int(src.shard_index), int(src.shard_count)
-    from genevolve_jax.data.rows import shard_options
-    opts = shard_options(trainer.cfg.data)
-    return int(opts.shard_index), int(opts.shard_count)
-
-
-def check_prompt_shards(shards: Sequence[tuple[int, int]], process_count: int, source: str = "data.sharding") -> None:
-    """Every global prompt must belong to exactly one process: the shard counts equal the number of
-    processes and the shard indices are a permutation of them."""
-    counts = {c for _, c in shards}
-    if counts != {process_count} or sorted(i for i, _ in shards) != list(range(process_count)):
-        raise ValueError(f"{source}: a multi-process run needs one prompt shard per process ({process_count}), "
-                         f"got (shard_index, shard_count) per process {list(shards)}; set data.sharding="
-                         f"'jax_process' ('none' makes every host roll out the same prompts)")
-
-
-def _collect(phase, step: int, prompts: Sequence, group_ids: list[int]):
-    """Local rollouts with global group ids. A phase whose ``collect`` takes ``group_ids`` derives
-    its sample ids and seeds from them; an older one is renumbered afterwards (ids prefixed by the
-    process so they stay unique) and warned about, because its seeds then repeat across hosts."""
-    if "group_ids" in inspect.signature(phase.collect).parameters:
-        return phase.collect(step, prompts, group_ids=group_ids)
-    warnings.warn(f"{type(phase).__name__}.collect takes no group_ids: rollout seeds repeat across hosts",
-                  RuntimeWarning, stacklevel=3)
-    samples, info = phase.collect(step, prompts)
-    for s in samples:
-        s.group = group_ids[s.group]
-        s.sample_id = f"h{jax.process_index()}-{s.sample_id}"
-    return samples, info
-
-
-def collect_global(trainer, step: int, prompts: Sequence) -> tuple[list, dict, list]:
-    """Roll out this process's prompts, then gather: returns the step's global samples (group-major,
-    identical on every process), the merged rollout info and the global prompts in group order."""
-    index, count = trainer._prompt_shard
-    group_ids = global_group_ids(len(prompts), index, count)
-    samples, info = _collect(trainer.rollout, step, prompts, group_ids)
-    judged = sum(1 for s in samples if s.valid and s.reward is not None)
-    dump = trainer.logger.should_dump(step) and jax.process_index() != 0
-    samples = portable_samples(samples, embed_rendered=dump)
-    merged, payloads = gather_samples(samples, {"prompts": list(zip(group_ids, prompts)), "info": info,
-                                                "judged": judged})
-    by_group = sorted((gp for pl in payloads for gp in pl["prompts"]), key=lambda gp: gp[0])
-    k = trainer.group_size
-    sizes = collections.Counter(int(s.group) for s in merged)
-    if [g for g, _ in by_group] != list(range(len(by_group))) or \
-            any(sizes.get(g, 0) != k for g in range(len(by_group))) or len(sizes) != len(by_group):
-        raise ValueError(f"step {step}: the processes' rollouts do not cover global prompts 0..{len(by_group) - 1} "
-                         f"with {k} rollouts each (groups seen: {dict(sorted(sizes.items()))})")
-    info = merge_rollout_infos([pl["info"] for pl in payloads], [pl["judged"] for pl in payloads])
-    return merged, info, [p for _, p in by_group]
-
-
-def experience_on_process0(experience, groups, samples, step: int) -> tuple[list, dict]:
-    """The experience stage on process 0; its guides, metrics and memory state on every process."""
-    result = None
-    if jax.process_index() == 0:
-        metrics = dict(experience.update(groups, step))
-        guides, m = experience.guides([s.request for s in samples])
-        metrics.update(m)
-        result = (list(guides), metrics, experience.state_dict())
-    guides, metrics, state = broadcast_object(result)
-    if jax.process_index() != 0:
-        experience.load_state_dict(state)
-    return guides, metrics
 
 
 # --- params on this host -----------------------------------------------------------------------------
@@ -347,91 +266,51 @@ def _replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def local_setup(setup, mesh: Mesh):
-    """The TrainSetup's model on a local mesh (for merge() on host-local params)."""
-    return dataclasses.replace(setup, mesh=mesh, rest=host_local_params(setup.rest, _replicated(mesh)))
+class MultiProcess(Collective):
+    """Several processes, each with its own devices, train one global state (module docstring)."""
 
+    @property
+    def process_index(self) -> int:
+        return jax.process_index()
 
-def host_local_engine(trainer):
-    """The rollout engine of this host for rl.engine "simple" (PolicySampler) or "jax" (JaxEngine
-    on ``engine.mesh`` over this process's devices), loaded with the current params."""
-    if trainer.cfg.rl.engine == "simple":
-        from genevolve_jax.train.policy_sampler import PolicySampler
+    @property
+    def process_count(self) -> int:
+        return jax.process_count()
+
+    def check_prompt_shard(self, shard: tuple[int, int], source: str) -> None:
+        """Every global prompt must belong to exactly one process: the shard counts equal the
+        number of processes and the shard indices are a permutation of them."""
+        shards = allgather_objects(tuple(int(x) for x in shard))
+        n = self.process_count
+        if {c for _, c in shards} != {n} or sorted(i for i, _ in shards) != list(range(n)):
+            raise ValueError(f"{source}: a multi-process run needs one prompt shard per process ({n}), got "
+                             f"(shard_index, shard_count) per process {list(shards)}; set data.sharding="
+                             f"'jax_process' ('none' makes every host roll out the same prompts)")
+
+    def gather_rollouts(self, samples, info, prompts, group_ids, *, group_size, step, embed_rendered=False):
+        judged = sum(1 for s in samples if s.trains)
+        mine = portable_samples(samples, embed_rendered=embed_rendered and not self.is_writer)
+        merged, payloads = gather_samples(mine, {"prompts": list(zip(group_ids, prompts)), "info": info,
+                                                 "judged": judged})
+        by_group = sorted((gp for pl in payloads for gp in pl["prompts"]), key=lambda gp: gp[0])
+        sizes = collections.Counter(int(s.group) for s in merged)
+        if [g for g, _ in by_group] != list(range(len(by_group))) or len(sizes) != len(by_group) or \
+                any(sizes.get(g, 0) != group_size for g in range(len(by_group))):
+            raise ValueError(f"step {step}: the processes' rollouts do not cover global prompts "
+                             f"0..{len(by_group) - 1} with {group_size} rollouts each (groups seen: "
+                             f"{dict(sorted(sizes.items()))})")
+        info = merge_rollout_infos([pl["info"] for pl in payloads], [pl["judged"] for pl in payloads])
+        return StepRollouts(tuple(merged), tuple(p for _, p in by_group), info)
+
+    def on_writer(self, fn: Callable[[], Any]) -> Any:
+        return broadcast_object(fn() if self.is_writer else None)
+
+    def engine_params(self, model, shardings=None):
+        from flax import nnx
+        state = nnx.state(model, nnx.Param)
+        return host_local_params(state, shardings if shardings is not None else _replicated(local_mesh()))
+
+    def local_model(self, setup, params):
         mesh = local_mesh()
-        a = trainer.cfg.agent
-        setup = local_setup(trainer.setup, mesh)
-        return PolicySampler(setup, host_local_params(trainer.params, _replicated(mesh)),
-                             max_batch=a.loop.engine_batch_size, max_new_tokens=a.round_max_tokens)
-    from genevolve_jax.rollout.jax_engine import JaxEngine
-    mesh = local_mesh(dict(trainer.cfg.engine.mesh))
-    setup = local_setup(trainer.setup, mesh)
-    model = setup.merge(host_local_params(trainer.params, _replicated(mesh)))
-    return JaxEngine(model, trainer.tokenizer, trainer.cfg.engine, mesh=mesh)
-
-
-def sync_weights(trainer, step: int | None = None) -> None:
-    """EvolveTrainer.sync_weights in a multi-process run (every process calls it)."""
-    from flax import nnx
-
-    from genevolve_jax.train.policy_sampler import PolicySampler
-    trainer.last_sync_metrics = {}
-    trainer._engine_stale = False
-    engine = trainer.engine
-    if engine is None or not hasattr(engine, "update_weights"):
-        return
-    if isinstance(engine, PolicySampler):
-        engine.update_weights(host_local_params(trainer.params, _replicated(engine.setup.mesh)))
-        return
-    from genevolve_jax.rollout.jax_engine import JaxEngine
-    if isinstance(engine, JaxEngine):
-        from genevolve_jax.sharding import logical as L
-        state = nnx.state(trainer.setup.merge(trainer.params), nnx.Param)
-        engine.update_weights(host_local_params(state, L.state_shardings(state, engine.mesh, "sample")))
-        return
-    mesh = local_mesh()
-    model = local_setup(trainer.setup, mesh).merge(host_local_params(trainer.params, _replicated(mesh)))
-    from genevolve_jax.rollout.sglang_engine import DiskWeightSync, SGLangEngine
-    if not isinstance(engine, SGLangEngine):
-        engine.update_weights(nnx.state(model, nnx.Param))
-        return
-    # SGLang: rl.sglang.urls lists every host's servers and weights_dir is on a shared file system;
-    # process 0 exports and reloads them all, the others wait for it at the broadcast.
-    metrics = None
-    if jax.process_index() == 0:
-        if getattr(trainer, "_weight_sync", None) is None:
-            trainer._weight_sync = DiskWeightSync.from_config(engine, trainer.cfg.rl.sglang, trainer.workdir)
-        version = str(trainer.step if step is None else step)
-        metrics = trainer._weight_sync.push(model, version)
-    trainer.last_sync_metrics = dict(broadcast_object(metrics) or {})
-
-
-def export_hf(trainer, path: str) -> None:
-    """HF export of the policy: every process joins the reshard, process 0 writes."""
-    from genevolve_jax.train.checkpoint import export_hf as write
-    mesh = local_mesh()
-    params = host_local_params(trainer.params, _replicated(mesh))
-    if jax.process_index() == 0:
-        write(local_setup(trainer.setup, mesh), params, path, dtype=trainer.cfg.rl.export_dtype,
-              tokenizer=trainer.tokenizer)
-    broadcast_object(None)   # the others wait until the export is complete
-
-
-def gathered(fn):
-    """``fn(params, batch)`` whose global (process-sharded) result comes back as one numpy array on
-    every process: the reference and old-log-prob forwards end in ``np.asarray``, which cannot read
-    another process's shards."""
-    def run(params, batch):
-        return np.asarray(multihost_utils.process_allgather(fn(params, batch), tiled=True))
-    return run
-
-
-def prepare_trainer(trainer) -> None:
-    """Multi-process wiring at construction: check that the prompt shards cover every global
-    prompt once, and make the log-prob forwards return host arrays."""
-    shard = prompt_shard(trainer)
-    check_prompt_shards(allgather_objects(shard), jax.process_count())
-    trainer._prompt_shard = shard
-    from genevolve_jax.train.batch_assembly import reference_logprobs_fn
-    fn = trainer.ref_fn if trainer.ref_fn is not None else \
-        reference_logprobs_fn(trainer.setup, trainer.cfg.loss, trainer.compute_dtype)
-    trainer.ref_fn = gathered(fn)
+        local = dataclasses.replace(setup, mesh=mesh, rest=host_local_params(setup.rest, _replicated(mesh)))
+        return local.merge(host_local_params(params, _replicated(mesh)))

@@ -7,15 +7,23 @@
 - ``metrics.jsonl``: one JSON object per step (the same numbers);
 - sample dumps every N steps: ``samples/step_000010/`` with the trajectories (JSONL) and the
   rendered images;
-- ``reward_curve.png`` at the end (mean reward per step, with a moving average).
+- ``reward_curve.png`` at the end (mean reward per step, with a moving average);
+- optionally Weights & Biases (``logging.wandb``): the same scalars at the same steps, each sample
+  dump as a table ``samples`` (one row a trajectory, its image as a W&B image) and the reward curve
+  as the image ``reward_curve``. wandb is an optional extra (``pip install 'genevolve_jax[wandb]'``)
+  imported only when asked for; ``logging.wandb_mode="offline"`` needs no network and keeps the run
+  under ``<workdir>/wandb/`` (or ``$WANDB_DIR``) for a later ``wandb sync``. The W&B run id is kept
+  in ``<workdir>/wandb_run_id.txt``, so a resumed run continues the same W&B run.
 
 Writers are opened lazily and closed by :meth:`RunLogger.close`; process 0 writes (metrics.jsonl,
-TensorBoard, sample dumps, the curve), the others only keep the history (it goes into checkpoints)
-and show progress. In a multi-host run, samples rendered on another host carry their image as
+TensorBoard, sample dumps, the curve, W&B), the others only keep the history (it goes into
+checkpoints) and show progress. In a multi-host run, samples rendered on another host carry their image as
 ``extra["image_bytes"]`` on dump steps (train/multihost.py), since process 0 cannot read its path.
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -24,6 +32,15 @@ import time
 from typing import Any, Mapping, Sequence
 
 import jax
+import ml_collections
+
+from genevolve_jax.agent.trajectory import Trajectory
+
+WANDB_MISSING = ("logging.wandb=True needs the wandb package, which is not installed: "
+                 "pip install 'genevolve_jax[wandb]' (or pip install wandb), or set logging.wandb=False")
+# The columns of the W&B sample table, in order (one row a dumped sample).
+SAMPLE_COLUMNS = ("step", "sample_id", "group", "reward", "valid", "mask_reason", "request", "image",
+                  "trajectory")
 
 
 def _scalar(v: Any) -> float | None:
@@ -48,15 +65,93 @@ def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, f
     return out
 
 
+def check_wandb_installed() -> None:
+    """Raise ImportError naming ``logging.wandb`` when wandb cannot be imported (no import done)."""
+    if importlib.util.find_spec("wandb") is None:
+        raise ImportError(WANDB_MISSING)
+
+
+def _import_wandb():
+    try:
+        import wandb
+    except ImportError as e:
+        raise ImportError(WANDB_MISSING) from e
+    return wandb
+
+
+@dataclasses.dataclass(frozen=True)
+class WandbSettings:
+    """Where a run goes on Weights & Biases (the ``logging.wandb_*`` fields)."""
+    project: str
+    mode: str = "online"        # one of run_config.WANDB_MODES
+    run_name: str = ""          # "" = W&B picks one
+    entity: str = ""            # "" = the default entity of the API key
+
+    @classmethod
+    def from_config(cls, logging_cfg) -> "WandbSettings | None":
+        """None when ``logging.wandb`` is off."""
+        if not logging_cfg.wandb:
+            return None
+        return cls(project=logging_cfg.wandb_project, mode=logging_cfg.wandb_mode,
+                   run_name=logging_cfg.wandb_run_name, entity=logging_cfg.wandb_entity)
+
+
+class WandbTracker:
+    """One W&B run, resumed across restarts of the same workdir (the id is kept in a file)."""
+
+    def __init__(self, settings: WandbSettings, workdir: str, *, job_type: str,
+                 run_config: Mapping[str, Any] | None = None):
+        self._wandb = _import_wandb()
+        id_file = os.path.join(workdir, "wandb_run_id.txt")
+        run_id = None   # a new run: W&B picks the id
+        if os.path.exists(id_file):
+            with open(id_file, encoding="utf-8") as f:
+                run_id = f.read().strip() or None
+        self.run = self._wandb.init(
+            project=settings.project, entity=settings.entity or None, name=settings.run_name or None,
+            mode=settings.mode, id=run_id, resume="allow", job_type=job_type,
+            dir=None if os.environ.get("WANDB_DIR") else workdir,   # $WANDB_DIR wins when set
+            config=dict(run_config) if run_config is not None else None)
+        if run_id is None:
+            with open(id_file, "w", encoding="utf-8") as f:
+                f.write(f"{self.run.id}\n")
+
+    def log_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        self.run.log(dict(scalars), step=step)
+
+    def log_samples(self, step: int, rows: Sequence[Mapping[str, Any]], image_dir: str) -> None:
+        """``rows``: the records of a sample dump; their images are files in ``image_dir``."""
+        table = self._wandb.Table(columns=list(SAMPLE_COLUMNS))
+        for r in rows:
+            image = self._wandb.Image(os.path.join(image_dir, r["image"])) if r["image"] else None
+            table.add_data(step, r["sample_id"], r["group"], r["reward"], r["valid"], r["mask_reason"],
+                           r["request"], image, json.dumps(r["trajectory"], default=str, ensure_ascii=False))
+        self.run.log({"samples": table}, step=step)
+
+    def log_image(self, step: int, key: str, path: str) -> None:
+        self.run.log({key: self._wandb.Image(path)}, step=step)
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
 class RunLogger:
     def __init__(self, workdir: str | os.PathLike, *, total_steps: int, tensorboard: bool = True,
-                 sample_every: int = 0, progress: bool = True, description: str = "train"):
+                 sample_every: int = 0, progress: bool = True, description: str = "train",
+                 samples_per_dump: int = 8, wandb: WandbSettings | None = None,
+                 run_config: Mapping[str, Any] | None = None):
         self.workdir = os.fspath(workdir)
         os.makedirs(self.workdir, exist_ok=True)
         self.total_steps = total_steps
         self.sample_every = sample_every
+        self.samples_per_dump = samples_per_dump
         self.writer_enabled = jax.process_index() == 0
         self.tensorboard = tensorboard and self.writer_enabled
+        if wandb is not None:
+            check_wandb_installed()   # on every process: a missing package fails the run everywhere, now
+        # Only the writer opens a W&B run; ``run_config`` becomes the run's config there.
+        self.tracker = WandbTracker(wandb, self.workdir, job_type=description, run_config=run_config) \
+            if wandb is not None and self.writer_enabled else None
         self._tb = None
         self._jsonl = open(os.path.join(self.workdir, "metrics.jsonl"), "a", encoding="utf-8") \
             if self.writer_enabled else None
@@ -66,6 +161,17 @@ class RunLogger:
         self._description = description
         self._show_progress = progress
         self._t0 = time.perf_counter()
+
+    @classmethod
+    def from_config(cls, workdir: str | os.PathLike, logging_cfg, *, total_steps: int, description: str,
+                    progress: bool | None = None, run_config=None) -> "RunLogger":
+        """A logger as the ``logging`` config section asks (``progress`` overrides logging.progress;
+        ``run_config``, e.g. the whole ConfigDict, is recorded as the W&B run's config)."""
+        config = run_config.to_dict() if isinstance(run_config, ml_collections.ConfigDict) else run_config
+        return cls(workdir, total_steps=total_steps, tensorboard=logging_cfg.tensorboard,
+                   sample_every=logging_cfg.sample_every, samples_per_dump=logging_cfg.samples_per_dump,
+                   progress=logging_cfg.progress if progress is None else progress, description=description,
+                   wandb=WandbSettings.from_config(logging_cfg), run_config=config)
 
     # -- progress ----------------------------------------------------------------------------------
     def start(self, first_step: int = 0) -> None:
@@ -104,6 +210,8 @@ class RunLogger:
                 if k != "step":
                     self._tb.add_scalar(k, v, step)
             self._tb.flush()
+        if self.tracker is not None:
+            self.tracker.log_scalars(step, {k: v for k, v in flat.items() if k != "step"})
         if self._progress is not None:
             self._progress.update(self._task, completed=step, status=self._status(flat))
         return flat
@@ -111,12 +219,15 @@ class RunLogger:
     def should_dump(self, step: int) -> bool:
         return self.sample_every > 0 and step % self.sample_every == 0
 
-    def dump_samples(self, step: int, samples: Sequence[Any], limit: int = 8) -> str | None:
-        """Write up to ``limit`` samples (trajectory records + rewards) and copy their images."""
+    def dump_samples(self, step: int, samples: Sequence[Any], limit: int | None = None) -> str | None:
+        """Write up to ``limit`` (default: samples_per_dump) samples (trajectory records + rewards),
+        copy their images, and log them as a W&B table when W&B is on."""
         if not self.writer_enabled:
             return None
+        limit = self.samples_per_dump if limit is None else limit
         out = os.path.join(self.workdir, "samples", f"step_{step:06d}")
         os.makedirs(out, exist_ok=True)
+        records = []
         with open(os.path.join(out, "samples.jsonl"), "w", encoding="utf-8") as f:
             for s in list(samples)[:limit]:
                 traj = s.extra.get("trajectory")
@@ -133,8 +244,11 @@ class RunLogger:
                 record = {"sample_id": s.sample_id, "group": s.group, "request": s.request, "reward": s.reward,
                           "valid": s.valid, "mask_reason": s.mask_reason, "has_bundle": s.has_bundle,
                           "stats": s.stats, "image": copied,
-                          "trajectory": traj.to_dict() if hasattr(traj, "to_dict") else None}
+                          "trajectory": traj.to_dict() if isinstance(traj, Trajectory) else None}
+                records.append(record)
                 f.write(json.dumps(record, default=str, ensure_ascii=False) + "\n")
+        if self.tracker is not None:
+            self.tracker.log_samples(step, records, out)
         return out
 
     # -- the end -----------------------------------------------------------------------------------
@@ -161,6 +275,8 @@ class RunLogger:
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         plt.close(fig)
+        if self.tracker is not None:   # at the last logged step: W&B drops rows below its current step
+            self.tracker.log_image(int(xs[-1]), "reward_curve", path)
         return path
 
     def close(self) -> None:
@@ -173,3 +289,6 @@ class RunLogger:
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
+        if self.tracker is not None:
+            self.tracker.finish()
+            self.tracker = None

@@ -5,10 +5,6 @@ group-major (prompt i's K rollouts are samples[i·K:(i+1)·K]) with rewards set 
 and ``info`` holds metrics and the raw records for sample dumps. The trainer does the rest
 (advantages, experience, teacher rows, the step), so any phase with this shape trains the same way:
 :class:`AgentRolloutPhase` is the real one (agent loop → render → judge); tests use toy phases.
-
-:class:`ExperienceStage` is the Visual Experience Distillation bookkeeping around the memory:
-best/worst pairs of this step's groups → summariser → memory (≤ 8 inserts), then retrieval for each
-request → the decision guide (None below the similarity threshold).
 """
 from __future__ import annotations
 
@@ -17,65 +13,8 @@ import collections
 import time
 from typing import Any, Callable, Sequence
 
-from genevolve_jax.train.batch_assembly import RolloutSample
-
-
-class ExperienceStage:
-    """Pairs → summariser → memory, and retrieval → decision guides (experience section config)."""
-
-    def __init__(self, exp_cfg, *, generate: Callable[[str], str] | None = None, summariser=None):
-        from genevolve_jax.experience.config import validate
-        from genevolve_jax.experience.embedder import make_embedder
-        from genevolve_jax.experience.memory import ExperienceMemory
-        from genevolve_jax.experience.retrieval import Retriever
-        from genevolve_jax.experience.summariser import make_summariser
-
-        validate(exp_cfg)
-        self.cfg = exp_cfg
-        self.memory = ExperienceMemory.from_config(exp_cfg.memory, make_embedder(exp_cfg.embedder))
-        self.retriever = Retriever(self.memory, exp_cfg.retrieval.min_similarity)
-        self.summariser = summariser or make_summariser(exp_cfg.summariser, generate=generate)
-
-    def update(self, groups: Sequence[Sequence[RolloutSample]], step: int) -> dict:
-        """Select pairs in this step's groups, summarise them, insert the bundles; returns metrics."""
-        from genevolve_jax.experience.pairs import Candidate, protocol_failure, select_pairs
-
-        cands = []
-        for group in groups:
-            row = []
-            for s in group:
-                traj = s.extra.get("trajectory")
-                row.append(Candidate(s.sample_id, s.request, None if (s.reward is None or not s.valid) else s.reward,
-                                     traj, protocol_failure(traj, s.extra.get("reward_reason", ""))))
-            cands.append(row)
-        pairs, pstats = select_pairs(cands, min_gap=self.cfg.pairs.min_gap,
-                                     skip_protocol_failures=self.cfg.pairs.skip_protocol_failures)
-        before = dict(self.summariser.stats.to_dict())
-        bundles = [b for b in self.summariser.summarise_all(pairs) if b is not None] if pairs else []
-        report = self.memory.add_step(bundles, step)
-        after = self.summariser.stats.to_dict()
-        out = {"experience/pairs": pstats.pairs, "experience/bundles": len(bundles),
-               "experience/inserted": len(report.inserted), "experience/evicted": len(report.evicted),
-               "experience/memory_size": len(self.memory),
-               "experience/summary_dropped": after.get("dropped", 0) - before.get("dropped", 0)}
-        for why, n in pstats.skipped.items():
-            out[f"experience/pair_skipped/{why}"] = n
-        return out
-
-    def guides(self, requests: Sequence[str]) -> tuple[list[str | None], dict]:
-        from genevolve_jax.experience.guide import render_guide
-
-        found = self.retriever.retrieve(list(requests))
-        guides = [render_guide(r.bundle) if r is not None else None for r in found]
-        sims = [r.similarity for r in found if r is not None]
-        return guides, {"experience/retrieved": len(sims),
-                        "experience/similarity": sum(sims) / len(sims) if sims else 0.0}
-
-    def state_dict(self) -> dict:
-        return self.memory.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.memory.load_state_dict(state)
+from genevolve_jax.train.pipeline import RolloutPhase
+from genevolve_jax.train.records import RolloutSample
 
 
 def _skills(traj) -> list[str]:
@@ -83,7 +22,7 @@ def _skills(traj) -> list[str]:
             if t.tool_name == "query_knowledge" and t.arguments]
 
 
-class AgentRolloutPhase:
+class AgentRolloutPhase(RolloutPhase):
     """Rollouts through the agent loop (any engine), rewards through the RewardScorer."""
 
     def __init__(self, loop, scorer, group_size: int, *, render_seed: int = 0, mask_truncated: bool = True,
@@ -98,6 +37,10 @@ class AgentRolloutPhase:
         """``group_ids``: the global index of each prompt (multi-host: this host's shard of the
         step), so that sample ids, seeds and groups do not depend on the number of hosts."""
         return asyncio.run(self._collect(step, prompts, group_ids))
+
+    def teacher_prompt(self, sample: RolloutSample, guide: str) -> list[int]:
+        """The loop's prompt for the sample's request with the guide in its system prompt."""
+        return list(self.loop.prompt_ids(sample.request, guide))
 
     async def _collect(self, step: int, prompts: Sequence[dict], group_ids: Sequence[int] | None = None):
         from genevolve_jax.reward.scorer import RewardSample
@@ -190,24 +133,3 @@ def policy_generate_fn(engine, tokenizer, max_new_tokens: int = 512, temperature
         return [tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in results]
 
     return generate_many
-
-
-def step_metrics(samples: Sequence[RolloutSample]) -> dict[str, Any]:
-    """Reward, tool-call and skill statistics of a step's samples."""
-    judged = [s.reward for s in samples if s.reward is not None and s.valid]
-    out: dict[str, Any] = {"reward/mean": sum(judged) / len(judged) if judged else 0.0,
-                           "reward/max": max(judged) if judged else 0.0,
-                           "samples/total": len(samples), "samples/masked": sum(not s.valid for s in samples)}
-    stats = [s.stats for s in samples if s.stats]
-    if stats:
-        for key in ("tool_calls", "rounds", "format_errors", "response_tokens"):
-            vals = [st.get(key, 0) for st in stats if isinstance(st.get(key, 0), (int, float))]
-            if vals:
-                out[f"agent/{key}"] = sum(vals) / len(vals)
-        skills = collections.Counter(sk for st in stats for sk in st.get("skills", []))
-        for name, n in skills.items():
-            out[f"skills/{name}"] = n
-        terms = collections.Counter(st.get("termination") for st in stats if st.get("termination"))
-        for name, n in terms.items():
-            out[f"termination/{name}"] = n
-    return out

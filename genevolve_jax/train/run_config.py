@@ -4,6 +4,10 @@ and the cross-section checks a run config must pass before anything compiles.
 Section defaults are the paper's (METHOD.md §5–7): 8 prompts × 6 rollouts, about 200 GRPO steps;
 SFT for 2 epochs. Values the paper does not give are marked (ours).
 
+Rollouts per optimiser step: ``data.rl.prompts_per_step × rl.group_size`` (8 × 6 = 48 in the
+paper), split into ``train.grad_accum_steps`` micro-batches. There is no separate batch-size field
+to keep equal to that product; the product is checked against the mesh in validate_evolve_run.
+
 Old log-probs (``rl.old_logprobs``). The GRPO ratio and the SDL weight need π_old at the training
 temperature (``loss.logprob.rl_temperature``) over the whole vocabulary, which is what the trainer's
 fused op computes. "sampler" takes the log-probs the rollout engine recorded; "recompute" replaces
@@ -11,8 +15,8 @@ them by a jitted forward of the pre-update params over the assembled batch (one 
 step). The trainer logs ``rollout/logprob_mismatch`` (mean |sampler − recomputed| over policy
 tokens) in both modes: it is the health check of a sampler and of its weight sync.
 
-- JaxEngine and the simple sampler record log_softmax(logits / T) over the whole vocabulary in
-  float32 (rollout/sampling.py), the trainer's quantity: "sampler" is exact up to float error.
+- JaxEngine records log_softmax(logits / T) over the whole vocabulary in float32
+  (rollout/sampling.py), the trainer's quantity: "sampler" is exact up to float error.
 - SGLang (read in sgl-project/sglang, python/sglang/srt/layers/sampler.py and
   layers/logits_processor.py): logits are the lm_head matmul in the model dtype (bf16) cast to
   float32 (``_get_logits``). When a batch samples, the returned ``output_token_logprobs`` are
@@ -28,13 +32,18 @@ tokens) in both modes: it is the health check of a sampler and of its weight syn
 """
 from __future__ import annotations
 
-import re
-
 import ml_collections
 
-ENGINES = ("jax", "simple", "sglang")
-OLD_LOGPROBS = ("sampler", "recompute")
+from genevolve_jax.config_checks import Checker, is_env_name, is_int, is_number, is_url
+from genevolve_jax.train.outage import default_outage_config, validate_outage
+
+ENGINES = ("jax", "sglang")
+OLD_LOGPROBS = ("auto", "sampler", "recompute")
 EXPORT_DTYPES = ("float32", "bfloat16")
+WANDB_MODES = ("online", "offline", "disabled")
+
+# Fields are named in full ("rl.group_size"): these sections are checked from several places.
+_require = Checker()
 
 
 def default_sglang_config() -> ml_collections.ConfigDict:
@@ -57,10 +66,12 @@ def default_rl_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({
         "group_size": 6,            # K rollouts per prompt (paper)
         "num_steps": 200,           # GRPO steps (paper: about 200)
-        "engine": "jax",            # jax: rollout.jax_engine.JaxEngine; simple: train.policy_sampler;
+        "engine": "jax",            # jax: rollout.jax_engine.JaxEngine in this process (the engine section);
                                     # sglang: rollout.sglang_engine.SGLangEngine on rl.sglang.urls
-        "old_logprobs": "sampler",  # sampler | recompute: where π_old comes from (module docstring)
+        "old_logprobs": "auto",     # auto | sampler | recompute: where π_old comes from (train/logprob_forward.py)
+        "updates_per_batch": 1,     # optimiser steps per rollout batch; > 1 makes the clip bite (π_old recomputed)
         "sglang": default_sglang_config(),
+        "outage": default_outage_config(),  # services down past their retries (train/outage.py)
         "length_multiple": 256,     # (ours) batch token length rounded up to this, to reuse compiles
         "patch_multiple": 1024,     # (ours) per-row image patch budget rounded up to this (image batches)
         "max_seq_len": 32768,       # (ours) a longer rollout is masked ("too_long_for_batch")
@@ -84,55 +95,32 @@ def default_checkpoint_config() -> ml_collections.ConfigDict:
 
 
 def default_logging_config() -> ml_collections.ConfigDict:
+    # wandb: also log to Weights & Biases (optional extra; train/observability.py). wandb_mode is one
+    # of "online", "offline" (no network; `wandb sync` later), "disabled"; "" names = W&B's defaults.
     return ml_collections.ConfigDict({"tensorboard": True, "sample_every": 10, "samples_per_dump": 8,
-                                      "progress": True})
-
-
-def _require(cond: bool, field: str, rule: str, value) -> None:
-    if not cond:
-        raise ValueError(f"{field} must be {rule}, got {value!r}")
-
-
-def _int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+                                      "progress": True, "wandb": False, "wandb_project": "genevolve_jax",
+                                      "wandb_entity": "", "wandb_mode": "online", "wandb_run_name": ""})
 
 
 def validate_rl(cfg) -> ml_collections.ConfigDict:
-    _require(_int(cfg.group_size) and cfg.group_size >= 2, "rl.group_size",
+    _require(is_int(cfg.group_size) and cfg.group_size >= 2, "rl.group_size",
              ">= 2 (GRPO compares rollouts within a group)", cfg.group_size)
-    _require(_int(cfg.num_steps) and cfg.num_steps >= 1, "rl.num_steps", ">= 1", cfg.num_steps)
+    _require(is_int(cfg.num_steps) and cfg.num_steps >= 1, "rl.num_steps", ">= 1", cfg.num_steps)
     _require(cfg.engine in ENGINES, "rl.engine", f"one of {ENGINES}", cfg.engine)
-    _require(_int(cfg.length_multiple) and cfg.length_multiple >= 1, "rl.length_multiple", ">= 1",
+    _require(is_int(cfg.length_multiple) and cfg.length_multiple >= 1, "rl.length_multiple", ">= 1",
              cfg.length_multiple)
-    _require(_int(cfg.patch_multiple) and cfg.patch_multiple >= 1, "rl.patch_multiple", "an int >= 1",
+    _require(is_int(cfg.patch_multiple) and cfg.patch_multiple >= 1, "rl.patch_multiple", "an int >= 1",
              cfg.patch_multiple)
-    _require(_int(cfg.max_seq_len) and cfg.max_seq_len >= cfg.length_multiple, "rl.max_seq_len",
+    _require(is_int(cfg.max_seq_len) and cfg.max_seq_len >= cfg.length_multiple, "rl.max_seq_len",
              f">= rl.length_multiple ({cfg.length_multiple})", cfg.max_seq_len)
     _require(cfg.export_dtype in EXPORT_DTYPES, "rl.export_dtype", "float32 or bfloat16", cfg.export_dtype)
     _require(cfg.old_logprobs in OLD_LOGPROBS, "rl.old_logprobs", f"one of {OLD_LOGPROBS}", cfg.old_logprobs)
+    _require(is_int(cfg.updates_per_batch) and cfg.updates_per_batch >= 1, "rl.updates_per_batch", ">= 1",
+             cfg.updates_per_batch)
     if cfg.engine == "sglang":
         validate_sglang(cfg.sglang)
+    validate_outage(cfg.outage)
     return cfg
-
-
-def _is_url(url) -> bool:
-    from urllib.parse import urlsplit
-    if not isinstance(url, str):
-        return False
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        return False
-    return parts.scheme in ("http", "https") and bool(parts.hostname) and port is not None \
-        and parts.path in ("", "/") and not parts.query and not parts.fragment
 
 
 def validate_sglang(cfg, prefix: str = "rl.sglang") -> ml_collections.ConfigDict:
@@ -140,19 +128,18 @@ def validate_sglang(cfg, prefix: str = "rl.sglang") -> ml_collections.ConfigDict
     _require(isinstance(urls, (list, tuple)) and len(urls) >= 1, f"{prefix}.urls",
              "a non-empty list of server URLs when rl.engine is 'sglang'", urls)
     for i, url in enumerate(urls):
-        _require(_is_url(url), f"{prefix}.urls[{i}]", "http(s)://host:port", url)
+        _require(is_url(url, needs_port=True), f"{prefix}.urls[{i}]", "http(s)://host:port", url)
     _require(len(set(u.rstrip("/") for u in urls)) == len(urls), f"{prefix}.urls", "free of duplicates", urls)
-    _require(_number(cfg.timeout_s) and cfg.timeout_s > 0, f"{prefix}.timeout_s", "> 0", cfg.timeout_s)
-    _require(_number(cfg.health_wait_s) and cfg.health_wait_s >= 0, f"{prefix}.health_wait_s", ">= 0",
+    _require(is_number(cfg.timeout_s) and cfg.timeout_s > 0, f"{prefix}.timeout_s", "> 0", cfg.timeout_s)
+    _require(is_number(cfg.health_wait_s) and cfg.health_wait_s >= 0, f"{prefix}.health_wait_s", ">= 0",
              cfg.health_wait_s)
-    _require(_int(cfg.retries) and cfg.retries >= 0, f"{prefix}.retries", ">= 0", cfg.retries)
-    _require(_number(cfg.backoff_s) and cfg.backoff_s >= 0, f"{prefix}.backoff_s", ">= 0", cfg.backoff_s)
-    _require(_int(cfg.max_concurrency) and cfg.max_concurrency >= 1, f"{prefix}.max_concurrency", ">= 1",
+    _require(is_int(cfg.retries) and cfg.retries >= 0, f"{prefix}.retries", ">= 0", cfg.retries)
+    _require(is_number(cfg.backoff_s) and cfg.backoff_s >= 0, f"{prefix}.backoff_s", ">= 0", cfg.backoff_s)
+    _require(is_int(cfg.max_concurrency) and cfg.max_concurrency >= 1, f"{prefix}.max_concurrency", ">= 1",
              cfg.max_concurrency)
-    if not (isinstance(cfg.api_key_env, str) and (cfg.api_key_env == "" or _ENV_NAME.fullmatch(cfg.api_key_env))):
-        # Never echo the value: it may be the key itself, pasted by mistake.
-        raise ValueError(f"{prefix}.api_key_env must be the name of an environment variable holding the key "
-                         f"(letters, digits, _), or empty; got a value that is not one (not shown)")
+    # Never echo the value: it may be the key itself, pasted by mistake.
+    _require.secret(is_env_name(cfg.api_key_env), f"{prefix}.api_key_env",
+                    "the name of an environment variable holding the key (letters, digits, _), or empty")
     _require(isinstance(cfg.weights_dir, str), f"{prefix}.weights_dir", "a path (empty = <workdir>/sglang_weights)",
              cfg.weights_dir)
     _require(cfg.export_dtype in EXPORT_DTYPES, f"{prefix}.export_dtype", "float32 or bfloat16", cfg.export_dtype)
@@ -161,21 +148,30 @@ def validate_sglang(cfg, prefix: str = "rl.sglang") -> ml_collections.ConfigDict
 
 
 def validate_sft_run(cfg) -> ml_collections.ConfigDict:
-    _require(_int(cfg.max_steps) and cfg.max_steps >= 0, "sft_run.max_steps", ">= 0", cfg.max_steps)
+    _require(is_int(cfg.max_steps) and cfg.max_steps >= 0, "sft_run.max_steps", ">= 0", cfg.max_steps)
     _require(cfg.export_dtype in ("float32", "bfloat16"), "sft_run.export_dtype", "float32 or bfloat16",
              cfg.export_dtype)
     return cfg
 
 
 def validate_checkpoint(cfg) -> ml_collections.ConfigDict:
-    _require(_int(cfg.save_every) and cfg.save_every >= 1, "checkpoint.save_every", ">= 1", cfg.save_every)
-    _require(_int(cfg.keep) and cfg.keep >= 1, "checkpoint.keep", ">= 1", cfg.keep)
+    _require(is_int(cfg.save_every) and cfg.save_every >= 1, "checkpoint.save_every", ">= 1", cfg.save_every)
+    _require(is_int(cfg.keep) and cfg.keep >= 1, "checkpoint.keep", ">= 1", cfg.keep)
     return cfg
 
 
 def validate_logging(cfg) -> ml_collections.ConfigDict:
-    _require(_int(cfg.sample_every) and cfg.sample_every >= 0, "logging.sample_every", ">= 0 (0 = never)",
+    _require(is_int(cfg.sample_every) and cfg.sample_every >= 0, "logging.sample_every", ">= 0 (0 = never)",
              cfg.sample_every)
+    _require(isinstance(cfg.wandb, bool), "logging.wandb", "a bool", cfg.wandb)
+    _require(cfg.wandb_mode in WANDB_MODES, "logging.wandb_mode", f"one of {WANDB_MODES}", cfg.wandb_mode)
+    _require(isinstance(cfg.wandb_project, str) and cfg.wandb_project.strip() != "", "logging.wandb_project",
+             "a non-empty string", cfg.wandb_project)
+    for name in ("wandb_entity", "wandb_run_name"):
+        _require(isinstance(cfg[name], str), f"logging.{name}", "a string ('' = W&B's default)", cfg[name])
+    if cfg.wandb:   # fail before anything is built, not at the first logged step
+        from genevolve_jax.train.observability import check_wandb_installed
+        check_wandb_installed()
     return cfg
 
 
@@ -184,13 +180,24 @@ def validate_evolve_run(cfg, n_devices: int | None = None) -> None:
     config_loader; these need two sections at once). Runs before any model is built."""
     from genevolve_jax.train.run_setup import check_mesh
 
+    from genevolve_jax.render.config import require_service as require_render
+    from genevolve_jax.reward.config import require_service as require_judge
+
     validate_rl(cfg.rl)
+    require_render(cfg.render)
+    require_judge(cfg.reward)
+    # configs/base.py links these pairs (one FieldReference each), so setting either field sets
+    # both; a config that replaces a whole section breaks the link, and these checks catch it.
     sampler_t = float(cfg.agent.sampling.temperature)
     train_t = float(cfg.loss.logprob.rl_temperature)
     if abs(sampler_t - train_t) > 1e-9:
         raise ValueError(f"loss.logprob.rl_temperature ({train_t}) must equal agent.sampling.temperature "
                          f"({sampler_t}): the importance ratio compares the sampler's log-probs with the "
                          f"trainer's at the same temperature")
+    agent_min, reward_min = int(cfg.agent.program.min_references), int(cfg.reward.program.min_references)
+    if agent_min != reward_min:
+        raise ValueError(f"agent.program.min_references ({agent_min}) must equal reward.program.min_references "
+                         f"({reward_min}): the policy is told the reference range that the reward enforces")
     rows = int(cfg.data.rl.prompts_per_step) * int(cfg.rl.group_size)
     if rows % cfg.train.grad_accum_steps:
         raise ValueError(f"data.rl.prompts_per_step × rl.group_size = {rows} rows must be divisible by "

@@ -9,6 +9,7 @@ import os
 import jax
 import ml_collections
 
+from genevolve_jax.config_checks import Checker
 from genevolve_jax.sharding.mesh import MeshError, resolve_axis_sizes
 
 PRESETS = ("tiny", "qwen3vl_2b", "qwen3vl_8b")
@@ -32,16 +33,17 @@ def default_model_config() -> ml_collections.ConfigDict:
 
 
 def validate_model(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    if cfg.preset not in PRESETS:
-        raise ValueError(f"model.preset must be one of {PRESETS}, got {cfg.preset!r}")
+    check = Checker("model")
+    check.one_of(cfg.preset, "preset", PRESETS)
     if cfg.path and not os.path.exists(cfg.path):
-        raise ValueError(f"model.path {cfg.path!r} does not exist")
+        check.fail("path", f"{cfg.path!r} does not exist")
     for name in ("num_layers", "vision_depth", "hidden_size"):
-        if not isinstance(cfg[name], int) or cfg[name] < 0:
-            raise ValueError(f"model.{name} must be an int >= 0, got {cfg[name]!r}")
+        check.integer(cfg[name], name, 0)
+    check.integer(cfg.seed, "seed")
+    check(isinstance(cfg.tokenizer, str), "tokenizer", "a folder path (empty: the checkpoint's)", cfg.tokenizer)
     for name in ("param_dtype", "dtype"):
-        if cfg[name] not in ("float32", "bfloat16"):
-            raise ValueError(f"model.{name} must be float32 or bfloat16, got {cfg[name]!r}")
+        check(cfg[name] in ("float32", "bfloat16"), name, "float32 or bfloat16", cfg[name])
+    check.boolean(cfg.fast_compile, "fast_compile")
     return cfg
 
 

@@ -12,7 +12,7 @@ from genevolve_jax.data.packing import Trajectory, assign_rows, pack, split_micr
 from genevolve_jax.models.qwen3_vl.config import tiny
 from genevolve_jax.models import hf_io
 from genevolve_jax.ops.fused_logprob import token_logprobs
-from genevolve_jax.train.step import lm_head_kernel, qwen3vl_hidden_states
+from genevolve_jax.train.batch_layout import hidden_states_of
 
 FAST = {"xla_backend_optimization_level": 0}
 
@@ -118,8 +118,8 @@ def _logprobs(model, batch):
 
     def f(state, batch):
         m = nnx.merge(graphdef, state)
-        hidden = qwen3vl_hidden_states(m, batch)
-        return token_logprobs(hidden, lm_head_kernel(m), batch["targets"], chunk_size=128)
+        hidden = hidden_states_of(m, batch)
+        return token_logprobs(hidden, m.lm_head_kernel(), batch["targets"], chunk_size=128)
 
     arrays = {k: jnp.asarray(v) for k, v in batch.items()}
     return np.asarray(jax.jit(f, compiler_options=FAST)(state, arrays))
@@ -151,7 +151,7 @@ def test_no_gradient_crosses_segments(model):
     lm = model.language_model
     graphdef, state = nnx.split(lm)
     embeds = lm.embed_tokens(arrays["input_ids"])
-    kernel = lm_head_kernel(model)
+    kernel = model.lm_head_kernel()
     seg = arrays["segment_ids"]
 
     def loss(x):

@@ -7,9 +7,8 @@ from genevolve_jax.eval.config import get_config, validate
 def test_defaults_are_the_papers_weights():
     cfg = get_config()
     validate(cfg)
-    k, w = cfg.kscore, cfg.wise
-    assert (k.w_faithfulness, k.w_visual_correctness, k.w_text_accuracy, k.w_aesthetics, k.text_na_value) == \
-        (0.1, 0.4, 0.4, 0.1, 0.5)
+    w = cfg.wise
+    assert "kscore" not in cfg   # the eval job scores with the reward's KScore weights (reward.kscore)
     assert (w.w_consistency, w.w_realism, w.w_aesthetics) == (0.7, 0.2, 0.1)
     assert (w.w_cultural, w.w_time, w.w_space, w.w_biology, w.w_physics, w.w_chemistry) == \
         (0.4, 0.167, 0.133, 0.1, 0.1, 0.1)
@@ -20,8 +19,8 @@ def test_defaults_are_the_papers_weights():
     ("judge", "human", "eval.judge must be one of"),
     ("runner.max_concurrency", 0, "eval.runner.max_concurrency must be >= 1, got 0"),
     ("runner.requests_per_minute", -1.0, "eval.runner.requests_per_minute must be >= 0"),
-    ("kscore.w_aesthetics", 0.3, "eval.kscore.w_faithfulness must be part of weights"),
-    ("kscore.text_na_value", 1.5, "eval.kscore.text_na_value must be in \\[0, 1\\]"),
+    ("wise.w_aesthetics", 0.3, "eval.wise.w_consistency must be part of weights"),
+    ("runner.retry_missing", 1, "eval.runner.retry_missing must be a bool"),
     ("wise.w_time", 0.2, "eval.wise.w_cultural must be part of category weights"),
     ("wise.w_realism", -0.1, "eval.wise.w_realism must be >= 0"),
     ("report.thumb_px", 4, "eval.report.thumb_px must be >= 16"),

@@ -13,7 +13,7 @@ from PIL import Image
 from genevolve_jax.render.base import RenderError, RenderRequest, SamplingParams
 from genevolve_jax.render.client import HTTPRenderer, generate_payload
 from genevolve_jax.render.remote import image_to_data_uri
-from genevolve_jax.render.service import LoopbackServer, create_app
+from genevolve_jax.render.service import LoopbackServer, RenderLimits, create_app
 
 
 class SeedColourWorker:
@@ -147,3 +147,86 @@ def test_payload_sizes_follow_first_reference(tmp_path):
     assert (p["width"], p["height"]) == (768, 1024)
     assert len(p["image_urls"]) == 2 and all(u.startswith("data:image/jpeg;base64,") for u in p["image_urls"])
     assert p["num_inference_steps"] == 40 and p["true_cfg_scale"] == 4.0 and p["guidance_scale"] == 1.0
+
+
+# --- bounds, bombs, auth, a full queue, a client that hangs up ----------------------------------------------
+@pytest.mark.parametrize("patch, field", [({"width": 4096, "height": 32}, "width"), ({"width": 32, "height": 8}, "height"),
+                                          ({"num_inference_steps": 1000}, "num_inference_steps"),
+                                          ({"num_inference_steps": 0}, "num_inference_steps"),
+                                          ({"true_cfg_scale": 1e9}, "true_cfg_scale"),
+                                          ({"guidance_scale": -1}, "guidance_scale"),
+                                          ({"seed": 2 ** 64}, "seed"), ({"seed": -1}, "seed"),
+                                          ({"prompt": "x" * 9000}, "prompt"),
+                                          ({"image_urls": ["data:image/png;base64,AAAA"] * 5}, "image_urls")])
+def test_numeric_fields_are_bounded(patch, field):
+    worker = SeedColourWorker()
+    with LoopbackServer(create_app([worker])).running() as url:
+        r = httpx.post(f"{url}/generate", json={"prompt": "p", **patch})
+        assert r.status_code == 400, r.text
+        assert r.json()["param"] == field and r.json()["success"] is False
+        assert worker.calls == 0
+
+
+def test_decompression_bomb_and_body_size_are_refused():
+    from tests.fixtures.servers import bomb_png
+    worker = SeedColourWorker()
+    limits = RenderLimits(max_body_bytes=200_000, max_ref_pixels=1000 * 1000)
+    with LoopbackServer(create_app([worker], limits=limits)).running() as url:
+        bomb = "data:image/png;base64," + base64.b64encode(bomb_png(50_000, 50_000)).decode()
+        r = httpx.post(f"{url}/generate", json={"prompt": "p", "image_urls": [bomb]})
+        assert r.status_code == 400 and r.json()["param"] == "image_urls[0]" and "exceeds" in r.json()["error"]
+        buf = io.BytesIO()
+        Image.new("L", (1100, 1000)).save(buf, format="PNG")  # 1.1 M pixels in ~2 KB
+        big = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        r = httpx.post(f"{url}/generate", json={"prompt": "p", "image_urls": [big]})
+        assert r.status_code == 400 and "1100x1000" in r.json()["error"]
+        r = httpx.post(f"{url}/generate", json={"prompt": "p" * 300_000})
+        assert r.status_code == 413 and r.json()["success"] is False
+        assert worker.calls == 0 and httpx.get(f"{url}/health").status_code == 200
+
+
+def test_bearer_token_and_open_health():
+    worker = SeedColourWorker()
+    with LoopbackServer(create_app([worker], api_key="render-key")).running() as url:
+        assert httpx.get(f"{url}/health").status_code == 200
+        for headers in ({}, {"Authorization": "Bearer nope"}):
+            r = httpx.post(f"{url}/generate", json={"prompt": "p"}, headers=headers)
+            assert r.status_code == 401 and r.json()["success"] is False and r.json()["code"] == "invalid_api_key"
+        r = httpx.post(f"{url}/generate", json={"prompt": "p"}, headers={"Authorization": "Bearer render-key"})
+        assert r.status_code == 200 and worker.calls == 1
+
+
+class SlowWorker(SeedColourWorker):
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+
+    def render_images(self, request, refs):
+        import time
+        time.sleep(self.seconds)
+        return super().render_images(request, refs)
+
+
+def test_full_queue_is_503_with_retry_after_and_a_gone_client_frees_its_queue_place():
+    worker = SlowWorker(0.5)
+    with LoopbackServer(create_app([worker], queue_size=2, limits=RenderLimits(retry_after_s=2))).running() as url:
+        async def burst():
+            async with httpx.AsyncClient(timeout=60) as c:
+                return await asyncio.gather(*(c.post(f"{url}/generate", json={"prompt": "p", "seed": s})
+                                              for s in range(6)))
+        replies = asyncio.run(burst())
+        codes = sorted(r.status_code for r in replies)
+        assert set(codes) == {200, 503}, codes
+        busy = next(r for r in replies if r.status_code == 503)
+        assert busy.headers["retry-after"] == "2" and busy.json()["code"] == "overloaded"
+        # a client that hangs up while its 3 images wait: they are never drawn
+        calls = worker.calls
+        httpx.post(f"{url}/generate", json={"prompt": "p"}, timeout=60)  # occupies the worker for 0.5 s
+        with pytest.raises(httpx.ReadTimeout):
+            with httpx.Client(timeout=httpx.Timeout(60, read=0.2)) as c:
+                c.post(f"{url}/generate", json={"prompt": "q", "num_images_per_prompt": 2})
+        import time
+        time.sleep(1.5)
+        health = httpx.get(f"{url}/health").json()
+        assert health["cancelled"] == 1 and health["queue_depth"] == 0
+        assert worker.calls - calls <= 2  # the first request, plus at most the image already on the worker

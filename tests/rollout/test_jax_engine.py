@@ -1,6 +1,8 @@
 """JaxEngine: cached greedy decoding equals full-forward argmax (text and image prompts), recorded
 log-probs equal the training forward's fused log-probs, continuous batching changes no output,
 stop ids/strings, sharded sampling layout, weight updates and bad requests."""
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,12 +12,13 @@ from PIL import Image
 
 from genevolve_jax.models.hf_io import model_from_state_dict, random_state_dict
 from genevolve_jax.models.qwen3_vl import config as C
-from genevolve_jax.models.qwen3_vl.model import forward, forward_hidden, lm_head_kernel, prepare_inputs
+from genevolve_jax.models.qwen3_vl.model import forward, forward_hidden, prepare_inputs
 from genevolve_jax.ops.fused_logprob import token_logprobs
 from genevolve_jax.processing.image import ImageProcessorConfig, preprocess_images
 from genevolve_jax.processing.tokenizer import default_tokenizer, special_token_ids
 from genevolve_jax.rollout.engine import GenerationRequest, SamplingParams
-from genevolve_jax.rollout.jax_engine import JaxEngine, default_engine_config, validate
+from genevolve_jax.rollout.config import default_engine_config, validate
+from genevolve_jax.rollout.jax_engine import JaxEngine
 from genevolve_jax.rollout.sampling import filter_logits, sample_tokens
 
 PROCESSOR = ImageProcessorConfig(min_pixels=32 * 32, max_pixels=96 * 96)
@@ -108,7 +111,7 @@ def test_sampled_logprobs_equal_the_training_forward_fused_logprobs(setup, tmp_p
     params = SamplingParams(max_new_tokens=12, temperature=temperature, top_p=0.9, top_k=40, seed=5)
     results = engine.generate([GenerationRequest(p, params, images=i) for p, i in prompts])
     graphdef, state = nnx.split(model)
-    kernel = lm_head_kernel(graphdef, state)
+    kernel = model.lm_head_kernel()
     for (prompt, imgs), res in zip(prompts, results):
         ids = prompt + res.token_ids
         _, batch = full_logits(model, cfg, ids, imgs)
@@ -169,15 +172,15 @@ def test_sampler_cuts_and_raw_logprob_switch_against_numpy():
 def test_continuous_batching_gives_the_outputs_of_one_at_a_time(setup):
     tok, cfg, model, _ = setup
     rng = np.random.default_rng(3)
-    # 2 slots, 6 requests of different lengths: requests enter as others finish, and the small
-    # cache (max_seq_len 48) forces compaction.
+    # 2 slots, 6 requests of different lengths: requests enter as others finish (and evict the
+    # parked rows of earlier ones), with decode windows of several sizes.
     engine = JaxEngine(model, tok, engine_config(max_slots=2, max_seq_len=48))
     try:
         reqs = [GenerationRequest(text_ids(rng, int(n), tok), SamplingParams(
             max_new_tokens=int(m), temperature=0.0 if i % 2 else 0.8, seed=i))
             for i, (n, m) in enumerate([(5, 9), (20, 4), (11, 14), (3, 7), (30, 10), (8, 5)])]
         together = engine.generate(reqs)
-        assert engine.stats["max_live"] == 2 and engine.stats["compactions"] > 0
+        assert engine.stats["max_live"] == 2 and engine.stats["evictions"] > 0
         alone = [engine.generate([r])[0] for r in reqs]
     finally:
         engine.close()
@@ -223,7 +226,7 @@ def test_sharded_sampling_layout_matches_a_single_device(setup):
         reqs = [GenerationRequest(text_ids(rng, n, tok), SamplingParams(max_new_tokens=6, temperature=0.0))
                 for n in (4, 13, 9)]
         got = sharded.generate(reqs)
-        spec = sharded._params["language_model"]["layers"][0]["self_attn"]["q_proj"]["kernel"].get_value().sharding.spec
+        spec = sharded.params["language_model"]["layers"][0]["self_attn"]["q_proj"]["kernel"].get_value().sharding.spec
         assert "tensor" in tuple(spec)
     finally:
         sharded.close()
@@ -262,3 +265,146 @@ def test_weight_update_changes_outputs_and_bad_inputs_are_named(setup):
     assert engine.generate([req])[0].error == "engine is closed"
     with pytest.raises(ValueError, match="engine.steps_per_sync"):
         validate(engine_config(steps_per_sync=0))
+
+
+# --- KV reuse ------------------------------------------------------------------------------------------
+def _delta(engine, before):
+    return {k: engine.stats[k] - before[k] for k in ("prefill_tokens", "reused_tokens", "evictions")}
+
+
+def _converse(engine, prompt, images, observations, fresh):
+    """Rounds of an agent: each request resends the whole context (prompt, every sampled turn and
+    observation), as genevolve_jax/agent/loop.py does. ``fresh`` drops the cache before each round."""
+    context, imgs, results, deltas = list(prompt), list(images), [], []
+    for r, (obs, obs_images) in enumerate(observations):
+        if fresh:
+            engine.flush_cache()
+        before = engine.stats
+        params = SamplingParams(max_new_tokens=5, temperature=0.7, top_p=0.9, top_k=30, seed=100 + r)
+        res = engine.generate([GenerationRequest(list(context), params, images=list(imgs))])[0]
+        assert res.finish_reason == "length", res.error
+        results.append(res)
+        deltas.append((len(context), _delta(engine, before)))
+        context += res.token_ids + obs
+        imgs += obs_images
+    return results, deltas
+
+
+def test_a_five_round_conversation_with_reuse_equals_fresh_prefills(setup, tmp_path):
+    tok, cfg, model, engine = setup
+    rng = np.random.default_rng(7)
+    first, later = write_image(tmp_path / "c.png", rng), write_image(tmp_path / "d.png", rng)
+    prompt = image_prompt(rng, tok, cfg, engine, first)
+    pads = engine.num_image_tokens(str(later))
+    observations = [(text_ids(rng, 4, tok), []), (text_ids(rng, 3, tok), []),
+                    (text_ids(rng, 2, tok) + [cfg.vision_start_token_id] + [cfg.image_token_id] * pads
+                     + [cfg.vision_end_token_id], [str(later)]),
+                    (text_ids(rng, 5, tok), []), ([], [])]
+    assert len(prompt) + 5 * 5 + sum(len(o) for o, _ in observations) < 96
+    engine.flush_cache()
+    reused, deltas = _converse(engine, prompt, [str(first)], observations, fresh=False)
+    again, fresh_deltas = _converse(engine, prompt, [str(first)], observations, fresh=True)
+    for a, b in zip(reused, again):
+        assert a.token_ids == b.token_ids
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
+    # Round r ≥ 2 reuses everything the row holds (the context but the last sampled token) and
+    # prefills only that token and the observation.
+    for r, ((n, d), (_, f)) in enumerate(zip(deltas, fresh_deltas)):
+        assert f["reused_tokens"] == 0 and f["prefill_tokens"] == n
+        if r == 0:
+            assert d["reused_tokens"] == 0 and d["prefill_tokens"] == n
+        else:
+            held = deltas[r - 1][0] + 4  # previous context and 4 of its 5 sampled tokens
+            assert d["reused_tokens"] == held and d["prefill_tokens"] == n - held
+    assert sum(len(r.token_ids) for r in reused) == 25
+
+
+def test_group_prefix_is_prefilled_once_and_image_content_is_part_of_the_key(setup, tmp_path):
+    tok, cfg, model, _ = setup
+    rng = np.random.default_rng(8)
+    engine = JaxEngine(model, tok, engine_config(max_slots=4), image_processor=PROCESSOR)
+    try:
+        prompt = text_ids(rng, 30, tok)
+        reqs = [GenerationRequest(prompt, SamplingParams(max_new_tokens=6, temperature=0.8, seed=s))
+                for s in range(4)]
+        group = engine.generate(reqs)
+        s = engine.stats
+        assert s["prefill_tokens"] == 30 + 3 and s["reused_tokens"] == 3 * 29, s
+        engine.flush_cache()
+        for r, res in zip(reqs, group):  # each alone, from a fresh prefill
+            engine.flush_cache()
+            alone = engine.generate([r])[0]
+            assert alone.token_ids == res.token_ids
+            np.testing.assert_allclose(alone.logprobs, res.logprobs, atol=1e-5)
+        # Same tokens, other image content: reuse stops where the image's placeholders start.
+        a, b = write_image(tmp_path / "e.png", rng), write_image(tmp_path / "f.png", rng)
+        img_prompt = image_prompt(rng, tok, cfg, engine, a)
+        greedy = SamplingParams(max_new_tokens=4, temperature=0.0)
+        engine.flush_cache()
+        engine.generate([GenerationRequest(img_prompt, greedy, images=[str(a)])])
+        before = engine.stats
+        got = engine.generate([GenerationRequest(img_prompt, greedy, images=[str(b)])])[0]
+        assert _delta(engine, before)["reused_tokens"] == img_prompt.index(cfg.image_token_id)
+        engine.flush_cache()
+        want = engine.generate([GenerationRequest(img_prompt, greedy, images=[str(b)])])[0]
+        assert got.token_ids == want.token_ids
+    finally:
+        engine.close()
+
+
+def test_parked_conversations_are_evicted_oldest_first_and_dropped_on_new_weights(setup):
+    tok, cfg, model, _ = setup
+    rng = np.random.default_rng(9)
+    engine = JaxEngine(model, tok, engine_config(max_slots=2))
+    greedy = SamplingParams(max_new_tokens=4, temperature=0.0)
+    try:
+        convs = [text_ids(rng, 12, tok) for _ in range(3)]
+        ends = {}
+        for i in (0, 1):
+            res = engine.generate([GenerationRequest(convs[i], greedy)])[0]
+            ends[i] = convs[i] + res.token_ids + text_ids(rng, 3, tok)
+        assert engine.stats["parked"] == 2 and engine.stats["evictions"] == 0
+        before = engine.stats
+        engine.generate([GenerationRequest(ends[0], greedy)])  # conversation 0 continues: row 0 refreshed
+        assert _delta(engine, before)["reused_tokens"] == 12 + 3
+        before = engine.stats
+        engine.generate([GenerationRequest(convs[2], greedy)])  # a third: evicts conversation 1 (oldest)
+        assert _delta(engine, before) == {"prefill_tokens": 12, "reused_tokens": 0, "evictions": 1}
+        before = engine.stats
+        res1 = engine.generate([GenerationRequest(ends[1], greedy)])[0]  # evicted: prefilled afresh
+        assert _delta(engine, before)["reused_tokens"] == 0
+        engine.flush_cache()
+        assert engine.generate([GenerationRequest(ends[1], greedy)])[0].token_ids == res1.token_ids
+        # New weights: nothing parked survives, and the same context is prefilled again.
+        engine.generate([GenerationRequest(ends[1], greedy)])
+        assert engine.stats["parked"] == 2  # the first result's row, and a copy of its prefix
+        engine.update_weights(engine.params, step=3)
+        assert engine.stats["parked"] == 0 and engine.weight_version == 3
+        before = engine.stats
+        engine.generate([GenerationRequest(ends[1], greedy)])
+        assert _delta(engine, before)["reused_tokens"] == 0
+    finally:
+        engine.close()
+
+
+def test_cancel_frees_a_queued_or_running_request(setup):
+    tok, cfg, model, _ = setup
+    rng = np.random.default_rng(10)
+    engine = JaxEngine(model, tok, engine_config(max_slots=1, max_seq_len=96, steps_per_sync=1))
+    try:
+        long = SamplingParams(max_new_tokens=80, temperature=0.0)
+        running = engine.submit(GenerationRequest(text_ids(rng, 5, tok), long, request_id="a"))
+        queued = engine.submit(GenerationRequest(text_ids(rng, 5, tok), long, request_id="b"))
+        while engine.num_live == 0:
+            time.sleep(0.01)
+        assert engine.num_queued == 1 and not engine.cancel("") and not engine.cancel("nope")
+        assert engine.cancel("b") and queued.result(timeout=5).error == "cancelled"
+        assert engine.num_queued == 0
+        assert engine.cancel("a")
+        res = running.result(timeout=60)
+        assert res.finish_reason == "abort" and res.error == "cancelled"
+        assert engine.num_live == 0 and not engine.cancel("a")
+        ok = engine.generate([GenerationRequest(text_ids(rng, 5, tok), SamplingParams(max_new_tokens=3))])[0]
+        assert ok.finish_reason == "length"
+    finally:
+        engine.close()

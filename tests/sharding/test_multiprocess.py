@@ -23,7 +23,8 @@ COMMON = textwrap.dedent('''
     from genevolve_jax.sharding.mesh import make_mesh
     from genevolve_jax.train import config as train_config
     from genevolve_jax.train.state import create_train_state, is_vision_path
-    from genevolve_jax.train.step import TrainStep, sft_loss_fn
+    from genevolve_jax.train.losses.step_losses import SFTLoss
+    from genevolve_jax.train.step import TrainStep
 
     FAST = {"xla_backend_optimization_level": 0}
 
@@ -50,7 +51,7 @@ COMMON = textwrap.dedent('''
 
     def step(model, batch, tcfg, mesh):
         setup, params, opt = create_train_state(model, tcfg, mesh, "fsdp", freeze=is_vision_path)
-        new, _, metrics = TrainStep(setup, sft_loss_fn(128), compiler_options=FAST)(
+        new, _, metrics = TrainStep(setup, SFTLoss(chunk_size=128), compiler_options=FAST)(
             params, opt, batch, jax.random.key(0))
         return new["train"], metrics
 ''')

@@ -11,10 +11,10 @@ import jax
 import numpy as np
 import pytest
 
-from genevolve_jax.config_loader import load_config
+from genevolve_jax.config_loader import apply_overrides, load_config
 from genevolve_jax.jobs.sft import run_sft_config
 from genevolve_jax.train.evolve import EvolveTrainer
-from genevolve_jax.train.step import lm_head_kernel, qwen3vl_hidden_states
+from genevolve_jax.train.batch_layout import hidden_states_of
 
 SEARCH_THINK = "<think>Look up facts about the subject.</think>"
 DIRECT_THINK = "<think>The request is clear enough to answer directly.</think>"
@@ -27,10 +27,8 @@ def task_config(workdir, **overrides):
     cfg.synthetic.num_sft = 2                  # one subject × (search, answer at once): two rows of 640
     cfg.data.sft.rows_per_batch = 1
     cfg.data.sft.row_len = cfg.data.sft.cutoff_len = 640
-    cfg.sft.global_batch_size = 1
     cfg.data.sft.num_epochs = 60              # loss 0.17 after 40 epochs, 0.01 after 60 (measured)
     cfg.data.rl.prompts_per_step = 1
-    cfg.train.global_batch_size = 8
     cfg.train.grad_accum_steps = 1
     cfg.agent.loop.engine_batch_size = cfg.engine.max_slots = 8
     cfg.rl.export_hf = False
@@ -39,14 +37,7 @@ def task_config(workdir, **overrides):
     cfg.checkpoint.save_every = 1000
     cfg.logging.sample_every = 0
     cfg.logging.progress = False
-    for key, value in overrides.items():
-        section, field = key.split(".", 1) if "." in key else (None, key)
-        target = cfg if section is None else cfg[section]
-        *parents, leaf = field.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    return cfg
+    return apply_overrides(cfg, [f"--config.{key}={value!r}" for key, value in overrides.items()])
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +63,7 @@ def decision_probs(trainer, requests):
         n = ids.shape[1]
         batch = {"input_ids": ids, "segment_ids": np.ones_like(ids),
                  "position_ids": np.broadcast_to(np.arange(n, dtype=np.int32), (1, 3, n)).copy()}
-        p = jax.nn.softmax(qwen3vl_hidden_states(model, batch)[0, -1] @ lm_head_kernel(model))
+        p = jax.nn.softmax(hidden_states_of(model, batch)[0, -1] @ model.lm_head_kernel())
         out.append((float(p[search_id]), float(p[direct_id])))
     return np.asarray(out)
 

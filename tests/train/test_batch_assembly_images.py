@@ -22,7 +22,8 @@ from genevolve_jax.ops.fused_logprob import token_logprobs
 from genevolve_jax.processing.image import ImageProcessorConfig, preprocess_images
 from genevolve_jax.processing.tokenizer import default_tokenizer, special_token_ids
 from genevolve_jax.rollout.engine import GenerationRequest, SamplingParams
-from genevolve_jax.rollout.jax_engine import JaxEngine, default_engine_config
+from genevolve_jax.rollout.config import default_engine_config
+from genevolve_jax.rollout.jax_engine import JaxEngine
 from genevolve_jax.sharding.mesh import make_mesh
 from genevolve_jax.train import config as train_config
 from genevolve_jax.train.batch_assembly import (ImageBatchSpec, RolloutSample, assemble_evolve_batch,

@@ -17,7 +17,8 @@ from genevolve_jax.train import config as train_config
 from genevolve_jax.train.checkpoint import (CheckpointError, TrainCheckpointer, abstract_like, rng_from_json,
                                             rng_to_json)
 from genevolve_jax.train.state import create_train_state, is_vision_path
-from genevolve_jax.train.step import TrainStep, sft_loss_fn
+from genevolve_jax.train.losses.step_losses import SFTLoss
+from genevolve_jax.train.step import TrainStep
 from tests.fixtures.toy_task import toy_model, toy_run_config, toy_trainer
 
 FAST = {"xla_backend_optimization_level": 0}
@@ -92,7 +93,7 @@ def test_checkpoint_saved_under_fsdp_restores_under_tp(tmp_path):
     model = toy_model(seed=1)
     mesh_a = make_mesh({"fsdp": 8})
     setup_a, params, opt = create_train_state(model, _train_cfg(), mesh_a, "fsdp", freeze=is_vision_path)
-    step_a = TrainStep(setup_a, sft_loss_fn(32), compiler_options=FAST)
+    step_a = TrainStep(setup_a, SFTLoss(chunk_size=32), compiler_options=FAST)
     params, opt, _ = step_a(params, opt, _batch(0), jax.random.key(0))   # non-trivial Adam moments
     saved_p, saved_o = host(params), host(opt)
     key = jax.random.key(7)
@@ -114,7 +115,7 @@ def test_checkpoint_saved_under_fsdp_restores_under_tp(tmp_path):
     for got, want in zip(jax.tree.leaves(r.params), jax.tree.leaves(setup_b.param_shardings)):
         assert got.sharding.is_equivalent_to(want, got.ndim)
     assert any("tensor" in str(s.spec) for s in jax.tree.leaves(setup_b.param_shardings["train"]))
-    step_b = TrainStep(setup_b, sft_loss_fn(32), compiler_options=FAST)
+    step_b = TrainStep(setup_b, SFTLoss(chunk_size=32), compiler_options=FAST)
     _, _, m_b = step_b(r.params, r.opt_state, _batch(1), jax.random.key(0))
     _, _, m_a = step_a(jax.tree.map(jnp.asarray, params), opt, _batch(1), jax.random.key(0))
     np.testing.assert_allclose(float(m_b["loss"]), float(m_a["loss"]), rtol=1e-5)

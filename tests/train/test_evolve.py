@@ -6,16 +6,18 @@ checks that must fail before anything compiles."""
 import json
 import types
 
+import ml_collections
 import numpy as np
 import pytest
 
 from genevolve_jax.config_loader import load_config
 from genevolve_jax.ops.fused_logprob import token_kl
 from genevolve_jax.sharding.mesh import MeshError
-from genevolve_jax.train.batch_assembly import RolloutSample, assemble_evolve_batch
+from genevolve_jax.train.batch_assembly import assemble_evolve_batch
 from genevolve_jax.train.evolve import EvolveTrainer
 from genevolve_jax.train.run_config import validate_evolve_run
-from genevolve_jax.train.step import lm_head_kernel, qwen3vl_hidden_states
+from genevolve_jax.train.batch_layout import hidden_states_of
+from genevolve_jax.train.records import RolloutSample
 from tests.fixtures.toy_task import (TOY_GUIDE, TOY_PROMPTS, FixedGuideExperience, toy_run_config,
                                           toy_trainer)
 
@@ -59,7 +61,7 @@ def guided_kl(trainer, contexts):
     """Mean forward KL(teacher ‖ student) on the next token of held-out contexts, where the
     teacher sees the guide before the same context."""
     model = trainer.setup.merge(trainer.params)
-    kernel = lm_head_kernel(model)
+    kernel = model.lm_head_kernel()
     out = []
     for ctx in contexts:
         student = np.asarray([ctx], np.int32)
@@ -69,8 +71,8 @@ def guided_kl(trainer, contexts):
             n = ids.shape[1]
             return {"input_ids": ids, "segment_ids": np.ones_like(ids),
                     "position_ids": np.broadcast_to(np.arange(n, dtype=np.int32), (1, 3, n)).copy()}
-        hs = qwen3vl_hidden_states(model, view(student))[:, -1:]
-        ht = qwen3vl_hidden_states(model, view(teacher))[:, -1:]
+        hs = hidden_states_of(model, view(student))[:, -1:]
+        ht = hidden_states_of(model, view(teacher))[:, -1:]
         kl, _ = token_kl(hs, kernel, ht, np.zeros((1, 1), np.int32), kind="forward", chunk_size=32)
         out.append(float(kl[0, 0]))
     return float(np.mean(out))
@@ -111,7 +113,7 @@ def test_teacher_index_aligns_teacher_tokens_with_student_targets():
         m = b["loss_mask"][r] > 0
         # The teacher's target at the gathered position is the student's target, token for token.
         np.testing.assert_array_equal(b["teacher_targets"][r][b["teacher_index"][r][m]], b["targets"][r][m])
-        np.testing.assert_allclose(b["old_logprobs"][r][m], [x for x, k in zip(s.logprobs[1:], s.loss_mask[1:]) if k])
+        np.testing.assert_allclose(b["sampler_logprobs"][r][m], [x for x, k in zip(s.logprobs[1:], s.loss_mask[1:]) if k])
     assert b["has_bundle"].tolist() == [1, 0, 1, 0] and b["sample_valid"].tolist() == [1, 1, 1, 0]
 
 
@@ -130,8 +132,10 @@ def test_bad_configs_fail_before_compile(tmp_path):
     with pytest.raises(MeshError, match="does not divide"):
         EvolveTrainer(cfg, model=object(), tokenizer=None)
     cfg = toy_config(tmp_path)
-    cfg.agent.sampling.temperature = 0.7
-    with pytest.raises(ValueError, match="rl_temperature"):
+    cfg.agent.sampling.temperature = 0.7     # linked: sets loss.logprob.rl_temperature too
+    assert cfg.loss.logprob.rl_temperature == 0.7
+    cfg.agent.sampling = ml_collections.ConfigDict({**cfg.agent.sampling.to_dict(), "temperature": 1.0})
+    with pytest.raises(ValueError, match="rl_temperature"):   # a replaced section breaks the link
         validate_evolve_run(cfg)
     with pytest.raises(ValueError, match="rl.group_size must be >= 2"):
         load_config("tiny_cpu", ["--config.rl.group_size=1"])
@@ -147,7 +151,7 @@ def test_agent_path_end_to_end_through_the_cli(tmp_path, capsys):
     rc = cli.main(["train", "--config", "tiny_cpu", "--sft", "--workdir", str(work), "--no-progress",
                    "--config.synthetic.num_prompts=4", "--config.synthetic.num_sft=2",
                    "--config.sft_run.max_steps=1", "--config.data.sft.rows_per_batch=2",
-                   "--config.sft.global_batch_size=2", "--config.data.rl.prompts_per_step=1",
+                   "--config.data.rl.prompts_per_step=1",
                    "--config.rl.group_size=2", "--config.rl.num_steps=2", "--config.agent.max_rounds=2",
                    "--config.agent.round_max_tokens=8", "--config.checkpoint.save_every=1",
                    "--config.logging.sample_every=1", "--config.engine.max_slots=2",
@@ -183,7 +187,7 @@ def _sample(sid, group, request, reward, termination="answer"):
 
 def test_experience_stage_pairs_memory_retrieval_and_state():
     from genevolve_jax.experience.summariser import Summariser
-    from genevolve_jax.train.rollout_phase import ExperienceStage
+    from genevolve_jax.experience.stage import ExperienceStage
 
     cfg = load_config("tiny_cpu").experience
     calls = []

@@ -11,7 +11,8 @@ from flax import nnx
 from genevolve_jax.config_loader import load_config
 from genevolve_jax.render.service import LoopbackServer
 from genevolve_jax.models.qwen3_vl.keymap import hf_state_dict
-from genevolve_jax.rollout.jax_engine import JaxEngine, default_engine_config
+from genevolve_jax.rollout.config import default_engine_config
+from genevolve_jax.rollout.jax_engine import JaxEngine
 from genevolve_jax.rollout.server import create_app
 from genevolve_jax.rollout.sglang_engine import SGLangError
 from genevolve_jax.train.batch_assembly import OldLogprobs, logprob_mismatch

@@ -41,9 +41,8 @@ def sft_config(tmp_path, data, *, epochs=6, save_every=100, max_steps=0):
     cfg.data.sft.rows_per_batch = 2
     cfg.data.sft.num_epochs = epochs
     cfg.data.sft.pack = True
-    cfg.sft.global_batch_size = 2
     cfg.sft.optimizer.learning_rate = 1e-2
-    cfg.sft.logprob_chunk_size = 512
+    cfg.loss.logprob.chunk_size = 512
     cfg.sft_run.max_steps = max_steps
     cfg.sft_run.export_dtype = "float32"
     cfg.checkpoint.save_every = save_every

@@ -15,7 +15,8 @@ from genevolve_jax.models.qwen3_vl.config import tiny
 from genevolve_jax.sharding.mesh import MeshError, make_mesh
 from genevolve_jax.train import config as train_config
 from genevolve_jax.train.state import bytes_per_device, create_train_state, is_vision_path, make_schedule
-from genevolve_jax.train.step import TrainStep, sft_loss_fn
+from genevolve_jax.train.losses.step_losses import SFTLoss
+from genevolve_jax.train.step import TrainStep
 
 FAST = {"xla_backend_optimization_level": 0}
 
@@ -61,7 +62,7 @@ def run_step(model, strategy, sizes, batch, devices=None, accum=1, freeze=is_vis
              cfg=None):
     mesh = make_mesh(sizes, devices)
     setup, params, opt = create_train_state(model, cfg or train_cfg(), mesh, strategy, freeze=freeze)
-    step = TrainStep(setup, sft_loss_fn(128), grad_accum_steps=accum, compute_dtype=dtype, compiler_options=FAST)
+    step = TrainStep(setup, SFTLoss(chunk_size=128), grad_accum_steps=accum, compute_dtype=dtype, compiler_options=FAST)
     old = host(params)  # the step donates its inputs
     new_params, new_opt, metrics = step(params, opt, batch, jax.random.key(0))
     return setup, old, new_params, new_opt, jax.tree.map(np.asarray, metrics)
@@ -155,7 +156,7 @@ def test_remat_policies_give_equal_grads():
     weights (loaded from the same HF-named tensors): identical gradients."""
     batch = text_batch(rows=2, length=24, seed=5)
     arrays = {k: jnp.asarray(v) for k, v in batch.items()}
-    loss_fn = sft_loss_fn(128)
+    loss_fn = SFTLoss(chunk_size=128)
     grads = {}
     for scan, policy in ((False, "none"), (True, "none"), (True, "full"), (True, "save_dots")):
         m = build_model(small_config(scan_layers=scan, remat=policy), seed=1)  # same HF weights
@@ -198,34 +199,43 @@ def test_schedule_warmup_then_cosine():
     assert float(s(100)) < 1e-9
 
 
-def test_losses_module_sft_equals_builtin(model):
-    """The losses engineer's SFT loss (token-mean through the fused op) plugs into the step with
-    the same loss and update as the built-in sum/weight form, accumulation included."""
+def test_sft_loss_honours_the_loss_config(model):
+    """SFT reads loss.logprob.sft_temperature and chunk_size: the step's loss (two micro-batches)
+    equals the token-mean NLL of log_softmax(logits / T) computed in float64 numpy from the full
+    logits, at a random temperature and a chunk size that does not divide the vocabulary."""
+    from genevolve_jax.train.batch_layout import hidden_states_of
     from genevolve_jax.train.losses.config import default_loss_config
-    batch = text_batch(rows=4, length=24, seed=8)
+    rng = np.random.default_rng(11)
+    cfg = default_loss_config()
+    cfg.logprob.sft_temperature = float(rng.uniform(0.5, 2.5))
+    cfg.logprob.chunk_size = 96
+    batch = text_batch(rows=4, length=24, seed=int(rng.integers(100)))
     mesh = make_mesh({"fsdp": 1}, jax.devices()[:1])
-    out = []
-    for fn in (sft_loss_fn(128), sft_loss_fn(loss_cfg=default_loss_config())):
-        setup, params, opt = create_train_state(model, train_cfg(), mesh, "fsdp", freeze=is_vision_path)
-        new, _, m = TrainStep(setup, fn, grad_accum_steps=2, compiler_options=FAST)(
-            params, opt, batch, jax.random.key(0))
-        out.append((host(new), jax.tree.map(np.asarray, m)))
-    np.testing.assert_allclose(out[1][1]["loss"], out[0][1]["loss"], rtol=1e-6)
-    assert out[1][1]["sft/bad_targets"] == 0
-    assert_trees_close(out[1][0], out[0][0], atol=1e-6)
+    setup, params, opt = create_train_state(model, train_cfg(), mesh, "fsdp", freeze=is_vision_path)
+    logits = np.asarray(model.logits(hidden_states_of(model, {k: jnp.asarray(v) for k, v in batch.items()})),
+                        np.float64) / cfg.logprob.sft_temperature
+    logp = logits - logits.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    picked = np.take_along_axis(logp, batch["targets"][..., None].astype(np.int64), -1)[..., 0]
+    mask = batch["loss_mask"].astype(np.float64)
+    want = -(picked * mask).sum() / mask.sum()
+    _, _, m = TrainStep(setup, SFTLoss(cfg), grad_accum_steps=2, compiler_options=FAST)(
+        params, opt, batch, jax.random.key(0))
+    np.testing.assert_allclose(float(m["loss"]), want, rtol=1e-5)
+    assert float(m["sft/bad_targets"]) == 0
     bad = default_loss_config()
     bad.sft.aggregation = "seq-mean-token-sum"
     with pytest.raises(ValueError, match="loss.sft.aggregation must be 'token-mean'"):
-        sft_loss_fn(loss_cfg=bad)
+        SFTLoss(bad)
 
 
 def test_bad_batches_and_configs_are_refused(model):
     mesh = make_mesh({"data": 8})
     setup, params, opt = create_train_state(model, train_cfg(), mesh, "dp", freeze=is_vision_path)
-    step = TrainStep(setup, sft_loss_fn(128), compiler_options=FAST)
+    step = TrainStep(setup, SFTLoss(chunk_size=128), compiler_options=FAST)
     with pytest.raises(MeshError, match="micro-batch rows of 'input_ids' = 4 is not divisible"):
         step(params, opt, text_batch(rows=4), jax.random.key(0))
-    step4 = TrainStep(setup, sft_loss_fn(128), grad_accum_steps=3, compiler_options=FAST)
+    step4 = TrainStep(setup, SFTLoss(chunk_size=128), grad_accum_steps=3, compiler_options=FAST)
     with pytest.raises(ValueError, match="not divisible by grad_accum_steps 3"):
         step4(params, opt, text_batch(rows=8), jax.random.key(0))
     c = train_config.default_config()

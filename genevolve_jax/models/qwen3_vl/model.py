@@ -8,6 +8,8 @@ patch rows vs. grids) and computes the 3D rope index in numpy. Image/video grids
 Three ways in:
 - methods on the module (eager or under ``nnx.jit``): ``__call__`` → logits, ``hidden_states`` →
   final hidden states without the [B, L, V] logits (the fused loss op takes hidden + kernel),
+  ``packed_hidden_states`` → the same for the train step's packed rows (segment ids, per-row
+  image blocks), with ``lm_head_kernel`` the one head kernel every loss uses,
   ``prefill`` / ``decode_step`` with a preallocated :class:`KVCache`;
 - pure functions of (graphdef, state, …) for ``jax.jit`` in hot loops (DESIGN.md decision 1):
   :func:`forward`, :func:`forward_hidden`, :func:`prefill_fn`, :func:`decode_fn`.
@@ -26,7 +28,7 @@ from genevolve_jax.models.layers import Dense
 from genevolve_jax.models.qwen3_vl import rope
 from genevolve_jax.models.qwen3_vl.config import Qwen3VLConfig
 from genevolve_jax.models.qwen3_vl.text import DeepstackInputs, KVCache, Qwen3VLTextModel, init_cache
-from genevolve_jax.models.qwen3_vl.vision import Qwen3VLVisionModel
+from genevolve_jax.models.qwen3_vl.vision import Qwen3VLVisionModel, VisionInputs
 from genevolve_jax.sharding import logical as L
 
 Grid = tuple[tuple[int, int, int], ...]
@@ -43,6 +45,18 @@ class ModelBatch:
     pixel_values_videos: jax.Array | None = None
     image_grid_thw: Grid = struct.field(pytree_node=False, default=())
     video_grid_thw: Grid = struct.field(pytree_node=False, default=())
+
+
+@struct.dataclass
+class RowImages:
+    """Per-row image blocks of a train batch (RL rows): row r's patches and the host-computed
+    vision inputs of its grids (:func:`genevolve_jax.models.qwen3_vl.vision.vision_inputs`),
+    zero-padded to one patch budget P; ``segment_ids`` 0 marks padding patches."""
+    pixel_values: jax.Array     # [B, P, C·T·p·p]
+    pos_indices: jax.Array      # [B, P, 4] int32
+    pos_weights: jax.Array      # [B, P, 4]
+    rope_positions: jax.Array   # [B, P, 2] int32
+    segment_ids: jax.Array      # [B, P] int32
 
 
 def _grid_tuple(grid, name: str, merge: int) -> Grid:
@@ -198,6 +212,68 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
         :func:`prepare_inputs` (input_ids, attention_mask, pixel_values, image_grid_thw, …)."""
         return self.logits(self.hidden_states(batch_or_ids, attention_mask, **kw))
 
+    # --- the train step's forward: packed rows, per-row image blocks -------------------------------
+    def encode_row_images(self, images: "RowImages") -> tuple[jax.Array, list[jax.Array]]:
+        """Vision features of per-row image blocks: (merged [B·P/m², D], deepstack levels).
+
+        Row r carries its own images' patches in ``images.pixel_values[r]`` ([P, C·T·P·P],
+        zero-padded to the batch's patch budget P) with the host-computed vision inputs of its grids
+        (segment 0 marks padding). The blocks are flattened into one patch list and encoded once;
+        attention segments are made unique per (row, image) and padding patches only see each
+        other, so every real image is encoded exactly as on its own."""
+        pix = images.pixel_values
+        b, p, d = pix.shape
+        seg = images.segment_ids
+        seg = jnp.where(seg > 0, seg + jnp.arange(b, dtype=seg.dtype)[:, None] * (p + 1), 0)
+        aux = VisionInputs(pos_indices=images.pos_indices.reshape(b * p, -1),
+                           pos_weights=images.pos_weights.reshape(b * p, -1),
+                           rope_positions=images.rope_positions.reshape(b * p, -1),
+                           segment_ids=seg.reshape(b * p))
+        feats, deepstack = self.visual.encode(pix.reshape(b * p, d), aux)
+        return feats, list(deepstack)
+
+    def _row_image_embeddings(self, ids: jax.Array, images: "RowImages", features):
+        """Token embeddings with row r's k-th placeholder replaced by feature r·(P/m²) + k, and the
+        matching deepstack inputs. Only the first (real patches)/m² placeholders of a row take
+        features: a row without images (or a placeholder id the policy sampled as text past its
+        images) keeps the token embedding, as the sampler saw it."""
+        feats, deepstack = features
+        merge2 = self.config.vision.spatial_merge_size ** 2
+        segments = images.segment_ids
+        per_row = segments.shape[1] // merge2
+        real = jnp.sum(segments > 0, axis=1, dtype=jnp.int32)[:, None] // merge2
+        local = jnp.cumsum((ids == self.config.image_token_id).astype(jnp.int32), axis=1) - 1
+        is_tok = (ids == self.config.image_token_id) & (local < real)
+        index = jnp.where(is_tok, local + jnp.arange(ids.shape[0], dtype=jnp.int32)[:, None] * per_row, -1)
+        x = scatter_features(self.language_model.embed_tokens(ids), index, feats)
+        x = L.constrain(x, (L.BATCH, L.SEQ, L.EMBED))
+        return x, (DeepstackInputs(index, deepstack) if deepstack else None)
+
+    def packed_hidden_states(self, input_ids: jax.Array, position_ids: jax.Array, segment_ids: jax.Array | None, *,
+                             pixel_values: jax.Array | None = None, image_grid_thw: Grid = (),
+                             row_images: "RowImages | None" = None, image_features=None) -> jax.Array:
+        """Final hidden states [B, T, D] of packed or padded rows, never the logits: the train
+        step's forward (SFT, GRPO policy, SDL teacher, reference and π_old rows).
+
+        ``position_ids`` are batch-major [B, 3, T] (data/packing.py) and ``segment_ids`` keep
+        attention inside each packed trajectory (0 = padding). Images come either as SFT's flat
+        ``pixel_values`` with static ``image_grid_thw`` (placeholders in row order), or as RL's
+        per-row blocks ``row_images`` (:meth:`encode_row_images`); ``image_features`` passes the
+        latter already encoded (a teacher row reuses its student row's images)."""
+        positions = jnp.swapaxes(position_ids, 0, 1)
+        valid = jnp.ones(input_ids.shape, jnp.int32) if segment_ids is None else (segment_ids > 0).astype(jnp.int32)
+        if row_images is not None:
+            if image_features is None:
+                image_features = self.encode_row_images(row_images)
+            x, deepstack = self._row_image_embeddings(input_ids, row_images, image_features)
+        else:
+            batch = ModelBatch(input_ids=input_ids, attention_mask=valid, position_ids=positions,
+                               rope_deltas=jnp.zeros(input_ids.shape[:1], jnp.int32), pixel_values=pixel_values,
+                               image_grid_thw=tuple(tuple(int(v) for v in row) for row in image_grid_thw))
+            x, deepstack = self.embed(batch)
+        hidden, _ = self.language_model(x, positions, valid, deepstack=deepstack, segment_ids=segment_ids)
+        return hidden
+
     # --- cached decoding ------------------------------------------------------------------------------
     def init_cache(self, batch_size: int, max_length: int) -> KVCache:
         return init_cache(self.config, batch_size, max_length)
@@ -273,8 +349,11 @@ def _check_capacity(cache: KVCache, new_tokens: int) -> None:
 
 def _poison_if_overflow(logits: jax.Array, cache: KVCache) -> jax.Array:
     # Under jit an overflowing write is clamped by dynamic_update_slice and would silently
-    # overwrite the last slots; NaN logits make that impossible to miss.
-    return jnp.where(cache.length > cache.max_length, jnp.nan, logits).astype(logits.dtype)
+    # overwrite the last slots; NaN logits make that impossible to miss. A ragged cache ([B]
+    # lengths, writes past the end dropped) poisons only its overflowing rows.
+    over = cache.length > cache.max_length
+    over = over.reshape(over.shape + (1,) * (logits.ndim - over.ndim)) if over.ndim else over
+    return jnp.where(over, jnp.nan, logits).astype(logits.dtype)
 
 
 # --- pure functions for jax.jit (split/merge at the boundary) ---------------------------------------------
@@ -286,10 +365,6 @@ def forward(graphdef: nnx.GraphDef, state: nnx.State, batch: ModelBatch) -> jax.
 def forward_hidden(graphdef: nnx.GraphDef, state: nnx.State, batch: ModelBatch) -> jax.Array:
     """Final hidden states [B, L, D], no logits."""
     return nnx.merge(graphdef, state).hidden_states(batch)
-
-
-def lm_head_kernel(graphdef: nnx.GraphDef, state: nnx.State) -> jax.Array:
-    return nnx.merge(graphdef, state).lm_head_kernel()
 
 
 def prefill_fn(graphdef: nnx.GraphDef, state: nnx.State, batch: ModelBatch, cache: KVCache,
@@ -304,5 +379,5 @@ def decode_fn(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, cache
     return nnx.merge(graphdef, state).decode_step(tokens, cache, token_valid)
 
 
-__all__ = ["ModelBatch", "prepare_inputs", "Qwen3VLForConditionalGeneration", "KVCache", "forward",
-                      "forward_hidden", "lm_head_kernel", "prefill_fn", "decode_fn"]
+__all__ = ["ModelBatch", "RowImages", "prepare_inputs", "Qwen3VLForConditionalGeneration", "KVCache", "forward",
+           "forward_hidden", "prefill_fn", "decode_fn"]

@@ -6,8 +6,10 @@ of selected vision layers are added to the hidden states at visual positions rig
 layers 0..k−1 (k = number of deepstack levels), as transformers' ``Qwen3VLTextModel`` does.
 
 The cache is a plain pytree (:class:`KVCache`) so it crosses jit boundaries and can be donated.
-Tokens are written at slots [length, length + T) shared by the whole batch; per-row padding is
-tracked in ``valid`` so padded rows and empty slots are never attended to.
+Tokens are written at slots [length, length + T): with a scalar ``length`` the write position is
+shared by the whole batch (left-padded rows); with a [B] ``length`` every row has its own (a
+*ragged* cache, the rollout engine's: right-padded chunks, each row advancing by its real tokens).
+Per-row padding is tracked in ``valid`` so padded rows and empty slots are never attended to.
 """
 from __future__ import annotations
 
@@ -29,7 +31,9 @@ class KVCache(NamedTuple):
 
     k, v: one [B, S, KV, hd] array per layer (rotary already applied to k).
     valid: [B, S] bool, True where a slot holds a real (non-padding) token.
-    length: [] int32, slots written so far (the same for every row).
+    length: [] int32, slots written so far (the same for every row); or [B] int32, each row's own
+      write position (a ragged cache: a chunk's real tokens go at [length_b, length_b + n_b) and
+      writes past S are dropped).
     next_position: [B] int32, the rope position of each row's next token: its number of real
       tokens plus its rope delta (``rope.get_rope_index``), as transformers' generate uses.
     """
@@ -42,6 +46,27 @@ class KVCache(NamedTuple):
     @property
     def max_length(self) -> int:
         return int(self.valid.shape[1])
+
+    @property
+    def ragged(self) -> bool:
+        return self.length.ndim == 1
+
+
+def write_slots(buffer: jax.Array, values: jax.Array, length: jax.Array) -> jax.Array:
+    """``buffer`` [B, S, ...] with ``values`` [B, T, ...] written at slots [length, length + T):
+    one shared offset (scalar ``length``) or one per row ([B]; slots past S are dropped)."""
+    values = values.astype(buffer.dtype)
+    if length.ndim == 0:
+        return jax.lax.dynamic_update_slice(buffer, values, (0, length) + (0,) * (buffer.ndim - 2))
+    b, t = values.shape[:2]
+    slots = length[:, None] + jnp.arange(t, dtype=length.dtype)[None, :]
+    return buffer.at[jnp.arange(b)[:, None], slots].set(values, mode="drop")
+
+
+def write_positions(length: jax.Array, t: int) -> jax.Array:
+    """The slots [1 or B, T] that :func:`write_slots` fills (the causal mask's query positions)."""
+    slots = jnp.arange(t, dtype=jnp.int32)[None, :]
+    return slots + (length[:, None] if length.ndim == 1 else length)
 
 
 def init_cache(config: Qwen3VLConfig, batch_size: int, max_length: int, dtype=None) -> KVCache:
@@ -91,14 +116,12 @@ class TextAttention(nnx.Module):
             new_cache = None
         else:
             ck, cv = cache_kv
-            start = (0, cache_length, 0, 0)
-            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
-            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
+            ck = write_slots(ck, k, cache_length)
+            cv = write_slots(cv, v, cache_length)
             cache_axes = (L.BATCH, L.CACHE_SEQ, L.KV_HEADS, L.HEAD_DIM)
             ck, cv = L.constrain(ck, cache_axes), L.constrain(cv, cache_axes)
-            slots = cache_length + jnp.arange(x.shape[1], dtype=jnp.int32)
-            out = attention(q, ck.astype(q.dtype), cv.astype(q.dtype), causal=True, q_positions=slots[None],
-                            kv_valid_mask=cache_valid)
+            out = attention(q, ck.astype(q.dtype), cv.astype(q.dtype), causal=True,
+                            q_positions=write_positions(cache_length, x.shape[1]), kv_valid_mask=cache_valid)
             new_cache = (ck, cv)
         out = L.constrain(out, (L.BATCH, L.SEQ, L.HEADS, L.HEAD_DIM))
         return self.o_proj(out), new_cache
@@ -213,7 +236,7 @@ class Qwen3VLTextModel(nnx.Module):
             return self.norm(x), None
         new_k, new_v, cache_valid = [], [], None
         if cache is not None:
-            cache_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.length))
+            cache_valid = write_slots(cache.valid, mask, cache.length)
         apply = self._layer_apply(remat=cache is None)
         for i in range(n_layers):
             layer = self.layers[i] if not self.config.scan_layers else self._layer_slice(i)
@@ -229,7 +252,9 @@ class Qwen3VLTextModel(nnx.Module):
         x = self.norm(x)
         if cache is None:
             return x, None
-        return x, cache._replace(k=tuple(new_k), v=tuple(new_v), valid=cache_valid, length=cache.length + t)
+        # A ragged row advances by its real tokens (right padding is overwritten by the next write).
+        length = cache.length + (jnp.sum(mask, axis=1, dtype=cache.length.dtype) if cache.ragged else t)
+        return x, cache._replace(k=tuple(new_k), v=tuple(new_v), valid=cache_valid, length=length)
 
     def _layer_apply(self, remat: bool):
         """(graphdef, state, *layer args) -> layer output, checkpointed per the remat policy."""

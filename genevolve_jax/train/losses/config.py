@@ -5,13 +5,13 @@ Sources (../shared/METHOD.md): §5 SFT, §6 GRPO, §7 Visual Experience Distilla
 """
 from __future__ import annotations
 
-import math
-
 import ml_collections
+
+from genevolve_jax.config_checks import Checker, is_int, is_number
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
 KL_ESTIMATORS = ("k1", "k2", "k3")
-SDL_DIVERGENCES = ("k3", "forward", "reverse", "jsd")
+SDL_DIVERGENCES = ("k3", "forward", "jsd")
 
 
 def default_loss_config() -> ml_collections.ConfigDict:
@@ -43,17 +43,16 @@ def default_loss_config() -> ml_collections.ConfigDict:
 
     cfg.sdl = ml_collections.ConfigDict()
     cfg.sdl.coef = 2.0                  # λ in L = L_GRPO + λ L_SDL (paper)
-    cfg.sdl.divergence = "k3"           # k3 on the sampled token (paper) or a full-vocab KL
-    cfg.sdl.jsd_beta = 0.5              # for divergence = "jsd" (ours)
+    # Per-token divergence of the student from the teacher, estimated on the sampled token
+    # (train/losses/sdl.py): k3 = KL(π_S‖π_E) (paper), forward = KL(π_E‖π_S), jsd = their
+    # β-skewed Jensen–Shannon divergence.
+    cfg.sdl.divergence = "k3"
+    cfg.sdl.jsd_beta = 0.5              # teacher weight of the JSD mixture (ours)
     cfg.sdl.k3_clamp = 10.0             # k3(ℓ) clamped to [-10, 10] (paper)
     cfg.sdl.rho_max = 2.0               # ρ = min(π_S / π_S,old, 2) (paper)
     cfg.sdl.token_cap = 10.0            # c_tok (ours; not reported)
     cfg.sdl.topk_frac = 0.10            # top 10% of a sample's tokens by |log π_E - log π_S|
     return cfg
-
-
-def _num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def validate(cfg: ml_collections.ConfigDict, prefix: str = "") -> ml_collections.ConfigDict:
@@ -62,56 +61,38 @@ def validate(cfg: ml_collections.ConfigDict, prefix: str = "") -> ml_collections
     ``prefix`` is where this config sits in a larger one (e.g. "loss"), so that errors name the
     full dotted path: ``loss.grpo.clip_eps_low must be >= 0 and < 1, got -0.1``.
     """
-    dot = f"{prefix}." if prefix else ""
-
-    def _require(cond: bool, field: str, rule: str, value) -> None:
-        if not cond:
-            raise ValueError(f"{dot}{field} must be {rule}, got {value!r}")
-
+    check = Checker(prefix)
     for section in ("logprob", "sft", "grpo", "sdl"):
         if section not in cfg:
-            raise ValueError(f"loss config {prefix or '(root)'} is missing the section "
-                             f"{section!r}")
+            raise ValueError(f"loss config {prefix or '(root)'} is missing the section {section!r}")
     lp, g, s = cfg.logprob, cfg.grpo, cfg.sdl
 
-    c = lp.chunk_size
-    _require(isinstance(c, int) and not isinstance(c, bool) and c > 0,
-             "logprob.chunk_size", "a positive int", c)
+    check(is_int(lp.chunk_size) and lp.chunk_size > 0, "logprob.chunk_size", "a positive int", lp.chunk_size)
     for name in ("rl_temperature", "sft_temperature"):
-        v = lp[name]
-        _require(_num(v) and v > 0, f"logprob.{name}", "a finite number > 0", v)
+        check(is_number(lp[name]) and lp[name] > 0, f"logprob.{name}", "a finite number > 0", lp[name])
 
-    _require(cfg.sft.aggregation in AGGREGATIONS, "sft.aggregation",
-             f"one of {AGGREGATIONS}", cfg.sft.aggregation)
+    check.one_of(cfg.sft.aggregation, "sft.aggregation", AGGREGATIONS)
 
-    _require(_num(g.adv_eps) and g.adv_eps > 0, "grpo.adv_eps", "> 0", g.adv_eps)
-    _require(isinstance(g.adv_scale_by_std, bool), "grpo.adv_scale_by_std", "a bool",
-             g.adv_scale_by_std)
-    _require(g.adv_std_ddof in (0, 1) and not isinstance(g.adv_std_ddof, bool),
-             "grpo.adv_std_ddof", "0 or 1", g.adv_std_ddof)
-    _require(_num(g.clip_eps_low) and 0 <= g.clip_eps_low < 1, "grpo.clip_eps_low",
-             ">= 0 and < 1", g.clip_eps_low)
-    _require(_num(g.clip_eps_high) and g.clip_eps_high >= 0, "grpo.clip_eps_high", ">= 0",
-             g.clip_eps_high)
-    _require(_num(g.dual_clip_c) and (g.dual_clip_c == 0 or g.dual_clip_c > 1),
-             "grpo.dual_clip_c", "0 (off) or > 1", g.dual_clip_c)
-    _require(_num(g.kl_coef) and g.kl_coef >= 0, "grpo.kl_coef", ">= 0", g.kl_coef)
-    _require(g.kl_estimator in KL_ESTIMATORS, "grpo.kl_estimator", f"one of {KL_ESTIMATORS}",
-             g.kl_estimator)
-    _require(_num(g.kl_clamp) and g.kl_clamp >= 0, "grpo.kl_clamp", ">= 0 (0 = off)",
-             g.kl_clamp)
-    _require(g.aggregation in AGGREGATIONS, "grpo.aggregation", f"one of {AGGREGATIONS}",
-             g.aggregation)
+    check(is_number(g.adv_eps) and g.adv_eps > 0, "grpo.adv_eps", "> 0", g.adv_eps)
+    check.boolean(g.adv_scale_by_std, "grpo.adv_scale_by_std")
+    check(g.adv_std_ddof in (0, 1) and is_int(g.adv_std_ddof), "grpo.adv_std_ddof", "0 or 1", g.adv_std_ddof)
+    check(is_number(g.clip_eps_low) and 0 <= g.clip_eps_low < 1, "grpo.clip_eps_low", ">= 0 and < 1",
+          g.clip_eps_low)
+    check(is_number(g.clip_eps_high) and g.clip_eps_high >= 0, "grpo.clip_eps_high", ">= 0", g.clip_eps_high)
+    check(is_number(g.dual_clip_c) and (g.dual_clip_c == 0 or g.dual_clip_c > 1), "grpo.dual_clip_c",
+          "0 (off) or > 1", g.dual_clip_c)
+    check(is_number(g.kl_coef) and g.kl_coef >= 0, "grpo.kl_coef", ">= 0", g.kl_coef)
+    check.one_of(g.kl_estimator, "grpo.kl_estimator", KL_ESTIMATORS)
+    check(is_number(g.kl_clamp) and g.kl_clamp >= 0, "grpo.kl_clamp", ">= 0 (0 = off)", g.kl_clamp)
+    check.one_of(g.aggregation, "grpo.aggregation", AGGREGATIONS)
     for name in ("mask_error", "mask_truncated", "mask_repeated"):
-        _require(isinstance(g[name], bool), f"grpo.{name}", "a bool", g[name])
+        check.boolean(g[name], f"grpo.{name}")
 
-    _require(_num(s.coef) and s.coef >= 0, "sdl.coef", ">= 0", s.coef)
-    _require(s.divergence in SDL_DIVERGENCES, "sdl.divergence", f"one of {SDL_DIVERGENCES}",
-             s.divergence)
-    _require(_num(s.jsd_beta) and 0 < s.jsd_beta < 1, "sdl.jsd_beta", "in (0, 1)", s.jsd_beta)
-    _require(_num(s.k3_clamp) and s.k3_clamp > 0, "sdl.k3_clamp", "> 0", s.k3_clamp)
-    _require(_num(s.rho_max) and s.rho_max > 0, "sdl.rho_max", "> 0", s.rho_max)
-    _require(_num(s.token_cap) and s.token_cap > 0, "sdl.token_cap", "> 0", s.token_cap)
-    _require(_num(s.topk_frac) and 0 < s.topk_frac <= 1, "sdl.topk_frac", "in (0, 1]",
-             s.topk_frac)
+    check(is_number(s.coef) and s.coef >= 0, "sdl.coef", ">= 0", s.coef)
+    check.one_of(s.divergence, "sdl.divergence", SDL_DIVERGENCES)
+    check(is_number(s.jsd_beta) and 0 < s.jsd_beta < 1, "sdl.jsd_beta", "in (0, 1)", s.jsd_beta)
+    check(is_number(s.k3_clamp) and s.k3_clamp > 0, "sdl.k3_clamp", "> 0", s.k3_clamp)
+    check(is_number(s.rho_max) and s.rho_max > 0, "sdl.rho_max", "> 0", s.rho_max)
+    check(is_number(s.token_cap) and s.token_cap > 0, "sdl.token_cap", "> 0", s.token_cap)
+    check(is_number(s.topk_frac) and 0 < s.topk_frac <= 1, "sdl.topk_frac", "in (0, 1]", s.topk_frac)
     return cfg

@@ -9,8 +9,7 @@ from flax import nnx
 
 from genevolve_jax.models.qwen3_vl import config as C
 from genevolve_jax.models.qwen3_vl import hf_reference as R
-from genevolve_jax.models.qwen3_vl.model import (Qwen3VLForConditionalGeneration, forward, forward_hidden,
-                                                 lm_head_kernel, prepare_inputs)
+from genevolve_jax.models.qwen3_vl.model import (Qwen3VLForConditionalGeneration, forward, forward_hidden, prepare_inputs)
 
 TOL = 1e-4
 
@@ -68,7 +67,7 @@ def test_one_image_and_the_hidden_state_path(untied):
     graphdef, state = nnx.split(ours)
     hidden = jax.jit(forward_hidden)(graphdef, state, prepare_inputs(cfg, ids, pixel_values=pix, image_grid_thw=grid))
     assert hidden.shape == ids.shape + (cfg.text.hidden_size,)
-    via_kernel = np.asarray(jnp.einsum("bld,dv->blv", hidden, lm_head_kernel(graphdef, state)))
+    via_kernel = np.asarray(jnp.einsum("bld,dv->blv", hidden, nnx.merge(graphdef, state).lm_head_kernel()))
     np.testing.assert_allclose(via_kernel, want, atol=1e-5)
 
 

@@ -93,14 +93,24 @@ def topk_mask(lp_s, lp_e, mask, has_bundle, frac):
     return sel
 
 
-def sdl(lp_s, lp_e, old, sel, *, clamp, rho_max, cap, divergence=None):
+def sampled_divergence(ell, kind="k3", beta=0.5):
+    """f(r), r = π_E/π_S = exp(−ℓ), written from each divergence's definition as E_{x∼π_S}[·]:
+    KL(π_S‖π_E) = E[−log r] (+ r − 1, which has mean 0); KL(π_E‖π_S) = E[r log r] (− r + 1);
+    JSD = β KL(π_E‖M) + (1−β) KL(π_S‖M) = E[β r log(r/s) − (1−β) log s], s = M/π_S."""
+    x = -ell                                   # log r
+    r = math.exp(x) if x < 700 else math.inf
+    if kind == "k3":
+        return r - 1 - x
+    if kind == "forward":
+        return r * x - r + 1 if r < math.inf else math.inf
+    s = beta * r + 1 - beta
+    return beta * r * (x - math.log(s)) - (1 - beta) * math.log(s)
+
+
+def sdl(lp_s, lp_e, old, sel, *, clamp, rho_max, cap, kind="k3", beta=0.5):
     total, n = 0.0, 0
     for i, j in zip(*np.nonzero(sel)):
-        ell = lp_s[i, j] - lp_e[i, j]
-        if divergence is None:
-            d = (math.exp(-ell) if -ell < 700 else math.inf) - 1 + ell
-        else:
-            d = divergence[i, j]
+        d = sampled_divergence(lp_s[i, j] - lp_e[i, j], kind, beta)
         d = min(max(d, -clamp), clamp)
         rho = min(math.exp(lp_s[i, j] - old[i, j]), rho_max)
         total += min(rho * d, cap)

@@ -32,6 +32,7 @@ def test_defaults_are_the_papers_values():
     ("sdl.k3_clamp", float("nan"), "sdl.k3_clamp"),
     ("sdl.coef", -2.0, "sdl.coef"),
     ("sdl.divergence", "tv", "sdl.divergence"),
+    ("sdl.divergence", "reverse", "sdl.divergence must be one of \\('k3', 'forward', 'jsd'\\)"),
     ("sdl.jsd_beta", 1.0, "sdl.jsd_beta"),
     ("sft.aggregation", "seq", "sft.aggregation"),
     ("logprob.chunk_size", 0, "logprob.chunk_size"),

@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from genevolve_jax.ops.fused_logprob import token_kl
 from genevolve_jax.train.losses import (default_loss_config, evolve_loss, grpo_loss, sdl_loss,
                                         topk_token_mask)
 
@@ -112,35 +111,85 @@ def test_no_bundle_or_empty_mask_gives_zero_loss_and_gradient():
         assert all(np.isfinite(float(v)) for v in metrics.values())
 
 
-def test_full_vocab_divergence_from_the_fused_op():
+@pytest.mark.parametrize("kind", ["forward", "jsd"])
+def test_other_divergences_match_float64_reference(kind):
+    """Loss and gradient of each sampled-token divergence, through the same ρ, clamp, cap and top-k
+    path as k3, against the reference's own f (written from each divergence's definition)."""
+    seed = int(np.random.default_rng().integers(1 << 30))
     cfg = default_loss_config()
-    cfg.sdl.divergence = "forward"
+    cfg.sdl.divergence = kind
+    cfg.sdl.jsd_beta = beta = float(np.random.default_rng(seed).uniform(0.2, 0.8))
     cfg.sdl.topk_frac = 0.5
-    rng = np.random.default_rng(5)
-    b, t, d, v = 2, 6, 8, 19
-    hs = jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32)
-    ht = jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32)
-    w = jnp.asarray(rng.normal(size=(d, v)), jnp.float32)
-    y = jnp.asarray(rng.integers(0, v, size=(b, t)), jnp.int32)
-    mask = np.ones((b, t), bool)
-    bundle = np.array([True, True])
-    fused = jax.jit(lambda h: token_kl(h, w, ht, y, kind="forward", chunk_size=8))
-    _, lp_e = fused(ht)  # teacher target logprobs
+    cfg.sdl.token_cap = 1.5
+    lp_s, lp_e, old, mask, bundle = _batch(seed)
 
-    def total(hs):
-        kl, lp_s = fused(hs)
-        return sdl_loss(lp_s, lp_e, jax.lax.stop_gradient(lp_s), mask, bundle, cfg,
-                        token_divergence=kl)
+    (loss, metrics), grad = jax.jit(jax.value_and_grad(
+        lambda x: sdl_loss(x, lp_e, old, mask, bundle, cfg), has_aux=True))(jnp.asarray(lp_s))
+    sel = ref.topk_mask(lp_s, lp_e, mask, bundle, 0.5)
+    kw = dict(clamp=10.0, rho_max=2.0, cap=1.5, kind=kind, beta=beta)
+    f64 = [np.float64(x) for x in (lp_s, lp_e, old)]
+    want = ref.sdl(*f64, sel, **kw)
+    want_grad = ref.finite_diff(lambda x: ref.sdl(x, f64[1], f64[2], sel, **kw), f64[0])
+    assert ref.rel_err(loss, want) <= 1e-5, seed
+    assert ref.rel_err(grad, want_grad) <= 1e-4, seed
+    assert not np.any(np.asarray(grad)[~sel])
+    assert float(metrics["sdl/divergence"]) >= 0   # each token's term is >= 0 by construction
+    d = np.array([ref.sampled_divergence(a - b, kind, beta) for a, b in zip(f64[0][sel], f64[1][sel])])
+    assert (d >= 0).all() and (d > 0).any()
 
-    (loss, _), grad = jax.jit(jax.value_and_grad(total, has_aux=True))(hs)
-    kl, lp_s = fused(hs)
-    sel = ref.topk_mask(np.asarray(lp_s), np.asarray(lp_e), mask, bundle, 0.5)
-    want = ref.sdl(np.float64(lp_s), np.float64(lp_e), np.float64(lp_s), sel, clamp=10.0,
-                   rho_max=2.0, cap=10.0, divergence=np.float64(kl))
-    assert ref.rel_err(loss, want) <= 1e-6
-    assert np.isfinite(np.asarray(grad)).all() and np.abs(np.asarray(grad)).sum() > 0
-    with pytest.raises(ValueError, match="token_divergence"):
-        sdl_loss(lp_s, lp_e, lp_s, mask, bundle, cfg)
+
+def _exact_divergence(lp_s, lp_e, kind, beta):
+    """Full-vocabulary divergence of two log-prob vectors, float64."""
+    p, q = np.exp(lp_s), np.exp(lp_e)
+    if kind == "k3":
+        return float(np.sum(p * (lp_s - lp_e)))            # KL(π_S‖π_E)
+    if kind == "forward":
+        return float(np.sum(q * (lp_e - lp_s)))            # KL(π_E‖π_S)
+    m = beta * q + (1 - beta) * p
+    return float(beta * np.sum(q * np.log(q / m)) + (1 - beta) * np.sum(p * np.log(p / m)))
+
+
+@pytest.mark.parametrize("kind", ["k3", "forward", "jsd"])
+def test_sampled_token_divergence_is_the_full_vocabulary_divergence(kind):
+    """What "forward" (and k3, jsd) means: with every vocabulary entry as one token drawn from a
+    uniform π_old (ρ = V·π_S), the SDL loss with ρ, clamp and cap out of the way equals the exact
+    divergence between the student and teacher distributions, and its gradient with respect to the
+    student's logits equals the exact divergence's gradient (float64, central differences)."""
+    rng = np.random.default_rng()
+    v, beta = 7, float(rng.uniform(0.2, 0.8))
+    z_s, z_e = rng.normal(0, 1.0, v), rng.normal(0, 1.0, v)
+    log_softmax = lambda z: z - np.log(np.sum(np.exp(z - z.max()))) - z.max()  # noqa: E731
+    cfg = default_loss_config()
+    cfg.sdl.divergence, cfg.sdl.jsd_beta = kind, beta
+    cfg.sdl.topk_frac, cfg.sdl.rho_max, cfg.sdl.token_cap, cfg.sdl.k3_clamp = 1.0, 1e6, 1e6, 1e6
+    lp_e = jnp.asarray(log_softmax(z_e)[None], jnp.float32)
+    old = jnp.full((1, v), -np.log(v), jnp.float32)
+    ones = np.ones((1, v), bool)
+
+    def loss(z):
+        return sdl_loss(jax.nn.log_softmax(z)[None], lp_e, old, ones, np.array([True]), cfg)[0]
+
+    value, grad = jax.jit(jax.value_and_grad(loss))(jnp.asarray(z_s, jnp.float32))
+    exact = lambda z: _exact_divergence(log_softmax(z), log_softmax(z_e), kind, beta)  # noqa: E731
+    assert ref.rel_err(value, exact(z_s)) <= 1e-5
+    assert ref.rel_err(grad, ref.finite_diff(exact, z_s)) <= 1e-4
+    if kind == "forward":   # the textbook gradient of KL(q‖softmax(z)): softmax(z) − q
+        np.testing.assert_allclose(grad, np.exp(log_softmax(z_s)) - np.exp(log_softmax(z_e)), atol=1e-6)
+
+
+def test_forward_divergence_trains_through_the_total_loss():
+    """sdl.divergence = "forward" passes validation and runs in the jitted GRPO + λ·SDL loss."""
+    from genevolve_jax.train.losses import validate
+    cfg = validate(default_loss_config(), prefix="loss")
+    cfg.sdl.divergence = "forward"
+    validate(cfg, prefix="loss")
+    lp_s, lp_e, old, mask, bundle = _batch(4)
+    adv = np.random.default_rng(4).normal(size=B).astype(np.float32)
+    (loss, metrics), grad = jax.jit(jax.value_and_grad(lambda lp: evolve_loss(
+        lp, old, adv, mask, cfg, ref_logprobs=old, teacher_logprobs=lp_e, has_bundle=bundle),
+        has_aux=True))(jnp.asarray(lp_s))
+    assert np.isfinite(float(loss)) and float(metrics["sdl/tokens"]) > 0
+    assert np.isfinite(np.asarray(grad)).all()
 
 
 def test_total_is_grpo_plus_lambda_sdl():

@@ -12,6 +12,7 @@ suffix stemmer), with ties broken by corpus order, so results are deterministic.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 
@@ -19,6 +20,10 @@ import bm25s
 import numpy as np
 
 from genevolve_jax.agent.tools.base import ImageHit, WebResult
+
+# bm25s sets its own logger to DEBUG, so every index build printed "Building index from tokens"
+# through whatever root handler exists (absl installs one). Its warnings still show.
+logging.getLogger("bm25s").setLevel(logging.WARNING)
 
 _STOP = frozenset("a an and are as at be by for from has have in is it its of on or that the this to was "
                   "were with what which who how show me".split())

@@ -1,0 +1,105 @@
+"""Ahead-of-time plans: compile a run's jitted steps for hardware that is not here, and report
+per-device memory, FLOPs and collectives (``genevolve plan``, ``compare-sharding --plan-only``).
+
+:func:`build_plan` is the entry point: run config + target + phases -> :class:`report.Plan`.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+PHASES = ("sft", "rl")
+LAUNCH_SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "single_host.sh"
+SHIPPED_COLOCATED_FRACTION = 0.55
+
+
+def colocated_fraction() -> tuple[float, str]:
+    """The trainer's XLA_PYTHON_CLIENT_MEM_FRACTION when the policy's SGLang server shares its
+    GPUs, as the shipped launch script sets it."""
+    try:
+        text = LAUNCH_SCRIPT.read_text()
+    except OSError:
+        return SHIPPED_COLOCATED_FRACTION, "shipped launch default (SGLang colocated)"
+    block = text.split("GENEVOLVE_POLICY_MODEL", 1)[-1]
+    m = re.search(r"XLA_PYTHON_CLIENT_MEM_FRACTION:-([0-9.]+)", block)
+    if not m:
+        return SHIPPED_COLOCATED_FRACTION, "shipped launch default (SGLang colocated)"
+    return float(m.group(1)), "launch/single_host.sh with the SGLang policy colocated"
+
+
+def _local(url: str) -> bool:
+    from urllib.parse import urlsplit
+    host = urlsplit(url).hostname or ""
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+def mem_fraction(run_cfg, target, phase: str, override: float | None = None) -> tuple[float, str]:
+    """The share of each device the trainer's allocator may use in ``phase``."""
+    if override is not None:
+        return override, "--mem-fraction"
+    if target.platform != "gpu":
+        return 1.0, "whole device"
+    env = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")
+    if env:
+        return float(env), "XLA_PYTHON_CLIENT_MEM_FRACTION"
+    if phase == "rl" and run_cfg.rl.engine == "sglang" and any(_local(u) for u in run_cfg.rl.sglang.urls):
+        return colocated_fraction()
+    from genevolve_jax.plan.targets import JAX_GPU_DEFAULT_FRACTION
+    return JAX_GPU_DEFAULT_FRACTION, "JAX's default preallocation"
+
+
+def mesh_for(run_cfg, devices, strategy_mesh: dict | None = None):
+    from genevolve_jax.sharding.mesh import make_mesh
+    return make_mesh(dict(strategy_mesh or run_cfg.sharding.mesh), devices)
+
+
+def build_plan(run_cfg, target, phases=PHASES, *, shapes=None, model_config_path: str = "",
+               config_name: str = "", mem_fraction_override: float | None = None, devices=None,
+               strategy: str | None = None, mesh_sizes: dict | None = None, progress=None):
+    """Trace and compile every function of ``phases`` for ``target``; returns a :class:`Plan`.
+
+    ``strategy`` / ``mesh_sizes`` override the config's sharding (compare-sharding). A phase whose
+    resident state alone exceeds the budget is reported without compiling (it cannot fit)."""
+    from genevolve_jax.plan import abstract as A
+    from genevolve_jax.plan import phases as P
+    from genevolve_jax.plan.compile import compile_traced
+    from genevolve_jax.plan.report import Plan, PhaseReport
+    from genevolve_jax.plan.targets import target_devices
+
+    run_cfg = run_cfg.copy_and_resolve_references()
+    if strategy:
+        run_cfg.sharding.strategy = strategy
+    if mesh_sizes:
+        run_cfg.sharding.mesh = type(run_cfg.sharding.mesh)(dict(mesh_sizes))
+    shapes = shapes or P.Shapes()
+    devices = devices if devices is not None else target_devices(target)
+    mesh = mesh_for(run_cfg, devices)
+    say = progress or (lambda msg: None)
+    reports = []
+    for name in phases:
+        say(f"tracing phase {name}")
+        build = {"sft": P.sft_phase, "rl": P.rl_phase}[name]
+        phase = build(run_cfg, target, mesh, shapes, model_config_path=model_config_path)
+        frac, source = mem_fraction(run_cfg, target, name, mem_fraction_override)
+        resident = {k: A.bytes_per_device(v) for k, v in phase.resident.items()}
+        bufs = [b for k, v in phase.resident.items() for b in A.buffers(v, k)]
+        budget = int(target.device.memory_bytes * frac)
+        compiled, extra, note = [], {}, ""
+        if sum(resident.values()) > budget:
+            note = "not compiled: the resident state alone exceeds the budget"
+        else:
+            for fn in phase.fns:
+                say(f"compiling {fn.name} for {target.spec}")
+                c = compile_traced(fn.name, fn.traced, len(devices), fn.compiler_options)
+                compiled.append(c)
+                extra[fn.name] = fn.extra_input_bytes
+                bufs.append(A.Buffer(f"{fn.name}: compiled temporaries", (), "", c.temp_bytes))
+        runs = {"evolve_step": 1, "sft_step": 1, "reference_forward": P.logprob_forwards_per_step(run_cfg)}
+        bufs.sort(key=lambda b: -b.bytes_per_device)
+        reports.append(PhaseReport(name, phase.batch_desc, resident, phase.gradients_bytes, compiled, extra,
+                                   bufs[:12], runs, frac, source, note))
+    return Plan(config=config_name, target=target.spec, device_kind=target.device.kind, num_devices=len(devices),
+                mesh={k: int(v) for k, v in mesh.shape.items()}, strategy=run_cfg.sharding.strategy,
+                attention=P.attention_implementation(target), device_memory_bytes=target.device.memory_bytes,
+                peak_flops=target.device.peak_flops, phases=reports)

@@ -1,0 +1,222 @@
+"""The jitted functions a run executes, traced on abstract state for a target mesh.
+
+- ``sft``: the SFT train step (``TrainStep`` + the SFT loss) on ``data.sft`` packed rows.
+- ``rl``: the evolve train step (``TrainStep`` + the evolve loss: policy forward, stop-gradient
+  teacher forward and the fused log-prob op) and the reference forward of the KL term (and of the
+  recomputed π_old), whose frozen copy of the policy stays resident through the run.
+
+Each phase returns the abstract state it keeps resident and its traced functions; nothing is
+allocated. Attention is traced for the target's backend (``ops.attention.compile_for``), so a TPU
+plan compiles splash attention and a GPU plan cuDNN's when the cuDNN libraries are importable.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from genevolve_jax.plan import abstract as A
+from genevolve_jax.sharding import logical as L
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass
+class Shapes:
+    """The batch a phase is planned at. Zeros mean: from the run config."""
+    sft_rows: int = 0
+    sft_row_len: int = 0
+    rl_rows: int = 0
+    rl_seq_len: int = 0
+    images: A.ImageShape = dataclasses.field(default_factory=A.ImageShape)
+
+    def sft(self, cfg) -> tuple[int, int]:
+        s = cfg.data.sft
+        return self.sft_rows or int(s.rows_per_batch), self.sft_row_len or int(s.row_len or s.cutoff_len)
+
+    def rl(self, cfg) -> tuple[int, int]:
+        """Rows: prompts × rollouts. Tokens: prompt cap + response cap, rounded up to
+        ``rl.length_multiple`` and capped at ``rl.max_seq_len`` (longer rollouts are masked)."""
+        rows = self.rl_rows or int(cfg.data.rl.prompts_per_step) * int(cfg.rl.group_size)
+        if self.rl_seq_len:
+            return rows, self.rl_seq_len
+        m = int(cfg.rl.length_multiple)
+        want = int(cfg.agent.prompt_max_tokens) + int(cfg.agent.response_max_tokens)
+        cap = int(cfg.rl.max_seq_len) // m * m
+        return rows, min(-(-want // m) * m, cap)
+
+
+@dataclasses.dataclass
+class TracedFn:
+    name: str
+    traced: Any                 # jax.stages.Traced
+    extra_input_bytes: int      # per device, inputs that are not resident state (the batch)
+    compiler_options: dict
+
+
+@dataclasses.dataclass
+class Phase:
+    name: str
+    state: A.AbstractState
+    resident: dict[str, Any]    # name -> abstract tree held through the phase (params, opt, ref…)
+    gradients_bytes: int        # per device: one gradient per trainable parameter
+    fns: list[TracedFn]
+    batch_desc: str
+
+
+def _attention_impl(target) -> str:
+    if target.platform == "tpu":
+        return "splash"
+    if target.platform == "gpu":
+        return "cudnn" if cudnn_available() else "xla"
+    return "xla"
+
+
+def cudnn_available() -> bool:
+    """cuDNN fused attention compiles only with the cuDNN libraries present (nvidia-cudnn-cu12)."""
+    import importlib.util
+    return importlib.util.find_spec("nvidia.cudnn") is not None if importlib.util.find_spec("nvidia") else False
+
+
+def attention_implementation(target) -> str:
+    return _attention_impl(target)
+
+
+def _trace(step, state: A.AbstractState, batch: dict, target, mesh):
+    from genevolve_jax.ops import attention
+    arrays, static = step.split_static(batch)
+    with attention.compile_for(target.attention_backend), \
+            attention.use_implementation(_attention_impl(target)), \
+            L.use_rules(mesh, state.setup.rules):
+        return step.jitted(arrays, static).trace(state.params, state.opt_state, arrays, A.abstract_rng(mesh))
+
+
+def sft_phase(run_cfg, target, mesh, shapes: Shapes, *, model_config_path: str = "") -> Phase:
+    from genevolve_jax.train.config import validate
+    from genevolve_jax.train.run_setup import compiler_options
+    from genevolve_jax.train.state import is_vision_path
+    from genevolve_jax.train.step import TrainStep
+
+    tc = validate(run_cfg.sft, prefix="sft")
+    config = A.model_config(run_cfg, tc, model_config_path)
+    freeze = is_vision_path if tc.freeze_vision else None
+    state = A.abstract_train_state(config, tc, mesh, run_cfg.sharding.strategy, freeze=freeze)
+    rows, row_len = shapes.sft(run_cfg)
+    batch = A.sft_batch(config, rows, row_len, mesh, state.setup.rules, shapes.images)
+    opts = compiler_options(run_cfg.model)
+    step = TrainStep(state.setup, sft_loss(run_cfg, tc), compute_dtype=_DTYPES[tc.compute_dtype],
+                     grad_accum_steps=tc.grad_accum_steps, compiler_options=opts)
+    traced = _trace(step, state, batch, target, mesh)
+    batch_bytes = A.bytes_per_device({k: v for k, v in batch.items() if hasattr(v, "sharding")})
+    desc = f"{rows} × {row_len} packed" + (f", {shapes.images.per_row} image(s) of {shapes.images.side}² per row"
+                                          if shapes.images.per_row else "") + f", {tc.grad_accum_steps} micro-batch(es)"
+    return Phase("sft", state, {"params": state.params, "optimizer": state.opt_state},
+                 A.bytes_per_device(state.params["train"]), [TracedFn("sft_step", traced, batch_bytes, opts)], desc)
+
+
+def sft_loss(run_cfg, tc):
+    """The SFT driver's loss function (train/losses/step_losses.py; older trees: train/step.py)."""
+    try:
+        from genevolve_jax.train.losses.step_losses import SFTLoss
+        return SFTLoss(run_cfg.loss)
+    except ImportError:
+        from genevolve_jax.train.step import sft_loss_fn
+        return sft_loss_fn(int(run_cfg.loss.logprob.chunk_size))
+
+
+def evolve_loss(run_cfg):
+    """The evolve driver's loss function: policy + stop-gradient teacher forwards, fused op."""
+    try:
+        from genevolve_jax.train.losses.step_losses import EvolveLoss
+        return EvolveLoss(run_cfg.loss)
+    except ImportError:
+        from genevolve_jax.train.batch_assembly import evolve_loss_fn
+        return evolve_loss_fn(run_cfg.loss)
+
+
+def logprob_forwards_per_step(run_cfg) -> int:
+    """Whole-batch log-prob forwards outside the step: the KL reference's, and π_old's when the
+    run recomputes it (train/logprob_forward.py)."""
+    kl = int(float(run_cfg.loss.grpo.kl_coef) > 0)
+    try:
+        from genevolve_jax.train.logprob_forward import resolve_old_logprobs
+        route = resolve_old_logprobs(run_cfg.rl.old_logprobs, int(run_cfg.rl.get("updates_per_batch", 1)))
+    except ImportError:
+        route = run_cfg.rl.old_logprobs
+    return kl + int(route == "recompute")
+
+
+def reference_forward(setup, loss_cfg, compute_dtype):
+    """The pure reference/old-log-prob forward ``(params, batch view) -> [B, T] log-probs``: what
+    ``train.logprob_forward.LogprobForward`` jits (the step's model function, head, fused op and
+    temperature)."""
+    from genevolve_jax.train.step import cast_floating
+    try:
+        from genevolve_jax.train.losses.step_losses import policy_logprobs
+    except ImportError:
+        policy_logprobs = None
+
+    def fn(params, batch):
+        model = setup.merge(cast_floating(params, compute_dtype))
+        if policy_logprobs is not None:
+            return policy_logprobs(model, batch, loss_cfg)
+        from genevolve_jax.ops.fused_logprob import token_logprobs
+        from genevolve_jax.train.step import lm_head_kernel, qwen3vl_hidden_states
+        hidden = qwen3vl_hidden_states(model, batch)
+        return token_logprobs(hidden, lm_head_kernel(model).astype(hidden.dtype), batch["targets"],
+                              chunk_size=int(loss_cfg.logprob.chunk_size),
+                              temperature=float(loss_cfg.logprob.rl_temperature))
+
+    return fn
+
+
+def rl_phase(run_cfg, target, mesh, shapes: Shapes, *, model_config_path: str = "") -> Phase:
+    from jax.sharding import NamedSharding
+
+    from genevolve_jax.ops import attention
+    from genevolve_jax.train.config import validate
+    from genevolve_jax.train.run_setup import compiler_options
+    from genevolve_jax.train.state import is_vision_path
+    from genevolve_jax.train.step import TrainStep
+    try:
+        from genevolve_jax.train.batch_layout import ROW_IMAGE_FIELDS, batch_shardings
+    except ImportError:
+        from genevolve_jax.train.step import ROW_IMAGE_FIELDS, batch_shardings
+
+    tc = validate(run_cfg.train)
+    config = A.model_config(run_cfg, tc, model_config_path)
+    freeze = is_vision_path if tc.freeze_vision else None
+    state = A.abstract_train_state(config, tc, mesh, run_cfg.sharding.strategy, freeze=freeze)
+    rows, seq_len = shapes.rl(run_cfg)
+    kl = float(run_cfg.loss.grpo.kl_coef) > 0
+    batch = A.evolve_batch(config, rows, seq_len, mesh, state.setup.rules, kl=kl, images=shapes.images,
+                           patch_multiple=int(run_cfg.rl.patch_multiple))
+    opts = compiler_options(run_cfg.model)
+    dtype = _DTYPES[tc.compute_dtype]
+    step = TrainStep(state.setup, evolve_loss(run_cfg), compute_dtype=dtype,
+                     grad_accum_steps=tc.grad_accum_steps, compiler_options=opts)
+    fns = [TracedFn("evolve_step", _trace(step, state, batch, target, mesh), A.bytes_per_device(batch), opts)]
+    resident = {"params": state.params, "optimizer": state.opt_state}
+    if kl:
+        resident["reference params"] = A.abstract_copy(state.params, state.setup.param_shardings)
+    if run_cfg.rl.engine == "jax":
+        # The in-process JaxEngine samples from its own copy (the step donates the trainer's).
+        resident["engine params"] = A.abstract_copy(state.params, state.setup.param_shardings)
+    if logprob_forwards_per_step(run_cfg):
+        # One jitted forward over the whole batch (train.batch_assembly.reference_logprobs_fn).
+        view = {k: batch[k] for k in ("input_ids", "targets", "segment_ids", "position_ids", *ROW_IMAGE_FIELDS)
+                if k in batch}
+        rules = state.setup.rules
+        out_sh = NamedSharding(mesh, L.partition_spec((L.BATCH, L.SEQ), rules, mesh, view["targets"].shape))
+        jitted = jax.jit(reference_forward(state.setup, run_cfg.loss, dtype),
+                         in_shardings=(state.setup.param_shardings, batch_shardings(view, mesh, rules)),
+                         out_shardings=out_sh)
+        with attention.compile_for(target.attention_backend), \
+                attention.use_implementation(_attention_impl(target)), L.use_rules(mesh, rules):
+            traced = jitted.trace(state.params, view)
+        fns.append(TracedFn("reference_forward", traced, A.bytes_per_device(view), opts))
+    img = f", {shapes.images.per_row} image(s) of {shapes.images.side}² per row" if shapes.images.per_row else ""
+    desc = f"{rows} rollouts × {seq_len} tokens{img}, {tc.grad_accum_steps} micro-batch(es)"
+    return Phase("rl", state, resident, A.bytes_per_device(state.params["train"]), fns, desc)

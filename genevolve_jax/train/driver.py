@@ -1,0 +1,123 @@
+"""What `genevolve sft` and `genevolve train` share: setup (tokenizer, mesh, sharded state, the
+jitted step), checkpoints (save, restore, resume), the run loop with its logger, and the final
+checkpoint and HF export. Each driver adds its own step (:meth:`Driver.train_one_step`) and the
+extra state its checkpoints carry."""
+from __future__ import annotations
+
+import abc
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from genevolve_jax.train.checkpoint import TrainCheckpointer, abstract_like, export_hf, rng_from_json, rng_to_json
+from genevolve_jax.train.collective import Collective, make_collective
+from genevolve_jax.train.observability import RunLogger
+from genevolve_jax.train.step import LossFunction, TrainStep
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class Driver(abc.ABC):
+    """A training run over one sharded state.
+
+    ``train_cfg`` is the optimiser section (``sft`` or ``train``); its schedule spans
+    ``total_steps``. ``model`` and ``tokenizer`` may be given built (tests, notebooks); otherwise
+    they come from ``cfg.model``."""
+
+    def __init__(self, cfg, *, train_cfg, total_steps: int, loss: LossFunction, workdir: str, checkpoint_dir: str,
+                 log_dir: str, description: str, tokenizer=None, model=None, devices=None,
+                 progress: bool | None = None, collective: Collective | None = None):
+        from genevolve_jax.sharding.mesh import mesh_from_config
+        from genevolve_jax.train.run_setup import compiler_options, model_source
+        from genevolve_jax.train.state import create_train_state, is_vision_path
+
+        self.cfg = cfg
+        self.collective = collective or make_collective()
+        self.workdir = os.path.abspath(workdir)
+        os.makedirs(self.workdir, exist_ok=True)
+        self.total_steps = int(total_steps)
+        self.tokenizer = tokenizer
+        self.compute_dtype = DTYPES[train_cfg.compute_dtype]
+        tc = train_cfg.copy_and_resolve_references()
+        tc.schedule.total_steps = self.total_steps
+        mesh = mesh_from_config(cfg.sharding, devices)
+        source = model if model is not None else model_source(cfg.model, tokenizer)
+        freeze = is_vision_path if tc.freeze_vision else None
+        self.setup, self.params, self.opt_state = create_train_state(source, tc, mesh, cfg.sharding.strategy,
+                                                                     freeze=freeze)
+        self.train_step = TrainStep(self.setup, loss, compute_dtype=self.compute_dtype,
+                                    grad_accum_steps=tc.grad_accum_steps, compiler_options=compiler_options(cfg.model))
+        c = cfg.checkpoint
+        self.ckpt = TrainCheckpointer(os.path.join(self.workdir, checkpoint_dir), save_every=c.save_every,
+                                      keep=c.keep, async_save=c.async_save)
+        self.logger = RunLogger.from_config(os.path.join(self.workdir, log_dir), cfg.logging,
+                                            total_steps=self.total_steps, description=description,
+                                            progress=progress, run_config=cfg)
+        self.rng = jax.random.key(int(cfg.seed))
+        self.step = 0
+        self.losses: list[float] = []
+
+    # -- what a driver adds ----------------------------------------------------------------------
+    @abc.abstractmethod
+    def train_one_step(self) -> dict[str, Any] | None:
+        """One optimiser step (None when the data ran out); advances :attr:`step`."""
+
+    @abc.abstractmethod
+    def export(self) -> dict[str, Any]:
+        """Write the run's final artefacts; returns the entries for :meth:`run`'s result."""
+
+    def meta(self) -> dict:
+        """JSON-able state saved with every checkpoint next to params and optimiser state."""
+        return {"rng": rng_to_json(self.rng), "losses": list(self.losses), "history": self.logger.history[-10000:]}
+
+    def load_meta(self, meta: dict) -> None:
+        self.rng = rng_from_json(meta["rng"])
+        self.losses = list(meta.get("losses", []))
+        self.logger.history = list(meta.get("history", []))
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def save(self, force: bool = False) -> None:
+        self.ckpt.save(self.step, self.params, self.opt_state, self.meta(), force=force)
+
+    def restore(self, step: int | None = None) -> int:
+        r = self.ckpt.restore(abstract_like(self.params, self.setup.param_shardings),
+                              abstract_like(self.opt_state, self.setup.opt_shardings), step)
+        self.params, self.opt_state, self.step = r.params, r.opt_state, r.step
+        self.load_meta(r.meta)
+        return r.step
+
+    def resume_if_any(self) -> None:
+        if self.cfg.checkpoint.resume and self.ckpt.latest_step() is not None:
+            self.restore()
+
+    def export_hf(self, path: str, dtype: str) -> str:
+        """An HF directory of the policy: every process joins the reshard, process 0 writes."""
+        model = self.collective.local_model(self.setup, self.params)
+
+        def write():
+            export_hf(model, path, dtype=dtype, tokenizer=self.tokenizer)
+            return path
+        return self.collective.on_writer(write)
+
+    # -- the run ---------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        self.logger.start(self.step)
+        try:
+            while self.step < self.total_steps:
+                if self.train_one_step() is None:
+                    break
+            if self.step not in self.ckpt.all_steps():
+                self.save(force=True)
+            self.ckpt.wait()
+            out: dict[str, Any] = {"steps": self.step, "losses": list(self.losses),
+                                   "checkpoints": self.ckpt.all_steps()}
+            out.update(self.export())
+            return out
+        finally:
+            self.logger.close()
+
+    def close(self) -> None:
+        self.ckpt.close()
+        self.logger.close()

@@ -1,0 +1,70 @@
+"""Log-prob forwards outside the train step: the frozen reference policy, and π_old when it must
+be computed before the update.
+
+π_old (``rl.old_logprobs``):
+- "auto": with one optimiser step per rollout batch (``rl.updates_per_batch`` = 1, however many
+  micro-batches) π_old is the current policy: the step uses the stop-gradient of its own
+  log-probs (train/losses/step_losses.py) and no forward is spent. With several updates per batch
+  π_old is recomputed once, before the first update.
+- "sampler": the log-probs the rollout engine recorded (exact for the JaxEngine; see
+  train/run_config.py for what SGLang returns).
+- "recompute": one jitted forward of the pre-update params over the assembled batch.
+In every mode the step logs ``rollout/logprob_mismatch`` between the sampler and the trainer.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+
+from genevolve_jax.sharding import logical as L
+from genevolve_jax.train.batch_layout import ROW_IMAGE_FIELDS, batch_shardings
+from genevolve_jax.train.losses.step_losses import policy_logprobs
+from genevolve_jax.train.step import cast_floating
+
+OLD_LOGPROB_MODES = ("auto", "sampler", "recompute")
+_FORWARD_FIELDS = ("input_ids", "targets", "segment_ids", "position_ids", *ROW_IMAGE_FIELDS)
+
+
+class LogprobForward:
+    """Jitted ``(params, batch) -> log-probs [B, T]`` of the batch's student targets under the given
+    params (same model function, dtype and temperature as the train step); compiled once per batch
+    layout. The result is a global array sharded over the batch axes."""
+
+    def __init__(self, setup, loss_cfg, compute_dtype):
+        self.setup, self.loss_cfg, self.compute_dtype = setup, loss_cfg, compute_dtype
+        self._compiled: dict = {}
+
+    def _forward(self, params, batch):
+        model = self.setup.merge(cast_floating(params, self.compute_dtype))
+        return policy_logprobs(model, batch, self.loss_cfg)
+
+    def __call__(self, params, batch: Mapping[str, np.ndarray]) -> jax.Array:
+        s = self.setup
+        view = {k: batch[k] for k in _FORWARD_FIELDS if k in batch}
+        key = tuple((k, v.shape) for k, v in sorted(view.items()))
+        shardings = batch_shardings(view, s.mesh, s.rules)
+        if key not in self._compiled:
+            out = NamedSharding(s.mesh, L.partition_spec((L.BATCH, L.SEQ), s.rules, s.mesh, view["targets"].shape))
+            self._compiled[key] = jax.jit(self._forward, in_shardings=(s.param_shardings, shardings),
+                                          out_shardings=out)
+        placed = {k: jax.make_array_from_callback(np.shape(v), shardings[k], lambda idx, h=np.asarray(v): h[idx])
+                  for k, v in view.items()}
+        with L.use_rules(s.mesh, s.rules):
+            return self._compiled[key](params, placed)
+
+    @property
+    def compiles(self) -> int:
+        """Batch layouts compiled so far."""
+        return len(self._compiled)
+
+
+def resolve_old_logprobs(mode: str, updates_per_batch: int) -> str:
+    """The π_old route a run takes: "on_policy" (no forward), "sampler" or "recompute"."""
+    if mode not in OLD_LOGPROB_MODES:
+        raise ValueError(f"rl.old_logprobs must be one of {OLD_LOGPROB_MODES}, got {mode!r}")
+    if mode == "auto":
+        return "on_policy" if updates_per_batch == 1 else "recompute"
+    return mode

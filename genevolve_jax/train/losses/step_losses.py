@@ -1,0 +1,110 @@
+"""The loss functions the sharded train step minimises (``train.step.LossFunction``).
+
+- :class:`SFTLoss`: the SFT cold start on assistant tokens (METHOD.md §5), ``loss.sft.*`` and
+  ``loss.logprob.*`` (chunk size, SFT temperature). It returns a token sum and the token count, so
+  gradient accumulation is exact.
+- :class:`EvolveLoss`: L = L_GRPO + λ·L_SDL (METHOD.md §6–7) in one forward of the policy and one
+  stop-gradient forward of the guided teacher row (same weights), both through the fused log-prob
+  op; images are encoded once and the teacher row reuses them. π_old is the batch's
+  ``old_logprobs`` or, when the batch carries none (an on-policy step: one optimiser step over the
+  rollout batch), the stop-gradient of the step's own log-probs: the ratio is then exactly 1 and
+  no forward is spent on it.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from genevolve_jax.ops.fused_logprob import token_logprobs
+from genevolve_jax.train.batch_layout import hidden_states_of, row_images_of, teacher_view
+from genevolve_jax.train.losses.sdl import evolve_loss
+from genevolve_jax.train.losses.sft import sft_loss_from_hidden
+from genevolve_jax.train.step import LossFunction
+
+
+class SFTLoss(LossFunction):
+    """loss_sum = token-mean NLL × tokens, weight = tokens (exact over micro-batches)."""
+
+    def __init__(self, loss_cfg=None, *, chunk_size: int | None = None):
+        """``loss_cfg`` None: the paper's defaults; ``chunk_size`` overrides loss.logprob.chunk_size."""
+        if loss_cfg is None:
+            from genevolve_jax.train.losses.config import default_loss_config
+            loss_cfg = default_loss_config()
+        if chunk_size is not None:
+            loss_cfg = loss_cfg.copy_and_resolve_references()
+            loss_cfg.logprob.chunk_size = int(chunk_size)
+        if loss_cfg.sft.aggregation != "token-mean":
+            # Packed rows hold several trajectories: a per-row mean is not a per-trajectory mean.
+            raise ValueError(f"loss.sft.aggregation must be 'token-mean' for the packed train step, got "
+                             f"{loss_cfg.sft.aggregation!r} (packed rows hold several trajectories)")
+        self.cfg = loss_cfg
+
+    def __call__(self, model, batch, rng):
+        del rng
+        hidden = hidden_states_of(model, batch)
+        kernel = model.lm_head_kernel().astype(hidden.dtype)
+        mask = batch["loss_mask"].astype(jnp.float32)
+        loss, mets = sft_loss_from_hidden(hidden, kernel, batch["targets"], mask, self.cfg)
+        tokens = jnp.sum(mask)
+        # Only sums are returned as metrics: the step adds them over micro-batches.
+        return loss * tokens, tokens, {"sft/bad_targets": mets["sft/bad_targets"]}
+
+
+def policy_logprobs(model, batch: Mapping[str, Any], loss_cfg, *, entropy: bool = False, image_features=None):
+    """Log-probs [B, T] of ``batch["targets"]`` at the RL temperature (and the entropy [B, T] when
+    asked), through the model's packed-row forward and the fused op."""
+    hidden = hidden_states_of(model, batch, image_features)
+    kernel = model.lm_head_kernel().astype(hidden.dtype)
+    return token_logprobs(hidden, kernel, batch["targets"], chunk_size=int(loss_cfg.logprob.chunk_size),
+                          temperature=float(loss_cfg.logprob.rl_temperature), return_entropy=entropy)
+
+
+def teacher_logprobs(model, batch: Mapping[str, Any], loss_cfg, image_features=None) -> jax.Array:
+    """[B, T] stop-gradient log-probs of the student's tokens under the teacher rows, gathered into
+    student positions (``teacher_index``). ``image_features``: the student's encoded row images."""
+    feats = None if image_features is None else jax.tree.map(jax.lax.stop_gradient, image_features)
+    view = teacher_view(batch)
+    hidden = jax.lax.stop_gradient(hidden_states_of(model, view, feats))
+    kernel = jax.lax.stop_gradient(model.lm_head_kernel()).astype(hidden.dtype)
+    row = token_logprobs(hidden, kernel, view["targets"], chunk_size=int(loss_cfg.logprob.chunk_size),
+                         temperature=float(loss_cfg.logprob.rl_temperature))
+    return jnp.take_along_axis(row, batch["teacher_index"], axis=1)
+
+
+class EvolveLoss(LossFunction):
+    """GRPO + λ·SDL; its terms are means over the (micro-)batch, so the step's weight is 1."""
+
+    metrics_are_means = True
+    summed_metrics = ("grpo/tokens", "grpo/seqs", "grpo/masked_seqs", "sdl/tokens", "sdl/samples")
+
+    def __init__(self, loss_cfg, *, sdl: bool | None = None):
+        self.cfg = loss_cfg
+        self.use_sdl = (loss_cfg.sdl.coef > 0) if sdl is None else bool(sdl)
+
+    def __call__(self, model, batch, rng):
+        del rng
+        images = row_images_of(batch)
+        feats = None if images is None else model.encode_row_images(images)
+        lp, ent = policy_logprobs(model, batch, self.cfg, entropy=True, image_features=feats)
+        # On-policy (no π_old in the batch): π_old is this forward's own log-probs, held fixed.
+        old = batch["old_logprobs"] if "old_logprobs" in batch else jax.lax.stop_gradient(lp)
+        teacher_lp = teacher_logprobs(model, batch, self.cfg, feats) if self.use_sdl else None
+        loss, metrics = evolve_loss(lp, old, batch["advantages"], batch["loss_mask"], self.cfg,
+                                    ref_logprobs=batch.get("ref_logprobs"), teacher_logprobs=teacher_lp,
+                                    has_bundle=batch["has_bundle"] if self.use_sdl else None,
+                                    sample_valid=batch["sample_valid"], entropy=ent)
+        if "sampler_logprobs" in batch:  # the sampler's health check, at no extra forward
+            metrics.update(logprob_mismatch(batch["sampler_logprobs"], lp, batch["loss_mask"], batch["sample_valid"]))
+        metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+        return loss, jnp.ones((), jnp.float32), metrics
+
+
+def logprob_mismatch(sampler_lp, trainer_lp, loss_mask, sample_valid) -> dict[str, jax.Array]:
+    """Mean and max |sampler − trainer| log-prob over the policy tokens of valid rows: the health
+    check of a sampler (its temperature, precision, weight sync); 0 when there is no such token."""
+    sel = (loss_mask > 0) & (sample_valid[:, None] > 0)
+    diff = jnp.where(sel, jnp.abs(sampler_lp.astype(jnp.float32) - jax.lax.stop_gradient(trainer_lp)), 0.0)
+    n = jnp.sum(sel)
+    return {"rollout/logprob_mismatch": jnp.sum(diff) / jnp.maximum(n, 1), "rollout/logprob_mismatch_max": jnp.max(diff)}

@@ -1,0 +1,144 @@
+"""`genevolve plan`: planned bytes against the bytes a real run holds, the 8B model's count on a TPU
+slice, an infeasible plan, and a deviceless TPU compile of a small config."""
+import importlib.util
+import json
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from genevolve_jax.cli import main
+from genevolve_jax.config_loader import load_config
+from genevolve_jax.plan import abstract as A
+from genevolve_jax.plan.targets import TargetError, parse_target
+from genevolve_jax.sharding.mesh import make_mesh
+
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu not installed (pip install 'jax[tpu]==<jax>')")
+
+
+def _tiny_cfg(rng):
+    cfg = load_config("tiny_cpu")
+    cfg.model.hidden_size = int(rng.choice([64, 128]))
+    cfg.model.num_layers = int(rng.integers(2, 4))
+    return cfg
+
+
+@pytest.mark.parametrize("strategy,mesh", [("fsdp", {"fsdp": 8}), ("fsdp_tp", {"fsdp": 4, "tensor": 2}),
+                                           ("tp", {"data": 4, "tensor": 2}), ("dp", {"data": 8})])
+def test_planned_state_bytes_equal_the_real_shards(strategy, mesh):
+    """Per device and per array, the abstract state's shards are the ones create_train_state holds."""
+    from genevolve_jax.processing.tokenizer import default_tokenizer
+    from genevolve_jax.train.run_setup import model_source
+    from genevolve_jax.train.state import bytes_per_device, create_train_state, is_vision_path
+
+    rng = np.random.default_rng(abs(hash(strategy)) % 2 ** 32)
+    cfg = _tiny_cfg(rng)
+    m = make_mesh(mesh, jax.devices()[:8])
+    config = A.model_config(cfg, cfg.sft)
+    planned = A.abstract_train_state(config, cfg.sft, m, strategy, freeze=is_vision_path)
+    tok = default_tokenizer()
+    _, params, opt_state = create_train_state(model_source(cfg.model, tok), cfg.sft, m, strategy, freeze=is_vision_path)
+
+    assert A.bytes_per_device(planned.params) == bytes_per_device(params)
+    assert A.bytes_per_device(planned.opt_state) == bytes_per_device(opt_state)
+    # Array by array: same shapes, dtypes and the shard each device holds.
+    for abstract_tree, real_tree in ((planned.params, params), (planned.opt_state, opt_state)):
+        a_leaves, r_leaves = jax.tree.leaves(abstract_tree), jax.tree.leaves(real_tree)
+        assert len(a_leaves) == len(r_leaves)
+        for a, r in zip(a_leaves, r_leaves):
+            assert (a.shape, a.dtype) == (r.shape, r.dtype)
+            assert A.shard_bytes(a) == max(s.data.nbytes for s in r.addressable_shards)
+    del params, opt_state
+
+
+def _hf_parameter_count(config) -> int:
+    """The same model's parameter count from transformers (meta device: nothing allocated)."""
+    torch = pytest.importorskip("torch")
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    with torch.device("meta"):
+        model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**config.to_hf_dict()))
+    return sum(p.numel() for p in model.parameters())
+
+
+@needs_libtpu
+def test_8b_on_v5p_64_is_the_analytic_count():
+    """8B, fp32 master weights, fsdp over a v5p-64 slice (32 chips): per device, params × 4 / 32 and
+    Adam's two fp32 moments for the trained (language) part; counted by transformers."""
+    from genevolve_jax.plan.targets import target_devices
+    from genevolve_jax.train.state import is_vision_path
+
+    target = parse_target("v5p-64")
+    assert (target.num_devices, target.topology) == (32, "4x4x2")
+    devices = target_devices(target)
+    assert all(d.platform == "tpu" for d in devices)
+    cfg = load_config("tpu_pod")
+    m = make_mesh({"fsdp": 32}, devices)
+    config = A.model_config(cfg, cfg.train)
+    state = A.abstract_train_state(config, cfg.train, m, "fsdp", freeze=is_vision_path)
+    leaves = jax.tree.leaves(state.params)
+    count = sum(math.prod(x.shape) for x in leaves)
+    assert count == _hf_parameter_count(config)
+    assert 8.0e9 < count < 9.5e9
+    # Arrays whose dims 32 does not divide stay whole on every device (q/k norms: a few KiB).
+    replicated = sum(math.prod(x.shape) * 4 for x in leaves if all(s is None for s in x.sharding.spec))
+    assert replicated < 1e-4 * count * 4
+    analytic = (count * 4 - replicated) / 32 + replicated
+    assert A.bytes_per_device(state.params) == pytest.approx(analytic, rel=0, abs=0)
+    trained = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params["train"]))
+    trained_replicated = sum(math.prod(x.shape) * 4 for x in jax.tree.leaves(state.params["train"])
+                             if all(s is None for s in x.sharding.spec))
+    moments = 2 * ((trained * 4 - trained_replicated) / 32 + trained_replicated)
+    opt = A.bytes_per_device(state.opt_state)
+    assert moments <= opt < moments + 64   # + the step counters
+
+
+def test_infeasible_plan_exits_3_and_names_the_largest_buffers(tmp_path, capsys, monkeypatch):
+    """8B in fp32 with Adam on one 16 GiB device: the state alone (~100 GiB) cannot fit."""
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+    out = tmp_path / "plan.json"
+    rc = main(["plan", "--config", "qwen3vl_8b_gpu", "--target", "cpu:1", "--device-memory", "16GiB",
+               "--phase", "sft", "--output", str(out), "--config.sharding.mesh.fsdp=1"])
+    assert rc == 3
+    printed = capsys.readouterr().out
+    assert "does not fit" in printed and "embed_tokens" in printed and "lm_head" in printed
+    plan = json.loads(out.read_text())
+    assert plan["fits"] is False
+    phase = plan["phases"][0]
+    assert phase["peak_bytes"] > phase["budget_bytes"] == 16 * 2 ** 30
+    biggest = phase["largest_buffers"][0]
+    # The largest per-device buffers are the vocabulary matrices (151936 × 4096 × 4 bytes).
+    assert biggest["bytes_per_device"] == 151936 * 4096 * 4
+    assert phase["resident_bytes"]["params"] > 8e9 * 4
+
+
+def test_target_parsing():
+    assert parse_target("v5p-64").topology == "4x4x2"
+    assert parse_target("tpu:v5p:4x4x4").num_devices == 64
+    h = parse_target("gpu:h200x8")
+    assert h.num_devices == 8 and h.device.memory_bytes > 140e9 and h.topology == "1x1x8"
+    assert parse_target("cpu:8", host_memory_bytes=8 << 30).device.memory_bytes == 1 << 30
+    for bad in ("tpu:v9:2x2", "gpu:h100x12", "cpu:0", "banana"):
+        with pytest.raises(TargetError):
+            parse_target(bad)
+
+
+@needs_libtpu
+def test_small_config_compiles_for_a_tpu_slice(tmp_path, monkeypatch):
+    """A deviceless compile through libtpu: the tiny config's SFT step on v5p 2x2x1 (4 chips)."""
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+    out = tmp_path / "tpu.json"
+    rc = main(["plan", "--config", "tiny_cpu", "--target", "tpu:v5p:2x2x1", "--phase", "sft", "--output", str(out),
+               "--config.sharding.mesh.fsdp=-1", "--config.data.sft.rows_per_batch=4",
+               "--config.data.sft.row_len=256", "--config.data.sft.cutoff_len=256"])
+    assert rc == 0
+    plan = json.loads(out.read_text())
+    assert plan["num_devices"] == 4 and plan["device_kind"] == "TPU v5p" and plan["attention"] == "splash"
+    phase = plan["phases"][0]
+    fn = phase["functions"][0]
+    assert fn["temp_bytes"] > 0 and fn["xla_flops"] > 0 and phase["fits"]
+    # fsdp over 4 chips gathers weights and reduce-scatters or all-reduces gradients.
+    assert phase["collective_bytes"]["all-gather"] > 0
+    assert phase["collective_bytes"]["all-reduce"] + phase["collective_bytes"]["reduce-scatter"] > 0

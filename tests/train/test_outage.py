@@ -1,0 +1,215 @@
+"""Outage policy: which steps are degraded, how long it waits (exponential backoff, capped, up to
+the limit) against real HTTP health endpoints that go down and come back, and which groups never
+train because most of their samples were masked."""
+import asyncio
+import http.server
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from genevolve_jax.train.outage import (GROUP_MOSTLY_MASKED, CallableHealthCheck, HealthCheck, HTTPHealthCheck,
+                                        OutagePolicy, WaitOutcome, default_outage_config, mask_mostly_masked_groups,
+                                        validate_outage)
+from genevolve_jax.train.records import RolloutSample
+
+
+def _cfg(**kw):
+    c = default_outage_config()
+    c.update(kw)
+    return c
+
+
+def test_assess_counts_only_outage_reasons():
+    rng = np.random.default_rng(np.random.SeedSequence().entropy)
+    policy = OutagePolicy(_cfg(max_masked_fraction=0.25))
+    for _ in range(200):
+        n = int(rng.integers(1, 64))
+        counts = {k: int(rng.integers(0, n // 3 + 1)) for k in ("render_failed", "judge_failed", "error",
+                                                                 "too_long", "repeated")}
+        outage = counts["render_failed"] + counts["judge_failed"] + counts["error"]
+        a = policy.assess(counts, n)
+        assert a.outage_masked == outage and a.degraded == (outage / n > 0.25)
+        assert a.fraction == pytest.approx(outage / n)
+    assert not policy.assess({"too_long": 10}, 10).degraded          # the policy's own fault, not a service's
+    assert not policy.assess({}, 0).degraded
+    assert not OutagePolicy(_cfg(enabled=False)).assess({"error": 10}, 10).degraded
+
+
+class FakeTime:
+    def __init__(self):
+        self.now, self.sleeps = 0.0, []
+
+    def clock(self):
+        return self.now
+
+    async def sleep(self, s):
+        self.sleeps.append(s)
+        self.now += s
+
+
+class Flaky:
+    """Unhealthy for its first ``bad`` probes, then healthy."""
+
+    def __init__(self, name, bad):
+        self.name, self.bad, self.calls = name, bad, 0
+
+    async def healthy(self):
+        self.calls += 1
+        return self.calls > self.bad
+
+
+def test_backoff_doubles_up_to_the_cap_and_stops_at_the_limit():
+    t = FakeTime()
+    policy = OutagePolicy(_cfg(backoff_s=2.0, max_backoff_s=10.0, max_wait_s=1000.0),
+                          [Flaky("render", 5), Flaky("judge", 2)], clock=t.clock, sleep=t.sleep)
+    out = policy.wait_for_recovery()
+    assert out.recovered and out.polls == 6 and out.unhealthy == ()
+    assert t.sleeps == [2.0, 4.0, 8.0, 10.0, 10.0] and out.wait_s == sum(t.sleeps)
+
+    t = FakeTime()
+    policy = OutagePolicy(_cfg(backoff_s=3.0, max_backoff_s=20.0, max_wait_s=50.0),
+                          [Flaky("render", 10 ** 6), Flaky("judge", 0)], clock=t.clock, sleep=t.sleep)
+    out = policy.wait_for_recovery()
+    assert not out.recovered and out.unhealthy == ("render",)
+    assert t.sleeps == [3.0, 6.0, 12.0, 20.0, 9.0] and out.wait_s == 50.0        # never past the limit
+
+    # The metrics of a degraded step, and the totals across steps (kept in the checkpoint meta).
+    a = policy.assess({"render_failed": 6, "too_long": 1}, 12)
+    policy.record(a, out)
+    policy.record(a, WaitOutcome(True, 7.5, 2))
+    m = policy.step_metrics(a, WaitOutcome(True, 7.5, 2), recollected=True, masked_groups=1)
+    assert m["outage/degraded"] == 1.0 and m["outage/degraded_steps"] == 2.0 and m["outage/wait_s"] == 7.5
+    assert m["outage/wait_s_total"] == 57.5 and m["outage/masked_fraction"] == 0.5 and m["outage/recollected"] == 1.0
+    again = OutagePolicy(_cfg())
+    again.load_state_dict(policy.state_dict())
+    assert again.step_metrics(a, WaitOutcome.none())["outage/wait_s_total"] == 57.5
+    clean = policy.assess({"render_failed": 1}, 12)
+    assert policy.step_metrics(clean, WaitOutcome.none())["outage/wait_s"] == 0.0
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802
+        ok = self.path == "/health"
+        self.send_response(200 if ok else 404)
+        self.end_headers()
+        self.wfile.write(b'{"status": "ok"}' if ok else b"{}")
+
+    def log_message(self, *a):
+        pass
+
+
+class Server:
+    """A real HTTP /health server that can be stopped and restarted on the same port."""
+
+    def __init__(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.httpd = None
+
+    def start(self):
+        http.server.ThreadingHTTPServer.allow_reuse_address = True
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), _Health)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_real_http_service_down_then_back():
+    server = Server()
+    check = HTTPHealthCheck("render", f"http://127.0.0.1:{server.port}", timeout_s=2.0)
+    assert isinstance(check, HealthCheck)
+    assert not asyncio.run(check.healthy())                       # nothing listens yet
+    server.start()
+    try:
+        assert asyncio.run(check.healthy())
+        assert not asyncio.run(HTTPHealthCheck("x", f"http://127.0.0.1:{server.port}", "/nope").healthy())
+        server.stop()
+        assert not asyncio.run(check.healthy())
+        # Down for ~0.6 s; the policy polls with backoff 0.1 → 0.2 → 0.4 … and sees it come back.
+        restart = threading.Timer(0.6, server.start)
+        restart.start()
+        t = time.monotonic()
+        out = OutagePolicy(_cfg(backoff_s=0.1, max_backoff_s=0.4, max_wait_s=30.0), [check]).wait_for_recovery()
+        took = time.monotonic() - t
+        assert out.recovered and out.polls >= 3 and 0.5 < out.wait_s < 5.0 and took < 5.0
+        server.stop()
+        # Down for good: gives up at the limit, naming the service.
+        out = OutagePolicy(_cfg(backoff_s=0.1, max_backoff_s=0.2, max_wait_s=0.7), [check]).wait_for_recovery()
+        assert not out.recovered and out.unhealthy == ("render",) and 0.7 <= out.wait_s < 3.0
+    finally:
+        if server.httpd is not None:
+            try:
+                server.stop()
+            except Exception:
+                pass
+
+
+def test_callable_checks_sync_async_and_raising():
+    async def up():
+        return True
+
+    def boom():
+        raise ConnectionError("refused")
+
+    assert asyncio.run(CallableHealthCheck("a", lambda: True).healthy())
+    assert asyncio.run(CallableHealthCheck("b", up).healthy())
+    assert not asyncio.run(CallableHealthCheck("c", boom).healthy())
+
+    async def hangs():
+        await asyncio.sleep(60)
+
+    t = time.monotonic()
+    out = OutagePolicy(_cfg(health_timeout_s=0.2, max_wait_s=0.0), [CallableHealthCheck("slow", hangs)]).wait_for_recovery()
+    assert not out.recovered and out.unhealthy == ("slow",) and time.monotonic() - t < 5
+    with pytest.raises(TypeError, match="not a HealthCheck"):
+        OutagePolicy(_cfg(), [object()])
+
+
+def _sample(sid, group, trains, reason=""):
+    return RolloutSample(sid, group, [1, 2, 3], [0, 1, 1], [0.0, -0.5, -0.5], 0.5 if trains else None, trains,
+                         reason)
+
+
+def test_mostly_masked_groups_never_train():
+    rng = np.random.default_rng(np.random.SeedSequence().entropy)
+    k, groups, limit = 6, 12, 0.5
+    samples, expected_masked_groups = [], 0
+    for g in range(groups):
+        lost = int(rng.integers(0, k + 1))
+        flags = [True] * (k - lost) + [False] * lost
+        rng.shuffle(flags)
+        kinds = ["render_failed", "judge_failed", "error"]
+        samples += [_sample(f"g{g}-{j}", g, f, "" if f else f"{kinds[j % 3]}: down") for j, f in enumerate(flags)]
+        expected_masked_groups += int(0 < lost < k and lost / k > limit)
+    out, n = mask_mostly_masked_groups(samples, k, limit)
+    assert n == expected_masked_groups and len(out) == len(samples)
+    for g in range(groups):
+        before, after = samples[g * k:(g + 1) * k], out[g * k:(g + 1) * k]
+        lost = sum(not s.trains for s in before)
+        if lost / k > limit:
+            assert not any(s.trains for s in after)
+            for b, a in zip(before, after):
+                if b.trains:
+                    assert a.mask_reason.startswith(f"{GROUP_MOSTLY_MASKED}: {lost} of {k} masked")
+                else:
+                    assert a == b                                 # its own reason is kept
+        else:
+            assert after == before
+    with pytest.raises(ValueError, match="groups of 4"):
+        mask_mostly_masked_groups(samples[:5], 4, 0.5)
+
+
+@pytest.mark.parametrize("field,value", [("max_masked_fraction", 1.5), ("max_wait_s", -1), ("backoff_s", "5"),
+                                         ("max_backoff_s", 0.5), ("reasons", "error"), ("recollect", 1),
+                                         ("max_group_masked_fraction", -0.1), ("health_timeout_s", 0)])
+def test_validation_names_the_field(field, value):
+    import ml_collections
+    c = ml_collections.ConfigDict({**_cfg().to_dict(), field: value})   # as a config file could set it
+    with pytest.raises(ValueError, match=f"rl.outage.{field}"):
+        validate_outage(c)

@@ -1,0 +1,204 @@
+"""Preemption: real SIGTERM / SIGINT delivered to real processes.
+
+- a signal in the middle of a step lets that step finish, and ``should_stop`` answers True at the
+  step boundary (the work of the step is complete, no later step starts), exit code 0;
+- a second signal is not swallowed: SIGTERM kills, SIGINT raises KeyboardInterrupt;
+- a signal inside ``abandonable`` drops the work at once;
+- two processes over jax.distributed (gloo): a SIGTERM to one of them stops both at the same step.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from genevolve_jax.train.preemption import PreemptionGuard, StepAbandoned
+
+STEP_LOOP = textwrap.dedent('''
+    import json, os, signal, sys, time
+    from genevolve_jax.train.preemption import PreemptionGuard
+    out, step_s, self_kill_at = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+    record = {"completed": [], "stopped_at": None}
+    with PreemptionGuard(agree=lambda flag: flag) as guard:
+        for step in range(1, 1000):
+            print("STEP", step, flush=True)
+            t = time.time()
+            while time.time() - t < step_s:      # the "work" of the step, interrupted by the signal
+                if step == self_kill_at and time.time() - t > step_s / 2:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    self_kill_at = -1
+                sum(range(2000))
+            record["completed"].append(step)     # the step finished whatever arrived meanwhile
+            if guard.should_stop(step):
+                record["stopped_at"] = guard.stop_step
+                record["signal"] = guard.signal_name
+                break
+    json.dump(record, open(out, "w"))
+    print("SAVED at step", record["stopped_at"], flush=True)
+''')
+
+
+def _run_loop(tmp_path, step_s=0.6, self_kill_at=-1):
+    out = tmp_path / "record.json"
+    proc = subprocess.Popen([sys.executable, "-c", STEP_LOOP, str(out), str(step_s), str(self_kill_at)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc, out
+
+
+def _wait_for_line(proc, prefix, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith(prefix):
+            return line
+        if not line and proc.poll() is not None:
+            break
+    raise AssertionError(f"no line {prefix!r}; stderr: {proc.stderr.read()[-2000:]}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_mid_step_finishes_the_step_then_stops(tmp_path, sig):
+    rng = np.random.default_rng(np.random.SeedSequence().entropy)
+    target = int(rng.integers(2, 4))
+    proc, out = _run_loop(tmp_path)
+    try:
+        _wait_for_line(proc, f"STEP {target}")
+        time.sleep(float(rng.uniform(0.05, 0.3)))              # somewhere inside the step
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert record["stopped_at"] == target and record["completed"] == list(range(1, target + 1))
+    assert record["signal"] == signal.Signals(sig).name
+    assert f"received {signal.Signals(sig).name}" in stderr
+    assert f"SAVED at step {target}" in stdout
+
+
+def test_self_sent_sigterm_is_recorded(tmp_path):
+    proc, out = _run_loop(tmp_path, step_s=0.3, self_kill_at=2)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert json.loads(out.read_text())["stopped_at"] == 2
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_second_signal_stops_at_once(tmp_path, sig):
+    proc, out = _run_loop(tmp_path, step_s=30.0)
+    try:
+        _wait_for_line(proc, "STEP 1")
+        time.sleep(0.2)
+        proc.send_signal(sig)
+        time.sleep(0.5)
+        assert proc.poll() is None                             # the first one waits for the step
+        t = time.time()
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=20)
+        assert time.time() - t < 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not out.exists()
+    # SIGTERM: the default action; SIGINT: Python's KeyboardInterrupt, which, uncaught, ends the
+    # process by SIGINT too (so a shell sees the interrupt).
+    assert proc.returncode == -sig
+    if sig == signal.SIGINT:
+        assert "KeyboardInterrupt" in stderr
+
+
+def test_abandonable_work_is_dropped_on_a_signal_and_handlers_are_restored():
+    before = signal.getsignal(signal.SIGTERM)
+    guard = PreemptionGuard(agree=lambda flag: flag)
+    with guard:
+        assert not guard.should_stop(1) and guard.stop_step is None
+        t = time.time()
+        with pytest.raises(StepAbandoned, match="SIGTERM"):
+            with guard.abandonable():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(20)
+        assert time.time() - t < 5
+        assert guard.requested and guard.should_stop(1) and guard.stop_step == 1
+        with pytest.raises(StepAbandoned):       # already requested: nothing new starts
+            with guard.abandonable():
+                pass
+    assert signal.getsignal(signal.SIGTERM) == before
+    # Another process saw a signal: this one stops too, at the same step, without one of its own.
+    other = PreemptionGuard(agree=lambda flag: True)
+    assert not other.requested and other.should_stop(7) and other.stop_step == 7 and other.signal_name is None
+
+
+TWO_PROCESS_WORKER = textwrap.dedent('''
+    import json, os, sys, time
+    import numpy as np
+    import jax
+    from jax.experimental import multihost_utils
+    from genevolve_jax.sharding import config as sharding_config, distributed
+    from genevolve_jax.train.preemption import PreemptionGuard
+
+    out = sys.argv[1]
+    cfg = sharding_config.default_config()
+    cfg.distributed.initialization_timeout_s = 120
+    distributed.initialize(cfg.distributed)
+    rank = jax.process_index()
+    guard = PreemptionGuard().install()
+    completed = []
+    for step in range(1, 200):
+        # A step that needs both processes, and takes longer on process 0 so the signal lands in it.
+        total = int(np.asarray(multihost_utils.process_allgather(np.asarray([step], np.int32))).sum())
+        assert total == 2 * step
+        time.sleep(0.3 if rank == 0 else 0.1)
+        completed.append(step)
+        if rank == 1 and step == 3:
+            open(os.path.join(out, "ready"), "w").close()
+        if guard.should_stop(step):
+            break
+    json.dump({"rank": rank, "completed": completed, "stop_step": guard.stop_step,
+               "received": guard.signal_name}, open(os.path.join(out, f"record{rank}.json"), "w"))
+''')
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_agree_on_the_stop_step(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(TWO_PROCESS_WORKER)
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_", "TPU_"))}
+        env.update({"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+                    "SLURM_JOB_ID": "4343", "SLURM_NTASKS": "2", "SLURM_PROCID": str(rank),
+                    "SLURM_STEP_NODELIST": "127.0.0.1", "GENEVOLVE_COORDINATOR_PORT": str(port)})
+        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        deadline = time.time() + 180
+        while not (tmp_path / "ready").exists():
+            assert time.time() < deadline and all(p.poll() is None for p in procs), \
+                [p.communicate()[0][-3000:] for p in procs if p.poll() is not None]
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGTERM)                   # only process 1 is preempted
+        logs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"record{r}.json").read_text()) for r in range(2))
+    assert r1["received"] == "SIGTERM" and r0["received"] is None
+    assert r0["stop_step"] == r1["stop_step"] >= 3
+    assert r0["completed"] == r1["completed"] == list(range(1, r0["stop_step"] + 1))
