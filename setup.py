@@ -28,7 +28,7 @@ TORCH = ["torch>=2.4"]
 SERVE = ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27"]
 # Experiment tracking (logging.wandb). Light enough for the test extra (measured 2026-12-02 on the
 # 2-core dev box: wandb 0.31.0 + 11 small dependencies, 21 MB of wheels, 6 s to install, 71 MB on disk).
-WANDB = ["wandb>=0.19"]
+WANDB = ["wandb>=0.19.10"]   # reinit="create_new"
 RENDER = TORCH + ["diffusers>=0.36", "accelerate>=1.0"] + SERVE
 TEST = TORCH + SERVE + ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "diffusers>=0.36",
                         "matplotlib>=3.8", "pyarrow>=14", "openai>=1.0"] + WANDB

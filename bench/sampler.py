@@ -2,6 +2,10 @@
 
     python bench/sampler.py                       # GPU: 2B shape, B=1 and 32, 512-token prompts, 256 new
     python bench/sampler.py --shape tiny --prompt-len 64 --new-tokens 32 --batches 1 8   # CPU scale-down
+    python bench/sampler.py --shape mid --dtype float32 --prompt-len 256 --new-tokens 64 --batches 1 8  # CPU
+
+``mid`` is the CPU shape of issue 16: hidden 512, 8 layers, 8 heads (4 KV), head_dim 64, MLP 1536,
+vocab 32,000, tied embeddings (tiny's vision tower, unused by text prompts).
 
 Decode tok/s = batch × new tokens / (time of the whole generate − time of a prefill-only call), for
 both engines; greedy, no stop tokens, so every row generates exactly --new-tokens.
@@ -14,9 +18,18 @@ import time
 import numpy as np
 
 
+def mid_config(dtype: str):
+    import dataclasses
+    from genevolve_jax.models.qwen3_vl import config as C
+    cfg = C.tiny(vocab_size=32000, param_dtype=dtype, dtype=dtype)
+    text = dataclasses.replace(cfg.text, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                               num_attention_heads=8, num_key_value_heads=4, head_dim=64)
+    return cfg.replace(text=text, vision=dataclasses.replace(cfg.vision, out_hidden_size=512))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", choices=["tiny", "2b"], default="2b")
+    ap.add_argument("--shape", choices=["tiny", "mid", "2b"], default="2b")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=256)
@@ -32,7 +45,8 @@ def main() -> None:
     from genevolve_jax.rollout.config import default_engine_config
     from genevolve_jax.rollout.jax_engine import JaxEngine
 
-    cfg = (C.qwen3vl_2b if args.shape == "2b" else C.tiny)(param_dtype=args.dtype, dtype=args.dtype)
+    cfg = mid_config(args.dtype) if args.shape == "mid" else \
+        (C.qwen3vl_2b if args.shape == "2b" else C.tiny)(param_dtype=args.dtype, dtype=args.dtype)
     sd = random_state_dict(cfg, seed=0)
     model = model_from_state_dict(cfg, sd)
     rng = np.random.default_rng(0)
@@ -43,7 +57,8 @@ def main() -> None:
         ecfg.max_seq_len = args.prompt_len + args.new_tokens + 1
         ecfg.min_prefill_bucket = min(64, args.prompt_len)
         engine = JaxEngine(model, None, ecfg)
-        prompts = [rng.integers(0, cfg.image_token_id - 10, args.prompt_len).tolist() for _ in range(b)]
+        top = min(cfg.image_token_id, cfg.vision_start_token_id, cfg.text.vocab_size) - 10
+        prompts = [rng.integers(0, top, args.prompt_len).tolist() for _ in range(b)]
 
         def run(n):
             return engine.generate([GenerationRequest(p, SamplingParams(max_new_tokens=n, temperature=0.0))

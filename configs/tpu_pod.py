@@ -20,7 +20,9 @@ assume for them, so they are read from the environment of every host when the co
     export GENEVOLVE_JUDGE_URL=http://10.128.0.7:30000
 
 or given on the command line (``--config.render.http.urls='["http://…:8100"]'``,
-``--config.reward.endpoint.base_url=http://…:30000``). Left unset they are empty, and
+``--config.reward.endpoint.base_url=http://…:30000``). With launch/tpu_pod.sh, variables of the
+local shell do not reach the workers: put the two exports in the file named by GENEVOLVE_ENV (it
+is sourced on every worker), or use the command-line form. Left unset they are empty, and
 ``genevolve train`` stops before building anything with an error that names the field to set
 (render.http.urls, reward.endpoint.base_url). A judge that needs a key reads it from the variable
 named by ``reward.endpoint.api_key_env``.

@@ -56,7 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     mod = importlib.import_module(args._module)
     runner = getattr(mod, f"run_{args.command.replace('-', '_')}", None) or mod.run
-    return int(runner(args) or 0)
+    from genevolve_jax.train.preemption import RunStopped
+    try:
+        return int(runner(args) or 0)
+    except RunStopped as stop:   # preempted (0) or non-finite (3): the driver saved and said where
+        return stop.exit_code
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hmac
 import io
 import json
@@ -181,6 +182,8 @@ async def await_or_disconnect(receive: Callable[[], Awaitable[dict]], work: Awai
     if work.done():
         return work.result()
     work.cancel()
+    with contextlib.suppress(BaseException):  # retrieve the cancellation (no "never retrieved" log)
+        await work
     raise ClientDisconnected()
 
 

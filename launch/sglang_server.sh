@@ -3,6 +3,9 @@
 #
 #   launch/sglang_server.sh MODEL_DIR [TP] [DP] [PORT] [extra sglang args...]
 #   ROLE=judge launch/sglang_server.sh /models/Qwen3-VL-30B-A3B-Instruct 8 1 30000
+#   DETERMINISTIC=1 launch/sglang_server.sh /models/Qwen3-VL-8B-Instruct 2 4   # seeds honoured
+#
+# Targets sglang==0.5.23 (pip install "sglang==0.5.23" on the CUDA machine).
 #
 # Two roles, on the ports configs/qwen3vl_{8b,2b}_gpu.py point at:
 #   policy (default; PORT 30010 = rl.sglang.urls): the rollout engine of `genevolve train`. Token ids
@@ -22,6 +25,16 @@
 # XLA_PYTHON_CLIENT_MEM_FRACTION 0.55 (8 × 80 GB: 24 GB per GPU for the 8B policy at TP 2 × DP 4,
 # 44 GB for the fsdp-sharded trainer). CUDA_VISIBLE_DEVICES picks the GPUs; TP × DP must equal
 # their number. HOST defaults to 127.0.0.1 (set another only behind a firewall).
+#
+# Seeds: SGLang 0.5.23 ignores each request's sampling_seed (the agent sends one per trajectory and
+# round when a seed is set) unless the server runs with --enable-deterministic-inference; DETERMINISTIC=1
+# adds that flag (batch-invariant kernels: replayable rollouts, slower decoding). The trainer reads
+# /server_info at start and logs every server that runs without it.
+#
+# Images: the server's Qwen3-VL processor must give every image as many tokens as the trainer's
+# (genevolve_jax/processing/image.py: min_pixels 65536, max_pixels 16777216, the values Qwen3-VL
+# checkpoints ship in preprocessor_config.json). Keep MODEL_DIR's preprocessor_config.json as shipped;
+# a sample whose image the server expands differently is masked (image_token_mismatch_server).
 set -euo pipefail
 MODEL_DIR=${1:?usage: $0 MODEL_DIR [TP] [DP] [PORT] [extra sglang args]}
 TP=${2:-1}
@@ -34,6 +47,11 @@ case "$ROLE" in
 esac
 PORT=${4:-$DEFAULT_PORT}
 shift $(( $# < 4 ? $# : 4 ))
+case "${DETERMINISTIC:-0}" in
+  1) ROLE_ARGS+=(--enable-deterministic-inference) ;;
+  0) ;;
+  *) echo "sglang_server.sh: DETERMINISTIC must be 0 or 1, got '$DETERMINISTIC'" >&2; exit 2 ;;
+esac
 exec python -m sglang.launch_server --model-path "$MODEL_DIR" --tp-size "$TP" --dp-size "$DP" \
   --host "${HOST:-127.0.0.1}" --port "$PORT" ${ROLE_ARGS[@]+"${ROLE_ARGS[@]}"} \
   --mem-fraction-static "${MEM_FRACTION:-0.8}" "$@"

@@ -1,7 +1,8 @@
 """The package's own rules, checked on its source (AST scans, nothing imported):
 
-(a) no module of ``genevolve_jax`` imports or reads another genevolve_jax module's private
-    (``_``-prefixed, not dunder) names;
+(a) no module of ``genevolve_jax`` imports or reads a private (``_``-prefixed, not dunder) name
+    it does not define itself: ``from m import _y``, ``m._y``, ``obj._y`` (obj not self/cls),
+    ``getattr(obj, "_y")``;
 (b) no test reads or writes a private attribute of a package or library object (``x._y`` with
     ``x`` not ``self``/``cls``, ``getattr(x, "_y")``, ``monkeypatch.setattr(x, "_y", …)``,
     ``from m import _y``), unless ``_y`` is defined by the tests themselves: in the same file, in a
@@ -16,11 +17,9 @@ package is clean, not that the scanner is blind.
 from __future__ import annotations
 
 import ast
+import asyncio
 import logging
-import os
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "genevolve_jax"
@@ -50,28 +49,13 @@ def _resolve(node: ast.ImportFrom, module: str, is_package: bool) -> str:
     return ".".join(base + ([node.module] if node.module else []))
 
 
-def _is_module(dotted: str) -> bool:
-    rel = Path(*dotted.split("."))
-    return (ROOT / rel).with_suffix(".py").is_file() or (ROOT / rel / "__init__.py").is_file()
-
-
-def _dotted(node: ast.AST) -> str | None:
-    parts = []
-    while isinstance(node, ast.Attribute):
-        parts.append(node.attr)
-        node = node.value
-    if isinstance(node, ast.Name):
-        return ".".join([node.id, *reversed(parts)])
-    return None
-
-
 def _files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*.py") if "__pycache__" not in p.parts)
 
 
 # -- (a), (b) private names read from elsewhere ----------------------------------------------------
 def _defined_names(tree: ast.AST) -> set[str]:
-    """Names a file defines: defs, classes, module/class-level assignments, ``self.x = …``."""
+    """Names a file defines: defs, classes, assignments, ``self.x = …``, keyword arguments."""
     names: set[str] = set()
 
     def targets(t):
@@ -136,7 +120,7 @@ class _TestsIndex:
         return ok
 
 
-_ATTR_CALLS = {"getattr": 1, "setattr": 1, "hasattr": 1, "delattr": 1}
+_ATTR_CALLS = frozenset({"getattr", "setattr", "hasattr", "delattr"})
 
 
 def private_reads(tree: ast.AST, module: str, is_package: bool, allowed: set[str]) -> list[str]:
@@ -162,20 +146,18 @@ def private_reads(tree: ast.AST, module: str, is_package: bool, allowed: set[str
                     found.append(f"{node.lineno}: import {alias.name}")
         elif isinstance(node, ast.Call):
             name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
-            if name not in _ATTR_CALLS or len(node.args) <= _ATTR_CALLS[name]:
-                if name == "setattr" and len(node.args) >= 1 and isinstance(node.args[0], ast.Constant) \
-                        and isinstance(node.args[0].value, str):   # monkeypatch.setattr("pkg.mod._x", v)
-                    last = node.args[0].value.rsplit(".", 1)[-1]
-                    if _private(last) and last not in allowed:
-                        found.append(f"{node.lineno}: {ast.unparse(node)[:120]}")
+            if name not in _ATTR_CALLS or not node.args:
                 continue
-            key = node.args[_ATTR_CALLS[name]]
-            if isinstance(key, ast.Constant) and isinstance(key.value, str) and _private(key.value) \
-                    and key.value not in allowed:
-                obj = node.args[0]
-                if not (isinstance(obj, ast.Name) and obj.id in ("self", "cls")):
-                    found.append(f"{node.lineno}: {ast.unparse(node)[:120]}")
-    return sorted(found, key=lambda f: int(f.split(":")[0]))
+            first = node.args[0]
+            if isinstance(first, ast.Constant) and isinstance(first.value, str):   # setattr("pkg.mod._x", v)
+                key = first.value.rsplit(".", 1)[-1]
+            elif isinstance(first, ast.Name) and first.id in ("self", "cls") or len(node.args) < 2:
+                continue
+            else:
+                key = node.args[1].value if isinstance(node.args[1], ast.Constant) else None
+            if isinstance(key, str) and _private(key) and key not in allowed:
+                found.append(f"{node.lineno}: {ast.unparse(node)[:120]}")
+    return sorted(set(found), key=lambda f: (int(f.split(":")[0]), f))
 
 
 def test_private_read_scanner_sees_a_breach():
@@ -241,7 +223,7 @@ def function_attributes(source: str) -> list[str]:
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setattr" and node.args \
                     and isinstance(node.args[0], ast.Name) and node.args[0].id in defs:
                 found.append(f"{node.lineno}: {ast.unparse(node)[:120]}")
-    return found
+    return sorted(found, key=lambda f: int(f.split(":")[0]))
 
 
 def test_function_attribute_scanner_sees_a_breach():
@@ -272,7 +254,7 @@ def test_building_a_bm25_index_logs_nothing_below_warning(caplog):
 
     caplog.set_level(logging.DEBUG)   # as a user's DEBUG root logger would be
     corpus = OfflineCorpus(default_corpus_dir())
-    assert corpus.search("eiffel tower", 2) is not None
+    assert asyncio.run(corpus.search("eiffel tower", 2))
     noisy = [r for r in caplog.records if r.name.split(".")[0] == "bm25s" and r.levelno < logging.WARNING]
     assert not noisy, [r.getMessage() for r in noisy]
     assert logging.getLogger("bm25s").getEffectiveLevel() == logging.WARNING

@@ -1,11 +1,16 @@
 """`genevolve compare-sharding`: the same train step on the same batch under several strategies.
 
-For each strategy: build the mesh, place one model (same weights) in that strategy's shardings,
-compile the step, run it, and report loss (they must agree), compile time, step time, per-device
-parameter + optimiser bytes, peak temporary bytes (the compiled memory analysis) and bytes moved
-per step by each kind of collective (read from the optimised HLO, loops weighted by their trip
-counts). On CPU, ``--simulate-devices N`` fakes N devices; it must be applied before jax starts,
-which is why jax is imported only inside :func:`run`.
+For each strategy: build the mesh, plan the step (abstract state, compiled step: per-device
+parameter + optimiser bytes, temporaries, peak, FLOPs, bytes moved per collective kind), then,
+unless ``--plan-only``, build the state sharded from that abstract state (a jitted init with
+sharded outputs: no host copy of the model), run the compiled step on it and report loss (they
+must agree across strategies), compile and step time. One strategy at a time: its state is
+freed before the next is built, and a strategy whose plan does not fit this host's free memory
+is skipped with a line saying so. ``--plan-only`` compiles for any target (``--target
+tpu:v5p-64``, ``gpu:h100x8``; see `genevolve plan`) and never allocates the model.
+
+On CPU, ``--simulate-devices N`` fakes N devices; it must be applied before jax starts, which is
+why jax is imported only inside :func:`run`.
 """
 from __future__ import annotations
 
@@ -17,10 +22,10 @@ import re
 import sys
 import time
 
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+# The HLO collective reader lives with the plan code (no jax import); re-exported here.
+from genevolve_jax.plan.compile import COLLECTIVES, collective_bytes  # noqa: F401
+
 PRESETS = ("tiny", "qwen3vl_2b", "qwen3vl_8b")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
-                "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,79 +46,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--simulate-devices", type=int, default=0,
                    help="on CPU, simulate this many devices (sets XLA_FLAGS before jax starts)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plan-only", action="store_true",
+                   help="compile and report per-device memory, FLOPs and collectives; allocate nothing")
+    p.add_argument("--target", default="", help="with --plan-only: cpu:N | tpu:v5p-64 | gpu:h100x8 … "
+                                                "(default: this process's devices)")
+    p.add_argument("--host-memory-fraction", type=float, default=0.85,
+                   help="a strategy runs only when its planned peak on all devices fits this share of the "
+                        "host's available memory (simulated devices share it)")
     p.add_argument("--output", default="compare_sharding.json", help="JSON results file")
-
-
-# --- HLO collectives ------------------------------------------------------------------------------
-_COMP_RE = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*(?:\(.*\))?\s*->.*\{\s*$")
-_SHAPE_RE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
-
-
-def _shape_bytes(text: str) -> int:
-    total = 0
-    for dtype, dims in _SHAPE_RE.findall(text):
-        total += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
-    return total
-
-
-def collective_bytes(hlo: str) -> dict[str, int]:
-    """Bytes per collective kind for one execution of the HLO module (per device).
-
-    A collective's bytes are its result's bytes (an all-gather counts the gathered array). Ops in
-    a while body count once per trip when XLA knows the trip count (scans do); async pairs count
-    once (``-start``, not ``-done``).
-    """
-    comps: dict[str, list[str]] = {}
-    entry, current = None, None
-    for line in hlo.splitlines():
-        m = _COMP_RE.match(line.strip())
-        if m and not line.startswith(" "):
-            current = m.group(1)
-            comps[current] = []
-            if line.startswith("ENTRY"):
-                entry = current
-            continue
-        if current is not None:
-            comps[current].append(line)
-    if entry is None:
-        return {k: 0 for k in COLLECTIVES}
-    edges: dict[str, list[tuple[str, int]]] = {c: [] for c in comps}
-    for c, lines in comps.items():
-        for line in lines:
-            if " while(" in line:
-                body = re.search(r"body=%?([\w.\-]+)", line)
-                trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
-                if body:
-                    edges[c].append((body.group(1), int(trips.group(1)) if trips else 1))
-            for key in ("calls", "true_computation", "false_computation"):
-                for callee in re.findall(key + r"=%?([\w.\-]+)", line):
-                    edges[c].append((callee, 1))
-            for group in re.findall(r"branch_computations=\{([^}]*)\}", line):
-                edges[c].extend((x.strip().lstrip("%"), 1) for x in group.split(","))
-    mult = {c: 0 for c in comps}
-
-    def visit(c: str, factor: int, depth: int = 0):
-        if c not in mult or depth > 64:
-            return
-        mult[c] += factor
-        for callee, n in edges[c]:
-            visit(callee, factor * n, depth + 1)
-
-    visit(entry, 1)
-    out = {k: 0 for k in COLLECTIVES}
-    for c, lines in comps.items():
-        if not mult[c]:
-            continue
-        for line in lines:
-            if "=" not in line:
-                continue
-            lhs_rhs = line.split("=", 1)[1]
-            for kind in COLLECTIVES:
-                m = re.search(r"\s" + kind + r"(-start)?\(", lhs_rhs)
-                if m:
-                    out[kind] += mult[c] * _shape_bytes(lhs_rhs[:m.start()])
-                    break
-    return out
 
 
 # --- the comparison -------------------------------------------------------------------------------
@@ -196,65 +136,141 @@ def random_batch(cfg, batch_size: int, seq_len: int, seed: int):
     return {k: v[:batch_size] for k, v in batch.items()}
 
 
-def compare(args) -> list[dict]:
+def _train_config(args):
+    from genevolve_jax.train import config as train_config
+    tcfg = train_config.default_config()
+    tcfg.grad_accum_steps = args.grad_accum
+    tcfg.compute_dtype = args.dtype
+    tcfg.remat = args.remat
+    return train_config.validate(tcfg)
+
+
+def _loss(cfg):
+    from genevolve_jax.train.losses.config import default_loss_config
+    from genevolve_jax.train.losses.step_losses import SFTLoss
+    loss_cfg = default_loss_config()
+    loss_cfg.logprob.chunk_size = min(8192, cfg.text.vocab_size)
+    return SFTLoss(loss_cfg)
+
+
+def abstract_batch(batch: dict, mesh, rules) -> dict:
+    """ShapeDtypeStructs of a host batch in the step's batch shardings."""
     import jax
-    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+
+    from genevolve_jax.sharding import logical as L
+    from genevolve_jax.train.batch_layout import batch_axes
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(
+        mesh, L.partition_spec(batch_axes(k, v.ndim), rules, mesh, v.shape))) for k, v in batch.items()}
+
+
+def plan_strategy(cfg, tcfg, strategy: str, mesh, batch: dict, target):
+    """The plan of one strategy's step: its traced phase and compiled report (nothing allocated)."""
+    from genevolve_jax.plan import report_phase
+    from genevolve_jax.plan.phases import step_phase
+    from genevolve_jax.sharding import logical as L
+    from genevolve_jax.train.state import is_vision_path
+
+    phase = step_phase("sft", cfg, tcfg, _loss(cfg), mesh, strategy, abstract_batch(batch, mesh, L.rules_for(strategy)),
+                       target, freeze=is_vision_path, desc=f"{len(batch['input_ids'])} × {batch['input_ids'].shape[1]}")
+    return phase, report_phase(phase, target, mesh.size, 1.0, "whole device")
+
+
+def _row(strategy, mesh, report) -> dict:
+    fn = report.fns[0] if report.fns else None
+    return {"strategy": strategy, "mesh": {k: int(v) for k, v in mesh.shape.items()},
+            "param_opt_bytes_per_device": int(report.resident_bytes["params"] + report.resident_bytes["optimizer"]),
+            "peak_temp_bytes": fn.temp_bytes if fn else 0, "planned_peak_bytes": int(report.peak_bytes),
+            "flops_per_device": fn.flops if fn else 0.0,
+            "collective_bytes": fn.collective_bytes if fn else {k: 0 for k in COLLECTIVES},
+            "compile_s": (fn.lower_s + fn.compile_s) if fn else 0.0,
+            "loss": None, "step_s": None, "skipped": "", "measured": False}
+
+
+def _run_strategy(cfg, tcfg, strategy, mesh, phase, report, batch, args) -> tuple[float, float]:
+    """Build the state sharded (jitted init with out_shardings), run the compiled step; returns
+    (loss of the first step, median step seconds). Everything it allocates dies with it."""
+    import jax
     import numpy as np
     from flax import nnx
 
     from genevolve_jax.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
+    from genevolve_jax.train.state import create_train_state, is_vision_path
+    from genevolve_jax.train.step import TrainStep
+
+    make = lambda: Qwen3VLForConditionalGeneration(cfg, rngs=nnx.Rngs(args.seed))  # noqa: E731
+    setup, params, opt_state = create_train_state(make, tcfg, mesh, strategy, freeze=is_vision_path)
+    step = TrainStep(setup, _loss(cfg), compute_dtype=jax.numpy.dtype(args.dtype), grad_accum_steps=args.grad_accum)
+    arrays = step.place_batch(step.split_static(batch)[0])
+    compiled = report.fns[0].executable
+    rng = jax.random.key(args.seed)
+    params, opt_state, metrics = compiled(params, opt_state, arrays, rng)
+    loss = float(np.asarray(metrics["loss"]))
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        params, opt_state, m = compiled(params, opt_state, arrays, rng)
+        jax.block_until_ready(m["loss"])
+        times.append(time.perf_counter() - t0)
+    return loss, float(np.median(times)) if times else float("nan")
+
+
+def compare(args) -> list[dict]:
+    import gc
+
+    import jax
+    import psutil
+
+    from genevolve_jax.plan.targets import parse_target, target_devices
     from genevolve_jax.sharding import logical as L
     from genevolve_jax.sharding.mesh import make_mesh
-    from genevolve_jax.train import config as train_config
-    from genevolve_jax.train.state import bytes_per_device, create_train_state, is_vision_path
-    from genevolve_jax.train.losses.step_losses import SFTLoss
-    from genevolve_jax.train.step import TrainStep
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     for s in strategies:
         L.rules_for(s)
     meshes = parse_mesh_args(args.mesh)
     cfg = load_model_config(args.config, args.layers, args.scan_layers, args.remat, args.dtype)
-    tcfg = train_config.default_config()
-    tcfg.grad_accum_steps = args.grad_accum
-    train_config.validate(tcfg)
-    n = len(jax.devices())
+    tcfg = _train_config(args)
+    if args.target:
+        if not args.plan_only:
+            raise ValueError("--target compiles for other hardware: use it with --plan-only")
+        target = parse_target(args.target)
+        devices = target_devices(target)
+    else:
+        devices = jax.devices()
+        target = parse_target(f"cpu:{len(devices)}") if devices[0].platform == "cpu" else None
+        if target is None:
+            from genevolve_jax.plan.targets import DeviceSpec, Target
+            stats = devices[0].memory_stats() or {}
+            target = Target(f"{devices[0].platform}:{len(devices)}", devices[0].platform, len(devices),
+                            DeviceSpec(devices[0].device_kind, int(stats.get("bytes_limit", 0)), 0.0, 0.0))
+    n = len(devices)
     # Check every mesh before building or compiling anything: an impossible one fails up front.
     plans = []
     for s in strategies:
         sizes = meshes.get(s) or _default_mesh(s, n, cfg)
-        mesh = make_mesh(sizes)
+        mesh = make_mesh(sizes, devices)
         check_model_dims(cfg, mesh, L.rules_for(s))
         plans.append((s, mesh))
-    # One compiled initialisation (eager init would dispatch hundreds of small ops); every
-    # strategy then receives copies of these same weights.
-    make = lambda: Qwen3VLForConditionalGeneration(cfg, rngs=nnx.Rngs(args.seed))  # noqa: E731
-    graphdef, _ = nnx.split(nnx.eval_shape(make))
-    model = nnx.merge(graphdef, jax.jit(lambda: nnx.split(make())[1])())
     batch = random_batch(cfg, args.batch_size, args.seq_len, args.seed)
     rows = []
     for s, mesh in plans:
-        setup, params, opt_state = create_train_state(model, tcfg, mesh, s, freeze=is_vision_path)
-        state_bytes = bytes_per_device((params, opt_state))
-        step = TrainStep(setup, SFTLoss(chunk_size=min(8192, cfg.text.vocab_size)),
-                         compute_dtype=jnp.dtype(args.dtype), grad_accum_steps=args.grad_accum, donate=True)
-        compiled, compile_s, _ = step.compile_and_time(params, opt_state, batch, jax.random.key(0))
-        mem = compiled.memory_analysis()
-        temp = int(getattr(mem, "temp_size_in_bytes", 0)) if mem is not None else 0
-        coll = collective_bytes(compiled.as_text())
-        rng = jax.random.key(args.seed)
-        params, opt_state, metrics = step(params, opt_state, batch, rng)
-        loss = float(np.asarray(metrics["loss"]))
-        times = []
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            params, opt_state, m = step(params, opt_state, batch, rng)
-            jax.block_until_ready(m["loss"])
-            times.append(time.perf_counter() - t0)
-        rows.append({"strategy": s, "mesh": {k: int(v) for k, v in mesh.shape.items()}, "loss": loss,
-                     "compile_s": compile_s, "step_s": float(np.median(times)) if times else float("nan"),
-                     "param_opt_bytes_per_device": int(state_bytes), "peak_temp_bytes": temp,
-                     "collective_bytes": coll})
+        phase, report = plan_strategy(cfg, tcfg, s, mesh, batch, target)
+        row = _row(s, mesh, report)
+        if not args.plan_only:
+            # Simulated CPU devices share this host's memory: all of them must fit in what is free.
+            free = psutil.virtual_memory().available
+            need = report.peak_bytes * (n if devices[0].platform == "cpu" else 1)
+            if devices[0].platform == "cpu" and need > args.host_memory_fraction * free:
+                row["skipped"] = (f"planned peak {_fmt_bytes(report.peak_bytes)} × {n} devices = {_fmt_bytes(need)} "
+                                  f"> {args.host_memory_fraction:g} × {_fmt_bytes(free)} free on this host")
+                print(f"compare-sharding: skipping {s}: {row['skipped']}", file=sys.stderr, flush=True)
+            else:
+                row["loss"], row["step_s"] = _run_strategy(cfg, tcfg, s, mesh, phase, report, batch, args)
+                row["measured"] = True
+        rows.append(row)
+        del phase, report
+        gc.collect()
     return rows
 
 
@@ -266,26 +282,37 @@ def _fmt_bytes(n: float) -> str:
     return str(n)
 
 
-def print_table(rows: list[dict]) -> None:
+def print_table(rows: list[dict], plan_only: bool = False) -> None:
     import jax
     if jax.process_index() != 0:
         return
     from rich.console import Console
     from rich.table import Table
-    table = Table(title="compare-sharding: one train step per strategy")
-    for col in ("strategy", "mesh", "loss", "compile s", "step ms", "params+opt/dev", "peak temp",
-                *COLLECTIVES):
+    title = "compare-sharding: one train step per strategy" + (" (PLANNED, not run)" if plan_only else "")
+    table = Table(title=title)
+    cols = ["strategy", "mesh"] + ([] if plan_only else ["loss", "step ms"]) + [
+        "compile s", "params+opt/dev", "temp/dev", "peak/dev", "GFLOP/dev", *COLLECTIVES]
+    for col in cols:
         table.add_column(col, justify="right" if col not in ("strategy", "mesh") else "left")
     for r in rows:
         mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "1"
-        table.add_row(r["strategy"], mesh, f"{r['loss']:.6f}", f"{r['compile_s']:.2f}", f"{1e3 * r['step_s']:.1f}",
+        measured = [] if plan_only else (
+            [f"{r['loss']:.6f}", f"{1e3 * r['step_s']:.1f}"] if r["measured"] else ["skipped", "-"])
+        table.add_row(r["strategy"], mesh, *measured, f"{r['compile_s']:.1f}",
                       _fmt_bytes(r["param_opt_bytes_per_device"]), _fmt_bytes(r["peak_temp_bytes"]),
+                      _fmt_bytes(r["planned_peak_bytes"]), f"{r['flops_per_device'] / 1e9:.1f}",
                       *(_fmt_bytes(r["collective_bytes"][k]) for k in COLLECTIVES))
-    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    Console(width=None if sys.stdout.isatty() else 220).print(table)
+    for r in rows:
+        if r["skipped"]:
+            print(f"{r['strategy']}: skipped: {r['skipped']}")
 
 
 def run(args) -> int:
-    if args.simulate_devices:
+    if args.target:
+        from genevolve_jax.jobs.plan import prepare_jax
+        prepare_jax(args.target)
+    elif args.simulate_devices:
         if "jax" in sys.modules:
             import jax
             if len(jax.devices()) != args.simulate_devices:
@@ -309,10 +336,11 @@ def run(args) -> int:
     except (MeshError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print_table(rows)
-    losses = [r["loss"] for r in rows]
+    print_table(rows, args.plan_only)
+    losses = [r["loss"] for r in rows if r["measured"]]
     spread = max(losses) - min(losses) if losses else 0.0
-    result = {"config": args.config, "batch_size": args.batch_size, "seq_len": args.seq_len,
+    result = {"config": args.config, "plan_only": args.plan_only, "target": args.target or "this host",
+              "batch_size": args.batch_size, "seq_len": args.seq_len,
               "grad_accum": args.grad_accum, "dtype": args.dtype, "remat": args.remat,
               "scan_layers": args.scan_layers, "loss_spread": spread, "rows": rows}
     import jax

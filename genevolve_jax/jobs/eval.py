@@ -113,6 +113,7 @@ def build_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
             ep[key] = flag
     eval_config.validate(cfg.eval)
     render_config.validate(cfg.render)
+    render_config.require_service(cfg.render)
     reward_config.validate(cfg.reward)
     validate_agent(cfg.agent)
     return cfg

@@ -32,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="", help="cpu:N | tpu:v5p:4x4x4 | v5p-64 | gpu:h100x8 | gpu:h200x8 "
                                                 "(default: cpu with the config's mesh size)")
     p.add_argument("--phase", choices=("sft", "rl", "all"), default="all")
+    p.add_argument("--scan-layers", action="store_true",
+                   help="plan the decoder layers scanned (one compiled layer body: minutes instead of tens of "
+                        "minutes for 36 layers on a small host); the trainer today runs them unrolled")
     p.add_argument("--model-config", default="", help="an HF config.json (or its folder) instead of the preset")
     p.add_argument("--sft-rows", type=int, default=0, help="SFT rows per step (0: data.sft.rows_per_batch)")
     p.add_argument("--sft-row-len", type=int, default=0, help="SFT tokens per row (0: data.sft.row_len/cutoff_len)")
@@ -104,6 +107,7 @@ def run(args) -> int:
     phases = ("sft", "rl") if args.phase == "all" else (args.phase,)
     try:
         plan = build_plan(cfg, target, phases, shapes=shapes, model_config_path=args.model_config,
+                          scan_layers=args.scan_layers,
                           config_name=args.config, mem_fraction_override=args.mem_fraction,
                           progress=lambda m: print(f"plan: {m}", file=sys.stderr, flush=True))
     except (TargetError, MeshError, ValueError) as e:

@@ -288,7 +288,7 @@ def materialise_rest(model: nnx.Module, config: Qwen3VLConfig, *, seed: int = 0)
 
 def load_pretrained(path: str | os.PathLike, *, param_dtype: str | None = None, dtype: str | None = None,
                     seed: int = 0, rngs: nnx.Rngs | None = None, mesh=None, rules=None, abstract: bool = True,
-                    on_tensor: Callable[[str], None] | None = None) -> nnx.Module:
+                    on_tensor: Callable[[str], None] | None = None, remat: str | None = None) -> nnx.Module:
     """A Qwen3-VL directory → ``Qwen3VLForConditionalGeneration``.
 
     ``param_dtype`` defaults to the dtype config.json declares (float32 when unknown), ``dtype`` (compute)
@@ -299,7 +299,8 @@ def load_pretrained(path: str | os.PathLike, *, param_dtype: str | None = None, 
     """
     path = os.fspath(path)
     param_dtype = param_dtype or checkpoint_dtype(path) or "float32"
-    config = read_config(path, param_dtype=param_dtype, dtype=dtype or param_dtype)
+    config = read_config(path, param_dtype=param_dtype, dtype=dtype or param_dtype,
+                         **({"remat": remat} if remat else {}))
     reader = SafetensorsReader(path)
     # Names and shapes against the config before anything is built or read.
     keymap.check_hf_keys(config, reader.shapes(), source=reader.source)

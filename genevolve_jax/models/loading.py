@@ -106,12 +106,13 @@ def save_model(directory: str | os.PathLike, model: nnx.Module, *, config: Qwen3
 
 
 def restore_model(directory: str | os.PathLike, *, param_dtype: str | None = None, dtype: str | None = None,
-                  mesh=None, rules=None, seed: int = 0) -> nnx.Module:
-    """Rebuild the model from a :func:`save_model` directory, optionally in another dtype or layout."""
+                  mesh=None, rules=None, seed: int = 0, remat: str | None = None) -> nnx.Module:
+    """Rebuild the model from a :func:`save_model` directory, optionally in another dtype or layout
+    (``remat``: the activation-checkpoint policy a training run wants)."""
     from genevolve_jax.models.hf_io import abstract_model, materialise_rest
     directory = _abs(directory)
     config = load_model_config(directory, param_dtype=param_dtype,
-                               dtype=dtype or param_dtype)
+                               dtype=dtype or param_dtype, remat=remat)
     model = abstract_model(config, seed=seed, mesh=mesh, rules=rules)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     if mesh is None:
@@ -143,14 +144,16 @@ def copy_hf_assets(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> li
 
 
 # --- either kind of directory ------------------------------------------------------------------
-def load_model(path: str | os.PathLike, *, param_dtype: str | None = None, dtype: str | None = None) -> nnx.Module:
-    """An orbax model checkpoint (model_config.json + params/) or a Hugging Face directory (config.json)."""
+def load_model(path: str | os.PathLike, *, param_dtype: str | None = None, dtype: str | None = None,
+               remat: str | None = None) -> nnx.Module:
+    """An orbax model checkpoint (model_config.json + params/) or a Hugging Face directory (config.json).
+    ``remat`` (a train section's ``remat``) sets the activation-checkpoint policy; None keeps "none"."""
     path = os.fspath(path)
     if os.path.exists(os.path.join(path, CONFIG_FILE)):
-        return restore_model(path, param_dtype=param_dtype, dtype=dtype)
+        return restore_model(path, param_dtype=param_dtype, dtype=dtype, remat=remat)
     if os.path.exists(os.path.join(path, "config.json")):
         from genevolve_jax.models.hf_io import load_pretrained
-        return load_pretrained(path, param_dtype=param_dtype, dtype=dtype)
+        return load_pretrained(path, param_dtype=param_dtype, dtype=dtype, remat=remat)
     raise FileNotFoundError(f"{path} is neither a model checkpoint ({CONFIG_FILE}) nor a Hugging Face "
                             "directory (config.json)")
 

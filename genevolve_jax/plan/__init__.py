@@ -54,17 +54,43 @@ def mesh_for(run_cfg, devices, strategy_mesh: dict | None = None):
     return make_mesh(dict(strategy_mesh or run_cfg.sharding.mesh), devices)
 
 
+def report_phase(phase, target, num_devices: int, frac: float, source: str, runs: dict | None = None,
+                 progress=None, memory_bytes: int | None = None):
+    """Compile a traced phase and sum its per-device memory. A phase whose resident state alone
+    exceeds the budget is not compiled (it cannot fit whatever the step needs)."""
+    from genevolve_jax.plan import abstract as A
+    from genevolve_jax.plan.compile import compile_traced
+    from genevolve_jax.plan.report import PhaseReport
+
+    say = progress or (lambda msg: None)
+    resident = {k: A.bytes_per_device(v) for k, v in phase.resident.items()}
+    bufs = [b for k, v in phase.resident.items() for b in A.buffers(v, k)]
+    budget = int((memory_bytes or target.device.memory_bytes) * frac)
+    compiled, extra, note = [], {}, ""
+    if sum(resident.values()) > budget:
+        note = "not compiled: the resident state alone exceeds the budget"
+    else:
+        for fn in phase.fns:
+            say(f"compiling {fn.name} for {target.spec}")
+            c = compile_traced(fn.name, fn.traced, num_devices, fn.compiler_options)
+            compiled.append(c)
+            extra[fn.name] = fn.extra_input_bytes
+            bufs.append(A.Buffer(f"{fn.name}: compiled temporaries", (), "", c.temp_bytes))
+    bufs.sort(key=lambda b: -b.bytes_per_device)
+    return PhaseReport(phase.name, phase.batch_desc, resident, phase.gradients_bytes, compiled, extra, bufs[:12],
+                       dict(runs or {}), frac, source, note)
+
+
 def build_plan(run_cfg, target, phases=PHASES, *, shapes=None, model_config_path: str = "",
                config_name: str = "", mem_fraction_override: float | None = None, devices=None,
-               strategy: str | None = None, mesh_sizes: dict | None = None, progress=None):
+               strategy: str | None = None, mesh_sizes: dict | None = None, progress=None,
+               scan_layers: bool = False):
     """Trace and compile every function of ``phases`` for ``target``; returns a :class:`Plan`.
 
     ``strategy`` / ``mesh_sizes`` override the config's sharding (compare-sharding). A phase whose
     resident state alone exceeds the budget is reported without compiling (it cannot fit)."""
-    from genevolve_jax.plan import abstract as A
     from genevolve_jax.plan import phases as P
-    from genevolve_jax.plan.compile import compile_traced
-    from genevolve_jax.plan.report import Plan, PhaseReport
+    from genevolve_jax.plan.report import Plan
     from genevolve_jax.plan.targets import target_devices
 
     run_cfg = run_cfg.copy_and_resolve_references()
@@ -80,25 +106,10 @@ def build_plan(run_cfg, target, phases=PHASES, *, shapes=None, model_config_path
     for name in phases:
         say(f"tracing phase {name}")
         build = {"sft": P.sft_phase, "rl": P.rl_phase}[name]
-        phase = build(run_cfg, target, mesh, shapes, model_config_path=model_config_path)
+        phase = build(run_cfg, target, mesh, shapes, model_config_path=model_config_path, scan_layers=scan_layers)
         frac, source = mem_fraction(run_cfg, target, name, mem_fraction_override)
-        resident = {k: A.bytes_per_device(v) for k, v in phase.resident.items()}
-        bufs = [b for k, v in phase.resident.items() for b in A.buffers(v, k)]
-        budget = int(target.device.memory_bytes * frac)
-        compiled, extra, note = [], {}, ""
-        if sum(resident.values()) > budget:
-            note = "not compiled: the resident state alone exceeds the budget"
-        else:
-            for fn in phase.fns:
-                say(f"compiling {fn.name} for {target.spec}")
-                c = compile_traced(fn.name, fn.traced, len(devices), fn.compiler_options)
-                compiled.append(c)
-                extra[fn.name] = fn.extra_input_bytes
-                bufs.append(A.Buffer(f"{fn.name}: compiled temporaries", (), "", c.temp_bytes))
         runs = {"evolve_step": 1, "sft_step": 1, "reference_forward": P.logprob_forwards_per_step(run_cfg)}
-        bufs.sort(key=lambda b: -b.bytes_per_device)
-        reports.append(PhaseReport(name, phase.batch_desc, resident, phase.gradients_bytes, compiled, extra,
-                                   bufs[:12], runs, frac, source, note))
+        reports.append(report_phase(phase, target, len(devices), frac, source, runs, progress=say))
     return Plan(config=config_name, target=target.spec, device_kind=target.device.kind, num_devices=len(devices),
                 mesh={k: int(v) for k, v in mesh.shape.items()}, strategy=run_cfg.sharding.strategy,
                 attention=P.attention_implementation(target), device_memory_bytes=target.device.memory_bytes,

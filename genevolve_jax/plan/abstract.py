@@ -129,10 +129,7 @@ def abstract_copy(tree, shardings):
 
 # --- batches ----------------------------------------------------------------------------------------
 def _sds(shape, dtype, mesh, rules, name):
-    try:
-        from genevolve_jax.train.batch_layout import batch_axes
-    except ImportError:
-        from genevolve_jax.train.step import batch_axes
+    from genevolve_jax.train.batch_layout import batch_axes
     spec = L.partition_spec(batch_axes(name, len(shape)), rules, mesh, shape)
     return jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype), sharding=NamedSharding(mesh, spec))
 
@@ -166,17 +163,20 @@ def sft_batch(config, rows: int, row_len: int, mesh: Mesh, rules, images: ImageS
     return batch
 
 
-def evolve_batch(config, rows: int, seq_len: int, mesh: Mesh, rules, *, kl: bool,
+def evolve_batch(config, rows: int, seq_len: int, mesh: Mesh, rules, *, kl: bool, old_logprobs: bool = True,
                  images: ImageShape = ImageShape(), patch_multiple: int = 1024) -> dict:
-    """The evolve batch of ``assemble_evolve_batch`` (+ ``ref_logprobs`` when the KL term is on,
-    + the per-row image blocks when rows carry images)."""
+    """The evolve batch the trainer assembles: ``sampler_logprobs`` always, ``old_logprobs`` unless
+    the step is on-policy, ``ref_logprobs`` when the KL term is on, and the per-row image blocks
+    when rows carry images."""
     i32, f32 = np.int32, np.float32
     bt = (rows, seq_len)
     fields = {"input_ids": (bt, i32), "targets": (bt, i32), "loss_mask": (bt, f32), "segment_ids": (bt, i32),
-              "position_ids": ((rows, 3, seq_len), i32), "old_logprobs": (bt, f32),
+              "position_ids": ((rows, 3, seq_len), i32), "sampler_logprobs": (bt, f32),
               "teacher_input_ids": (bt, i32), "teacher_targets": (bt, i32), "teacher_segment_ids": (bt, i32),
               "teacher_position_ids": ((rows, 3, seq_len), i32), "teacher_index": (bt, i32),
               "advantages": ((rows,), f32), "sample_valid": ((rows,), f32), "has_bundle": ((rows,), f32)}
+    if old_logprobs:
+        fields["old_logprobs"] = (bt, f32)
     if kl:
         fields["ref_logprobs"] = (bt, f32)
     if images.per_row:

@@ -33,6 +33,7 @@ class CompiledPlan:
     collective_bytes: dict[str, int]
     lower_s: float
     compile_s: float
+    executable: Any = dataclasses.field(default=None, repr=False, compare=False)  # the jax Compiled
 
     @property
     def flops(self) -> float:
@@ -40,7 +41,8 @@ class CompiledPlan:
         return self.xla_flops if self.xla_flops else self.matmul_flops
 
     def to_json(self) -> dict:
-        return {**dataclasses.asdict(self), "flops": self.flops}
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "executable"}
+        return {**out, "flops": self.flops}
 
 
 # --- HLO collectives ------------------------------------------------------------------------------
@@ -183,7 +185,8 @@ def compile_traced(name: str, traced, num_devices: int, compiler_options: dict |
                         alias_bytes=g("alias_size_in_bytes"), temp_bytes=g("temp_size_in_bytes"),
                         code_bytes=g("generated_code_size_in_bytes"), xla_flops=xla_flops,
                         matmul_flops=matmul_flops(traced.jaxpr) / num_devices,
-                        collective_bytes=collective_bytes(compiled.as_text()), lower_s=t1 - t0, compile_s=t2 - t1)
+                        collective_bytes=collective_bytes(compiled.as_text()), lower_s=t1 - t0, compile_s=t2 - t1,
+                        executable=compiled)
 
 
 def describe(x: Any) -> str:

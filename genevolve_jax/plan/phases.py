@@ -93,109 +93,95 @@ def _trace(step, state: A.AbstractState, batch: dict, target, mesh):
         return step.jitted(arrays, static).trace(state.params, state.opt_state, arrays, A.abstract_rng(mesh))
 
 
-def sft_phase(run_cfg, target, mesh, shapes: Shapes, *, model_config_path: str = "") -> Phase:
-    from genevolve_jax.train.config import validate
-    from genevolve_jax.train.run_setup import compiler_options
-    from genevolve_jax.train.state import is_vision_path
+def step_phase(name: str, config, tc, loss, mesh, strategy: str, batch: dict, target, *, freeze=None,
+               compiler_options: dict | None = None, desc: str = "") -> Phase:
+    """One train step (``TrainStep`` with ``loss``) of ``config`` on ``batch``, traced abstractly."""
     from genevolve_jax.train.step import TrainStep
 
-    tc = validate(run_cfg.sft, prefix="sft")
-    config = A.model_config(run_cfg, tc, model_config_path)
-    freeze = is_vision_path if tc.freeze_vision else None
-    state = A.abstract_train_state(config, tc, mesh, run_cfg.sharding.strategy, freeze=freeze)
-    rows, row_len = shapes.sft(run_cfg)
-    batch = A.sft_batch(config, rows, row_len, mesh, state.setup.rules, shapes.images)
-    opts = compiler_options(run_cfg.model)
-    step = TrainStep(state.setup, sft_loss(run_cfg, tc), compute_dtype=_DTYPES[tc.compute_dtype],
+    state = A.abstract_train_state(config, tc, mesh, strategy, freeze=freeze)
+    opts = dict(compiler_options or {})
+    step = TrainStep(state.setup, loss, compute_dtype=_DTYPES[tc.compute_dtype],
                      grad_accum_steps=tc.grad_accum_steps, compiler_options=opts)
     traced = _trace(step, state, batch, target, mesh)
     batch_bytes = A.bytes_per_device({k: v for k, v in batch.items() if hasattr(v, "sharding")})
+    return Phase(name, state, {"params": state.params, "optimizer": state.opt_state},
+                 A.bytes_per_device(state.params["train"]), [TracedFn(f"{name}_step", traced, batch_bytes, opts)], desc)
+
+
+def sft_phase(run_cfg, target, mesh, shapes: Shapes, *, model_config_path: str = "",
+              scan_layers: bool = False) -> Phase:
+    from genevolve_jax.train.config import validate
+    from genevolve_jax.train.run_setup import compiler_options
+    from genevolve_jax.train.state import is_vision_path
+
+    tc = validate(run_cfg.sft, prefix="sft")
+    config = A.model_config(run_cfg, tc, model_config_path)
+    config = config.replace(scan_layers=True) if scan_layers else config
+    rows, row_len = shapes.sft(run_cfg)
+    rules = L.rules_for(run_cfg.sharding.strategy)
+    batch = A.sft_batch(config, rows, row_len, mesh, rules, shapes.images)
     desc = f"{rows} × {row_len} packed" + (f", {shapes.images.per_row} image(s) of {shapes.images.side}² per row"
                                           if shapes.images.per_row else "") + f", {tc.grad_accum_steps} micro-batch(es)"
-    return Phase("sft", state, {"params": state.params, "optimizer": state.opt_state},
-                 A.bytes_per_device(state.params["train"]), [TracedFn("sft_step", traced, batch_bytes, opts)], desc)
+    return step_phase("sft", config, tc, sft_loss(run_cfg, tc), mesh, run_cfg.sharding.strategy, batch, target,
+                      freeze=is_vision_path if tc.freeze_vision else None,
+                      compiler_options=compiler_options(run_cfg.model), desc=desc)
 
 
 def sft_loss(run_cfg, tc):
-    """The SFT driver's loss function (train/losses/step_losses.py; older trees: train/step.py)."""
-    try:
-        from genevolve_jax.train.losses.step_losses import SFTLoss
-        return SFTLoss(run_cfg.loss)
-    except ImportError:
-        from genevolve_jax.train.step import sft_loss_fn
-        return sft_loss_fn(int(run_cfg.loss.logprob.chunk_size))
+    """The SFT driver's loss function."""
+    from genevolve_jax.train.losses.step_losses import SFTLoss
+    return SFTLoss(run_cfg.loss)
 
 
-def evolve_loss(run_cfg):
-    """The evolve driver's loss function: policy + stop-gradient teacher forwards, fused op."""
-    try:
-        from genevolve_jax.train.losses.step_losses import EvolveLoss
-        return EvolveLoss(run_cfg.loss)
-    except ImportError:
-        from genevolve_jax.train.batch_assembly import evolve_loss_fn
-        return evolve_loss_fn(run_cfg.loss)
+def old_logprob_route(run_cfg) -> str:
+    """"on_policy", "sampler" or "recompute" (train/logprob_forward.py)."""
+    from genevolve_jax.train.logprob_forward import resolve_old_logprobs
+    return resolve_old_logprobs(run_cfg.rl.old_logprobs, int(run_cfg.rl.updates_per_batch))
 
 
 def logprob_forwards_per_step(run_cfg) -> int:
     """Whole-batch log-prob forwards outside the step: the KL reference's, and π_old's when the
-    run recomputes it (train/logprob_forward.py)."""
-    kl = int(float(run_cfg.loss.grpo.kl_coef) > 0)
-    try:
-        from genevolve_jax.train.logprob_forward import resolve_old_logprobs
-        route = resolve_old_logprobs(run_cfg.rl.old_logprobs, int(run_cfg.rl.get("updates_per_batch", 1)))
-    except ImportError:
-        route = run_cfg.rl.old_logprobs
-    return kl + int(route == "recompute")
+    run recomputes it."""
+    return int(float(run_cfg.loss.grpo.kl_coef) > 0) + int(old_logprob_route(run_cfg) == "recompute")
 
 
 def reference_forward(setup, loss_cfg, compute_dtype):
-    """The pure reference/old-log-prob forward ``(params, batch view) -> [B, T] log-probs``: what
-    ``train.logprob_forward.LogprobForward`` jits (the step's model function, head, fused op and
-    temperature)."""
+    """The pure reference/π_old forward ``(params, batch view) -> [B, T] log-probs``: the function
+    ``train.logprob_forward.LogprobForward`` jits (its public pieces: cast, merge, policy_logprobs)."""
+    from genevolve_jax.train.losses.step_losses import policy_logprobs
     from genevolve_jax.train.step import cast_floating
-    try:
-        from genevolve_jax.train.losses.step_losses import policy_logprobs
-    except ImportError:
-        policy_logprobs = None
 
     def fn(params, batch):
-        model = setup.merge(cast_floating(params, compute_dtype))
-        if policy_logprobs is not None:
-            return policy_logprobs(model, batch, loss_cfg)
-        from genevolve_jax.ops.fused_logprob import token_logprobs
-        from genevolve_jax.train.step import lm_head_kernel, qwen3vl_hidden_states
-        hidden = qwen3vl_hidden_states(model, batch)
-        return token_logprobs(hidden, lm_head_kernel(model).astype(hidden.dtype), batch["targets"],
-                              chunk_size=int(loss_cfg.logprob.chunk_size),
-                              temperature=float(loss_cfg.logprob.rl_temperature))
+        return policy_logprobs(setup.merge(cast_floating(params, compute_dtype)), batch, loss_cfg)
 
     return fn
 
 
-def rl_phase(run_cfg, target, mesh, shapes: Shapes, *, model_config_path: str = "") -> Phase:
+def rl_phase(run_cfg, target, mesh, shapes: Shapes, *, model_config_path: str = "",
+             scan_layers: bool = False) -> Phase:
     from jax.sharding import NamedSharding
 
     from genevolve_jax.ops import attention
     from genevolve_jax.train.config import validate
     from genevolve_jax.train.run_setup import compiler_options
     from genevolve_jax.train.state import is_vision_path
+    from genevolve_jax.train.batch_layout import ROW_IMAGE_FIELDS, batch_shardings
     from genevolve_jax.train.step import TrainStep
-    try:
-        from genevolve_jax.train.batch_layout import ROW_IMAGE_FIELDS, batch_shardings
-    except ImportError:
-        from genevolve_jax.train.step import ROW_IMAGE_FIELDS, batch_shardings
 
     tc = validate(run_cfg.train)
     config = A.model_config(run_cfg, tc, model_config_path)
+    config = config.replace(scan_layers=True) if scan_layers else config
     freeze = is_vision_path if tc.freeze_vision else None
     state = A.abstract_train_state(config, tc, mesh, run_cfg.sharding.strategy, freeze=freeze)
     rows, seq_len = shapes.rl(run_cfg)
     kl = float(run_cfg.loss.grpo.kl_coef) > 0
-    batch = A.evolve_batch(config, rows, seq_len, mesh, state.setup.rules, kl=kl, images=shapes.images,
+    batch = A.evolve_batch(config, rows, seq_len, mesh, state.setup.rules, kl=kl,
+                           old_logprobs=old_logprob_route(run_cfg) != "on_policy", images=shapes.images,
                            patch_multiple=int(run_cfg.rl.patch_multiple))
     opts = compiler_options(run_cfg.model)
     dtype = _DTYPES[tc.compute_dtype]
-    step = TrainStep(state.setup, evolve_loss(run_cfg), compute_dtype=dtype,
+    from genevolve_jax.train.losses.step_losses import EvolveLoss
+    step = TrainStep(state.setup, EvolveLoss(run_cfg.loss), compute_dtype=dtype,
                      grad_accum_steps=tc.grad_accum_steps, compiler_options=opts)
     fns = [TracedFn("evolve_step", _trace(step, state, batch, target, mesh), A.bytes_per_device(batch), opts)]
     resident = {"params": state.params, "optimizer": state.opt_state}

@@ -193,6 +193,9 @@ def target_devices(target: Target) -> list:
         return devs[:target.num_devices]
     from jax.experimental import topologies
     if target.platform == "tpu":
+        # A deviceless compile touches no chip: let it run beside another libtpu process (a
+        # second plan, a test) instead of failing on libtpu's single-process lockfile.
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         try:
             topo = topologies.get_topology_desc(platform="tpu", topology_name=f"{target.generation}:{target.topology}")
         except Exception as e:  # noqa: BLE001 - libtpu missing or topology unknown: say which

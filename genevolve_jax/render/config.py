@@ -18,7 +18,9 @@ def get_config() -> ml_collections.ConfigDict:
     # tiny: random pipeline built from configs (CPU tests, embedded demo); diffusers: in-process
     # pipeline from a local directory; http: render service(s); gemini: Nano Banana Pro API.
     cfg.backend = "tiny"
-    cfg.seed = 0                      # base seed; a sample's seed is base + its index in the group
+    # Render seeds come from the run: rl.render_seed (+ the sample's index in its group) in
+    # training, eval.seed in evaluation. The render service (`genevolve render-server`) takes its
+    # host, port, devices and queue size as command-line flags.
 
     cfg.sampling = ml_collections.ConfigDict()
     cfg.sampling.num_inference_steps = 40
@@ -54,16 +56,11 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.gemini.max_retries = 3
     cfg.gemini.backoff_s = 4.0
 
-    cfg.server = ml_collections.ConfigDict()
-    cfg.server.host = "127.0.0.1"
-    cfg.server.port = 8100
-    cfg.server.devices = "auto"       # "auto" = every CUDA device (else cpu), or "cuda:0,cuda:1"
-    cfg.server.queue_size = 256
-
     cfg.throughput = ml_collections.ConfigDict()
     cfg.throughput.max_concurrency = 8
     cfg.throughput.requests_per_minute = 0.0   # 0 = unlimited
-    cfg.cache_dir = ""                         # empty = no render cache
+    cfg.cache_dir = ""                         # eval job's render cache; empty = <out>/cache. (Training
+                                               # caches renders with the judge's, reward.cache_dir.)
     return cfg
 
 
@@ -71,7 +68,6 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     """Reject invalid values with an error naming the field."""
     check = Checker("render")
     check.one_of(cfg.backend, "backend", BACKENDS)
-    check.integer(cfg.seed, "seed")
     s = cfg.sampling
     check.integer(s.num_inference_steps, "sampling.num_inference_steps", 1, ">= 1")
     check.number(s.true_cfg_scale, "sampling.true_cfg_scale", low=0)
@@ -98,9 +94,6 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         check.number(cfg[sec].backoff_s, f"{sec}.backoff_s", low=0)
     check(bool(cfg.gemini.api_key_env) and is_env_name(cfg.gemini.api_key_env), "gemini.api_key_env",
           "the name of an environment variable", cfg.gemini.api_key_env)
-    check(is_int(cfg.server.port) and 0 < cfg.server.port < 65536, "server.port", "in [1, 65535]",
-          cfg.server.port)
-    check.integer(cfg.server.queue_size, "server.queue_size", 1, ">= 1")
     check.integer(cfg.throughput.max_concurrency, "throughput.max_concurrency", 1, ">= 1")
     check.number(cfg.throughput.requests_per_minute, "throughput.requests_per_minute", low=0)
 

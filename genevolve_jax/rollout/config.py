@@ -4,7 +4,6 @@ from __future__ import annotations
 import ml_collections
 
 from genevolve_jax.config_checks import Checker, is_int
-
 from genevolve_jax.sharding.logical import MESH_AXES
 
 
@@ -24,10 +23,13 @@ def default_engine_config() -> ml_collections.ConfigDict:
 
 def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     check = Checker("engine")
-    for name in ("max_slots", "max_seq_len", "steps_per_sync", "min_prefill_bucket"):
+    for name in ("max_slots", "max_seq_len", "steps_per_sync", "min_prefill_bucket", "min_append_bucket"):
         check(is_int(cfg[name]) and cfg[name] >= 1, name, "a positive integer", cfg[name])
     check(cfg.min_prefill_bucket <= cfg.max_seq_len, "min_prefill_bucket",
           f"<= engine.max_seq_len ({cfg.max_seq_len})", cfg.min_prefill_bucket)
+    check(cfg.min_append_bucket <= cfg.max_seq_len, "min_append_bucket",
+          f"<= engine.max_seq_len ({cfg.max_seq_len})", cfg.min_append_bucket)
+    check.boolean(cfg.kv_reuse, "kv_reuse")
     check.boolean(cfg.raw_logprobs, "raw_logprobs")
     check.integer(cfg.seed, "seed")
     unknown = set(cfg.mesh.keys()) - set(MESH_AXES)

@@ -164,7 +164,7 @@ class JaxEngine(RolloutEngine):
         def model_of(params, rest):
             return nnx.merge(graphdef, params, rest)
 
-        def prefill(params, rest, batch, cache: KVCache, src, dst, start, offset, sampling, use_filter, window):
+        def prefill(params, rest, batch, cache: KVCache, src, dst, start, offset, sampling, mode, window):
             # Rows src[i]'s first start[i] slots (the reused prefix; none when start is 0) are read
             # into a [B, window] view, the new tokens appended there and the view written to dst[i]
             # (out of range for padding rows: dropped). Copy and prefill in one pass.
@@ -179,10 +179,10 @@ class JaxEngine(RolloutEngine):
                             cache.next_position.at[dst].set(view.next_position, mode="drop"))
             temp, top_p, top_k, seed = sampling
             token, lp = sample_tokens(logits, temp, top_p, top_k, seed, jnp.zeros_like(start), raw_logprobs=raw,
-                                      use_filter=use_filter)
+                                      use_filter=mode == "filter", greedy_only=mode == "greedy")
             return token, lp, cache
 
-        def decode_chunk(params, rest, tokens, cache, live, temp, top_p, top_k, seeds, counters, use_filter, window):
+        def decode_chunk(params, rest, tokens, cache, live, temp, top_p, top_k, seeds, counters, mode, window):
             model = model_of(params, rest)
             view = KVCache(tuple(x[:, :window] for x in cache.k), tuple(x[:, :window] for x in cache.v),
                            cache.valid[:, :window], cache.length, cache.next_position)
@@ -190,8 +190,8 @@ class JaxEngine(RolloutEngine):
             def step(carry, i):
                 tok, view = carry
                 logits, view = model.decode_step(tok, view, live)
-                new, lp = sample_tokens(logits, temp, top_p, top_k, seeds, counters + i,
-                                        raw_logprobs=raw, use_filter=use_filter)
+                new, lp = sample_tokens(logits, temp, top_p, top_k, seeds, counters + i, raw_logprobs=raw,
+                                        use_filter=mode == "filter", greedy_only=mode == "greedy")
                 return (jnp.where(live, new, tok), view), (new, lp)
 
             (_, view), (toks, lps) = jax.lax.scan(step, (tokens, view), jnp.arange(self.chunk, dtype=jnp.int32))
@@ -515,12 +515,12 @@ class JaxEngine(RolloutEngine):
                 self.pool.finish(p.place.slot, None)
                 self._resolve(p.job, GenerationResult([], [], "abort", error=f"bad request: {exc}"))
             return
-        use_filter = _needs_filter([p.job.request.sampling for p in plans])
+        mode = _sampling_mode([p.job.request.sampling for p in plans])
         try:
             with self._rules():
                 tokens, lps, self._cache = self._prefill(
                     self._params, self._rest, batch, self._cache, src, dst, start, offset,
-                    (temp, top_p, top_k, seed), use_filter, window)
+                    (temp, top_p, top_k, seed), mode, window)
         except Exception as exc:
             for p in plans:
                 self.pool.finish(p.place.slot, None)
@@ -568,7 +568,7 @@ class JaxEngine(RolloutEngine):
         with self._rules():
             toks, lps, self._cache = self._decode_chunk(
                 self._params, self._rest, tokens, self._cache, live, temp, top_p, top_k, seeds, counters,
-                _needs_filter([j.request.sampling for _, j in jobs]), window)
+                _sampling_mode([j.request.sampling for _, j in jobs]), window)
         self._counters["decode_chunks"] += 1
         toks, lps = np.asarray(toks), np.asarray(lps)
         for i, _ in jobs:
@@ -627,8 +627,11 @@ def _open_image(image):
     return image
 
 
-def _needs_filter(params) -> bool:
-    return any(p.temperature > 0 and (p.top_p < 1.0 or p.top_k > 0) for p in params)
+def _sampling_mode(params) -> str:
+    """The sampler variant a batch needs (a static argument: each is its own compile)."""
+    if all(p.temperature <= 0 for p in params):
+        return "greedy"
+    return "filter" if any(p.temperature > 0 and (p.top_p < 1.0 or p.top_k > 0) for p in params) else "sample"
 
 
 # --- construction from files -------------------------------------------------------------------------

@@ -111,7 +111,8 @@ class RowPool:
         for i, (start, end) in enumerate(image_runs(prompt, self.image_token_id)):
             if start >= m:
                 break
-            if end > m or i >= len(images) or i >= len(row.images) or images[i] != row.images[i]:
+            runs_on = end < len(row.tokens) and row.tokens[end] == self.image_token_id  # the row's is longer
+            if end > m or runs_on or i >= len(images) or i >= len(row.images) or images[i] != row.images[i]:
                 return start
         return max(m, 0)
 

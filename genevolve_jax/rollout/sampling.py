@@ -47,15 +47,20 @@ def filter_logits(scaled: jax.Array, top_p: jax.Array, top_k: jax.Array) -> jax.
 
 def sample_tokens(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, top_k: jax.Array,
                   seeds: jax.Array, counters: jax.Array, *, raw_logprobs: bool = False,
-                  use_filter: bool = True) -> tuple[jax.Array, jax.Array]:
+                  use_filter: bool = True, greedy_only: bool = False) -> tuple[jax.Array, jax.Array]:
     """One token per row and its recorded log-prob (see the module docstring).
 
     logits [B, V] (any float dtype; computed in float32); temperature [B] (0 = greedy);
     top_p [B]; top_k [B] (<= 0: off); seeds [B] uint32; counters [B] int32.
-    ``use_filter=False`` skips the sort when no row cuts (top_p == 1 and top_k off everywhere).
+    ``use_filter=False`` skips the sort when no row cuts (top_p == 1 and top_k off everywhere);
+    ``greedy_only=True`` (every row at temperature 0) skips the random draw and the tempered
+    log-softmax, which cost more than the rest of a small model's decode step on a CPU.
     Returns (tokens [B] int32, logprobs [B] float32).
     """
     logits = logits.astype(jnp.float32)
+    if greedy_only:
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return tokens, jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
     greedy = temperature <= 0
     temp = jnp.where(greedy, 1.0, temperature).astype(jnp.float32)
     scaled = logits / temp[:, None]

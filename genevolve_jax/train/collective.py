@@ -80,7 +80,10 @@ class Collective(abc.ABC):
 
 
 def _fresh_copy(tree, shardings=None):
-    return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shardings)(tree)
+    """A copy with its own buffers (jit outputs are new), then moved to ``shardings``, which may
+    be on other devices than ``tree`` (an engine on a sub-mesh of the trainer's devices)."""
+    fresh = jax.jit(lambda t: jax.tree.map(jnp.copy, t))(tree)
+    return fresh if shardings is None else jax.device_put(fresh, shardings)
 
 
 class SingleProcess(Collective):

@@ -13,7 +13,9 @@ import jax.numpy as jnp
 
 from genevolve_jax.train.checkpoint import TrainCheckpointer, abstract_like, export_hf, rng_from_json, rng_to_json
 from genevolve_jax.train.collective import Collective, make_collective
+from genevolve_jax.train.nonfinite import NonFiniteGuard
 from genevolve_jax.train.observability import RunLogger
+from genevolve_jax.train.preemption import PreemptionGuard, RunStopped
 from genevolve_jax.train.step import LossFunction, TrainStep
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -43,7 +45,7 @@ class Driver(abc.ABC):
         tc = train_cfg.copy_and_resolve_references()
         tc.schedule.total_steps = self.total_steps
         mesh = mesh_from_config(cfg.sharding, devices)
-        source = model if model is not None else model_source(cfg.model, tokenizer)
+        source = model if model is not None else model_source(cfg.model, tokenizer, remat=tc.remat)
         freeze = is_vision_path if tc.freeze_vision else None
         self.setup, self.params, self.opt_state = create_train_state(source, tc, mesh, cfg.sharding.strategy,
                                                                      freeze=freeze)
@@ -58,6 +60,10 @@ class Driver(abc.ABC):
         self.rng = jax.random.key(int(cfg.seed))
         self.step = 0
         self.losses: list[float] = []
+        # Non-finite steps are skipped inside the jitted step; this counts them and says when to stop.
+        self.nonfinite = NonFiniteGuard(int(tc.max_consecutive_nonfinite))
+        # SIGTERM / SIGINT: stop at the next step boundary, agreed by every process (train/preemption.py).
+        self.preemption = PreemptionGuard()
 
     # -- what a driver adds ----------------------------------------------------------------------
     @abc.abstractmethod
@@ -70,10 +76,12 @@ class Driver(abc.ABC):
 
     def meta(self) -> dict:
         """JSON-able state saved with every checkpoint next to params and optimiser state."""
-        return {"rng": rng_to_json(self.rng), "losses": list(self.losses), "history": self.logger.history[-10000:]}
+        return {"rng": rng_to_json(self.rng), "losses": list(self.losses), "history": self.logger.history[-10000:],
+                "nonfinite": self.nonfinite.state_dict()}
 
     def load_meta(self, meta: dict) -> None:
         self.rng = rng_from_json(meta["rng"])
+        self.nonfinite.load_state_dict(meta.get("nonfinite", {}))
         self.losses = list(meta.get("losses", []))
         self.logger.history = list(meta.get("history", []))
 
@@ -86,6 +94,8 @@ class Driver(abc.ABC):
                               abstract_like(self.opt_state, self.setup.opt_shardings), step)
         self.params, self.opt_state, self.step = r.params, r.opt_state, r.step
         self.load_meta(r.meta)
+        for skipped in r.skipped:   # newer steps that did not restore (train/checkpoint.py)
+            print(f"genevolve: {skipped.log_line()}; resumed from step {r.step}", flush=True)
         return r.step
 
     def resume_if_any(self) -> None:
@@ -103,14 +113,31 @@ class Driver(abc.ABC):
 
     # -- the run ---------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        """Train to ``total_steps``, save, export. Raises :class:`RunStopped` after saving the last
+        completed step when preempted or after too many non-finite steps in a row."""
         self.logger.start(self.step)
         try:
-            while self.step < self.total_steps:
-                if self.train_one_step() is None:
-                    break
+            stop: RunStopped | None = None
+            with self.preemption:
+                while self.step < self.total_steps:
+                    if self.train_one_step() is None:
+                        break
+                    if self.nonfinite.should_stop:
+                        stop = RunStopped(self.nonfinite.stop_message(), exit_code=RunStopped.NON_FINITE,
+                                          step=self.step, checkpoint_dir=self.ckpt.directory)
+                        break
+                    if self.preemption.should_stop(self.step):
+                        why = self.preemption.signal_name or "a signal to another process"
+                        stop = RunStopped(f"preempted ({why}) after step {self.step}", exit_code=RunStopped.PREEMPTED,
+                                          step=self.step, checkpoint_dir=self.ckpt.directory)
+                        break
             if self.step not in self.ckpt.all_steps():
                 self.save(force=True)
             self.ckpt.wait()
+            if stop is not None:   # saved; no export: a preempted job has seconds left
+                stop.message += f"; saved checkpoint step {self.step} under {self.ckpt.directory}"
+                print(f"genevolve: {stop.message}", flush=True)
+                raise stop
             out: dict[str, Any] = {"steps": self.step, "losses": list(self.losses),
                                    "checkpoints": self.ckpt.all_steps()}
             out.update(self.export())

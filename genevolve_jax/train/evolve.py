@@ -28,6 +28,9 @@ from genevolve_jax.train.driver import Driver
 from genevolve_jax.train.logprob_forward import LogprobForward, resolve_old_logprobs
 from genevolve_jax.train.losses.step_losses import EvolveLoss
 from genevolve_jax.train.masking import MaskRules, mask_samples
+from genevolve_jax.train.nonfinite import SKIPPED, STAGE, nonfinite_reward_ids
+from genevolve_jax.train.outage import GROUP_MOSTLY_MASKED, OutagePolicy, health_checks_for_run, \
+    mask_mostly_masked_groups
 from genevolve_jax.train.pipeline import (RolloutPhase, attach_teacher_prompts, collect_rollouts, experience_guides,
                                           group_advantages, masked_counts, step_metrics)
 from genevolve_jax.train.run_config import validate_evolve_run
@@ -78,6 +81,8 @@ class EvolveTrainer(Driver):
         self.image_spec = ImageBatchSpec.for_model(self.model_config, getattr(self.engine, "image_processor", None),
                                                    int(cfg.rl.patch_multiple))
         self.mask_rules = MaskRules.from_config(cfg, self.image_spec)
+        # Services down past their retries: wait for them, recollect, never train a mostly masked group.
+        self.outage = OutagePolicy(cfg.rl.outage, health_checks_for_run(cfg, self.engine))
         # A guide must not add image placeholders to the teacher row (its images are the student's).
         self.placeholder_ids = (self.model_config.image_token_id, self.model_config.video_token_id)
         self.resume_if_any()
@@ -139,11 +144,23 @@ class EvolveTrainer(Driver):
         if self.engine_version != self.step:   # a restored or fresh state the engine does not hold yet
             metrics.update(self.sync_weights(self.step))
 
-        with _timed(times, "rollout"):
-            rollouts = collect_rollouts(self.rollout, self.collective, step, next(self.prompts), self.prompts.shard,
-                                        group_size=k, embed_rendered=self.logger.should_dump(step))
-        masked, images = mask_samples(rollouts.samples, self.mask_rules)
-        samples = list(masked.samples)
+        prompts = next(self.prompts)
+
+        def collect():   # rollouts, then the mask stage; the outage policy calls it again after a wait
+            with _timed(times, "rollout"):
+                got = collect_rollouts(self.rollout, self.collective, step, prompts, self.prompts.shard,
+                                       group_size=k, embed_rendered=self.logger.should_dump(step))
+            out, imgs = mask_samples(got.samples, self.mask_rules)
+            counts = {name.split("/", 1)[1]: n for name, n in masked_counts(got, out.counts).items()}
+            return (got, out, imgs), counts, len(got.samples)
+
+        (rollouts, masked, images), outage_metrics = self.outage.collect(collect, self.collective.on_writer)
+        metrics.update(outage_metrics)
+        # Ids of rewards that were NaN/inf: masked by the mask stage, counted by the non-finite guard.
+        bad_rewards = nonfinite_reward_ids((s.sample_id, s.reward) for s in rollouts.samples)
+        samples, masked_groups, group_masked = mask_mostly_masked_groups(
+            masked.samples, k, float(cfg.rl.outage.max_group_masked_fraction))
+        metrics["outage/masked_groups"] = float(masked_groups)
         with _timed(times, "advantage"):
             advantages = group_advantages(samples, len(rollouts.prompts), k, cfg.loss)
         if self.experience is not None:
@@ -161,8 +178,12 @@ class EvolveTrainer(Driver):
 
         self.step = step
         self.losses.append(metrics["loss"])
+        self.nonfinite.observe(step, metrics, [s.sample_id for s in samples if s.trains], bad_rewards)
+        metrics.update(self.nonfinite.metrics())
         metrics.update(step_metrics(samples))
         metrics.update(masked_counts(rollouts, masked.counts))
+        if group_masked:
+            metrics[f"masked/{GROUP_MOSTLY_MASKED}"] = group_masked
         metrics.update({k: v for k, v in rollouts.info.items() if k.startswith("time/")})
         metrics.update(rollouts.info.get("reward_dims") or {})
         metrics.update(times)
@@ -183,10 +204,13 @@ class EvolveTrainer(Driver):
             with _timed(times, "reference"):
                 batch["ref_logprobs"] = self.logprob_forward(self.ref_params, batch)
         with _timed(times, "train_step"):
+            skipped = stage = 0
             for _ in range(self.updates_per_batch):
                 self.rng, key = jax.random.split(self.rng)
                 self.params, self.opt_state, mets = self.train_step(self.params, self.opt_state, batch, key)
-            mets = {name: float(v) for name, v in jax.device_get(mets).items()}
+                # A skipped (non-finite) update among several counts for the step (train/nonfinite.py).
+                skipped, stage = skipped + mets[SKIPPED], jnp.maximum(stage, mets[STAGE])
+            mets = {name: float(v) for name, v in jax.device_get({**mets, SKIPPED: skipped, STAGE: stage}).items()}
         mets["rollout/old_logprobs_forward"] = float(self.old_logprobs_route == "recompute")
         return mets
 

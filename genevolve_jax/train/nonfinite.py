@@ -10,12 +10,13 @@ Why not ``optax.apply_if_finite``: it wraps the optimiser, which changes the opt
 tree (checkpoints, shardings and the step counter lookup would all move) and checks the gradient
 only, not the loss.
 
-Outside (:class:`NonFiniteGuard`, host side, one per run): rewards are checked before the
-advantages (a NaN reward would make its whole group's advantages NaN); a step with a non-finite
-reward is not trained. Every skipped step is logged with its sample ids and counted
-(``train/skipped_nonfinite``); after ``max_consecutive`` skipped steps in a row the guard says
-stop, and :meth:`NonFiniteGuard.stop_message` names the step, the stage (reward, loss term,
-gradient) and the last step that trained.
+Outside (:class:`NonFiniteGuard`, host side, one per run): a reward that is not finite is found
+before the advantages (:func:`nonfinite_reward_ids`; the mask stage, train/masking.py, masks it:
+a NaN reward would make its whole group's advantages NaN). Every skipped update is logged with
+its batch's sample ids and counted (``train/skipped_nonfinite``), every step with a non-finite
+reward too (``train/nonfinite_reward_steps``); after ``max_consecutive`` such steps in a row the
+guard says stop, and :meth:`NonFiniteGuard.stop_message` names the step, the stage (reward, loss
+term, gradient) and the last clean step.
 """
 from __future__ import annotations
 
@@ -106,33 +107,34 @@ class NonFiniteGuard:
             raise ValueError(f"train.max_consecutive_nonfinite must be an int >= 1, got {max_consecutive!r}")
         self.max_consecutive = max_consecutive
         self.last_good_step = int(last_good_step)
-        self.total_skipped = 0
-        self.consecutive = 0
+        self.total_skipped = 0         # updates skipped
+        self.reward_steps = 0          # steps with a non-finite reward (those samples masked)
+        self.consecutive = 0           # steps in a row with either
         self.last_event: NonFiniteEvent | None = None
 
-    def check_rewards(self, step: int, samples: Iterable[tuple[str, float | None]]) -> NonFiniteEvent | None:
-        """Before the advantages: an event (the step must not train) when a reward is not finite."""
-        bad = nonfinite_reward_ids(samples)
-        if not bad:
-            return None
-        return self._skipped(NonFiniteEvent(int(step), STAGE_REWARD, (), tuple(bad)))
+    def observe(self, step: int, metrics: Mapping[str, Any], sample_ids: Sequence[str],
+                nonfinite_reward_ids: Sequence[str] = ()) -> NonFiniteEvent | None:
+        """After the train step of ``step``, with its host metrics, the ids of the batch's samples
+        and those whose reward was not finite (masked before the advantages, see
+        train/masking.py): an event when the update was skipped (stage "loss term" or
+        "gradient") or a reward was not finite (stage "reward"); None for a clean step."""
+        if float(metrics.get(SKIPPED, 0.0)) > 0:
+            self.total_skipped += 1
+            stage = STAGE_NAMES.get(int(metrics.get(STAGE, STAGE_GRADIENT)), "gradient")
+            return self._event(NonFiniteEvent(int(step), stage, tuple(nonfinite_metric_names(metrics)),
+                                              tuple(str(i) for i in sample_ids)))
+        if nonfinite_reward_ids:
+            self.reward_steps += 1
+            return self._event(NonFiniteEvent(int(step), STAGE_REWARD, (), tuple(str(i) for i in nonfinite_reward_ids)))
+        self.consecutive = 0
+        self.last_good_step = int(step)
+        return None
 
-    def after_step(self, step: int, metrics: Mapping[str, Any], sample_ids: Sequence[str]) -> NonFiniteEvent | None:
-        """After the train step, with its host metrics: an event when the step skipped its update."""
-        if float(metrics.get(SKIPPED, 0.0)) <= 0:
-            self.consecutive = 0
-            self.last_good_step = int(step)
-            return None
-        stage = STAGE_NAMES.get(int(metrics.get(STAGE, STAGE_GRADIENT)), "gradient")
-        return self._skipped(NonFiniteEvent(int(step), stage, tuple(nonfinite_metric_names(metrics)),
-                                            tuple(str(i) for i in sample_ids)))
-
-    def _skipped(self, event: NonFiniteEvent) -> NonFiniteEvent:
-        self.total_skipped += 1
+    def _event(self, event: NonFiniteEvent) -> NonFiniteEvent:
         self.consecutive += 1
         self.last_event = event
-        log.warning("skipped the update of %s (%d in a row, %d in all)", event.describe(), self.consecutive,
-                    self.total_skipped)
+        what = "masked the samples with non-finite rewards" if event.stage == STAGE_REWARD else "skipped the update"
+        log.warning("%s: %s (%d such steps in a row)", what, event.describe(), self.consecutive)
         return event
 
     @property
@@ -143,19 +145,21 @@ class NonFiniteGuard:
         e = self.last_event
         what = e.describe() if e is not None else "no event"
         return (f"stopping: {self.consecutive} consecutive steps with non-finite values "
-                f"(train.max_consecutive_nonfinite = {self.max_consecutive}); last: {what}. The parameters are "
-                f"those after step {self.last_good_step}, the last step that trained.")
+                f"(train.max_consecutive_nonfinite = {self.max_consecutive}); last: {what}. Last clean step: "
+                f"{self.last_good_step}; skipped updates changed no parameter.")
 
     def metrics(self) -> dict[str, float]:
         return {"train/skipped_nonfinite": float(self.total_skipped),
+                "train/nonfinite_reward_steps": float(self.reward_steps),
                 "train/consecutive_nonfinite": float(self.consecutive)}
 
     # Saved in the checkpoint meta, so a resumed run keeps counting where it stopped.
     def state_dict(self) -> dict:
-        return {"total_skipped": self.total_skipped, "consecutive": self.consecutive,
-                "last_good_step": self.last_good_step}
+        return {"total_skipped": self.total_skipped, "reward_steps": self.reward_steps,
+                "consecutive": self.consecutive, "last_good_step": self.last_good_step}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.total_skipped = int(state.get("total_skipped", 0))
+        self.reward_steps = int(state.get("reward_steps", 0))
         self.consecutive = int(state.get("consecutive", 0))
         self.last_good_step = int(state.get("last_good_step", 0))

@@ -110,6 +110,7 @@ class WandbTracker:
         self.run = self._wandb.init(
             project=settings.project, entity=settings.entity or None, name=settings.run_name or None,
             mode=settings.mode, id=run_id, resume="allow", job_type=job_type,
+            reinit="create_new",   # two loggers open in one process (SFT, then evolve) are two runs
             dir=None if os.environ.get("WANDB_DIR") else workdir,   # $WANDB_DIR wins when set
             config=dict(run_config) if run_config is not None else None)
         if run_id is None:

@@ -16,8 +16,10 @@ answered). This module decides what the trainer does about a step full of them:
    ``max_group_masked_fraction`` does not train (its remaining samples are masked with the reason
    ``group_mostly_masked``): one or two survivors of six would set the group's advantages alone.
 
+The driver makes one call per step, :meth:`OutagePolicy.collect`, around its collect-and-mask.
 Metrics (:meth:`OutagePolicy.step_metrics`): ``outage/degraded`` (this step), ``outage/degraded_steps``
 (so far), ``outage/wait_s`` (this step's wait), ``outage/wait_s_total``, ``outage/masked_fraction``,
+``outage/masked_samples`` and ``outage/masked/<reason>`` (of the assessed, first attempt),
 ``outage/recovered``, ``outage/recollected`` and ``outage/masked_groups``.
 
 The policy does no I/O but the health checks; the driver owns the checkpoints (it saves before
@@ -29,13 +31,14 @@ import asyncio
 import dataclasses
 import logging
 import time
-from typing import Awaitable, Callable, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Awaitable, Callable, Mapping, Protocol, Sequence, TypeVar, runtime_checkable
 
 import ml_collections
 
 from genevolve_jax.train.records import RolloutSample, mask_kind
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 GROUP_MOSTLY_MASKED = "group_mostly_masked"
 DEFAULT_REASONS = ("render_failed", "judge_failed", "error")
@@ -129,6 +132,42 @@ class CallableHealthCheck:
         except Exception as exc:  # noqa: BLE001 — a failing probe is an unhealthy service
             log.info("health check %s failed: %s", self.name, exc)
             return False
+
+
+class AnyOfHealthCheck:
+    """Healthy when any of ``checks`` is (clients that spread calls over several URLs, where one
+    live URL keeps the service up)."""
+
+    def __init__(self, name: str, checks: Sequence[HealthCheck]):
+        self.name, self.checks = name, list(checks)
+
+    async def healthy(self) -> bool:
+        return any(await asyncio.gather(*(c.healthy() for c in self.checks)))
+
+
+def health_checks_for_run(cfg, engine=None) -> list[HealthCheck]:
+    """The services a `genevolve train` config depends on: the render service(s) (backend "http":
+    ``GET /health``), the judge endpoint (judge_kind "vlm": ``GET <base>/v1/models`` with its
+    bearer key) and the SGLang policy servers (the engine's own ``/health`` round). In-process
+    renderers, judges and engines need none."""
+    import os
+
+    timeout = float(cfg.rl.outage.health_timeout_s)
+    checks: list[HealthCheck] = []
+    if cfg.render.backend == "http" and len(cfg.render.http.urls):
+        checks.append(AnyOfHealthCheck("render service", [HTTPHealthCheck(f"render {u}", u, timeout_s=timeout)
+                                                          for u in cfg.render.http.urls]))
+    if cfg.reward.judge_kind == "vlm":
+        e = cfg.reward.endpoint
+        base = e.base_url.rstrip("/")
+        key = os.environ.get(e.api_key_env, "") if e.api_key_env else ""
+        checks.append(HTTPHealthCheck("judge endpoint", base, "/models" if base.endswith("/v1") else "/v1/models",
+                                      timeout_s=timeout, headers={"Authorization": f"Bearer {key}"} if key else None))
+    if engine is not None and cfg.rl.engine == "sglang":
+        async def any_server() -> bool:
+            return any((await engine.health()).values())
+        checks.append(CallableHealthCheck("policy servers", any_server))
+    return checks
 
 
 # --- the policy ----------------------------------------------------------------------------------------
@@ -225,11 +264,42 @@ class OutagePolicy:
 
     def step_metrics(self, assessment: StepAssessment, wait: WaitOutcome, *, recollected: bool = False,
                      masked_groups: int = 0) -> dict[str, float]:
-        return {"outage/degraded": float(assessment.degraded), "outage/degraded_steps": float(self.degraded_steps),
-                "outage/wait_s": float(wait.wait_s) if assessment.degraded else 0.0,
-                "outage/wait_s_total": float(self.wait_s_total), "outage/masked_fraction": assessment.fraction,
-                "outage/recovered": float(wait.recovered), "outage/recollected": float(recollected),
-                "outage/masked_groups": float(masked_groups)}
+        out = {"outage/degraded": float(assessment.degraded), "outage/degraded_steps": float(self.degraded_steps),
+               "outage/wait_s": float(wait.wait_s) if assessment.degraded else 0.0,
+               "outage/wait_s_total": float(self.wait_s_total), "outage/masked_fraction": assessment.fraction,
+               "outage/masked_samples": float(assessment.outage_masked),
+               "outage/recovered": float(wait.recovered), "outage/recollected": float(recollected),
+               "outage/masked_groups": float(masked_groups)}
+        # The assessed attempt's outage masks by reason: after a recollect, masked/<kind> shows the
+        # second attempt, so these keep what the outage cost.
+        out.update({f"outage/masked/{kind}": float(n) for kind, n in assessment.counts.items()
+                    if kind in self.reasons and n})
+        return out
+
+    def collect(self, collect_fn: Callable[[], tuple[T, Mapping[str, int], int]],
+                on_writer: Callable[[Callable[[], WaitOutcome]], WaitOutcome] = lambda fn: fn(),
+                ) -> tuple[T, dict[str, float]]:
+        """The driver's one call per step. ``collect_fn() -> (result, masked counts by kind, number
+        of samples)`` collects (and masks) the step's rollouts; when that step is degraded, wait
+        for the services (``on_writer`` runs the wait on one process and hands every process its
+        outcome, so that all recollect or none) and, when they are back and ``recollect`` is on,
+        call ``collect_fn`` once more. Returns the result to train on and the step's metrics
+        (:meth:`step_metrics` without ``outage/masked_groups``)."""
+        result, counts, n = collect_fn()
+        assessment = self.assess(counts, n)
+        wait, recollected = WaitOutcome.none(), False
+        if assessment.degraded:
+            wait = on_writer(self.wait_for_recovery)
+            if wait.recovered and self.cfg.recollect:
+                result, counts, n = collect_fn()
+                recollected = True
+        self.record(assessment, wait)
+        metrics = self.step_metrics(assessment, wait, recollected=recollected)
+        if recollected:       # the fraction of the rollouts that train, not of the first attempt
+            metrics["outage/masked_fraction"] = self.assess(counts, n).fraction
+            metrics["outage/masked_fraction_first"] = assessment.fraction
+        del metrics["outage/masked_groups"]
+        return result, metrics
 
     # Saved with the checkpoint meta so that the totals run on across a resume.
     def state_dict(self) -> dict:
@@ -241,20 +311,21 @@ class OutagePolicy:
 
 
 def mask_mostly_masked_groups(samples: Sequence[RolloutSample], group_size: int,
-                              max_masked_fraction: float) -> tuple[list[RolloutSample], int]:
-    """(samples, groups masked): in each group (``group_size`` consecutive samples) whose share of
-    samples that do not train exceeds ``max_masked_fraction``, the ones that still train are masked
-    with ``group_mostly_masked: <n> of <K> masked (<kinds>)``. Pure."""
+                              max_masked_fraction: float) -> tuple[list[RolloutSample], int, int]:
+    """(samples, groups masked, samples newly masked): in each group (``group_size`` consecutive
+    samples) whose share of samples that do not train exceeds ``max_masked_fraction``, the ones
+    that still train are masked with ``group_mostly_masked: <n> of <K> masked (<kinds>)``. Pure."""
     if group_size < 1 or len(samples) % group_size:
         raise ValueError(f"{len(samples)} samples do not split into groups of {group_size}")
-    out, groups = [], 0
+    out, groups, newly = [], 0, 0
     for g in range(0, len(samples), group_size):
         group = list(samples[g:g + group_size])
         lost = [s for s in group if not s.trains]
         if lost and len(lost) / group_size > max_masked_fraction and len(lost) < group_size:
             kinds = sorted({mask_kind(s.mask_reason) for s in lost})
             why = f"{GROUP_MOSTLY_MASKED}: {len(lost)} of {group_size} masked ({', '.join(kinds)})"
+            newly += group_size - len(lost)
             group = [s.masked(why) if s.trains else s for s in group]
             groups += 1
         out.extend(group)
-    return out, groups
+    return out, groups, newly

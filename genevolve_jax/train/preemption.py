@@ -137,3 +137,16 @@ class PreemptionGuard:
             yield
         finally:
             self._abandonable = False
+
+
+class RunStopped(Exception):
+    """A run that stopped early on purpose after saving its checkpoint: preempted (exit code 0,
+    resume with the same command) or stopped by repeated non-finite steps (exit code 3). The CLI
+    prints :attr:`message` and exits with :attr:`exit_code`."""
+
+    PREEMPTED, NON_FINITE = 0, 3
+
+    def __init__(self, message: str, *, exit_code: int, step: int, checkpoint_dir: str):
+        super().__init__(message)
+        self.message, self.exit_code = message, exit_code
+        self.step, self.checkpoint_dir = step, checkpoint_dir

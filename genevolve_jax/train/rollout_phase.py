@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 from genevolve_jax.train.pipeline import RolloutPhase
 from genevolve_jax.train.records import RolloutSample

@@ -59,6 +59,8 @@ def default_sglang_config() -> ml_collections.ConfigDict:
         "export_dtype": "bfloat16",  # of the HF export the servers reload
         "sync_at_start": True,      # push the trainer's starting weights before the first rollout
         "health_wait_s": 60.0,      # at start, wait this long for at least one server's /health
+        "max_weight_lag_steps": 3,  # a server whose reloads keep failing gets no rollouts; the run
+                                    # stops once it is more than this many steps behind
     })
 
 
@@ -144,6 +146,8 @@ def validate_sglang(cfg, prefix: str = "rl.sglang") -> ml_collections.ConfigDict
              cfg.weights_dir)
     _require(cfg.export_dtype in EXPORT_DTYPES, f"{prefix}.export_dtype", "float32 or bfloat16", cfg.export_dtype)
     _require(isinstance(cfg.sync_at_start, bool), f"{prefix}.sync_at_start", "a bool", cfg.sync_at_start)
+    _require(is_int(cfg.max_weight_lag_steps) and cfg.max_weight_lag_steps >= 0, f"{prefix}.max_weight_lag_steps",
+             "an int >= 0 (0: stop at the first step a server fails to reload)", cfg.max_weight_lag_steps)
     return cfg
 
 
@@ -163,12 +167,13 @@ def validate_checkpoint(cfg) -> ml_collections.ConfigDict:
 def validate_logging(cfg) -> ml_collections.ConfigDict:
     _require(is_int(cfg.sample_every) and cfg.sample_every >= 0, "logging.sample_every", ">= 0 (0 = never)",
              cfg.sample_every)
-    _require(isinstance(cfg.wandb, bool), "logging.wandb", "a bool", cfg.wandb)
-    _require(cfg.wandb_mode in WANDB_MODES, "logging.wandb_mode", f"one of {WANDB_MODES}", cfg.wandb_mode)
-    _require(isinstance(cfg.wandb_project, str) and cfg.wandb_project.strip() != "", "logging.wandb_project",
-             "a non-empty string", cfg.wandb_project)
+    check = Checker("logging")
+    check.boolean(cfg.wandb, "wandb")
+    check.one_of(cfg.wandb_mode, "wandb_mode", WANDB_MODES)
+    check(isinstance(cfg.wandb_project, str) and cfg.wandb_project.strip() != "", "wandb_project",
+          "a non-empty string", cfg.wandb_project)
     for name in ("wandb_entity", "wandb_run_name"):
-        _require(isinstance(cfg[name], str), f"logging.{name}", "a string ('' = W&B's default)", cfg[name])
+        check(isinstance(cfg[name], str), name, "a string ('' = W&B's default)", cfg[name])
     if cfg.wandb:   # fail before anything is built, not at the first logged step
         from genevolve_jax.train.observability import check_wandb_installed
         check_wandb_installed()

@@ -95,18 +95,21 @@ def random_model_config(model_cfg, tokenizer):
     return cfg
 
 
-def model_source(model_cfg, tokenizer):
+def model_source(model_cfg, tokenizer, remat: str | None = None):
     """A built model (from a checkpoint) or a zero-argument factory (random init, built sharded by
-    ``create_train_state`` so a large model never exists whole on one device)."""
+    ``create_train_state`` so a large model never exists whole on one device). ``remat``: the train
+    section's activation-checkpoint policy (``sft.remat`` / ``train.remat``)."""
     validate_model(model_cfg)
     if model_cfg.path:
         from genevolve_jax.models.loading import load_model
-        return load_model(model_cfg.path, param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype)
+        return load_model(model_cfg.path, param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype, remat=remat)
     from flax import nnx
 
     from genevolve_jax.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
 
     config = random_model_config(model_cfg, tokenizer)
+    if remat:
+        config = config.replace(remat=remat)
     seed = int(model_cfg.seed)
     return lambda: Qwen3VLForConditionalGeneration(config, rngs=nnx.Rngs(seed))
 

@@ -11,7 +11,6 @@ the model is written as an orbax model checkpoint (``genevolve train`` starts fr
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
@@ -60,6 +59,7 @@ class SFTTrainer(Driver):
         self.data.set_state(meta["data"])
 
     def train_one_step(self) -> dict[str, Any] | None:
+        position = self.data.get_state()     # names the batch in a non-finite report (SFT rows carry no ids)
         try:
             batch = dict(next(self.data))
         except StopIteration:
@@ -70,8 +70,10 @@ class SFTTrainer(Driver):
         mets = {k: float(v) for k, v in jax.device_get(mets).items()}
         self.step += 1
         mets["trajectories"] = n_traj
-        if not math.isfinite(mets["loss"]):
-            raise FloatingPointError(f"SFT loss is {mets['loss']} at step {self.step}")
+        # A non-finite loss or gradient skipped the update inside the step; the driver stops after
+        # train.max_consecutive_nonfinite of them in a row (train/nonfinite.py).
+        self.nonfinite.observe(self.step, mets, [f"sft batch at data state {str(position)[:300]}"])
+        mets.update(self.nonfinite.metrics())
         self.losses.append(mets["loss"])
         self.logger.log(self.step, mets)
         if self.ckpt.should_save(self.step):

@@ -184,6 +184,11 @@ class TrainStep:
                                         compiler_options=self.compiler_options or None)
         return self._jitted[key]
 
+    @property
+    def compiled_layouts(self) -> int:
+        """How many batch layouts (shapes, fields, static fields) this step has compiled for."""
+        return len(self._jitted)
+
     def lower(self, params, opt_state, batch, rng):
         arrays, static = self.split_static(batch)
         with L.use_rules(self.setup.mesh, self.setup.rules):

@@ -20,7 +20,7 @@ def test_defaults_are_the_papers_weights():
     ("runner.max_concurrency", 0, "eval.runner.max_concurrency must be >= 1, got 0"),
     ("runner.requests_per_minute", -1.0, "eval.runner.requests_per_minute must be >= 0"),
     ("wise.w_aesthetics", 0.3, "eval.wise.w_consistency must be part of weights"),
-    ("runner.retry_missing", 1, "eval.runner.retry_missing must be a bool"),
+    ("runner.limit", -1, "eval.runner.limit must be >= 0, got -1"),
     ("wise.w_time", 0.2, "eval.wise.w_cultural must be part of category weights"),
     ("wise.w_realism", -0.1, "eval.wise.w_realism must be >= 0"),
     ("report.thumb_px", 4, "eval.report.thumb_px must be >= 16"),

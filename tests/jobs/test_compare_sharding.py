@@ -85,3 +85,33 @@ def test_impossible_mesh_is_refused(tmp_path, capsys, mesh, message):
     assert rc == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_plan_only_reports_every_strategy_without_running(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    rc = main(["compare-sharding", "--plan-only", "--config", "tiny", "--layers", "1", "--strategies", "dp,fsdp,tp",
+               "--batch-size", "8", "--seq-len", "32", "--output", str(out)])
+    assert rc == 0
+    assert "PLANNED" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    rows = {r["strategy"]: r for r in result["rows"]}
+    assert set(rows) == {"dp", "fsdp", "tp"}
+    for r in rows.values():
+        assert not r["measured"] and r["loss"] is None
+        assert r["planned_peak_bytes"] >= r["param_opt_bytes_per_device"] + r["peak_temp_bytes"] > 0
+        assert r["flops_per_device"] > 0
+    # dp holds the whole state on every device; fsdp an eighth of it.
+    assert rows["fsdp"]["param_opt_bytes_per_device"] * 4 < rows["dp"]["param_opt_bytes_per_device"]
+
+
+def test_a_strategy_that_does_not_fit_the_host_is_skipped(tmp_path, capsys):
+    """With (almost) no memory to spare, nothing is built: each strategy gets a line saying why."""
+    out = tmp_path / "cmp.json"
+    rc = main(["compare-sharding", "--config", "tiny", "--layers", "1", "--strategies", "fsdp,tp",
+               "--batch-size", "8", "--seq-len", "16", "--steps", "1", "--host-memory-fraction", "1e-9",
+               "--output", str(out)])
+    assert rc == 0
+    captured = capsys.readouterr()
+    assert "skipping fsdp" in captured.err and "skipping tp" in captured.err
+    rows = json.loads(out.read_text())["rows"]
+    assert all(not r["measured"] and "free on this host" in r["skipped"] for r in rows)

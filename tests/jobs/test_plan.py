@@ -142,3 +142,26 @@ def test_small_config_compiles_for_a_tpu_slice(tmp_path, monkeypatch):
     # fsdp over 4 chips gathers weights and reduce-scatters or all-reduces gradients.
     assert phase["collective_bytes"]["all-gather"] > 0
     assert phase["collective_bytes"]["all-reduce"] + phase["collective_bytes"]["reduce-scatter"] > 0
+
+
+@pytest.mark.parametrize("kl,old", [(True, True), (False, False)])
+def test_planned_evolve_batch_is_the_assembled_layout(kl, old):
+    """Field names, shapes and dtypes of the planned evolve batch are the trainer's own assembly."""
+    from genevolve_jax.train.batch_assembly import assemble_evolve_batch
+    from genevolve_jax.train.records import RolloutSample
+
+    rng = np.random.default_rng(7)
+    n = int(rng.integers(5, 40))
+    sample = RolloutSample(sample_id="s", group=0, token_ids=list(rng.integers(0, 100, n)),
+                           loss_mask=[0] * 3 + [1] * (n - 3), logprobs=list(-rng.random(n)), reward=1.0,
+                           prompt_length=3)
+    real = assemble_evolve_batch([sample], [0.5], seq_len=64, num_rows=4, old_logprobs=old)
+    if kl:
+        real["ref_logprobs"] = np.zeros(real["targets"].shape, np.float32)   # the trainer adds it
+    cfg = load_config("tiny_cpu")
+    m = make_mesh({"fsdp": 4}, jax.devices()[:4])
+    config = A.model_config(cfg, cfg.train)
+    planned = A.evolve_batch(config, 4, 64, m, {"batch": ("data", "fsdp")}, kl=kl, old_logprobs=old)
+    assert set(planned) == set(real)
+    for k, v in real.items():
+        assert (planned[k].shape, planned[k].dtype) == (v.shape, v.dtype), k

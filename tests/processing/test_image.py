@@ -8,6 +8,7 @@ against an independent float64 reference.
 """
 import importlib.util
 import os
+import re
 import sys
 import types
 
@@ -214,13 +215,25 @@ def test_video_frame_size_equals_transformers(n, height, width, cap, hf_video_mo
 @pytest.mark.parametrize("total,fps", [(100, 30.0), (7, 24.0), (3000, 25.0), (1, 10.0), (50, None)])
 def test_frame_sampling_and_timestamps_equal_transformers(total, fps, hf_video_module):
     from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+
+    class Placeholders(Qwen3VLProcessor):
+        """transformers' video placeholder text (``replace_video_token``) without sub-processors."""
+
+        def __init__(self):
+            self.video_token, self.vision_start_token, self.vision_end_token = "V", "<s>", "</s>"
+            self.video_processor = types.SimpleNamespace(merge_size=2, temporal_patch_size=2)
+
     stub = types.SimpleNamespace(fps=2, min_frames=4, max_frames=768)
     want = hf_video_module.Qwen3VLVideoProcessor.sample_frames(stub, VideoMetadata(total_num_frames=total, fps=fps))
     got = I.sample_frame_indices(total, fps)
     np.testing.assert_array_equal(got, want)
+    # The timestamps as the prompt shows them, one per temporal patch: "<1.2 seconds><s>V…</s>".
     video_fps = fps or 24.0
-    np.testing.assert_allclose(I.frame_timestamps(got, video_fps),
-                               Qwen3VLProcessor._calculate_timestamps(None, list(want), video_fps, 2))
+    ours = I.frame_timestamps(got, video_fps)
+    meta = VideoMetadata(total_num_frames=total, fps=fps, frames_indices=[int(i) for i in want])
+    text = Placeholders().replace_video_token({"video_grid_thw": np.asarray([[len(ours), 2, 2]]),
+                                               "video_metadata": [meta]}, 0)
+    assert re.findall(r"<([0-9.]+) seconds>", text) == [f"{t:.1f}" for t in ours]
 
 
 def test_video_errors():

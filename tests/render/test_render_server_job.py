@@ -34,3 +34,14 @@ def test_one_tiny_worker_per_device_serves_health(monkeypatch):
     assert len(workers) == 2 and workers[0] is not workers[1]
     with LoopbackServer(create_app(workers)).running() as url:
         assert httpx.get(f"{url}/health").json()["workers"] == 2
+
+
+def test_limits_and_api_key_env_flags(monkeypatch, capsys):
+    args = _parse(monkeypatch, "--tiny", "--max-side", "512", "--max-steps", "8", "--api-key-env", "GENEVOLVE_TEST_KEY")
+    limits = render_server.limits_from_args(args)
+    assert limits.max_side == 512 and limits.max_steps == 8 and limits.max_images == 4
+    monkeypatch.delenv("GENEVOLVE_TEST_KEY", raising=False)
+    assert render_server.run(args) == 2  # refused before any worker loads
+    assert "GENEVOLVE_TEST_KEY" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="max_steps"):
+        render_server.limits_from_args(_parse(monkeypatch, "--tiny", "--max-steps", "0"))

@@ -5,6 +5,8 @@ queue, a tokenizer larger than the vocabulary."""
 import asyncio
 import base64
 import io
+import json
+import socket
 import subprocess
 import sys
 
@@ -57,7 +59,8 @@ def test_sglang_client_matches_the_engine_and_weight_update_changes_outputs(serv
     reqs = [GenerationRequest(rng.integers(20, len(tok), n).tolist(),
                               SamplingParams(max_new_tokens=6, temperature=t, seed=3))
             for n, t in ((5, 0.0), (12, 0.8), (9, 0.0))]
-    client = SGLangEngine([url, url], timeout_s=60, retries=1, backoff_s=0.01)
+    client = SGLangEngine([url], timeout_s=60, retries=1, backoff_s=0.01, model_config=cfg,
+                          weights_dir=str(tmp_path / "export"), export_dtype="float32")
     over_http = client.generate(reqs)
     direct = engine.generate(reqs)
     for a, b in zip(over_http, direct):
@@ -67,8 +70,9 @@ def test_sglang_client_matches_the_engine_and_weight_update_changes_outputs(serv
     import asyncio
     assert all(asyncio.run(client.health()).values())
     other = model_from_state_dict(cfg, random_state_dict(cfg, seed=22))
-    replies = client.update_weights(other, str(tmp_path / "export"), dtype="float32", weight_version="7")
-    assert all(r["success"] for r in replies.values())
+    from flax import nnx
+    metrics = client.update_weights(nnx.state(other, nnx.Param), 7)
+    assert metrics["sglang/weight_version_lag"] == 0.0 and metrics["sglang/servers_behind"] == 0.0
     after = client.generate(reqs[:1])[0]
     assert after.token_ids != over_http[0].token_ids
     fresh = JaxEngine(other, tok, engine.cfg)
@@ -301,3 +305,54 @@ def _small_engine_cfg():
     ecfg = default_engine_config()
     ecfg.max_slots, ecfg.max_seq_len, ecfg.steps_per_sync, ecfg.min_prefill_bucket = 2, 64, 4, 32
     return ecfg
+
+
+# --- a client that hangs up ---------------------------------------------------------------------------------
+def test_disconnected_client_frees_its_engine_slot():
+    import time
+    tok = default_tokenizer()
+    cfg = tiny_config(tok)
+    ecfg = default_engine_config()
+    ecfg.max_slots, ecfg.max_seq_len, ecfg.steps_per_sync, ecfg.min_prefill_bucket = 2, 4096, 4, 32
+    engine = JaxEngine(model_from_state_dict(cfg, random_state_dict(cfg, seed=3)), tok, ecfg)
+    body = {"input_ids": [20, 21, 22], "rid": "hang-up", "sampling_params": {"max_new_tokens": 4000,
+                                                                             "temperature": 0.0}}
+    try:
+        with LoopbackServer(create_app(engine, tok, model_name="tiny")).running() as url:
+            before = engine.stats["decode_tokens"]
+            host, port = url.removeprefix("http://").split(":")
+            payload = json.dumps(body).encode()
+            sock = socket.create_connection((host, int(port)))  # a raw client that will hang up
+            sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(payload) + payload)
+            deadline = time.monotonic() + 120  # the first decode compiles
+            while engine.stats["decode_tokens"] - before < 100 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert engine.num_live == 1  # decoding its 4000 tokens ...
+            sock.close()
+            deadline = time.monotonic() + 10
+            while engine.num_live and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert engine.num_live == 0 and engine.num_queued == 0  # ... and its slot is free once it left
+            decoded = engine.stats["decode_tokens"] - before
+            time.sleep(0.5)
+            assert engine.stats["decode_tokens"] - before == decoded < 3990, decoded
+            assert httpx.get(url + "/health").json()["cancelled"] == 1
+            # the same rid is free again, and the engine serves on
+            again = httpx.post(url + "/generate", json={**body, "sampling_params": {"max_new_tokens": 3}}, timeout=60)
+            assert again.status_code == 200 and len(again.json()["output_ids"]) == 3
+    finally:
+        engine.close()
+
+
+def test_serve_cli_binds_loopback_and_reads_the_key_from_the_environment(monkeypatch, capsys):
+    from genevolve_jax import cli
+    from genevolve_jax.jobs import serve
+    args = cli.build_parser().parse_args(["serve", "--hf-dir", "/nonexistent", "--api-key-env", "GENEVOLVE_TEST_KEY",
+                                          "--max-in-flight", "3", "--max-image-pixels", "1000"])
+    assert args.host == "127.0.0.1"
+    limits = serve.limits_from_args(args)
+    assert limits.max_in_flight == 3 and limits.max_image_pixels == 1000 and limits.max_new_tokens == 4096
+    monkeypatch.delenv("GENEVOLVE_TEST_KEY", raising=False)
+    assert serve.run(args) == 2  # before any model is loaded
+    assert "GENEVOLVE_TEST_KEY is unset or empty" in capsys.readouterr().err

@@ -26,18 +26,21 @@ from genevolve_jax.rollout.config import default_engine_config
 from genevolve_jax.rollout.jax_engine import JaxEngine
 from genevolve_jax.sharding.mesh import make_mesh
 from genevolve_jax.train import config as train_config
-from genevolve_jax.train.batch_assembly import (ImageBatchSpec, RolloutSample, assemble_evolve_batch,
-                                                evolve_loss_fn, mask_unreadable_images, policy_forward,
-                                                reference_logprobs_fn, teacher_logprobs)
+from genevolve_jax.train.batch_assembly import ImageBatchSpec, assemble_evolve_batch
+from genevolve_jax.train.batch_layout import ROW_IMAGE_FIELDS
+from genevolve_jax.train.logprob_forward import LogprobForward
+from genevolve_jax.train.losses.step_losses import EvolveLoss, policy_logprobs, teacher_logprobs
+from genevolve_jax.train.masking import MaskRules, mask_samples
+from genevolve_jax.train.records import RolloutSample
 from genevolve_jax.train.losses.config import default_loss_config
 from genevolve_jax.train.run_config import default_rl_config, validate_rl
 from genevolve_jax.train.state import create_train_state
-from genevolve_jax.train.step import ROW_IMAGE_FIELDS, TrainStep
+from genevolve_jax.train.step import TrainStep
 
 PROCESSOR = ImageProcessorConfig(min_pixels=32 * 32, max_pixels=96 * 96)
 FAST = {"xla_backend_optimization_level": 0}
 TEMPERATURE = 0.7
-TEXT_KEYS = {"input_ids", "targets", "loss_mask", "segment_ids", "position_ids", "old_logprobs",
+TEXT_KEYS = {"input_ids", "targets", "loss_mask", "segment_ids", "position_ids", "old_logprobs", "sampler_logprobs",
              "teacher_input_ids", "teacher_targets", "teacher_segment_ids", "teacher_position_ids",
              "teacher_index", "advantages", "sample_valid", "has_bundle"}
 
@@ -114,11 +117,10 @@ class World:
         out = []
         for i, t in enumerate(self.trajs):
             # As AgentRolloutPhase.collect builds them.
-            s = RolloutSample(t.traj_id, i // 2, t.token_ids(), t.loss_mask(), t.logprobs(), 0.5, True,
-                              prompt_length=t.prompt_length, images=t.context_images() if images else [])
-            if bundles:
-                s.teacher_prompt = self.guides[i] + t.token_ids()[:t.prompt_length]
-            out.append(s)
+            teacher = self.guides[i] + t.token_ids()[:t.prompt_length] if bundles else None
+            out.append(RolloutSample(t.traj_id, i // 2, t.token_ids(), t.loss_mask(), t.logprobs(), 0.5, True,
+                                     prompt_length=t.prompt_length, images=t.context_images() if images else [],
+                                     teacher_prompt=teacher))
         return out
 
 
@@ -138,7 +140,7 @@ def test_trainer_logprobs_equal_the_samplers_and_teacher_rows_see_the_images(wor
     assert batch["row_pixel_values"].shape[:2] == (4, 64)     # 24 + 12 patches → a multiple of 32
     graphdef, state = nnx.split(world.model)
     cfg = loss_cfg()
-    forward = jax.jit(lambda st, b: policy_forward(nnx.merge(graphdef, st), b, cfg)[0], compiler_options=FAST)
+    forward = jax.jit(lambda st, b: policy_logprobs(nnx.merge(graphdef, st), b, cfg), compiler_options=FAST)
     lp = np.asarray(forward(state, batch))
     m = batch["loss_mask"] > 0
     assert m.sum() == 4 * 10
@@ -210,9 +212,7 @@ def test_text_only_batches_keep_exactly_the_old_layout(world):
     n = len(world.trajs[3].token_ids())
     np.testing.assert_array_equal(plain["position_ids"][0, :, :n], np.broadcast_to(np.arange(n), (3, n)))
     # Image samples that are all masked before assembly leave a text batch too.
-    samples = world.samples()
-    for s in samples:
-        s.mask("judge_failed")
+    samples = [s.masked("judge_failed") for s in world.samples()]
     assert set(assemble_evolve_batch(samples, ADV, length_multiple=16, image_spec=world.spec)) == TEXT_KEYS
     # Images need the spec; a bad patch multiple is named.
     with pytest.raises(ValueError, match="image_spec"):
@@ -241,14 +241,14 @@ def test_grad_accumulation_splits_image_rows_exactly_and_steps_reuse_compiles(wo
     mesh = make_mesh({"data": 2}, jax.devices()[:2])
     batch = assemble_evolve_batch(world.samples(), ADV, length_multiple=16, image_spec=world.spec)
     setup, params, opt = _train_state(world, mesh)
-    batch["ref_logprobs"] = np.asarray(reference_logprobs_fn(setup, cfg)(params, batch))
+    batch["ref_logprobs"] = np.asarray(LogprobForward(setup, cfg, jnp.float32)(params, batch))
     m = batch["loss_mask"] > 0
     np.testing.assert_allclose(batch["ref_logprobs"][m], batch["old_logprobs"][m], atol=1e-4)
     results = {}
     for accum in (1, 2):
         setup, params, opt = _train_state(world, mesh)
         before = _host(params["train"])   # the step donates params
-        step = TrainStep(setup, evolve_loss_fn(cfg), grad_accum_steps=accum, compiler_options=FAST)
+        step = TrainStep(setup, EvolveLoss(cfg), grad_accum_steps=accum, compiler_options=FAST)
         new, _, mets = step(params, opt, batch, jax.random.key(0))
         results[accum] = (_host(new["train"]), {k: float(v) for k, v in mets.items()}, step)
     (p1, m1, step1), (p2, m2, _) = results[1], results[2]
@@ -266,7 +266,7 @@ def test_grad_accumulation_splits_image_rows_exactly_and_steps_reuse_compiles(wo
     # the same compiled step (grids are not part of the compile key).
     upright = write_image(tmp_path / "upright.png", np.random.default_rng(5), 90, 70)
     other = world.samples()
-    other[0].images, other[2].images = [upright], [upright]
+    other[0], other[2] = (dataclasses.replace(other[i], images=[upright]) for i in (0, 2))
     again = assemble_evolve_batch(other, ADV, length_multiple=16, image_spec=world.spec)
     again["ref_logprobs"] = batch["ref_logprobs"]
     assert {k: v.shape for k, v in again.items()} == {k: v.shape for k, v in batch.items()}
@@ -274,29 +274,28 @@ def test_grad_accumulation_splits_image_rows_exactly_and_steps_reuse_compiles(wo
     assert not np.array_equal(again["row_vision_rope_positions"], batch["row_vision_rope_positions"])
     setup, params, opt = _train_state(world, mesh)
     step1(params, opt, again, jax.random.key(1))
-    assert len(step1._jitted) == 1
+    assert step1.compiled_layouts == 1
 
 
-def test_unreadable_or_mismatched_images_mask_their_sample(world, tmp_path):
+def test_unreadable_or_mismatched_images_are_masked_before_assembly(world, tmp_path):
     samples = world.samples()
-    samples[1].images = [world.wide, str(tmp_path / "gone.png")]
-    samples[2].images = [world.tall]           # 3 placeholders' worth of image behind 6 placeholders
-    masked = {}
-    batch = assemble_evolve_batch(samples, ADV, length_multiple=16, image_spec=world.spec, masked=masked)
-    assert masked == {"image_unreadable": 1, "image_token_mismatch": 1}
-    assert samples[1].mask_reason.startswith("image_unreadable") and "gone.png" in samples[1].mask_reason
-    assert samples[2].mask_reason.startswith("image_token_mismatch")
+    samples[1] = dataclasses.replace(samples[1], images=[world.wide, str(tmp_path / "gone.png")])
+    samples[2] = dataclasses.replace(samples[2], images=[world.tall])   # 3 placeholders' worth behind 6
+    rules = MaskRules(max_seq_len=4096, image_spec=world.spec)
+    masked, images = mask_samples(samples, rules)
+    assert masked.counts == {"image_unreadable": 1, "image_token_mismatch": 1}
+    out = masked.samples
+    assert out[1].mask_reason.startswith("image_unreadable") and "gone.png" in out[1].mask_reason
+    assert out[2].mask_reason.startswith("image_token_mismatch")
+    assert samples[1].valid and samples[1].reward == 0.5      # records are not changed in place
+    assert sorted(images) == sorted([out[0].sample_id])        # decoded once, for the rows that train
+    batch = assemble_evolve_batch(out, ADV, length_multiple=16, image_spec=world.spec, images=images)
     np.testing.assert_array_equal(batch["sample_valid"], [1, 0, 0, 1])
     seg = batch["row_vision_segment_ids"]
     assert (seg[0] > 0).sum() == 24 and (seg[1:] == 0).all()   # masked rows carry no image block
-    # The check before advantages finds the same file.
-    fresh = world.samples()
-    fresh[1].images = [world.wide, str(tmp_path / "gone.png")]
-    counts = {}
-    assert mask_unreadable_images(fresh, counts) == 1 and counts == {"image_unreadable": 1}
-    assert not fresh[1].valid and all(s.valid for i, s in enumerate(fresh) if i != 1)
+    # Assembly refuses a sample that cannot be trained on instead of training it silently.
+    with pytest.raises(ValueError, match="sample t1 cannot be trained on .image_unreadable"):
+        assemble_evolve_batch(samples, ADV, length_multiple=16, image_spec=world.spec)
     # Placeholders without images behind them (pixels dropped) are masked, not trained as text.
-    blind = world.samples(images=False)
-    counts = {}
-    batch = assemble_evolve_batch(blind, ADV, length_multiple=16, image_spec=world.spec, masked=counts)
-    assert counts == {"image_token_mismatch": 3} and list(batch["sample_valid"]) == [0, 0, 0, 1]
+    masked, _ = mask_samples(world.samples(images=False), rules)
+    assert masked.counts == {"image_token_mismatch": 3} and [s.valid for s in masked.samples] == [0, 0, 0, 1]

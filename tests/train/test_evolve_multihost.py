@@ -16,7 +16,10 @@ import numpy as np
 import pytest
 
 from genevolve_jax.train import multihost
-from genevolve_jax.train.batch_assembly import RolloutSample
+from genevolve_jax.train.collective import SingleProcess
+from genevolve_jax.train.records import IMAGE_UNREADABLE, RolloutSample
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 HEADER = textwrap.dedent('''
     import json, os, sys
@@ -28,7 +31,7 @@ HEADER = textwrap.dedent('''
     from genevolve_jax.sharding import config as sharding_config, distributed
     from genevolve_jax.sharding.mesh import make_mesh
     from genevolve_jax.train import multihost
-    from genevolve_jax.train.batch_assembly import RolloutSample
+    from genevolve_jax.train.records import RolloutSample
 
     out_dir = sys.argv[1]
     cfg = sharding_config.default_config()
@@ -42,8 +45,8 @@ HEADER = textwrap.dedent('''
 
 GATHER_WORKER = HEADER + textwrap.dedent('''
     # -- gather on ragged input: process 0 has 5 samples of random lengths over global groups 0 and 2,
-    # process 1 has 3, all masked, of group 1 (one of them with an image only it can read, one with a
-    # missing image); then process 1 sends nothing at all.
+    # process 1 has 3 of group 1, masked or masked on the way (one with an image only it can read, one
+    # valid with a missing image, which its owner masks); then process 1 sends nothing at all.
     def sample(sid, group, valid=True, images=()):
         n = int(rng.integers(3, 40))
         return RolloutSample(sid, group, rng.integers(1, 60, n).tolist(), [0] + [1] * (n - 1),
@@ -56,7 +59,7 @@ GATHER_WORKER = HEADER + textwrap.dedent('''
         path = os.path.join(out_dir, "only_on_1.png")
         Image.fromarray(pixels).save(path)
         np.save(os.path.join(out_dir, "pixels.npy"), pixels)
-        mine = [sample("b0", 1, False, [path]), sample("b1", 1, False, [path + ".missing"]), sample("b2", 1, False)]
+        mine = [sample("b0", 1, False, [path]), sample("b1", 1, True, [path + ".missing"]), sample("b2", 1, False)]
     got, payloads = multihost.gather_samples(multihost.portable_samples(mine), {"rank": rank, "n": len(mine)})
     if rank == 1:
         os.remove(path)          # process 0 must hold the pixels, not the path
@@ -114,7 +117,7 @@ EVOLVE_WORKER = HEADER + textwrap.dedent('''
     record["sdl"] = [h["sdl/loss"] for h in history]
     record["retrieved"] = [h["experience/retrieved"] for h in history]
     record["memory"] = trainer.experience.state_dict()
-    record["engine_processes"] = sorted(d.process_index for d in trainer.engine.setup.mesh.devices.flat)
+    record["engine_processes"] = sorted(d.process_index for d in trainer.engine.mesh.devices.flat)
     full = multihost_utils.process_allgather(trainer.params, tiled=True)
     trainer.close()
     np.savez(os.path.join(out_dir, f"params{rank}.npz"), *[np.asarray(x) for x in jax.tree.leaves(full)])
@@ -141,7 +144,9 @@ def _launch(out, script_text, local_devices: int = 1):
         env.update({"JAX_PLATFORMS": "cpu", "LOCAL_DEVICES": str(local_devices),
                     "XLA_FLAGS": f"--xla_force_host_platform_device_count={local_devices}",
                     "SLURM_JOB_ID": "4343", "SLURM_NTASKS": "2", "SLURM_PROCID": str(rank),
-                    "SLURM_STEP_NODELIST": "127.0.0.1", "GENEVOLVE_COORDINATOR_PORT": str(port)})
+                    "SLURM_STEP_NODELIST": "127.0.0.1", "GENEVOLVE_COORDINATOR_PORT": str(port),
+                    # the workers import tests.fixtures, like the tests do
+                    "PYTHONPATH": os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))})
         procs.append(subprocess.Popen([sys.executable, str(script), str(out)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     return procs
@@ -173,7 +178,7 @@ def test_gather_and_broadcast_on_ragged_input(tmp_path):
         assert r["image_equal"] and r["bcast_ok"] and r["local_ok"]
     assert r0["lens"] == r1["lens"] and len(set(r0["lens"])) > 2
     # The missing image was masked by its owner, so every process assembles the same batch.
-    assert r0["reasons"][3] == r1["reasons"][3] == multihost.IMAGE_UNREADABLE
+    assert r0["reasons"][3] == r1["reasons"][3] and r0["reasons"][3].startswith(IMAGE_UNREADABLE)
 
 
 @pytest.mark.slow
@@ -222,7 +227,7 @@ def test_global_group_ids_invert_the_strided_host_shard():
         seen = {}
         for i in range(n):
             local = step[i::n]                                  # data/rows.py shard: i, i+n, ...
-            for g, gid in enumerate(multihost.global_group_ids(len(local), i, n)):
+            for g, gid in enumerate(SingleProcess().group_ids(len(local), (i, n))):
                 seen[gid] = local[g]
         assert [seen[k] for k in range(len(step))] == step
 
@@ -244,12 +249,10 @@ def test_merge_rollout_infos():
     assert got["reward_dims"] == pytest.approx({"reward/r_img": (0.2 + 3 * 0.8) / 4, "reward/r_text": 0.5})
 
 
-def test_prompt_shards_must_cover_every_prompt_once():
-    multihost.check_prompt_shards([(1, 2), (0, 2)], 2)
-    with pytest.raises(ValueError, match="data.sharding"):
-        multihost.check_prompt_shards([(0, 1), (0, 1)], 2)      # data.sharding="none": duplicates
-    with pytest.raises(ValueError, match="one prompt shard per process"):
-        multihost.check_prompt_shards([(0, 2), (0, 2)], 2)
+def test_a_single_process_reads_every_prompt():
+    SingleProcess().check_prompt_shard((0, 1), "data.sharding")
+    with pytest.raises(ValueError, match="data.sharding: a one-process run reads every prompt"):
+        SingleProcess().check_prompt_shard((1, 2), "data.sharding")
 
 
 def test_cycling_prompts_shards_rebuild_the_global_batches():
@@ -261,7 +264,7 @@ def test_cycling_prompts_shards_rebuild_the_global_batches():
         step = next(whole)
         rebuilt = {}
         for i, sh in enumerate(shards):
-            for gid, p in zip(multihost.global_group_ids(2, i, 2), next(sh)):
+            for gid, p in zip(SingleProcess().group_ids(2, (i, 2)), next(sh)):
                 rebuilt[gid] = p
         assert [rebuilt[k] for k in range(4)] == step
     assert shards[0].get_state() == shards[1].get_state() == whole.get_state()
@@ -270,6 +273,7 @@ def test_cycling_prompts_shards_rebuild_the_global_batches():
 
 
 def test_portable_samples_carry_image_bytes(tmp_path):
+    import dataclasses
     import pickle
 
     from PIL import Image
@@ -278,77 +282,56 @@ def test_portable_samples_carry_image_bytes(tmp_path):
     Image.fromarray(pixels).save(path)
     render = tmp_path / "out.png"
     render.write_bytes(b"\x89PNG-rendered")
-    s = _s("x", 0)
-    s.images = [str(path)]
-    s.extra["image_path"] = str(render)
-    t = _s("y", 0)
-    t.images = [str(tmp_path / "gone.png")]
+    s = dataclasses.replace(_s("x", 0), images=[str(path)], extra={"image_path": str(render)})
+    t = dataclasses.replace(_s("y", 0), images=[str(tmp_path / "gone.png")])
     sent = pickle.dumps(multihost.portable_samples([s, t], embed_rendered=True))
     path.unlink()
     got_s, got_t = pickle.loads(sent)
     np.testing.assert_array_equal(np.asarray(got_s.images[0]), pixels)
     assert got_s.extra["image_bytes"] == (".png", b"\x89PNG-rendered") and got_s.valid
-    assert not got_t.valid and got_t.mask_reason == multihost.IMAGE_UNREADABLE
+    assert not got_t.valid and got_t.mask_reason.startswith(IMAGE_UNREADABLE) and "gone.png" in got_t.mask_reason
+    assert s.images == [str(path)] and "image_bytes" not in s.extra      # the caller's records are unchanged
 
 
-@pytest.mark.parametrize("kind", ["jax", "simple"])
-def test_host_local_engine_and_weight_sync(tmp_path, kind):
-    """The engines a multi-host run builds (on this process's devices, with their own layout) take
-    the fsdp-sharded train params, and a sync after an update hands them the new values."""
-    import types
-
-    from flax import nnx
-
+def test_host_local_engine_params_and_weight_sync():
+    """What a multi-host run does for its engine, on 8 in-process devices: the fsdp-sharded train
+    params go to a JaxEngine on this host's devices (tensor-parallel over 2) in one reshard, and
+    after a sync the engine samples with the new values: its recorded log-probs equal the
+    model's own on the new params."""
+    from genevolve_jax.rollout.engine import GenerationRequest, SamplingParams
+    from genevolve_jax.rollout.jax_engine import JaxEngine
     from genevolve_jax.sharding.mesh import make_mesh
     from genevolve_jax.train.state import create_train_state
     from tests.fixtures.toy_task import toy_model, toy_run_config
 
-    cfg = toy_run_config(str(tmp_path), mesh={"fsdp": -1})
-    cfg.rl.engine = kind
+    cfg = toy_run_config("unused", mesh={"fsdp": -1})
     cfg.engine.mesh.tensor = 2
     cfg.engine.max_seq_len, cfg.engine.max_slots, cfg.engine.min_prefill_bucket = 64, 2, 16
     setup, params, _ = create_train_state(toy_model(), cfg.train, make_mesh({"fsdp": -1}), "fsdp")
-    trainer = types.SimpleNamespace(cfg=cfg, setup=setup, params=params, tokenizer=None, step=0)
-
-    def values(tree):
-        return [np.asarray(x) for x in jax.tree.leaves(nnx.state(setup.merge(tree), nnx.Param))]
-
-    trainer.engine = engine = multihost.host_local_engine(trainer)
+    hosts = multihost.MultiProcess()
+    engine = JaxEngine(hosts.local_model(setup, params), None, cfg.engine)
     try:
-        held = engine._params if kind == "jax" else {"train": engine.state, "frozen": {}}
-        want_devices = 2 if kind == "jax" else 1
-        assert {len(x.sharding.device_set) for x in jax.tree.leaves(held)} == {want_devices}
+        assert {len(sh.device_set) for sh in jax.tree.leaves(engine.weight_shardings)} == {2}
         rng = np.random.default_rng(4)
-        scale = jax.tree.map(lambda x: _scaled(x, rng), params)
-        trainer.params = scale
-        multihost.sync_weights(trainer, 1)
-        got = jax.tree.leaves(engine._params) if kind == "jax" else \
-            [x for x in jax.tree.leaves(nnx.state(nnx.merge(engine.graphdef, engine.state), nnx.Param))]
-        for g, w in zip(got, values(scale)):
-            np.testing.assert_array_equal(np.asarray(g), w)
-        assert trainer.last_sync_metrics == {}
+        scaled = jax.tree.map(lambda x: _scaled(x, rng), params)
+        state = hosts.engine_params(setup.merge(scaled), engine.weight_shardings)
+        assert all(x.is_fully_addressable and x.sharding == sh
+                   for x, sh in zip(jax.tree.leaves(state), jax.tree.leaves(engine.weight_shardings)))
+        engine.update_weights(state, 1)
+        prompt = [1, 2, 3, 4]
+        res = engine.generate([GenerationRequest(prompt, SamplingParams(max_new_tokens=3, temperature=1.0,
+                                                                        top_p=1.0, seed=0))])[0]
+        ids = np.asarray([prompt + list(res.token_ids)], np.int32)
+        logits = np.asarray(setup.merge(jax.device_get(scaled))(ids), np.float64)[0]
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        want = [logp[len(prompt) - 1 + i, t] for i, t in enumerate(res.token_ids)]
+        np.testing.assert_allclose(res.logprobs, want, atol=1e-4)
+        assert engine.weight_version == 1
     finally:
-        if hasattr(engine, "close"):
-            engine.close()
+        engine.close()
 
 
 def _scaled(x, rng):
     """x · a random factor, keeping x's sharding (a fresh array, as a train step would make)."""
     return jax.jit(lambda v: v * np.float32(rng.uniform(0.5, 1.5)), out_shardings=x.sharding)(x)
-
-
-def test_phase_without_group_ids_is_renumbered_with_a_warning():
-    class OldPhase:
-        def collect(self, step, prompts):
-            return [_s(f"s{step}-p{i}-k{j}", i) for i in range(len(prompts)) for j in range(2)], {}
-
-    class NewPhase:
-        def collect(self, step, prompts, group_ids=None):
-            return [_s(f"s{step}-p{g}-k{j}", g) for g in group_ids for j in range(2)], {}
-
-    with pytest.warns(RuntimeWarning, match="seeds repeat across hosts"):
-        samples, _ = multihost._collect(OldPhase(), 3, ["a", "b"], [1, 3])
-    assert [s.group for s in samples] == [1, 1, 3, 3]
-    assert [s.sample_id for s in samples] == ["h0-s3-p0-k0", "h0-s3-p0-k1", "h0-s3-p1-k0", "h0-s3-p1-k1"]
-    samples, _ = multihost._collect(NewPhase(), 3, ["a", "b"], [1, 3])
-    assert [s.sample_id for s in samples] == ["s3-p1-k0", "s3-p1-k1", "s3-p3-k0", "s3-p3-k1"]

@@ -149,7 +149,7 @@ def test_sft_step_of_qwen3vl_skips_a_nan_and_keeps_training():
     assert_bit_identical(host(params), before_p)
     assert_bit_identical(host(opt), before_o)
     guard = NonFiniteGuard(3)
-    event = guard.after_step(2, host(m), ["sft-row-3"])
+    event = guard.observe(2, host(m), ["sft-row-3"])
     assert event is not None and event.stage == "loss term" and "loss" in event.terms
     # The next clean step trains: the parameters move and the loss is finite.
     params, opt, m = step(params, opt, batch(), jax.random.key(2))
@@ -174,26 +174,26 @@ def test_nonfinite_reward_ids_finds_nan_and_inf_but_not_masked_samples():
 
 def test_guard_counts_consecutive_skips_and_names_step_and_stage():
     guard = NonFiniteGuard(3)
-    assert guard.after_step(1, {"loss": 0.5, "skipped_nonfinite": 0.0}, ["a"]) is None
+    assert guard.observe(1, {"loss": 0.5, "skipped_nonfinite": 0.0}, ["a"]) is None
     assert guard.last_good_step == 1
-    e = guard.check_rewards(2, [("s2-p0-k0", 0.1), ("s2-p0-k1", float("nan"))])
+    e = guard.observe(2, {"loss": 0.5, "skipped_nonfinite": 0.0}, ["s2-p0-k0", "s2-p0-k1"], ["s2-p0-k1"])
     assert e is not None and e.stage == "reward" and e.sample_ids == ("s2-p0-k1",)
-    assert not guard.should_stop
-    assert guard.check_rewards(3, [("s3-p0-k0", 0.4)]) is None
-    e = guard.after_step(3, {"loss": 1.0, "grad_norm": float("inf"), "grpo/kl": float("nan"),
-                             "skipped_nonfinite": 1.0, "nonfinite_stage": float(STAGE_GRADIENT)},
-                         ["s3-p0-k0", "s3-p0-k1"])
-    assert e.stage == "gradient" and e.terms == ("grad_norm", "grpo/kl")
+    assert not guard.should_stop and guard.last_good_step == 1
+    e = guard.observe(3, {"loss": 1.0, "grad_norm": float("inf"), "grpo/kl": float("nan"),
+                          "skipped_nonfinite": 1.0, "nonfinite_stage": float(STAGE_GRADIENT)},
+                      ["s3-p0-k0", "s3-p0-k1"])
+    assert e.stage == "gradient" and e.terms == ("grad_norm", "grpo/kl") and e.sample_ids == ("s3-p0-k0", "s3-p0-k1")
     assert not guard.should_stop and guard.consecutive == 2
-    guard.after_step(4, {"loss": float("nan"), "skipped_nonfinite": 1.0, "nonfinite_stage": float(STAGE_LOSS)},
-                     ["s4-p1-k2"])
+    guard.observe(4, {"loss": float("nan"), "skipped_nonfinite": 1.0, "nonfinite_stage": float(STAGE_LOSS)},
+                  ["s4-p1-k2"])
     assert guard.should_stop
     msg = guard.stop_message()
-    assert "step 4" in msg and "loss term" in msg and "s4-p1-k2" in msg and "after step 1" in msg
+    assert "step 4" in msg and "loss term" in msg and "s4-p1-k2" in msg and "Last clean step: 1" in msg
     assert "train.max_consecutive_nonfinite = 3" in msg
-    assert guard.metrics() == {"train/skipped_nonfinite": 3.0, "train/consecutive_nonfinite": 3.0}
-    # A clean step resets the run of skips, not the total; the state survives a checkpoint.
-    guard.after_step(5, {"loss": 0.1, "skipped_nonfinite": 0.0}, [])
+    assert guard.metrics() == {"train/skipped_nonfinite": 2.0, "train/nonfinite_reward_steps": 1.0,
+                               "train/consecutive_nonfinite": 3.0}
+    # A clean step resets the run of such steps, not the totals; the state survives a checkpoint.
+    guard.observe(5, {"loss": 0.1, "skipped_nonfinite": 0.0}, [])
     assert not guard.should_stop and guard.last_good_step == 5
     again = NonFiniteGuard(3)
     again.load_state_dict(guard.state_dict())

@@ -27,8 +27,12 @@ from genevolve_jax.agent.trajectory import Segment, Trajectory
 from genevolve_jax.train.observability import SAMPLE_COLUMNS, RunLogger, WandbSettings
 from genevolve_jax.train.run_config import default_logging_config, validate_logging
 
-wandb = pytest.importorskip("wandb")  # in the test extra; the package itself only needs it on request
-from wandb.proto import wandb_internal_pb2  # noqa: E402
+try:   # in the test extra; the package itself imports it only when logging.wandb is on
+    import wandb
+    from wandb.proto import wandb_internal_pb2
+except ImportError:
+    wandb = None
+needs_wandb = pytest.mark.skipif(wandb is None, reason="wandb is not installed: pip install 'genevolve_jax[wandb]'")
 
 
 # -- readers of what the writers left -------------------------------------------------------------
@@ -161,6 +165,7 @@ def _logging_cfg(run_name: str):
 
 
 # -- tests ----------------------------------------------------------------------------------------
+@needs_wandb
 def test_offline_wandb_gets_the_scalars_tables_and_curve(tmp_path, offline_wandb):
     rng = np.random.default_rng()
     run_name = f"run-{rng.integers(1 << 30)}"
@@ -224,6 +229,7 @@ def test_offline_wandb_gets_the_scalars_tables_and_curve(tmp_path, offline_wandb
     assert os.path.exists(os.path.join(run_dir, "files", logged["path"]))
 
 
+@needs_wandb
 def test_a_resumed_workdir_continues_the_same_wandb_run(tmp_path, offline_wandb):
     workdir = tmp_path / "run"
     cfg = _logging_cfg("resumable")
@@ -240,6 +246,26 @@ def test_a_resumed_workdir_continues_the_same_wandb_run(tmp_path, offline_wandb)
     assert sorted(_wandb_history(_wandb_records(runs[1]))) == [3, 4]
 
 
+@needs_wandb
+def test_two_loggers_open_at_once_are_two_runs(tmp_path, offline_wandb):
+    """A process holding an SFT and an evolve logger (as `genevolve train` may) keeps them apart."""
+    cfg = _logging_cfg("")
+    sft = RunLogger.from_config(tmp_path / "run" / "sft_logs", cfg, total_steps=1, description="sft")
+    evolve = RunLogger.from_config(tmp_path / "run", cfg, total_steps=1, description="evolve")
+    sft.log(1, {"sft": {"loss": 2.5}})
+    evolve.log(1, {"loss": 0.25})
+    sft.close()
+    evolve.close()
+    wandb.teardown()
+    seen = {}
+    for d in glob.glob(str(offline_wandb / "wandb" / "offline-run-*")):
+        records = _wandb_records(d)
+        (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+        seen[run.job_type] = {k: v for k, v in _wandb_history(records)[1].items() if not k.startswith("_")}
+    assert seen == {"sft": {"sft/loss": 2.5}, "evolve": {"loss": 0.25}}
+
+
+@needs_wandb
 def test_only_process_zero_talks_to_wandb(tmp_path, offline_wandb, monkeypatch):
     monkeypatch.setattr(jax, "process_index", lambda: 1)
     workdir = tmp_path / "run"

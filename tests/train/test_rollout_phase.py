@@ -104,8 +104,8 @@ def test_policy_summariser_backend_asks_the_engine_a_single_turn_chat():
         assert decoded.startswith("<|im_start|>user\n" + text) and decoded.endswith("<|im_start|>assistant\n")
         s = req.sampling
         assert (s.max_new_tokens, s.temperature, s.top_p, s.seed) == (77, 0.4, 1.0, i) and im_end in s.stop_token_ids
-    bundle = Summariser(generate_many=generate_many, attempts=1, backoff_s=0.0)._finish(reply, _pair("Red panda"))
-    assert bundle.guidance["tool_plan"] == ["Search before answering."]
+    bundles = Summariser(generate_many=generate_many, attempts=1, backoff_s=0.0).summarise_all([_pair("Red panda")])
+    assert bundles[0].guidance["tool_plan"] == ["Search before answering."]
 
 
 def _pair(subject):

@@ -29,8 +29,8 @@ def _tiny(**vision_overrides):
 
 def _hf_visual(cfg: C.Qwen3VLConfig, seed: int):
     vc = {k: v for k, v in cfg.to_hf_dict()["vision_config"].items() if k != "model_type"}
-    hf_cfg = transformers.Qwen3VLVisionConfig(**vc)
-    hf_cfg._attn_implementation = "eager"
+    # Eager attention: the plain softmax(QKᵀ)V reference (the default would be SDPA).
+    hf_cfg = transformers.Qwen3VLVisionConfig(**vc, attn_implementation="eager")
     model = transformers.models.qwen3_vl.modeling_qwen3_vl.Qwen3VLVisionModel(hf_cfg).eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

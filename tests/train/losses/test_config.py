@@ -2,6 +2,7 @@
 import pytest
 
 from genevolve_jax.train.losses import default_loss_config, validate
+from tests.train.losses.support import loss_config
 
 
 def test_defaults_are_the_papers_values():
@@ -39,9 +40,8 @@ def test_defaults_are_the_papers_values():
     ("logprob.rl_temperature", 0.0, "logprob.rl_temperature"),
 ])
 def test_invalid_values_are_rejected_naming_the_field(field, value, message):
-    cfg = default_loss_config()
     section, name = field.split(".")
-    cfg[section][name] = value
+    cfg = loss_config(**{section: {name: value}})
     with pytest.raises(ValueError, match=f"^loss.{message}"):
         validate(cfg, prefix="loss")
 

@@ -1,31 +1,25 @@
 """GRPO loss and group advantages against float64 loop references."""
-import importlib.util
 import math
-import pathlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from genevolve_jax.train.losses import (default_loss_config, group_advantages, grpo_loss,
-                                        trajectory_valid)
-
-_spec = importlib.util.spec_from_file_location(
-    "loss_reference", pathlib.Path(__file__).with_name("_reference.py"))
-ref = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ref)
+from genevolve_jax.train.losses import default_loss_config, group_advantages, grpo_loss, trajectory_valid
+from tests.train.losses import _reference as ref
+from tests.train.losses.support import (assert_matches_reference, loss_config, near, policy_logprobs, token_mask,
+                                        value_and_grad)
 
 B, T = 4, 10
 
 
 def _batch(seed):
     rng = np.random.default_rng(seed)
-    lp = -rng.gamma(1.5, 1.0, size=(B, T)).astype(np.float32)
-    old = (lp + rng.normal(0, 0.3, size=(B, T))).astype(np.float32)  # ratios inside and outside
-    ref_lp = (lp + rng.normal(0, 0.5, size=(B, T))).astype(np.float32)
+    lp = policy_logprobs(rng, (B, T), 1.5, 1.0)
+    old = near(rng, lp, 0.3)  # ratios inside and outside the clip range
+    ref_lp = near(rng, lp, 0.5)
     adv = rng.normal(size=B).astype(np.float32)
-    mask = rng.random((B, T)) < 0.7
+    mask = token_mask(rng, (B, T), 0.7)
     mask[:, 0] = True
     mask[2, :] = False  # one sequence without policy tokens
     valid = np.array([True, True, True, False])  # one trajectory flagged
@@ -38,23 +32,17 @@ def _batch(seed):
     ("seq-mean-token-mean", "k2", 3.0, 0.05),
 ])
 def test_loss_and_gradient_match_float64_reference(agg, estimator, dual_c, clamp):
-    cfg = default_loss_config()
-    cfg.grpo.aggregation, cfg.grpo.kl_estimator = agg, estimator
-    cfg.grpo.dual_clip_c, cfg.grpo.kl_clamp = dual_c, clamp
-    cfg.grpo.kl_coef = 0.1  # larger than the paper's 1e-3 so the KL term is visible in the check
+    # kl_coef larger than the paper's 1e-3 so the KL term is visible in the check.
+    cfg = loss_config(grpo={"aggregation": agg, "kl_estimator": estimator, "dual_clip_c": dual_c,
+                            "kl_clamp": clamp, "kl_coef": 0.1})
     lp, old, ref_lp, adv, mask, valid = _batch(1)
-
-    def ours(lp):
-        return grpo_loss(lp, old, adv, mask, cfg, ref_logprobs=ref_lp, sample_valid=valid)
-
-    (loss, metrics), grad = jax.jit(jax.value_and_grad(ours, has_aux=True))(jnp.asarray(lp))
+    (loss, metrics), grad = value_and_grad(
+        lambda x: grpo_loss(x, old, adv, mask, cfg, ref_logprobs=ref_lp, sample_valid=valid), lp)
     kw = dict(eps_low=0.2, eps_high=0.28, dual_c=dual_c, beta=0.1, estimator=estimator,
               clamp=clamp, agg=agg)
     f64 = [np.float64(x) for x in (lp, old, ref_lp, adv)]
-    want = ref.grpo(*f64, mask, valid, **kw)
-    want_grad = ref.finite_diff(lambda x: ref.grpo(x, *f64[1:], mask, valid, **kw), f64[0])
-    assert ref.rel_err(loss, want) <= 1e-6
-    assert ref.rel_err(grad, want_grad) <= 1e-5
+    assert_matches_reference(loss, grad, lambda x: ref.grpo(x, *f64[1:], mask, valid, **kw), f64[0],
+                             loss_tol=1e-6, grad_tol=1e-5)
     # Observation/padding tokens and flagged trajectories get exactly zero gradient.
     off = ~(mask & valid[:, None])
     assert not np.any(np.asarray(grad)[off])
@@ -75,9 +63,8 @@ def test_empty_mask_gives_zero_loss_and_zero_gradient():
     lp[0, 0] = np.inf  # garbage on a masked position must not leak
     for agg in ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean"):
         cfg.grpo.aggregation = agg
-        (loss, metrics), grad = jax.jit(jax.value_and_grad(
-            lambda x: grpo_loss(x, old, adv, np.zeros((B, T)), cfg, ref_logprobs=ref_lp),
-            has_aux=True))(jnp.asarray(lp))
+        (loss, metrics), grad = value_and_grad(
+            lambda x: grpo_loss(x, old, adv, np.zeros((B, T)), cfg, ref_logprobs=ref_lp), lp)
         assert float(loss) == 0.0 and not np.any(np.asarray(grad))
         assert all(np.isfinite(float(v)) for v in metrics.values())
 

@@ -1,7 +1,5 @@
 """SDL loss, its top-k token mask and the total GRPO + λ·SDL loss against float64 references."""
-import importlib.util
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -10,42 +8,35 @@ import pytest
 
 from genevolve_jax.train.losses import (default_loss_config, evolve_loss, grpo_loss, sdl_loss,
                                         topk_token_mask)
-
-_spec = importlib.util.spec_from_file_location(
-    "loss_reference", pathlib.Path(__file__).with_name("_reference.py"))
-ref = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ref)
+from tests.train.losses import _reference as ref
+from tests.train.losses.support import (assert_matches_reference, loss_config, near, policy_logprobs, token_mask,
+                                        value_and_grad)
 
 B, T = 4, 24
 
 
 def _batch(seed):
     rng = np.random.default_rng(seed)
-    lp_s = -rng.gamma(1.2, 1.5, size=(B, T)).astype(np.float32)
-    lp_e = (lp_s + rng.normal(0, 1.5, size=(B, T))).astype(np.float32)
-    lp_e = np.minimum(lp_e, 0).astype(np.float32)
-    old = (lp_s + rng.normal(0, 0.9, size=(B, T))).astype(np.float32)
-    mask = rng.random((B, T)) < 0.8
+    lp_s = policy_logprobs(rng, (B, T), 1.2, 1.5)
+    lp_e = np.minimum(near(rng, lp_s, 1.5), 0).astype(np.float32)   # the teacher: a log-prob is <= 0
+    old = near(rng, lp_s, 0.9)
+    mask = token_mask(rng, (B, T), 0.8)
     has_bundle = np.array([True, True, False, True])
     return lp_s, lp_e, old, mask, has_bundle
 
 
 def test_loss_and_gradient_match_float64_reference():
-    cfg = default_loss_config()
-    cfg.sdl.topk_frac = 0.5   # more tokens in the check than the paper's 10%
-    cfg.sdl.token_cap = 4.0   # so that the cap is hit by some tokens
+    # topk_frac: more tokens in the check than the paper's 10%; token_cap: hit by some tokens.
+    cfg = loss_config(sdl={"topk_frac": 0.5, "token_cap": 4.0})
     lp_s, lp_e, old, mask, bundle = _batch(1)
 
-    (loss, metrics), grad = jax.jit(jax.value_and_grad(
-        lambda x: sdl_loss(x, lp_e, old, mask, bundle, cfg), has_aux=True))(jnp.asarray(lp_s))
+    (loss, metrics), grad = value_and_grad(lambda x: sdl_loss(x, lp_e, old, mask, bundle, cfg), lp_s)
     sel = ref.topk_mask(lp_s, lp_e, mask, bundle, 0.5)
     kw = dict(clamp=10.0, rho_max=2.0, cap=4.0)
     f64 = [np.float64(x) for x in (lp_s, lp_e, old)]
-    want = ref.sdl(*f64, sel, **kw)
     # The mask is fixed (no gradient), so the reference gradient holds it fixed too.
-    want_grad = ref.finite_diff(lambda x: ref.sdl(x, f64[1], f64[2], sel, **kw), f64[0])
-    assert ref.rel_err(loss, want) <= 1e-6
-    assert ref.rel_err(grad, want_grad) <= 1e-5
+    assert_matches_reference(loss, grad, lambda x: ref.sdl(x, f64[1], f64[2], sel, **kw), f64[0],
+                             loss_tol=1e-6, grad_tol=1e-5)
     assert not np.any(np.asarray(grad)[~sel])
     assert float(metrics["sdl/tokens"]) == sel.sum()
     # The check covered every branch: capped, ρ-clipped and plain tokens.
@@ -57,16 +48,12 @@ def test_loss_and_gradient_match_float64_reference():
 
 
 def test_k3_clamp_and_extreme_values():
-    cfg = default_loss_config()
-    cfg.sdl.topk_frac = 1.0
-    cfg.sdl.token_cap = 1e6
+    cfg = loss_config(sdl={"topk_frac": 1.0, "token_cap": 1e6})
     lp_s = np.array([[-1e4, -0.1, -30.0, -2.0]], np.float32)
     lp_e = np.array([[0.0, -1e4, -0.5, -2.0]], np.float32)
     old = lp_s.copy()
     mask = np.ones((1, 4), bool)
-    (loss, m), grad = jax.jit(jax.value_and_grad(
-        lambda x: sdl_loss(x, lp_e, old, mask, np.array([True]), cfg), has_aux=True))(
-        jnp.asarray(lp_s))
+    (loss, m), grad = value_and_grad(lambda x: sdl_loss(x, lp_e, old, mask, np.array([True]), cfg), lp_s)
     assert np.isfinite(float(loss)) and np.isfinite(np.asarray(grad)).all()
     sel = np.ones((1, 4), bool)
     want = ref.sdl(np.float64(lp_s), np.float64(lp_e), np.float64(old), sel, clamp=10.0,
@@ -116,22 +103,16 @@ def test_other_divergences_match_float64_reference(kind):
     """Loss and gradient of each sampled-token divergence, through the same ρ, clamp, cap and top-k
     path as k3, against the reference's own f (written from each divergence's definition)."""
     seed = int(np.random.default_rng().integers(1 << 30))
-    cfg = default_loss_config()
-    cfg.sdl.divergence = kind
-    cfg.sdl.jsd_beta = beta = float(np.random.default_rng(seed).uniform(0.2, 0.8))
-    cfg.sdl.topk_frac = 0.5
-    cfg.sdl.token_cap = 1.5
+    beta = float(np.random.default_rng(seed).uniform(0.2, 0.8))
+    cfg = loss_config(sdl={"divergence": kind, "jsd_beta": beta, "topk_frac": 0.5, "token_cap": 1.5})
     lp_s, lp_e, old, mask, bundle = _batch(seed)
 
-    (loss, metrics), grad = jax.jit(jax.value_and_grad(
-        lambda x: sdl_loss(x, lp_e, old, mask, bundle, cfg), has_aux=True))(jnp.asarray(lp_s))
+    (loss, metrics), grad = value_and_grad(lambda x: sdl_loss(x, lp_e, old, mask, bundle, cfg), lp_s)
     sel = ref.topk_mask(lp_s, lp_e, mask, bundle, 0.5)
     kw = dict(clamp=10.0, rho_max=2.0, cap=1.5, kind=kind, beta=beta)
     f64 = [np.float64(x) for x in (lp_s, lp_e, old)]
-    want = ref.sdl(*f64, sel, **kw)
-    want_grad = ref.finite_diff(lambda x: ref.sdl(x, f64[1], f64[2], sel, **kw), f64[0])
-    assert ref.rel_err(loss, want) <= 1e-5, seed
-    assert ref.rel_err(grad, want_grad) <= 1e-4, seed
+    assert_matches_reference(loss, grad, lambda x: ref.sdl(x, f64[1], f64[2], sel, **kw), f64[0],
+                             loss_tol=1e-5, grad_tol=1e-4, context=seed)
     assert not np.any(np.asarray(grad)[~sel])
     assert float(metrics["sdl/divergence"]) >= 0   # each token's term is >= 0 by construction
     d = np.array([ref.sampled_divergence(a - b, kind, beta) for a, b in zip(f64[0][sel], f64[1][sel])])
@@ -159,9 +140,8 @@ def test_sampled_token_divergence_is_the_full_vocabulary_divergence(kind):
     v, beta = 7, float(rng.uniform(0.2, 0.8))
     z_s, z_e = rng.normal(0, 1.0, v), rng.normal(0, 1.0, v)
     log_softmax = lambda z: z - np.log(np.sum(np.exp(z - z.max()))) - z.max()  # noqa: E731
-    cfg = default_loss_config()
-    cfg.sdl.divergence, cfg.sdl.jsd_beta = kind, beta
-    cfg.sdl.topk_frac, cfg.sdl.rho_max, cfg.sdl.token_cap, cfg.sdl.k3_clamp = 1.0, 1e6, 1e6, 1e6
+    cfg = loss_config(sdl={"divergence": kind, "jsd_beta": beta, "topk_frac": 1.0, "rho_max": 1e6,
+                           "token_cap": 1e6, "k3_clamp": 1e6})
     lp_e = jnp.asarray(log_softmax(z_e)[None], jnp.float32)
     old = jnp.full((1, v), -np.log(v), jnp.float32)
     ones = np.ones((1, v), bool)
@@ -171,8 +151,7 @@ def test_sampled_token_divergence_is_the_full_vocabulary_divergence(kind):
 
     value, grad = jax.jit(jax.value_and_grad(loss))(jnp.asarray(z_s, jnp.float32))
     exact = lambda z: _exact_divergence(log_softmax(z), log_softmax(z_e), kind, beta)  # noqa: E731
-    assert ref.rel_err(value, exact(z_s)) <= 1e-5
-    assert ref.rel_err(grad, ref.finite_diff(exact, z_s)) <= 1e-4
+    assert_matches_reference(value, grad, exact, z_s, loss_tol=1e-5, grad_tol=1e-4)
     if kind == "forward":   # the textbook gradient of KL(q‖softmax(z)): softmax(z) − q
         np.testing.assert_allclose(grad, np.exp(log_softmax(z_s)) - np.exp(log_softmax(z_e)), atol=1e-6)
 
@@ -185,9 +164,8 @@ def test_forward_divergence_trains_through_the_total_loss():
     validate(cfg, prefix="loss")
     lp_s, lp_e, old, mask, bundle = _batch(4)
     adv = np.random.default_rng(4).normal(size=B).astype(np.float32)
-    (loss, metrics), grad = jax.jit(jax.value_and_grad(lambda lp: evolve_loss(
-        lp, old, adv, mask, cfg, ref_logprobs=old, teacher_logprobs=lp_e, has_bundle=bundle),
-        has_aux=True))(jnp.asarray(lp_s))
+    (loss, metrics), grad = value_and_grad(lambda lp: evolve_loss(
+        lp, old, adv, mask, cfg, ref_logprobs=old, teacher_logprobs=lp_e, has_bundle=bundle), lp_s)
     assert np.isfinite(float(loss)) and float(metrics["sdl/tokens"]) > 0
     assert np.isfinite(np.asarray(grad)).all()
 
@@ -203,7 +181,7 @@ def test_total_is_grpo_plus_lambda_sdl():
         return evolve_loss(lp, old, adv, mask, cfg, ref_logprobs=ref_lp, teacher_logprobs=lp_e,
                            has_bundle=bundle, sample_valid=valid)
 
-    (loss, metrics), grad = jax.jit(jax.value_and_grad(total, has_aux=True))(jnp.asarray(lp_s))
+    (loss, metrics), grad = value_and_grad(total, lp_s)
     g_loss, s_loss = jax.jit(lambda x: (
         grpo_loss(x, old, adv, mask, cfg, ref_logprobs=ref_lp, sample_valid=valid)[0],
         sdl_loss(x, lp_e, old, mask, bundle, cfg, sample_valid=valid)[0]))(lp_s)

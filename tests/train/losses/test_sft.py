@@ -1,18 +1,13 @@
 """SFT loss on assistant tokens, from log-probs and end to end through the fused op."""
-import importlib.util
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from genevolve_jax.train.losses import default_loss_config, sft_loss, sft_loss_from_hidden
-
-_spec = importlib.util.spec_from_file_location(
-    "loss_reference", pathlib.Path(__file__).with_name("_reference.py"))
-ref = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ref)
+from genevolve_jax.train.losses import sft_loss, sft_loss_from_hidden
+from tests.train.losses import _reference as ref
+from tests.train.losses.support import (assert_matches_reference, loss_config, policy_logprobs, token_mask,
+                                        value_and_grad)
 
 
 def _np_sft(h, w, y, mask):
@@ -29,24 +24,19 @@ def _np_sft(h, w, y, mask):
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
 def test_loss_and_gradient_from_logprobs(agg):
-    cfg = default_loss_config()
-    cfg.sft.aggregation = agg
+    cfg = loss_config(sft={"aggregation": agg})
     rng = np.random.default_rng(0)
-    lp = -rng.gamma(1.0, 2.0, size=(3, 9)).astype(np.float32)
-    mask = rng.random((3, 9)) < 0.6
+    lp = policy_logprobs(rng, (3, 9), 1.0, 2.0)
+    mask = token_mask(rng, (3, 9), 0.6)
     mask[0, 0] = True
-    (loss, metrics), grad = jax.jit(jax.value_and_grad(
-        lambda x: sft_loss(x, mask, cfg), has_aux=True))(jnp.asarray(lp))
-    nll = [[-float(v) for v in row] for row in np.float64(lp)]
-    f = lambda x: ref.aggregate([[-v for v in row] for row in x], mask, agg)  # noqa: E731
-    assert ref.rel_err(loss, ref.aggregate(nll, mask, agg)) <= 1e-6
-    assert ref.rel_err(grad, ref.finite_diff(f, np.float64(lp))) <= 1e-5
+    (loss, metrics), grad = value_and_grad(lambda x: sft_loss(x, mask, cfg), lp)
+    nll = lambda x: ref.aggregate([[-float(v) for v in row] for row in x], mask, agg)  # noqa: E731
+    assert_matches_reference(loss, grad, nll, np.float64(lp), loss_tol=1e-6, grad_tol=1e-5)
     assert float(metrics["sft/tokens"]) == mask.sum()
 
 
 def test_end_to_end_through_fused_op_matches_full_logits():
-    cfg = default_loss_config()
-    cfg.logprob.chunk_size = 16
+    cfg = loss_config(logprob={"chunk_size": 16})
     rng = np.random.default_rng(1)
     b, t, d, v = 2, 8, 12, 41
     h = rng.normal(size=(b, t, d)).astype(np.float32)
@@ -59,9 +49,8 @@ def test_end_to_end_through_fused_op_matches_full_logits():
     step = jax.jit(jax.value_and_grad(
         lambda h, w, m: sft_loss_from_hidden(h, w, y, m, cfg), argnums=(0, 1), has_aux=True))
     (loss, metrics), (dh, dw) = step(jnp.asarray(h), jnp.asarray(w), mask)
-    assert ref.rel_err(loss, _np_sft(h, w, y, mask)) <= 1e-6
-    want_dw = ref.finite_diff(lambda x: _np_sft(h, x, y, mask), np.float64(w), h=1e-5)
-    assert ref.rel_err(dw, want_dw) <= 1e-5
+    assert_matches_reference(loss, dw, lambda x: _np_sft(h, x, y, mask), np.float64(w), loss_tol=1e-6,
+                             grad_tol=1e-5, step=1e-5)
     assert not np.any(np.asarray(dh)[~mask])  # no gradient from non-assistant tokens
     assert float(metrics["sft/bad_targets"]) == 0
     # An out-of-vocabulary target under the mask is counted, not trained on silently.

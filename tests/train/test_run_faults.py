@@ -1,0 +1,213 @@
+"""Real `genevolve train` runs under the faults clusters produce (CPU, tiny config, a few steps):
+
+- SIGTERM in the middle of the run: the process finishes the step it is in, saves that step,
+  says where, exits 0; the resume then gives the same per-step numbers as an uninterrupted run;
+- the newest checkpoint truncated on disk: the next start says which step it skipped and why,
+  restores the step before it and trains on to the same numbers.
+
+Every run is a subprocess of the real CLI. The policy is the tiny random model: its rollouts
+earn reward 0, so the loss that moves is the KL to the reference (weight decay pulls the policy
+off it), which depends on every parameter, optimiser moment, RNG key and data position.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from genevolve_jax.train.checkpoint import UNRESTORABLE_DIR
+
+STEPS = 5
+ARGS = ["--config", "tiny_cpu", "--no-progress", f"--config.rl.num_steps={STEPS}",
+        "--config.data.rl.prompts_per_step=2", "--config.rl.group_size=2", "--config.train.grad_accum_steps=1",
+        "--config.agent.max_rounds=2", "--config.agent.round_max_tokens=24", "--config.agent.response_max_tokens=48",
+        "--config.checkpoint.save_every=2", "--config.checkpoint.keep=5", "--config.rl.export_hf=False",
+        "--config.logging.tensorboard=False", "--config.loss.grpo.mask_truncated=False",
+        "--config.train.optimizer.weight_decay=0.1"]
+# Numbers that must repeat exactly after a resume (times and counters of waits do not).
+COMPARED = ("loss", "grad_norm", "grpo/kl", "grpo/entropy", "reward/mean", "agent/response_tokens",
+            "rollout/logprob_mismatch")
+
+
+def _cmd(workdir):
+    return [sys.executable, "-m", "genevolve_jax.cli", "train", "--workdir", str(workdir), *ARGS]
+
+
+def _env():
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)            # one CPU device, as tiny_cpu's mesh asks
+    return env
+
+
+def _rows(workdir):
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    return [json.loads(line) for line in open(path) if line.strip()]
+
+
+def _by_step(rows):
+    return {int(r["step"]): {k: r[k] for k in COMPARED if k in r} for r in rows}
+
+
+def _run(workdir, timeout=600):
+    proc = subprocess.run(_cmd(workdir), capture_output=True, text=True, timeout=timeout, env=_env(),
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_sigterm_and_truncated_checkpoint_resume_like_an_uninterrupted_run(tmp_path):
+    straight = tmp_path / "straight"
+    _run(straight)
+    want = _by_step(_rows(straight))
+    assert sorted(want) == list(range(1, STEPS + 1))
+    assert any(want[s]["loss"] != 0 for s in want)        # the compared numbers move
+
+    # -- SIGTERM while step 2 or later is under way ------------------------------------------------
+    preempted = tmp_path / "preempted"
+    proc = subprocess.Popen(_cmd(preempted), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                            cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    try:
+        deadline = time.time() + 600
+        while len(_rows(preempted)) < 1:                   # step 1 done (its compiles too)
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    done = len(_rows(preempted))
+    assert 1 <= done < STEPS
+    ckpt_dir = os.path.join(preempted, "checkpoints")
+    assert f"saved checkpoint step {done} under {ckpt_dir}" in stdout
+    assert "received SIGTERM" in stderr
+    assert str(done) in os.listdir(ckpt_dir)
+    _run(preempted)                                        # the same command resumes
+    got = _by_step(_rows(preempted))
+    assert got == want
+
+    # -- the newest checkpoint truncated ----------------------------------------------------------
+    ckpt_dir = os.path.join(straight, "checkpoints")
+    steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+    newest = steps[-1]
+    assert newest == STEPS and steps[-2] == 4
+    files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(ckpt_dir, str(newest), "params")) for f in fs]
+    biggest = max(files, key=os.path.getsize)
+    with open(biggest, "r+b") as f:
+        f.truncate(os.path.getsize(biggest) // 2)
+    before = len(_rows(straight))
+    proc = _run(straight)
+    assert f"checkpoint step {newest} skipped: cannot be read" in proc.stdout
+    assert f"resumed from step {steps[-2]}" in proc.stdout
+    assert os.listdir(os.path.join(ckpt_dir, UNRESTORABLE_DIR))
+    rerun = _rows(straight)[before:]
+    assert [int(r["step"]) for r in rerun] == [STEPS]       # step 5 trained again from step 4
+    assert _by_step(rerun)[STEPS] == want[STEPS]
+
+
+# --- the render service killed for longer than its client's retries, then restarted ----------------
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_render_server(port: int) -> subprocess.Popen:
+    import httpx
+    proc = subprocess.Popen([sys.executable, "-m", "genevolve_jax.cli", "render-server", "--tiny", "--port", str(port),
+                             "--long-side", "32", "--steps", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=_env())
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        assert proc.poll() is None, "render-server exited"
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("render-server did not come up")
+
+
+@pytest.mark.slow
+def test_render_service_down_past_its_retries_then_back(tmp_path):
+    import threading
+
+    import jax
+
+    from genevolve_jax.agent.protocol import format_answer, format_tool_call
+    from genevolve_jax.config_loader import load_config
+    from genevolve_jax.jobs.sft import prepare_data
+    from genevolve_jax.train.evolve import EvolveTrainer
+    from genevolve_jax.train.run_setup import build_tokenizer
+    from tests.fixtures.engines import ScriptedEngine
+
+    port = _free_port()
+    cfg = load_config("tiny_cpu")
+    cfg.workdir = str(tmp_path / "run")
+    cfg.rl.num_steps = 3
+    cfg.data.rl.prompts_per_step = 2
+    cfg.rl.group_size = 2
+    cfg.train.grad_accum_steps = 1
+    cfg.agent.max_rounds = 2
+    cfg.rl.export_hf = False
+    cfg.logging.tensorboard = False
+    cfg.logging.sample_every = 0
+    cfg.checkpoint.save_every = 100
+    cfg.render.backend = "http"
+    cfg.render.http.urls = [f"http://127.0.0.1:{port}"]
+    cfg.render.http.max_retries = 1          # the client gives up in well under a second
+    cfg.render.http.backoff_s = 0.05
+    cfg.render.http.timeout_s = 30.0
+    cfg.render.sampling.long_side = 32
+    cfg.render.sampling.num_inference_steps = 2
+    o = cfg.rl.outage
+    o.backoff_s, o.max_backoff_s, o.max_wait_s, o.health_timeout_s = 0.25, 1.0, 300.0, 2.0
+    prepare_data(cfg, sft=False, rl=True)
+    tok = build_tokenizer(cfg.model)
+    # Every rollout looks an image up in the offline corpus and answers with a program that uses it.
+    turns = ["<think>look</think>\n" + format_tool_call("image_search", {"query": "snowman night", "top_k": 1}),
+             "<think>done</think>" + format_answer({"gen_prompt": "A snowman like the first reference image.",
+                                                     "reference_images": [{"img_id": "IMG_001", "note": "snowman"}]})]
+    server = _start_render_server(port)
+    trainer = None
+    restarted: list = []
+    try:
+        trainer = EvolveTrainer(cfg, engine=ScriptedEngine(turns, tok), tokenizer=tok, progress=False,
+                                devices=jax.devices()[:1])
+        first = trainer.train_one_step()
+        assert first["outage/degraded"] == 0 and "masked/render_failed" not in first
+        assert first["samples/masked"] == 0
+        server.kill()                                        # down, for longer than the client's retries
+        server.wait(timeout=30)
+        down_s = 3.0
+
+        def restart():
+            time.sleep(down_s)
+            restarted.append(_start_render_server(port))
+        threading.Thread(target=restart, daemon=True).start()
+        out = trainer.run()                                  # steps 2 and 3: the run completes
+    finally:
+        if trainer is not None:
+            trainer.close()
+        for p in [server, *restarted]:
+            if p.poll() is None:
+                p.kill()
+    assert out["steps"] == 3 and 3 in out["checkpoints"]
+    rows = {int(r["step"]): r for r in _rows(cfg.workdir)}
+    hit = rows[2]
+    assert hit["outage/degraded"] == 1 and hit["outage/recovered"] == 1 and hit["outage/recollected"] == 1
+    assert hit["outage/masked/render_failed"] == 4 and hit["outage/masked_samples"] == 4
+    assert hit["outage/wait_s"] >= down_s - 0.5
+    assert hit.get("masked/render_failed", 0) == 0 and hit["samples/masked"] == 0   # trained on the recollection
+    assert rows[3]["outage/degraded"] == 0 and rows[3]["outage/degraded_steps"] == 1
+    assert rows[3]["outage/wait_s_total"] == hit["outage/wait_s"]
