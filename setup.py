@@ -29,9 +29,17 @@ SERVE = ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27"]
 # Experiment tracking (logging.wandb). Light enough for the test extra (measured 2026-12-02 on the
 # 2-core dev box: wandb 0.31.0 + 11 small dependencies, 21 MB of wheels, 6 s to install, 71 MB on disk).
 WANDB = ["wandb>=0.19.10"]   # reinit="create_new"
+# The pure-Python modules that SGLang's request, protocol and multimodal-processing code imports, so
+# that tests/rollout/test_sglang_contract.py checks our client against the released wheel on CPU.
+# sglang itself is installed with --no-deps (README's test command): its declared dependencies pull
+# CUDA builds of torch. Pins: the versions tested with sglang 0.5.23 (2026-12-02).
+SGLANG_CONTRACT = ["pybase64==1.5.1", "msgspec==0.23.0", "pyzmq==27.3.0", "aiohttp==3.14.5", "dill==0.4.1",
+                   "apache-tvm-ffi==0.1.11", "sentencepiece==0.2.3", "compressed-tensors==0.20.1", "gguf==0.19.0",
+                   "partial-json-parser==0.2.1.1.post7", "einops==0.8.2"]
+SGLANG_VERSION = "0.5.23"   # what launch/sglang_server.sh targets
 RENDER = TORCH + ["diffusers>=0.36", "accelerate>=1.0"] + SERVE
 TEST = TORCH + SERVE + ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "diffusers>=0.36",
-                        "matplotlib>=3.8", "pyarrow>=14", "openai>=1.0"] + WANDB
+                        "matplotlib>=3.8", "pyarrow>=14", "openai>=1.0"] + WANDB + SGLANG_CONTRACT
 EVAL = ["pyarrow>=14", "matplotlib>=3.8"]
 
 setup(
@@ -48,7 +56,7 @@ setup(
         "test": TEST,
         "render": RENDER,
         "serve": SERVE,
-        "sglang": ["sglang>=0.5.6"],
+        "sglang": [f"sglang=={SGLANG_VERSION}"],
         "eval": EVAL,
         "wandb": WANDB,
     },

@@ -40,10 +40,10 @@ def external_commands(smoke: bool, tmp: str) -> dict[str, list[list[str]]]:
     py = sys.executable
     if smoke:
         return {
-            "train": [[py, _script("train_step.py"), "--shape", "tiny", "--batch", "2", "--seq", "64", "--steps", "1",
+            "train": [[py, _script("train_step.py"), "--shape", "tiny", "--batch", "1", "--seq", "32", "--steps", "1",
                        "--json", os.path.join(tmp, "train_text.json")],
-                      [py, _script("train_step.py"), "--shape", "tiny", "--batch", "2", "--seq", "128", "--steps", "1",
-                       "--image", "64", "--json", os.path.join(tmp, "train_image.json")]],
+                      [py, _script("train_step.py"), "--shape", "tiny", "--batch", "1", "--seq", "64", "--steps", "1",
+                       "--image", "32", "--json", os.path.join(tmp, "train_image.json")]],
             "kl": [[py, _script("kl_kernel.py"), "--shape", "2", "64", "64", "4096", "--chunk", "1024", "--repeats", "1",
                     "--json", os.path.join(tmp, "kl.json")]],
             "sampler": [[py, _script("sampler.py"), "--shape", "tiny", "--prompt-len", "16", "--new-tokens", "8",

@@ -23,7 +23,8 @@ def mid_config(dtype: str):
     from genevolve_jax.models.qwen3_vl import config as C
     cfg = C.tiny(vocab_size=32000, param_dtype=dtype, dtype=dtype)
     text = dataclasses.replace(cfg.text, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-                               num_attention_heads=8, num_key_value_heads=4, head_dim=64)
+                               num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+                               mrope_section=(12, 10, 10))
     return cfg.replace(text=text, vision=dataclasses.replace(cfg.vision, out_hidden_size=512))
 
 
@@ -36,6 +37,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--steps-per-sync", type=int, default=16)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--torch-threads", type=int, default=0,
+                    help="torch intra-op threads (0: torch's default); 1 avoids thread-sync stalls on a loaded CPU")
     args = ap.parse_args()
 
     import jax
@@ -74,6 +77,8 @@ def main() -> None:
         if not args.skip_hf:
             import torch
             from genevolve_jax.models.qwen3_vl import hf_reference as R
+            if args.torch_threads:
+                torch.set_num_threads(args.torch_threads)
             hf = R.random_hf_model(cfg, 0)
             hf.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}, strict=False)
             hf = hf.to(torch.bfloat16 if args.dtype == "bfloat16" else torch.float32)

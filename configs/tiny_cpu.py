@@ -76,8 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.data.rl.prompts_per_step = 4
     cfg.rl.group_size = 8
     cfg.rl.num_steps = 12
-    cfg.rl.length_multiple = 256
-    cfg.rl.max_seq_len = 1024
+    cfg.rl.max_tokens_per_row = 1024
     cfg.agent.max_rounds = 4
     cfg.agent.round_max_tokens = 256          # the answer turn of the synthetic set is ~50–130 tokens
     cfg.agent.response_max_tokens = 768

@@ -186,6 +186,8 @@ class AgentLoop:
             traj.stats["gen_seconds"] += gen_s
             if result.finish_reason == "abort":
                 traj.turns.append(Turn(rnd, "", "aborted", "abort", 0, gen_s, error="abort", detail=result.error))
+                if result.mask_kind:   # counted under its own reason, not as a plain engine error
+                    traj.meta["mask_kind"] = result.mask_kind
                 return self._end(traj, "error", f"engine aborted round {rnd}: {result.error or 'no reason given'}")
             ids = list(result.token_ids)
             traj.segments.append(Segment("policy", ids, [float(x) for x in result.logprobs]))
@@ -265,6 +267,15 @@ class AgentLoop:
         return self._end(traj, "max_rounds")  # unreachable: the last round always returns above
 
     # -- many trajectories -------------------------------------------------------------------------
+    def share_engine_batcher(self) -> None:
+        """From now on, concurrent :meth:`run` calls share one engine batcher, so a real engine
+        sees batches of trajectories rather than one request at a time (:meth:`run_many` does this
+        for its own calls; callers that run trajectories concurrently themselves, such as eval,
+        call it once)."""
+        if self._batcher is None:
+            c = self.cfg.loop
+            self._batcher = EngineBatcher(self.engine, c.engine_batch_size, c.batch_wait_ms, self.max_inflight_batches)
+
     async def run_many(self, requests: Sequence[str | tuple[str, str]], progress: bool = False,
                        decision_guides: Sequence[str | None] | None = None) -> list[Trajectory]:
         """Run all requests concurrently (bounded by loop.max_concurrent_trajectories); items are a

@@ -11,7 +11,6 @@ are counted as missing, as the paper's evaluator counts a sample without an imag
 """
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 import ml_collections
@@ -28,14 +27,7 @@ class LoopAgentRunner:
         self.policy_label = policy_label
 
     async def run(self, request: str, *, case_id: str) -> ProgramOutput:
-        if getattr(self.loop, "_batcher", "absent") is None:
-            # Share one batcher across concurrent cases (what AgentLoop.run_many does), so a real
-            # engine sees batches of trajectories rather than one request at a time.
-            from genevolve_jax.agent.loop import EngineBatcher
-
-            c = self.loop.cfg.loop
-            self.loop._batcher = EngineBatcher(self.loop.engine, c.engine_batch_size, c.batch_wait_ms,
-                                               self.loop.max_inflight_batches)
+        self.loop.share_engine_batcher()   # concurrent cases batch their engine calls together
         traj = await self.loop.run(request, traj_id=str(case_id))
         traj.meta["policy"] = self.policy_label
         record = traj.to_dict()
@@ -60,14 +52,8 @@ def build_agent_runner(cfg: ml_collections.ConfigDict) -> LoopAgentRunner:
     agent_cfg = validate(cfg.agent)
     checkpoint = cfg.eval.checkpoint
     if checkpoint:
-        if importlib.util.find_spec("genevolve_jax.rollout.jax_engine") is None:
-            raise RuntimeError(f"evaluating checkpoint {checkpoint!r} needs the JAX rollout engine "
-                               "(genevolve_jax/rollout/jax_engine.py), which this checkout does not have yet")
         from genevolve_jax.rollout import jax_engine
 
-        if not hasattr(jax_engine, "from_checkpoint"):
-            raise RuntimeError("evaluating a checkpoint needs genevolve_jax.rollout.jax_engine.from_checkpoint("
-                               "path) -> (engine, tokenizer); the JAX engine module has no such constructor yet")
         engine, tokenizer = jax_engine.from_checkpoint(checkpoint)
         label = f"checkpoint {checkpoint}"
     else:

@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sft-row-len", type=int, default=0, help="SFT tokens per row (0: data.sft.row_len/cutoff_len)")
     p.add_argument("--rl-rows", type=int, default=0, help="rollouts per step (0: prompts_per_step × group_size)")
     p.add_argument("--rl-seq-len", type=int, default=0,
-                   help="tokens per rollout row (0: prompt cap + response cap, capped at rl.max_seq_len)")
+                   help="tokens per rollout row (0: rl.max_tokens_per_row)")
     p.add_argument("--images-per-row", type=int, default=0, help="images per row (square, --image-side pixels)")
     p.add_argument("--image-side", type=int, default=448)
     p.add_argument("--mem-fraction", type=float, default=None,
@@ -84,6 +84,10 @@ def run(args) -> int:
     from genevolve_jax.plan.targets import TargetError, parse_target
 
     try:
+        # Before the config loads: its checks may start jax, which must already see the simulated
+        # device count and CPU as its only runtime platform (else the CUDA plugin refuses to load).
+        if args.target:
+            prepare_jax(args.target)
         cfg = load_config(args.config, list(args.overrides or []))
         spec = args.target or default_target(cfg)
         prepare_jax(spec)

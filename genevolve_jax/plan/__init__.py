@@ -72,7 +72,7 @@ def report_phase(phase, target, num_devices: int, frac: float, source: str, runs
     else:
         for fn in phase.fns:
             say(f"compiling {fn.name} for {target.spec}")
-            c = compile_traced(fn.name, fn.traced, num_devices, fn.compiler_options)
+            c = compile_traced(fn.name, fn.traced, num_devices, fn.compiler_options, fn.count_jaxpr)
             compiled.append(c)
             extra[fn.name] = fn.extra_input_bytes
             bufs.append(A.Buffer(f"{fn.name}: compiled temporaries", (), "", c.temp_bytes))

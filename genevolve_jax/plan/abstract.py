@@ -174,7 +174,9 @@ def evolve_batch(config, rows: int, seq_len: int, mesh: Mesh, rules, *, kl: bool
               "position_ids": ((rows, 3, seq_len), i32), "sampler_logprobs": (bt, f32),
               "teacher_input_ids": (bt, i32), "teacher_targets": (bt, i32), "teacher_segment_ids": (bt, i32),
               "teacher_position_ids": ((rows, 3, seq_len), i32), "teacher_index": (bt, i32),
-              "advantages": ((rows,), f32), "sample_valid": ((rows,), f32), "has_bundle": ((rows,), f32)}
+              "advantages": (bt, f32), "row_weight": ((rows,), f32), "sdl_k": (bt, np.int32),
+              **{k: (bt, f32) for k in ("weight_grpo", "weight_token", "weight_seq", "weight_sample", "weight_sdl",
+                                        "bundle")}}   # train/loss_weights.py
     if old_logprobs:
         fields["old_logprobs"] = (bt, f32)
     if kl:

@@ -37,15 +37,13 @@ class Shapes:
         return self.sft_rows or int(s.rows_per_batch), self.sft_row_len or int(s.row_len or s.cutoff_len)
 
     def rl(self, cfg) -> tuple[int, int]:
-        """Rows: prompts × rollouts. Tokens: prompt cap + response cap, rounded up to
-        ``rl.length_multiple`` and capped at ``rl.max_seq_len`` (longer rollouts are masked)."""
+        """Rows: prompts × rollouts (at worst one packed row each). Tokens: ``rl.max_tokens_per_row``
+        (rollouts are packed into rows of that budget; longer ones are masked)."""
         rows = self.rl_rows or int(cfg.data.rl.prompts_per_step) * int(cfg.rl.group_size)
         if self.rl_seq_len:
             return rows, self.rl_seq_len
-        m = int(cfg.rl.length_multiple)
-        want = int(cfg.agent.prompt_max_tokens) + int(cfg.agent.response_max_tokens)
-        cap = int(cfg.rl.max_seq_len) // m * m
-        return rows, min(-(-want // m) * m, cap)
+        # Packed rows of rl.max_tokens_per_row; at worst one rollout per row.
+        return rows, int(cfg.rl.max_tokens_per_row)
 
 
 @dataclasses.dataclass
@@ -54,6 +52,7 @@ class TracedFn:
     traced: Any                 # jax.stages.Traced
     extra_input_bytes: int      # per device, inputs that are not resident state (the batch)
     compiler_options: dict
+    count_jaxpr: Any = None     # the same function traced with XLA attention, for counting FLOPs
 
 
 @dataclasses.dataclass
@@ -84,13 +83,21 @@ def attention_implementation(target) -> str:
     return _attention_impl(target)
 
 
-def _trace(step, state: A.AbstractState, batch: dict, target, mesh):
+def _trace(step, state: A.AbstractState, batch: dict, target, mesh, impl: str | None = None):
     from genevolve_jax.ops import attention
     arrays, static = step.split_static(batch)
     with attention.compile_for(target.attention_backend), \
-            attention.use_implementation(_attention_impl(target)), \
+            attention.use_implementation(impl or _attention_impl(target)), \
             L.use_rules(mesh, state.setup.rules):
         return step.jitted(arrays, static).trace(state.params, state.opt_state, arrays, A.abstract_rng(mesh))
+
+
+def _count_jaxpr(traced, retrace, target):
+    """FLOPs are counted on dot_generals; fused attention kernels (splash, cuDNN) hide theirs, so
+    the count comes from the same function traced with the XLA attention path (full T × T)."""
+    if _attention_impl(target) == "xla":
+        return traced.jaxpr
+    return retrace().jaxpr
 
 
 def step_phase(name: str, config, tc, loss, mesh, strategy: str, batch: dict, target, *, freeze=None,
@@ -103,9 +110,11 @@ def step_phase(name: str, config, tc, loss, mesh, strategy: str, batch: dict, ta
     step = TrainStep(state.setup, loss, compute_dtype=_DTYPES[tc.compute_dtype],
                      grad_accum_steps=tc.grad_accum_steps, compiler_options=opts)
     traced = _trace(step, state, batch, target, mesh)
+    count = _count_jaxpr(traced, lambda: _trace(step, state, batch, target, mesh, "xla"), target)
     batch_bytes = A.bytes_per_device({k: v for k, v in batch.items() if hasattr(v, "sharding")})
     return Phase(name, state, {"params": state.params, "optimizer": state.opt_state},
-                 A.bytes_per_device(state.params["train"]), [TracedFn(f"{name}_step", traced, batch_bytes, opts)], desc)
+                 A.bytes_per_device(state.params["train"]),
+                 [TracedFn(f"{name}_step", traced, batch_bytes, opts, count)], desc)
 
 
 def sft_phase(run_cfg, target, mesh, shapes: Shapes, *, model_config_path: str = "",
@@ -183,7 +192,9 @@ def rl_phase(run_cfg, target, mesh, shapes: Shapes, *, model_config_path: str = 
     from genevolve_jax.train.losses.step_losses import EvolveLoss
     step = TrainStep(state.setup, EvolveLoss(run_cfg.loss), compute_dtype=dtype,
                      grad_accum_steps=tc.grad_accum_steps, compiler_options=opts)
-    fns = [TracedFn("evolve_step", _trace(step, state, batch, target, mesh), A.bytes_per_device(batch), opts)]
+    traced = _trace(step, state, batch, target, mesh)
+    count = _count_jaxpr(traced, lambda: _trace(step, state, batch, target, mesh, "xla"), target)
+    fns = [TracedFn("evolve_step", traced, A.bytes_per_device(batch), opts, count)]
     resident = {"params": state.params, "optimizer": state.opt_state}
     if kl:
         resident["reference params"] = A.abstract_copy(state.params, state.setup.param_shardings)
@@ -199,10 +210,13 @@ def rl_phase(run_cfg, target, mesh, shapes: Shapes, *, model_config_path: str = 
         jitted = jax.jit(reference_forward(state.setup, run_cfg.loss, dtype),
                          in_shardings=(state.setup.param_shardings, batch_shardings(view, mesh, rules)),
                          out_shardings=out_sh)
-        with attention.compile_for(target.attention_backend), \
-                attention.use_implementation(_attention_impl(target)), L.use_rules(mesh, rules):
-            traced = jitted.trace(state.params, view)
-        fns.append(TracedFn("reference_forward", traced, A.bytes_per_device(view), opts))
+        def trace_ref(impl):
+            with attention.compile_for(target.attention_backend), attention.use_implementation(impl), \
+                    L.use_rules(mesh, rules):
+                return jitted.trace(state.params, view)
+        traced = trace_ref(_attention_impl(target))
+        count = _count_jaxpr(traced, lambda: trace_ref("xla"), target)
+        fns.append(TracedFn("reference_forward", traced, A.bytes_per_device(view), opts, count))
     img = f", {shapes.images.per_row} image(s) of {shapes.images.side}² per row" if shapes.images.per_row else ""
     desc = f"{rows} rollouts × {seq_len} tokens{img}, {tc.grad_accum_steps} micro-batch(es)"
     return Phase("rl", state, resident, A.bytes_per_device(state.params["train"]), fns, desc)

@@ -33,7 +33,8 @@ class HTTPRenderer:
     service costs one try, not the sample."""
 
     def __init__(self, urls: Sequence[str], params: SamplingParams = SamplingParams(), timeout_s: float = 600.0,
-                 max_retries: int = 3, backoff_s: float = 2.0, transport: httpx.AsyncBaseTransport | None = None):
+                 max_retries: int = 3, backoff_s: float = 2.0, transport: httpx.AsyncBaseTransport | None = None,
+                 api_key: str | None = None):
         if not urls:
             raise ValueError("HTTPRenderer needs at least one service URL")
         self.urls = [u.rstrip("/") for u in urls]
@@ -42,6 +43,8 @@ class HTTPRenderer:
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self._transport = transport
+        # `genevolve render-server --api-key-env NAME` wants this bearer token (read from the environment)
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._next = itertools.cycle(range(len(self.urls)))
         self.renderer_id = f"http:{params}"  # services behind the URLs are assumed interchangeable
         self.attempts_per_url = {u: 0 for u in self.urls}
@@ -71,7 +74,8 @@ class HTTPRenderer:
 
     async def render(self, request: RenderRequest) -> Image.Image:
         payload = generate_payload(request, load_reference_images(request.reference_paths), self.params)
-        async with httpx.AsyncClient(timeout=self.timeout_s, transport=self._transport) as client:
+        async with httpx.AsyncClient(timeout=self.timeout_s, transport=self._transport,
+                                     headers=self._headers) as client:
             try:
                 return await retry_async(lambda: self._post_once(client, payload), self.max_retries, self.backoff_s)
             except RetriesExhausted as e:

@@ -47,6 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.http.timeout_s = 600.0        # one 40-step 1024² edit takes tens of seconds on a busy GPU
     cfg.http.max_retries = 3
     cfg.http.backoff_s = 2.0
+    cfg.http.api_key_env = ""         # NAME of an env var holding the render-server's bearer key; "" = none
 
     cfg.gemini = ml_collections.ConfigDict()
     cfg.gemini.model = "gemini-3-pro-image-preview"
@@ -88,6 +89,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     urls = list(cfg.http.urls)
     for u in urls:
         check(is_url(u), "http.urls", "a list of http(s) URLs", u)
+    if not is_env_name(cfg.http.api_key_env):   # never echo it: it may be the key itself, pasted by mistake
+        check.fail("http.api_key_env", "must be the name of an environment variable holding the key, or empty; "
+                                       "got a value that is not one (not shown)")
     for sec in ("http", "gemini"):
         check.number(cfg[sec].timeout_s, f"{sec}.timeout_s", low=0, low_open=True)
         check.integer(cfg[sec].max_retries, f"{sec}.max_retries", 1, ">= 1")

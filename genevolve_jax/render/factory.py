@@ -1,11 +1,12 @@
 """Build the configured renderer, and wrap any renderer with a content-hash cache and a throttle."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from PIL import Image
 
-from genevolve_jax.render.base import Renderer, RenderRequest, SamplingParams
+from genevolve_jax.render.base import RenderError, Renderer, RenderRequest, SamplingParams
 from genevolve_jax.render.remote import ContentCache, Throttle, bytes_to_image, image_to_bytes
 
 
@@ -27,8 +28,11 @@ def build_renderer(cfg) -> Renderer:
     if cfg.backend == "http":
         from genevolve_jax.render.client import HTTPRenderer
 
+        key_env = cfg.http.api_key_env
+        if key_env and not os.environ.get(key_env):
+            raise RenderError(f"render.http.api_key_env names {key_env}, which is not set in the environment")
         return HTTPRenderer(list(cfg.http.urls), params, cfg.http.timeout_s, cfg.http.max_retries,
-                            cfg.http.backoff_s)
+                            cfg.http.backoff_s, api_key=os.environ.get(key_env) if key_env else None)
     from genevolve_jax.render.gemini import GeminiRenderer
 
     g = cfg.gemini

@@ -211,6 +211,9 @@ def create_app(workers: Sequence[Any], queue_size: int = 256, *, limits: RenderL
         loop = asyncio.get_running_loop()
         futures = []
         t0 = time.perf_counter()
+        if n > queue_size:  # would never fit: not a reason to retry
+            stats["bad_requests"] += 1
+            return _error(400, f"num_images_per_prompt={n} exceeds the queue of {queue_size}", "num_images_per_prompt")
         if state["queue"].qsize() + n > queue_size:
             stats["refused_busy"] += 1
             return _error(503, f"queue full ({queue_size} images waiting); retry later", code="overloaded",

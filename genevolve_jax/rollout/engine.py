@@ -67,6 +67,9 @@ class GenerationResult:
     logprobs: list[float]
     finish_reason: str
     error: str = ""
+    # For an abort that must mask its trajectory under a reason of its own (counted in the
+    # trainer's ``masked/<kind>``), e.g. "image_token_mismatch_server"; empty: a plain error.
+    mask_kind: str = ""
 
     def __post_init__(self):
         if self.finish_reason not in FINISH_REASONS:
@@ -77,6 +80,11 @@ class GenerationResult:
 
 class RolloutEngine(abc.ABC):
     """Batch of prompts -> per prompt generated ids, per-token logprobs, finish reason."""
+
+    # The processing.image.ImageProcessorConfig that fixed how many placeholders each image got in
+    # this engine's prompts (the trainer must expand images alike); None: the default processor,
+    # which is also Qwen3-VL's in SGLang.
+    image_processor = None
 
     @abc.abstractmethod
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:

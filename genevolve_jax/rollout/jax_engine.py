@@ -54,12 +54,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from genevolve_jax.models.qwen3_vl import rope
 from genevolve_jax.models.qwen3_vl.model import prepare_inputs
 from genevolve_jax.models.qwen3_vl.text import KVCache, init_cache
 from genevolve_jax.rollout import config as engine_config
 from genevolve_jax.rollout.engine import GenerationRequest, GenerationResult, RolloutEngine, image_size
-from genevolve_jax.rollout.kv_pool import DEFER, Placement, RowPool, image_key, image_runs
+from genevolve_jax.rollout.kv_pool import (DEFER, Placement, RowPool, check_request, image_key, image_runs,
+                                           next_position)
 from genevolve_jax.rollout.sampling import sample_tokens
 from genevolve_jax.sharding import logical as L
 from genevolve_jax.sharding.logical import MESH_AXES
@@ -395,34 +395,11 @@ class JaxEngine(RolloutEngine):
                 self._finish(slot, "abort", "cancelled")
 
     # -- admission ------------------------------------------------------------------------------------
-    def _check(self, req: GenerationRequest) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
-        """The prompt as an array and its images' grids; ValueError names what is wrong."""
-        prompt = np.asarray([int(t) for t in req.prompt_ids], np.int64)
-        n = len(prompt)
-        if n == 0:
-            raise ValueError("prompt_ids is empty")
-        if n >= self.cfg.max_seq_len:
-            raise ValueError(f"prompt of {n} tokens leaves no room under engine.max_seq_len={self.cfg.max_seq_len}")
-        vocab = self.config.text.vocab_size
-        if prompt.min() < 0 or prompt.max() >= vocab:
-            raise ValueError(f"prompt_ids hold ids outside [0, vocab_size={vocab}): min {prompt.min()}, "
-                             f"max {prompt.max()}")
-        runs = image_runs(prompt, self.config.image_token_id)
-        if len(runs) != len(req.images):
-            raise ValueError(f"{len(runs)} runs of image placeholder tokens but {len(req.images)} images")
-        grids = [self._image_grid(x) for x in req.images]
-        merge2 = self.config.vision.spatial_merge_size ** 2
-        for (a, b), g in zip(runs, grids):
-            if b - a != int(np.prod(g)) // merge2:
-                raise ValueError(f"an image placeholder run at token {a} has {b - a} tokens; its image needs "
-                                 f"{int(np.prod(g)) // merge2}")
-        return prompt.astype(np.int32), grids
-
     def _plan(self, job: _Job) -> _Prefill | str | None:
         """Place one request (a _Prefill, DEFER, or None when no row is free); bad requests abort."""
         req = job.request
         try:
-            prompt, grids = self._check(req)
+            prompt, grids = check_request(req, self.config, self.cfg.max_seq_len, self._image_grid)
             keys = [image_key(x) for x in req.images]
         except Exception as exc:  # bad prompt or image: this request only
             self._resolve(job, GenerationResult([], [], "abort", error=f"bad request: {exc}"))
@@ -431,14 +408,8 @@ class JaxEngine(RolloutEngine):
         if place is None or place == DEFER:
             return place
         m = place.reuse
-        k = sum(1 for a, _ in image_runs(prompt[:m], self.config.image_token_id))
-        offset = m
-        if k:  # positions after images are not token counts (rope.get_rope_index)
-            _, delta = rope.get_rope_index(prompt[None, :m], None, np.asarray(grids[:k]), None, None,
-                                           spatial_merge_size=self.config.vision.spatial_merge_size,
-                                           image_token_id=self.config.image_token_id,
-                                           video_token_id=self.config.video_token_id)
-            offset = m + int(delta[0])
+        k = len(image_runs(prompt[:m], self.config.image_token_id))
+        offset = next_position(prompt[:m], grids[:k], self.config)
         lo = self.cfg.min_append_bucket if m else self.cfg.min_prefill_bucket
         bucket = _bucket(len(prompt) - m, lo, self.cfg.max_seq_len)
         return _Prefill(job, place, prompt[m:], list(req.images[k:]), offset, bucket)
@@ -537,6 +508,7 @@ class JaxEngine(RolloutEngine):
             c["requests"] += 1
             c["prefill_tokens"] += n - p.place.reuse
             c["reused_tokens"] += p.place.reuse
+            c["evictions"] += int(p.place.evicted)
             with self._jobs_lock:
                 cancelled = job.state == "cancelled"
                 if not cancelled:
@@ -546,7 +518,6 @@ class JaxEngine(RolloutEngine):
                 self._finish(slot, "abort", "cancelled")
             else:
                 self._accept(slot, int(tokens[r]), float(lps[r]))
-        c["evictions"] = self.pool.evictions
         c["max_live"] = max(c["max_live"], self.num_live)
 
     # -- decoding -------------------------------------------------------------------------------------

@@ -68,6 +68,42 @@ def image_runs(tokens: np.ndarray, image_token_id: int) -> list[tuple[int, int]]
     return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
 
 
+def check_request(req, config, max_seq_len: int, image_grid) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """A request's prompt as an int32 array and its images' grids (``image_grid(image)``); a
+    ValueError names what is wrong (checked before any row is given to it)."""
+    prompt = np.asarray([int(t) for t in req.prompt_ids], np.int64)
+    n = len(prompt)
+    if n == 0:
+        raise ValueError("prompt_ids is empty")
+    if n >= max_seq_len:
+        raise ValueError(f"prompt of {n} tokens leaves no room under engine.max_seq_len={max_seq_len}")
+    vocab = config.text.vocab_size
+    if prompt.min() < 0 or prompt.max() >= vocab:
+        raise ValueError(f"prompt_ids hold ids outside [0, vocab_size={vocab}): min {prompt.min()}, max {prompt.max()}")
+    runs = image_runs(prompt, config.image_token_id)
+    if len(runs) != len(req.images):
+        raise ValueError(f"{len(runs)} runs of image placeholder tokens but {len(req.images)} images")
+    grids = [tuple(image_grid(x)) for x in req.images]
+    merge2 = config.vision.spatial_merge_size ** 2
+    for (a, b), g in zip(runs, grids):
+        if b - a != int(np.prod(g)) // merge2:
+            raise ValueError(f"an image placeholder run at token {a} has {b - a} tokens; its image needs "
+                             f"{int(np.prod(g)) // merge2}")
+    return prompt.astype(np.int32), grids
+
+
+def next_position(prefix: np.ndarray, grids: Sequence[tuple[int, int, int]], config) -> int:
+    """The rope position of the token after ``prefix`` (whose images have ``grids``): its length
+    for text; after images positions are no token counts (rope.get_rope_index)."""
+    if not grids:
+        return len(prefix)
+    from genevolve_jax.models.qwen3_vl import rope
+    _, delta = rope.get_rope_index(np.asarray(prefix)[None], None, np.asarray(grids), None, None,
+                                   spatial_merge_size=config.vision.spatial_merge_size,
+                                   image_token_id=config.image_token_id, video_token_id=config.video_token_id)
+    return len(prefix) + int(delta[0])
+
+
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     n = min(len(a), len(b))
     diff = np.flatnonzero(a[:n] != b[:n])

@@ -60,6 +60,10 @@ class ServedEngine(Protocol):
 def check_tokenizer_fits(tokenizer, config) -> None:
     """Refuse a tokenizer with more ids than the model's embedding has rows: every prompt with a
     high id would fail (the `genevolve demo` model has 512 rows; the default tokenizer 2048 ids)."""
+    if tokenizer is None:      # a tokenizer-free server (clients send token ids)
+        return
+    if tokenizer is None:  # token ids in and out only (SGLang's --skip-tokenizer-init)
+        return
     vocab = config.text.vocab_size
     size = len(tokenizer)
     if size > vocab:
@@ -105,8 +109,17 @@ def create_app(engine: ServedEngine, tokenizer, *, model_name: str = "genevolve"
     default_max_tokens = min(default_max_tokens, limits.max_new_tokens)
     vision = VisionTokens(engine.config.image_token_id, engine.config.video_token_id,
                           engine.config.vision_start_token_id, engine.config.vision_end_token_id)
-    chat_stops = tuple(t for t in (tokenizer.convert_tokens_to_ids("<|im_end|>"),
-                                   tokenizer.convert_tokens_to_ids("<|endoftext|>")) if isinstance(t, int) and t >= 0)
+    chat_stops = () if tokenizer is None else tuple(
+        t for t in (tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>"))
+        if isinstance(t, int) and t >= 0)
+
+    def need_tokenizer(param: str):
+        if tokenizer is None:
+            raise RequestError(f"{param}: this server runs without a tokenizer; send input_ids", param)
+
+    def decode(ids: list[int], skip_special_tokens: bool = True) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
     admission = Admission(limits.max_in_flight, limits.retry_after_s)
     live_rids: set[str] = set()
     reload_lock = threading.Lock()
@@ -158,6 +171,8 @@ def create_app(engine: ServedEngine, tokenizer, *, model_name: str = "genevolve"
 
     async def run(request: Request, reqs: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Submit ``reqs``; wait for all unless the client hangs up (then cancel them in the engine)."""
+        if len(reqs) > admission.limit:  # would never be admitted: not a reason to retry
+            raise RequestError(f"n={len(reqs)} exceeds the {admission.limit} requests this server holds at once", "n")
         admission.acquire(len(reqs))
         loop = asyncio.get_running_loop()
         try:
@@ -245,8 +260,11 @@ def create_app(engine: ServedEngine, tokenizer, *, model_name: str = "genevolve"
     async def generate(request: Request):
         t0 = time.perf_counter()
         body = await body_of(request)
-        req: NativeRequest = await asyncio.to_thread(parse_generate, body, limits, default_max_tokens, vocab)
+        req: NativeRequest = await asyncio.to_thread(parse_generate, body, limits, default_max_tokens, vocab,
+                                                     context_len - 1)
         param = "input_ids" if req.input_ids is not None else "text"
+        if req.input_ids is None:
+            need_tokenizer("text")
         ids = req.input_ids if req.input_ids is not None else tokenizer.encode(req.text, add_special_tokens=False)
         prompt = await asyncio.to_thread(expand, list(ids), req.images, param)
         rid = req.rid or uuid.uuid4().hex
@@ -266,20 +284,21 @@ def create_app(engine: ServedEngine, tokenizer, *, model_name: str = "genevolve"
             finish["length"] = len(res.token_ids)
         else:
             last = res.token_ids[-1] if res.token_ids else None
-            finish["matched"] = last if last in req.sampling_kw["stop_token_ids"] else next(
-                (s for s in req.sampling_kw["stop"] if s in tokenizer.decode(res.token_ids[-32:])), None)
+            finish["matched"] = last if last in req.sampling_kw["stop_token_ids"] or tokenizer is None else next(
+                (s for s in req.sampling_kw["stop"] if s in decode(res.token_ids[-32:], False)), None)
         meta: dict[str, Any] = {"id": rid, "finish_reason": finish, "prompt_tokens": len(prompt),
                                 "completion_tokens": len(res.token_ids), "cached_tokens": 0, "reasoning_tokens": 0,
                                 "weight_version": state["weight_version"], "e2e_latency": round(elapsed, 6)}
         if req.images:
             meta["image_tokens"] = sum(t == vision.image_pad for t in prompt)
         if req.return_logprob:
-            text = (lambda t: tokenizer.decode([t])) if req.return_text_in_logprobs else (lambda t: None)
+            text = (lambda t: decode([t], False)) if req.return_text_in_logprobs and tokenizer else (lambda t: None)
             meta["input_token_logprobs"] = []
             meta["output_token_logprobs"] = [[lp, t, text(t)] for t, lp in zip(res.token_ids, res.logprobs)]
             meta["output_token_logprobs_length"] = len(res.token_ids)
-        out: dict[str, Any] = {"text": tokenizer.decode(res.token_ids, skip_special_tokens=req.skip_special_tokens),
-                               "output_ids": res.token_ids, "meta_info": meta}
+        out: dict[str, Any] = {"output_ids": res.token_ids, "meta_info": meta}
+        if tokenizer is not None:  # SGLang leaves "text" out under --skip-tokenizer-init
+            out["text"] = decode(res.token_ids, req.skip_special_tokens)
         if req.return_prompt_token_ids:
             out["prompt_token_ids"] = prompt
         return out
@@ -305,6 +324,7 @@ def create_app(engine: ServedEngine, tokenizer, *, model_name: str = "genevolve"
         req: ChatRequest = await asyncio.to_thread(parse_chat, body, limits)
         if req.model is not None and req.model != model_name:
             return unknown_model(req.model)
+        need_tokenizer("messages")
         try:
             text = tokenizer.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
         except Exception as exc:  # the template's own checks (jinja raise_exception)
@@ -313,9 +333,9 @@ def create_app(engine: ServedEngine, tokenizer, *, model_name: str = "genevolve"
         prompt = await asyncio.to_thread(expand, ids, req.images, "messages")
         max_new = req.max_tokens or min(default_max_tokens, context_len - len(prompt))
         kw = req.sampling_kw
-        reqs = [GenerationRequest(prompt, sampling_params({**kw, "seed": None if kw["seed"] is None else kw["seed"] + k},
-                                                          max_new, chat_stops), req.images, uuid.uuid4().hex)
-                for k in range(req.n)]
+        seeds = [None if kw["seed"] is None else kw["seed"] + k for k in range(req.n)]  # n distinct samples
+        reqs = [GenerationRequest(prompt, sampling_params({**kw, "seed": seed}, max_new, chat_stops), req.images,
+                                  uuid.uuid4().hex) for seed in seeds]
         results = await run(request, reqs)
         for res in results:
             if res.finish_reason == "abort":
@@ -327,7 +347,7 @@ def create_app(engine: ServedEngine, tokenizer, *, model_name: str = "genevolve"
                 "model": model_name,
                 "choices": [{"index": i, "finish_reason": r.finish_reason, "logprobs": None,
                              "message": {"role": "assistant",
-                                         "content": tokenizer.decode(r.token_ids, skip_special_tokens=True)}}
+                                         "content": decode(r.token_ids)}}
                             for i, r in enumerate(results)],
                 "usage": {"prompt_tokens": len(prompt), "completion_tokens": completion,
                           "total_tokens": len(prompt) + completion}}

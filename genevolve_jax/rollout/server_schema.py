@@ -309,7 +309,10 @@ _UNSUPPORTED_TOP = {"stream": False, "return_hidden_states": False, "top_logprob
                     "return_sampling_mask": False}
 
 
-def parse_generate(body: Any, limits: ServeLimits, default_max: int, vocab_size: int) -> NativeRequest:
+def parse_generate(body: Any, limits: ServeLimits, default_max: int, vocab_size: int,
+                   max_prompt_tokens: int | None = None) -> NativeRequest:
+    """A /generate body -> NativeRequest; ``max_prompt_tokens`` refuses an over-long ``input_ids``
+    before its ids are checked one by one (the expanded prompt is checked again by the server)."""
     if not isinstance(body, dict):
         raise _bad_type("body", body, "struct GenerateRequest")
     for key, default in _UNSUPPORTED_TOP.items():
@@ -339,6 +342,9 @@ def parse_generate(body: Any, limits: ServeLimits, default_max: int, vocab_size:
                                "input_ids")
         if not ids:
             raise RequestError("input_ids must not be empty", "input_ids")
+        if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+            raise RequestError(f"input_ids holds {len(ids)} tokens; the server takes at most {max_prompt_tokens}",
+                               "input_ids")
         ids = [read_int(t, f"input_ids[{i}]", 0, vocab_size - 1) for i, t in enumerate(ids)]
     sampling_kw, max_new = parse_sglang_sampling(body.get("sampling_params"), limits, default_max)
     sp = body.get("sampling_params") or {}

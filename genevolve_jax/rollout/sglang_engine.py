@@ -12,8 +12,9 @@ Image prompts go out in SGLang's form. The trainer's sequence holds each image e
 run fails server-side with a 500). So each run of pads is sent as ONE pad, and the server is asked
 for the prompt ids it built. When its expansion gives any image another token count than the
 trainer's sequence (its image processor resizes with other min/max pixels), the request ends as an
-"abort" result whose error starts with ``image_token_mismatch_server``: the agent loop masks that
-trajectory with the reason rather than train on log-probs of a sequence the trainer does not have.
+"abort" result whose error starts with ``image_token_mismatch_server`` (``prompt_token_mismatch_server``
+when the image counts agree but other ids differ): the agent loop masks that trajectory with the
+reason (termination "error") rather than train on log-probs of a sequence the trainer does not have.
 
 Servers: several URLs are load-balanced (least in-flight requests first) over the servers that are
 healthy and hold the newest weights. Every call has a timeout. A failed call (timeout, connection
@@ -176,19 +177,19 @@ def parse_response(data: Any, expected_prompt: Sequence[int] | None = None,
     if expected_prompt is not None:
         served = data.get("prompt_token_ids")
         if not isinstance(served, list):
-            return GenerationResult([], [], "abort", error=(
+            return GenerationResult([], [], "abort", mask_kind=IMAGE_MISMATCH, error=(
                 f"{IMAGE_MISMATCH}: the server did not return prompt_token_ids for an image prompt, so its image "
                 f"expansion cannot be checked against the trainer's (an SGLang older than 0.5.23?)"))
         got, want = image_pad_runs(served, image_pad), image_pad_runs(expected_prompt, image_pad)
         if got != want:
-            return GenerationResult([], [], "abort", error=(
+            return GenerationResult([], [], "abort", mask_kind=IMAGE_MISMATCH, error=(
                 f"{IMAGE_MISMATCH}: the server expanded the images to {got} image tokens, the trainer's sequence "
                 f"has {want}; make the server's image processor use the trainer's min/max pixels (README, "
                 f"SGLang section)"))
         if [int(t) for t in served] != [int(t) for t in expected_prompt]:
             at = next((i for i, (a, b) in enumerate(zip(served, expected_prompt)) if a != b),
                       min(len(served), len(expected_prompt)))
-            return GenerationResult([], [], "abort", error=(
+            return GenerationResult([], [], "abort", mask_kind=PROMPT_MISMATCH, error=(
                 f"{PROMPT_MISMATCH}: the server's prompt ids differ from the trainer's from position {at} "
                 f"({len(served)} vs {len(expected_prompt)} ids); is SGLANG_MM_AVOID_RETOKENIZE off on the server?"))
     return GenerationResult(ids, logprobs, kind)

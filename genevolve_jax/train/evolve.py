@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from genevolve_jax.data.prompts import PromptSource
 from genevolve_jax.rollout.engine import RolloutEngine
-from genevolve_jax.train.batch_assembly import ImageBatchSpec, assemble_evolve_batch
+from genevolve_jax.train.batch_assembly import ImageBatchSpec, assemble_evolve_batch, drop_oversized_teachers
 from genevolve_jax.train.driver import Driver
 from genevolve_jax.train.logprob_forward import LogprobForward, resolve_old_logprobs
 from genevolve_jax.train.losses.step_losses import EvolveLoss
@@ -34,6 +34,7 @@ from genevolve_jax.train.outage import GROUP_MOSTLY_MASKED, OutagePolicy, health
 from genevolve_jax.train.pipeline import (RolloutPhase, attach_teacher_prompts, collect_rollouts, experience_guides,
                                           group_advantages, masked_counts, step_metrics)
 from genevolve_jax.train.run_config import validate_evolve_run
+from genevolve_jax.train.shapes import CompileLog, row_multiple
 
 
 @contextlib.contextmanager
@@ -60,25 +61,31 @@ class EvolveTrainer(Driver):
                          log_dir="", description="evolve", tokenizer=tokenizer, model=model, devices=devices,
                          progress=progress, collective=collective)
         self.group_size = int(cfg.rl.group_size)
-        self.pad_id = int(getattr(tokenizer, "pad_token_id", 0) or 0)
+        self.pad_id = int(tokenizer.pad_token_id or 0)
         self.model_config = self.setup.merge(self.params).config
         self.use_kl = cfg.loss.grpo.kl_coef > 0
         self.updates_per_batch = int(cfg.rl.updates_per_batch)
         # π_old: on-policy (the step's own log-probs), the sampler's, or one forward before the update.
         self.old_logprobs_route = resolve_old_logprobs(cfg.rl.old_logprobs, self.updates_per_batch)
         self.logprob_forward = LogprobForward(self.setup, cfg.loss, self.compute_dtype)
+        # Packed rows of rl.max_tokens_per_row; row counts from a few buckets (train/shapes.py).
+        self.row_multiple = row_multiple(self.setup.mesh, self.setup.rules, cfg.train.grad_accum_steps)
+        self.compile_log = CompileLog()
         # The KL reference is the starting policy (SFT output), frozen, sharded like the policy.
         self.ref_params = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=self.setup.param_shardings)(
             self.params) if self.use_kl else None
         self.engine = engine if engine is not None else self._make_engine()
         self.engine_version = -1 if (cfg.rl.engine == "sglang" and cfg.rl.sglang.sync_at_start) else 0
-        self.rollout = rollout_phase if isinstance(rollout_phase, RolloutPhase) or rollout_phase is None \
-            else rollout_phase(self)
-        self.rollout = self.rollout or self._make_rollout_phase()
+        if rollout_phase is None:
+            self.rollout = self._make_rollout_phase()
+        elif isinstance(rollout_phase, RolloutPhase):
+            self.rollout = rollout_phase
+        else:   # a factory of the trainer: the phase needs its engine
+            self.rollout = rollout_phase(self)
         self.prompts = prompt_source if prompt_source is not None else self._make_prompt_source()
         self.collective.check_prompt_shard(self.prompts.shard, "data.sharding")
         self.experience = experience if experience is not None else self._make_experience()
-        self.image_spec = ImageBatchSpec.for_model(self.model_config, getattr(self.engine, "image_processor", None),
+        self.image_spec = ImageBatchSpec.for_model(self.model_config, self.engine.image_processor,
                                                    int(cfg.rl.patch_multiple))
         self.mask_rules = MaskRules.from_config(cfg, self.image_spec)
         # Services down past their retries: wait for them, recollect, never train a mostly masked group.
@@ -169,9 +176,14 @@ class EvolveTrainer(Driver):
                 samples, refused = attach_teacher_prompts(samples, guides, self.rollout, self.placeholder_ids)
             metrics.update(exp_metrics, **refused)
         with _timed(times, "assemble"):
-            batch = assemble_evolve_batch(samples, advantages, pad_id=self.pad_id,
-                                          length_multiple=cfg.rl.length_multiple, image_spec=self.image_spec,
-                                          images=images, old_logprobs=self.old_logprobs_route == "sampler")
+            budget = int(cfg.rl.max_tokens_per_row)
+            samples, long_guides = drop_oversized_teachers(samples, budget)
+            batch = assemble_evolve_batch(samples, advantages, seq_len=budget, pad_id=self.pad_id,
+                                          row_multiple=self.row_multiple, loss_cfg=cfg.loss,
+                                          image_spec=self.image_spec, images=images,
+                                          old_logprobs=self.old_logprobs_route == "sampler")
+        if long_guides:
+            metrics["experience/guides_dropped_too_long"] = long_guides
         metrics.update(self.update(batch, times))
         with _timed(times, "weight_sync"):
             metrics.update(self.sync_weights(step))
@@ -196,7 +208,9 @@ class EvolveTrainer(Driver):
 
     def update(self, batch: dict, times: dict) -> dict[str, float]:
         """The sharded update: π_old when it needs a forward, the reference log-probs when KL is
-        on, then ``rl.updates_per_batch`` optimiser steps over the batch."""
+        on, then ``rl.updates_per_batch`` optimiser steps over the batch. Logs the compile
+        seconds these stages spent (``time/compile_s``) and the layouts compiled so far."""
+        self.compile_log.take()      # compiles before the update (the engine's) are not counted here
         if self.old_logprobs_route == "recompute":
             with _timed(times, "old_logprobs"):
                 batch["old_logprobs"] = self.logprob_forward(self.params, batch)
@@ -212,6 +226,10 @@ class EvolveTrainer(Driver):
                 skipped, stage = skipped + mets[SKIPPED], jnp.maximum(stage, mets[STAGE])
             mets = {name: float(v) for name, v in jax.device_get({**mets, SKIPPED: skipped, STAGE: stage}).items()}
         mets["rollout/old_logprobs_forward"] = float(self.old_logprobs_route == "recompute")
+        times["time/compile_s"] = self.compile_log.take()
+        mets["compile/train_step"] = float(self.train_step.compiled_layouts)
+        mets["compile/logprob_forward"] = float(self.logprob_forward.compiles)
+        mets["batch/rows"] = float(batch["row_weight"].shape[0])
         return mets
 
     def sync_weights(self, step: int) -> dict[str, float]:
@@ -230,6 +248,7 @@ class EvolveTrainer(Driver):
     def meta(self) -> dict:
         meta = super().meta()
         meta["data"] = self.prompts.get_state()
+        meta["outage"] = self.outage.state_dict()
         if self.experience is not None:
             meta["memory"] = self.experience.state_dict()
         return meta
@@ -238,6 +257,7 @@ class EvolveTrainer(Driver):
         super().load_meta(meta)
         if "data" in meta:
             self.prompts.set_state(meta["data"])
+        self.outage.load_state_dict(meta.get("outage", {}))
         if "memory" in meta and self.experience is not None:
             self.experience.load_state_dict(meta["memory"])
         self.engine_version = -1      # the engine holds other weights than the restored ones

@@ -8,8 +8,8 @@ the trainer's rules:
 
 - ``non_finite_reward``: a NaN or infinite reward (a judge that returned garbage);
 - ``repeated`` (``loss.grpo.mask_repeated``): a trajectory that repeats its tool calls (METHOD.md §6);
-- ``too_long_for_batch``: longer than ``rl.max_seq_len``; its tokens are cut to a stub so that
-  its (invalid) row does not set the batch's length;
+- ``too_long_for_batch``: longer than a packed row (``rl.max_tokens_per_row``); its tokens are
+  cut to a stub (a masked sample gets no row, and the stub keeps the record small);
 - ``image_unreadable`` / ``image_token_mismatch``: its images cannot be decoded, or do not match
   its image placeholders (batch_assembly.prepare_images).
 """
@@ -29,13 +29,13 @@ STUB_TOKENS = 8   # what is left of a too-long sample's tokens
 
 @dataclasses.dataclass(frozen=True)
 class MaskRules:
-    max_seq_len: int
+    max_tokens_per_row: int
     mask_repeated: bool = True
     image_spec: ImageBatchSpec | None = None
 
     @classmethod
     def from_config(cls, cfg, image_spec: ImageBatchSpec | None) -> "MaskRules":
-        return cls(int(cfg.rl.max_seq_len), bool(cfg.loss.grpo.mask_repeated), image_spec)
+        return cls(int(cfg.rl.max_tokens_per_row), bool(cfg.loss.grpo.mask_repeated), image_spec)
 
 
 def _stub(s: RolloutSample) -> RolloutSample:
@@ -56,10 +56,12 @@ def mask_samples(samples: Sequence[RolloutSample],
             reason = f"{NON_FINITE_REWARD}: {s.reward!r}"
         elif s.valid and rules.mask_repeated and s.stats.get("repeated_calls", 0) > 0:
             reason = f"{REPEATED}: {s.stats.get('repeated_calls')} repeated call(s)"
-        if len(s.token_ids) > rules.max_seq_len:
+        if len(s.token_ids) > rules.max_tokens_per_row:
+            n = len(s.token_ids)
             s = _stub(s)
             if s.valid:
-                reason = reason or f"{TOO_LONG_FOR_BATCH}: more than rl.max_seq_len={rules.max_seq_len} tokens"
+                reason = reason or (f"{TOO_LONG_FOR_BATCH}: {n} tokens, more than "
+                                    f"rl.max_tokens_per_row={rules.max_tokens_per_row}")
         if reason is None and s.valid:
             got = prepare_images(s, rules.image_spec)
             if isinstance(got, str):

@@ -146,7 +146,7 @@ class NonFiniteGuard:
         what = e.describe() if e is not None else "no event"
         return (f"stopping: {self.consecutive} consecutive steps with non-finite values "
                 f"(train.max_consecutive_nonfinite = {self.max_consecutive}); last: {what}. Last clean step: "
-                f"{self.last_good_step}; skipped updates changed no parameter.")
+                f"{self.last_good_step}; skipped updates changed no parameter")
 
     def metrics(self) -> dict[str, float]:
         return {"train/skipped_nonfinite": float(self.total_skipped),

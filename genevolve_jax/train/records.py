@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 
 # Mask reasons the trainer itself applies (the rollout phase adds its own: error, too_long, judge …).
 REPEATED = "repeated"                        # a trajectory that repeats its tool calls (METHOD.md §6)
-TOO_LONG_FOR_BATCH = "too_long_for_batch"    # longer than rl.max_seq_len
+TOO_LONG_FOR_BATCH = "too_long_for_batch"    # longer than rl.max_tokens_per_row
 IMAGE_UNREADABLE = "image_unreadable"        # a file is missing or does not decode
 IMAGE_TOKEN_MISMATCH = "image_token_mismatch"  # placeholders do not match the images' grids
 NON_FINITE_REWARD = "non_finite_reward"      # a reward that is NaN or infinite

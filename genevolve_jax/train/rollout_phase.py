@@ -77,8 +77,9 @@ class AgentRolloutPhase(RolloutPhase):
             if traj.masked and self.keep.get(traj.termination or "") and sum(traj.loss_mask()) > 0:
                 reward, valid, reason = 0.0, True, f"zero_reward_{traj.termination}: {traj.mask_reason}"
             elif traj.masked:
-                # Keyed by termination (too_long / error) so that counts group by cause.
-                reason = f"{traj.termination or 'masked'}: {traj.mask_reason}"
+                # Keyed by cause: the engine's own kind when it gave one (image_token_mismatch_server),
+                # else the termination (too_long / error).
+                reason = f"{traj.meta.get('mask_kind') or traj.termination or 'masked'}: {traj.mask_reason}"
                 reward, valid = None, False
             elif rec is None:  # finished without a program (format error, out of rounds): reward 0
                 reward, valid, reason = 0.0, True, f"no_program:{traj.termination}"

@@ -74,9 +74,10 @@ def default_rl_config() -> ml_collections.ConfigDict:
         "updates_per_batch": 1,     # optimiser steps per rollout batch; > 1 makes the clip bite (π_old recomputed)
         "sglang": default_sglang_config(),
         "outage": default_outage_config(),  # services down past their retries (train/outage.py)
-        "length_multiple": 256,     # (ours) batch token length rounded up to this, to reuse compiles
+        "max_tokens_per_row": 32768,  # (ours) rollouts are packed into rows of this many tokens; a longer
+                                    # one is masked ("too_long_for_batch"). Memory per device is bounded
+                                    # by it × the rows of a micro-batch (train/batch_assembly.py)
         "patch_multiple": 1024,     # (ours) per-row image patch budget rounded up to this (image batches)
-        "max_seq_len": 32768,       # (ours) a longer rollout is masked ("too_long_for_batch")
         "render_seed": 0,
         "export_hf": True,          # HF export of the final policy
         "export_dtype": "bfloat16",
@@ -109,12 +110,10 @@ def validate_rl(cfg) -> ml_collections.ConfigDict:
              ">= 2 (GRPO compares rollouts within a group)", cfg.group_size)
     _require(is_int(cfg.num_steps) and cfg.num_steps >= 1, "rl.num_steps", ">= 1", cfg.num_steps)
     _require(cfg.engine in ENGINES, "rl.engine", f"one of {ENGINES}", cfg.engine)
-    _require(is_int(cfg.length_multiple) and cfg.length_multiple >= 1, "rl.length_multiple", ">= 1",
-             cfg.length_multiple)
+    _require(is_int(cfg.max_tokens_per_row) and cfg.max_tokens_per_row >= 16, "rl.max_tokens_per_row", "an int >= 16",
+             cfg.max_tokens_per_row)
     _require(is_int(cfg.patch_multiple) and cfg.patch_multiple >= 1, "rl.patch_multiple", "an int >= 1",
              cfg.patch_multiple)
-    _require(is_int(cfg.max_seq_len) and cfg.max_seq_len >= cfg.length_multiple, "rl.max_seq_len",
-             f">= rl.length_multiple ({cfg.length_multiple})", cfg.max_seq_len)
     _require(cfg.export_dtype in EXPORT_DTYPES, "rl.export_dtype", "float32 or bfloat16", cfg.export_dtype)
     _require(cfg.old_logprobs in OLD_LOGPROBS, "rl.old_logprobs", f"one of {OLD_LOGPROBS}", cfg.old_logprobs)
     _require(is_int(cfg.updates_per_batch) and cfg.updates_per_batch >= 1, "rl.updates_per_batch", ">= 1",

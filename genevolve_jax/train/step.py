@@ -35,12 +35,11 @@ class LossFunction(abc.ABC):
     """What the train step minimises: ``loss(model, microbatch, rng) -> (loss_sum, weight, metrics)``.
 
     The step minimises ``Σ loss_sum / Σ weight`` over a step's micro-batches. A loss that returns
-    sums (SFT: weight = trained tokens) makes accumulation exact. A loss whose terms are already
-    means sets :attr:`metrics_are_means`; the step then averages its metrics over micro-batches,
-    except the counts named in :attr:`summed_metrics`, which stay totals."""
+    sums (SFT: weight = trained tokens; the evolve loss: host-computed per-token weights) makes
+    accumulation exact. Metrics are summed over micro-batches, except those named in
+    :attr:`max_metrics`, whose maximum is kept."""
 
-    metrics_are_means: bool = False
-    summed_metrics: tuple[str, ...] = ()
+    max_metrics: tuple[str, ...] = ()
 
     @abc.abstractmethod
     def __call__(self, model: nnx.Module, batch: Mapping[str, jax.Array],
@@ -112,18 +111,17 @@ def build_step_fn(setup: TrainSetup, loss_fn: LossFunction, *, compute_dtype=jnp
             shapes = jax.eval_shape(lambda: grads_of(train, frozen, first, keys[0]))
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
             zeros = zeros[:3] + (jax.lax.with_sharding_constraint(zeros[3], setup.param_shardings["train"]),)
+            maxed = set(loss_fn.max_metrics)
+            zeros[2].update({k: jnp.full_like(v, -jnp.inf) for k, v in zeros[2].items() if k in maxed})
 
             def body(acc, xs):
                 mb, key = xs
                 out = grads_of(train, frozen, mb, key)
-                return jax.tree.map(jnp.add, acc, out), None
+                summed = jax.tree.map(jnp.add, acc, out)
+                summed[2].update({k: jnp.maximum(acc[2][k], out[2][k]) for k in maxed if k in out[2]})
+                return summed, None
 
             (num, den, mets, grads), _ = jax.lax.scan(body, zeros, (micro, keys))
-            if loss_fn.metrics_are_means:
-                # Per-micro-batch means (the evolve loss): report their mean, not their sum;
-                # counts it names in ``summed_metrics`` stay totals.
-                summed = set(loss_fn.summed_metrics)
-                mets = {k: v if k in summed else v / grad_accum_steps for k, v in mets.items()}
         safe = jnp.where(den > 0, den, 1.0)
         grads = jax.tree.map(lambda g: (g / safe).astype(g.dtype), grads)
         grad_norm = optax.global_norm(grads)

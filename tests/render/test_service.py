@@ -150,7 +150,8 @@ def test_payload_sizes_follow_first_reference(tmp_path):
 
 
 # --- bounds, bombs, auth, a full queue, a client that hangs up ----------------------------------------------
-@pytest.mark.parametrize("patch, field", [({"width": 4096, "height": 32}, "width"), ({"width": 32, "height": 8}, "height"),
+@pytest.mark.parametrize("patch, field", [({"width": 4096, "height": 32}, "width"),
+                                          ({"width": 32, "height": 8}, "height"),
                                           ({"num_inference_steps": 1000}, "num_inference_steps"),
                                           ({"num_inference_steps": 0}, "num_inference_steps"),
                                           ({"true_cfg_scale": 1e9}, "true_cfg_scale"),
@@ -185,7 +186,7 @@ def test_decompression_bomb_and_body_size_are_refused():
         assert worker.calls == 0 and httpx.get(f"{url}/health").status_code == 200
 
 
-def test_bearer_token_and_open_health():
+def test_bearer_token_and_open_health(monkeypatch):
     worker = SeedColourWorker()
     with LoopbackServer(create_app([worker], api_key="render-key")).running() as url:
         assert httpx.get(f"{url}/health").status_code == 200
@@ -194,6 +195,35 @@ def test_bearer_token_and_open_health():
             assert r.status_code == 401 and r.json()["success"] is False and r.json()["code"] == "invalid_api_key"
         r = httpx.post(f"{url}/generate", json={"prompt": "p"}, headers={"Authorization": "Bearer render-key"})
         assert r.status_code == 200 and worker.calls == 1
+        client = HTTPRenderer([url], timeout_s=30, max_retries=1, backoff_s=0.0, api_key="render-key")
+        assert asyncio.run(client.render(RenderRequest("a fox", (), seed=6))).getpixel((0, 0)) == (6, 0, 7)
+        anonymous = HTTPRenderer([url], timeout_s=30, max_retries=3, backoff_s=0.0)
+        with pytest.raises(RenderError, match="HTTP 401.*after 1 tries"):  # final, not retried
+            asyncio.run(anonymous.render(RenderRequest("a fox", (), seed=6)))
+
+    # The trainer's renderer (render.http.api_key_env) reads the key from the environment.
+    from genevolve_jax.render import config as render_config
+    from genevolve_jax.render.factory import build_renderer
+    cfg = render_config.get_config()
+    cfg.backend, cfg.http.max_retries, cfg.http.backoff_s = "http", 1, 0.0
+    cfg.http.api_key_env = "GENEVOLVE_TEST_RENDER_KEY"
+    monkeypatch.delenv("GENEVOLVE_TEST_RENDER_KEY", raising=False)
+    with pytest.raises(RenderError, match="GENEVOLVE_TEST_RENDER_KEY.*not set"):
+        build_renderer(cfg)
+    with pytest.raises(ValueError, match=r"render.http.api_key_env must be the name") as err:
+        render_config.validate(_pasted_key(cfg))
+    assert "sk-" not in str(err.value)
+    monkeypatch.setenv("GENEVOLVE_TEST_RENDER_KEY", "render-key")
+    with LoopbackServer(create_app([worker], api_key="render-key")).running() as url:
+        cfg.http.urls = [url]
+        trainer_renderer = build_renderer(cfg)
+        assert asyncio.run(trainer_renderer.render(RenderRequest("a fox", (), seed=9))).getpixel((0, 0)) == (9, 0, 7)
+
+
+def _pasted_key(cfg):
+    bad = cfg.copy_and_resolve_references()
+    bad.http.api_key_env = "sk-live-0123456789"
+    return bad
 
 
 class SlowWorker(SeedColourWorker):

@@ -155,7 +155,7 @@ def test_generate_follows_sglang_schema_with_4xx_naming_the_field(served, sampli
 
 
 def test_generate_accepts_sglang_defaults_and_ignores_unknown_top_level_keys(served):
-    url, tok = served[0], served[1]
+    url = served[0]
     body = {"text": "draw a red circle", "routing_key": "abc", "priority": 3, "something_new": {"x": 1},
             "sampling_params": {"max_new_tokens": 3, "temperature": 0.0, "top_k": 1 << 30, "min_p": 0.0, "n": 1,
                                 "repetition_penalty": 1.0, "ignore_eos": False, "skip_special_tokens": True,
@@ -169,7 +169,8 @@ def test_generate_accepts_sglang_defaults_and_ignores_unknown_top_level_keys(ser
     assert info["enable_deterministic_inference"] is True and httpx.get(url + "/get_server_info").status_code == 200
 
 
-@pytest.mark.parametrize("raw", [b"{", b"[1, 2]", b"null", b'{"input_ids": [NaN]}', b"\xff\xfe", b"[" * 5000 + b"]" * 5000,
+@pytest.mark.parametrize("raw", [b"{", b"[1, 2]", b"null", b'{"input_ids": [NaN]}', b"\xff\xfe",
+                                 b"[" * 5000 + b"]" * 5000,
                                  b'{"input_ids": [1e999]}', b'{"input_ids": [99999999]}', b'{"text": 7}',
                                  b'{"input_ids": [1], "text": "x"}', b'{"input_ids": [[1, 2]]}',
                                  b'{"input_ids": [1], "image_data": "http://example.com/a.png"}',
@@ -348,8 +349,10 @@ def test_disconnected_client_frees_its_engine_slot():
 def test_serve_cli_binds_loopback_and_reads_the_key_from_the_environment(monkeypatch, capsys):
     from genevolve_jax import cli
     from genevolve_jax.jobs import serve
-    args = cli.build_parser().parse_args(["serve", "--hf-dir", "/nonexistent", "--api-key-env", "GENEVOLVE_TEST_KEY",
-                                          "--max-in-flight", "3", "--max-image-pixels", "1000"])
+    argv = ["serve", "--hf-dir", "/nonexistent", "--api-key-env", "GENEVOLVE_TEST_KEY", "--max-in-flight", "3",
+            "--max-image-pixels", "1000"]
+    monkeypatch.setattr(sys, "argv", ["genevolve", *argv])  # the parser adds the subcommand's flags it names
+    args = cli.build_parser().parse_args(argv)
     assert args.host == "127.0.0.1"
     limits = serve.limits_from_args(args)
     assert limits.max_in_flight == 3 and limits.max_image_pixels == 1000 and limits.max_new_tokens == 4096

@@ -136,7 +136,8 @@ def test_fuzz_serve_generate_and_chat(serve_url, data):
         body = _mutated(data, base, {
             "messages": st.lists(message, max_size=3), "model": st.sampled_from(["tiny", "no-such-model"]),
             "max_tokens": st.integers(-1, 8), "temperature": st.floats(-1, 3), "n": st.integers(0, 3),
-            "stop": st.text(max_size=3) | st.lists(st.text(max_size=3), max_size=5), "seed": st.integers(-2 ** 64, 2 ** 64),
+            "stop": st.text(max_size=3) | st.lists(st.text(max_size=3), max_size=5),
+            "seed": st.integers(-2 ** 64, 2 ** 64),
             "top_p": st.floats(-1, 2), "stream": st.booleans(), "logprobs": st.booleans(), "user": st.text(max_size=5)})
     else:
         route = data.draw(st.sampled_from(["/generate", "/v1/chat/completions", "/update_weights_from_disk",
@@ -157,7 +158,8 @@ def render_url():
     from genevolve_jax.render.tiny import tiny_renderer
     limits = RenderLimits(max_side=48, max_pixels=48 * 48, max_steps=2, max_images=2, max_refs=2,
                           max_ref_pixels=64 * 64, max_body_bytes=1 << 20)
-    with LoopbackServer(render_app([tiny_renderer(seed=0, long_side=32)], queue_size=8, limits=limits)).running() as url:
+    app = render_app([tiny_renderer(seed=0, long_side=32)], queue_size=8, limits=limits)
+    with LoopbackServer(app).running() as url:
         yield url
 
 

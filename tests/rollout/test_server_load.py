@@ -10,7 +10,7 @@ import pytest
 from tests.fixtures.servers import ServerProcess, drive_load, save_tiny_hf_dir
 
 DURATION_S = 60
-WARMUP_S = 40        # the same load, unmeasured: the engine compiles its prefill/decode shapes here
+WARMUP_S = 30        # the same load, unmeasured: the engine compiles its prefill/decode shapes here
 CLIENTS = 32
 MAX_SLOTS = 4
 MAX_IN_FLIGHT = 8    # per server: the tiny engine's 4 slots plus a queue of 4; more get 503 + Retry-After

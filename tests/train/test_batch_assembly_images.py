@@ -1,8 +1,9 @@
 """Image observations in RL batches: multi-turn rollouts of a random tiny Qwen3-VL through the
 JaxEngine with images of two sizes in their observations → assemble_evolve_batch → the trainer's
 forward gives the sampler's log-probs; MRoPE positions equal transformers' rope index; text-only
-batches keep their layout; accumulation splits the per-row image blocks exactly; unreadable
-images mask their sample."""
+batches keep their layout; several samples' images packed into one row give the same numbers as
+a row each; accumulation splits the per-row image blocks exactly; unreadable images mask their
+sample."""
 import dataclasses
 
 import jax
@@ -26,7 +27,8 @@ from genevolve_jax.rollout.config import default_engine_config
 from genevolve_jax.rollout.jax_engine import JaxEngine
 from genevolve_jax.sharding.mesh import make_mesh
 from genevolve_jax.train import config as train_config
-from genevolve_jax.train.batch_assembly import ImageBatchSpec, assemble_evolve_batch
+from genevolve_jax.train.batch_assembly import ImageBatchSpec, assemble_evolve_batch, place_samples, row_tokens
+from genevolve_jax.train.loss_weights import WEIGHT_FIELDS
 from genevolve_jax.train.batch_layout import ROW_IMAGE_FIELDS
 from genevolve_jax.train.logprob_forward import LogprobForward
 from genevolve_jax.train.losses.step_losses import EvolveLoss, policy_logprobs, teacher_logprobs
@@ -42,7 +44,7 @@ FAST = {"xla_backend_optimization_level": 0}
 TEMPERATURE = 0.7
 TEXT_KEYS = {"input_ids", "targets", "loss_mask", "segment_ids", "position_ids", "old_logprobs", "sampler_logprobs",
              "teacher_input_ids", "teacher_targets", "teacher_segment_ids", "teacher_position_ids",
-             "teacher_index", "advantages", "sample_valid", "has_bundle"}
+             "teacher_index", "advantages", "row_weight", *WEIGHT_FIELDS}
 
 
 def tiny_config(tok):
@@ -134,9 +136,33 @@ def world(tmp_path_factory):
 ADV = [0.7, -0.4, -0.9, 0.6]
 
 
+def row_len(samples):
+    """A budget that holds the longest sample (student or teacher row), rounded up to 16: here
+    no two samples share a row."""
+    return 16 * -(-max(row_tokens(s) for s in samples if s.valid) // 16)
+
+
+def placed(samples, batch):
+    """{sample index: (row, student offset, teacher offset)}: where the batch packed each sample."""
+    out = {}
+    for r, row in enumerate(place_samples(samples, batch["targets"].shape[1])):
+        off = t_off = 0
+        for i in row:
+            out[i] = (r, off, t_off)
+            off, t_off = off + len(samples[i].token_ids), t_off + len(samples[i].teacher_ids()[0])
+    return out
+
+
+def assemble(samples, adv=ADV, **kw):
+    return assemble_evolve_batch(samples, adv, **{"seq_len": row_len(samples), **kw})
+
+
 def test_trainer_logprobs_equal_the_samplers_and_teacher_rows_see_the_images(world):
-    batch = assemble_evolve_batch(world.samples(), ADV, length_multiple=16, image_spec=world.spec)
+    samples = world.samples()
+    batch = assemble(samples, image_spec=world.spec)
     assert set(batch) == TEXT_KEYS | set(ROW_IMAGE_FIELDS)
+    where = placed(samples, batch)
+    assert sorted(r for r, _, _ in where.values()) == [0, 1, 2, 3]   # a row each
     assert batch["row_pixel_values"].shape[:2] == (4, 64)     # 24 + 12 patches → a multiple of 32
     graphdef, state = nnx.split(world.model)
     cfg = loss_cfg()
@@ -152,14 +178,15 @@ def test_trainer_logprobs_equal_the_samplers_and_teacher_rows_see_the_images(wor
     # image rows, so the agreement above is the images' doing.
     blind = dict(batch, row_vision_segment_ids=np.zeros_like(batch["row_vision_segment_ids"]))
     blind_lp = np.asarray(forward(state, blind))
-    assert np.abs(blind_lp[:3][m[:3]] - batch["old_logprobs"][:3][m[:3]]).max() > 1e-2
-    np.testing.assert_allclose(blind_lp[3][m[3]], lp[3][m[3]], atol=1e-5)   # the text-only row
+    image_rows = [where[i][0] for i in range(3)]
+    text_row = where[3][0]
+    assert np.abs(blind_lp[image_rows][m[image_rows]] - batch["old_logprobs"][image_rows][m[image_rows]]).max() > 1e-2
+    np.testing.assert_allclose(blind_lp[text_row][m[text_row]], lp[text_row][m[text_row]], atol=1e-5)
 
     # Teacher rows: the guided sequences with the same images, through the model's own image path
     # (flat pixels, static grids, its own rope index over padded rows) as the oracle.
     teacher = np.asarray(jax.jit(lambda st, b: teacher_logprobs(nnx.merge(graphdef, st), b, cfg),
                                  compiler_options=FAST)(state, batch))
-    samples = world.samples()
     rows = [s.teacher_ids()[0] for s in samples]
     width = max(map(len, rows)) + 1
     ids = np.zeros((len(rows), width), np.int32)
@@ -173,10 +200,30 @@ def test_trainer_logprobs_equal_the_samplers_and_teacher_rows_see_the_images(wor
     targets = np.concatenate([ids[:, 1:], np.zeros((len(rows), 1), np.int32)], axis=1)
     want = np.asarray(token_logprobs(hidden, world.model.lm_head_kernel(), jnp.asarray(targets), chunk_size=512,
                                      temperature=TEMPERATURE))
-    for r, s in enumerate(samples):
-        shift = len(rows[r]) - len(s.token_ids)
+    for i, s in enumerate(samples):
+        r = where[i][0]
+        shift = len(rows[i]) - len(s.token_ids)
         pos = np.nonzero(m[r])[0]
-        np.testing.assert_allclose(teacher[r, pos], want[r, pos + shift], atol=1e-4, rtol=0)
+        np.testing.assert_allclose(teacher[r, pos], want[i, pos + shift], atol=1e-4, rtol=0)
+
+    # All four samples packed into one row: one image block with their 4 images in order, MRoPE
+    # positions per segment. The student and teacher log-probs are those of a row each.
+    one = assemble(samples, seq_len=256, image_spec=world.spec)
+    assert one["targets"].shape == (1, 256) and set(one["segment_ids"][0].tolist()) == {0, 1, 2, 3, 4}
+    assert (one["row_vision_segment_ids"][0] > 0).sum() == 24 * 3 + 12
+    lp_one = np.asarray(forward(state, one))
+    t_one = np.asarray(jax.jit(lambda st, b: teacher_logprobs(nnx.merge(graphdef, st), b, cfg),
+                               compiler_options=FAST)(state, one))
+    m_one = one["loss_mask"][0] > 0
+    assert np.abs(lp_one[0][m_one] - one["old_logprobs"][0][m_one]).max() <= 1e-4
+    for i in range(4):
+        r, off, _ = where[i]
+        n = len(samples[i].token_ids)
+        _, off_one, _ = placed(samples, one)[i]
+        sl_one, sl = slice(off_one, off_one + n), slice(off, off + n)
+        on = m[r, sl]
+        np.testing.assert_allclose(lp_one[0, sl_one][on], lp[r, sl][on], atol=1e-4, rtol=0)
+        np.testing.assert_allclose(t_one[0, sl_one][on], teacher[r, sl][on], atol=1e-4, rtol=0)
 
 
 def test_position_ids_equal_transformers_rope_index(world):
@@ -184,8 +231,10 @@ def test_position_ids_equal_transformers_rope_index(world):
 
     hf = transformers.Qwen3VLModel(hf_config(world.cfg))
     samples = world.samples()
-    batch = assemble_evolve_batch(samples, ADV, length_multiple=16, image_spec=world.spec)
-    for r, (s, traj) in enumerate(zip(samples, world.trajs)):
+    batch = assemble(samples, image_spec=world.spec)
+    where = placed(samples, batch)
+    for i, (s, traj) in enumerate(zip(samples, world.trajs)):
+        r = where[i][0]
         images = traj.context_images()
         grid = (torch.as_tensor(preprocess_images([Image.open(p) for p in images], PROCESSOR)[1])
                 if images else None)
@@ -198,14 +247,13 @@ def test_position_ids_equal_transformers_rope_index(world):
             assert (got[:, len(ids):] == 0).all()
         if images:  # the teacher row's guide shifts every position after it, images included
             assert (batch["teacher_position_ids"][r].max() - batch["position_ids"][r].max()
-                    == len(world.guides[r]))
+                    == len(world.guides[i]))
             assert batch["position_ids"][r].max() < len(s.token_ids) - 1   # images take fewer positions than tokens
 
 
 def test_text_only_batches_keep_exactly_the_old_layout(world):
-    plain = assemble_evolve_batch(world.samples(images=False)[3:], ADV[3:], length_multiple=16, num_rows=2)
-    with_spec = assemble_evolve_batch(world.samples(images=False)[3:], ADV[3:], length_multiple=16, num_rows=2,
-                                      image_spec=world.spec)
+    plain = assemble(world.samples(images=False)[3:], ADV[3:], num_rows=2)
+    with_spec = assemble(world.samples(images=False)[3:], ADV[3:], num_rows=2, image_spec=world.spec)
     assert set(plain) == set(with_spec) == TEXT_KEYS
     for k in TEXT_KEYS:
         np.testing.assert_array_equal(plain[k], with_spec[k], err_msg=k)
@@ -213,10 +261,10 @@ def test_text_only_batches_keep_exactly_the_old_layout(world):
     np.testing.assert_array_equal(plain["position_ids"][0, :, :n], np.broadcast_to(np.arange(n), (3, n)))
     # Image samples that are all masked before assembly leave a text batch too.
     samples = [s.masked("judge_failed") for s in world.samples()]
-    assert set(assemble_evolve_batch(samples, ADV, length_multiple=16, image_spec=world.spec)) == TEXT_KEYS
+    assert set(assemble_evolve_batch(samples, ADV, seq_len=64, image_spec=world.spec)) == TEXT_KEYS
     # Images need the spec; a bad patch multiple is named.
     with pytest.raises(ValueError, match="image_spec"):
-        assemble_evolve_batch(world.samples(), ADV, length_multiple=16)
+        assemble(world.samples())
     with pytest.raises(ValueError, match="rl.patch_multiple"):
         ImageBatchSpec.for_model(world.cfg, PROCESSOR, patch_multiple=0)
     rl = default_rl_config()
@@ -239,7 +287,7 @@ def _host(tree):
 def test_grad_accumulation_splits_image_rows_exactly_and_steps_reuse_compiles(world, tmp_path):
     cfg = loss_cfg()
     mesh = make_mesh({"data": 2}, jax.devices()[:2])
-    batch = assemble_evolve_batch(world.samples(), ADV, length_multiple=16, image_spec=world.spec)
+    batch = assemble(world.samples(), image_spec=world.spec, row_multiple=4, loss_cfg=cfg)
     setup, params, opt = _train_state(world, mesh)
     batch["ref_logprobs"] = np.asarray(LogprobForward(setup, cfg, jnp.float32)(params, batch))
     m = batch["loss_mask"] > 0
@@ -267,7 +315,7 @@ def test_grad_accumulation_splits_image_rows_exactly_and_steps_reuse_compiles(wo
     upright = write_image(tmp_path / "upright.png", np.random.default_rng(5), 90, 70)
     other = world.samples()
     other[0], other[2] = (dataclasses.replace(other[i], images=[upright]) for i in (0, 2))
-    again = assemble_evolve_batch(other, ADV, length_multiple=16, image_spec=world.spec)
+    again = assemble(other, image_spec=world.spec, row_multiple=4, loss_cfg=cfg)
     again["ref_logprobs"] = batch["ref_logprobs"]
     assert {k: v.shape for k, v in again.items()} == {k: v.shape for k, v in batch.items()}
     assert all(s.valid for s in other)
@@ -281,7 +329,7 @@ def test_unreadable_or_mismatched_images_are_masked_before_assembly(world, tmp_p
     samples = world.samples()
     samples[1] = dataclasses.replace(samples[1], images=[world.wide, str(tmp_path / "gone.png")])
     samples[2] = dataclasses.replace(samples[2], images=[world.tall])   # 3 placeholders' worth behind 6
-    rules = MaskRules(max_seq_len=4096, image_spec=world.spec)
+    rules = MaskRules(max_tokens_per_row=4096, image_spec=world.spec)
     masked, images = mask_samples(samples, rules)
     assert masked.counts == {"image_unreadable": 1, "image_token_mismatch": 1}
     out = masked.samples
@@ -289,13 +337,14 @@ def test_unreadable_or_mismatched_images_are_masked_before_assembly(world, tmp_p
     assert out[2].mask_reason.startswith("image_token_mismatch")
     assert samples[1].valid and samples[1].reward == 0.5      # records are not changed in place
     assert sorted(images) == sorted([out[0].sample_id])        # decoded once, for the rows that train
-    batch = assemble_evolve_batch(out, ADV, length_multiple=16, image_spec=world.spec, images=images)
-    np.testing.assert_array_equal(batch["sample_valid"], [1, 0, 0, 1])
+    batch = assemble(out, image_spec=world.spec, images=images)
+    where = placed(out, batch)
+    assert sorted(where) == [0, 3] and batch["targets"].shape[0] == 2     # masked samples get no row
     seg = batch["row_vision_segment_ids"]
-    assert (seg[0] > 0).sum() == 24 and (seg[1:] == 0).all()   # masked rows carry no image block
+    assert (seg[where[0][0]] > 0).sum() == 24 and (seg[where[3][0]] == 0).all()
     # Assembly refuses a sample that cannot be trained on instead of training it silently.
     with pytest.raises(ValueError, match="sample t1 cannot be trained on .image_unreadable"):
-        assemble_evolve_batch(samples, ADV, length_multiple=16, image_spec=world.spec)
+        assemble(samples, image_spec=world.spec)
     # Placeholders without images behind them (pixels dropped) are masked, not trained as text.
     masked, _ = mask_samples(world.samples(images=False), rules)
     assert masked.counts == {"image_token_mismatch": 3} and [s.valid for s in masked.samples] == [0, 0, 0, 1]

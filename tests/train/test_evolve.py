@@ -12,7 +12,7 @@ import pytest
 from genevolve_jax.config_loader import load_config
 from genevolve_jax.ops.fused_logprob import token_kl
 from genevolve_jax.sharding.mesh import MeshError
-from genevolve_jax.train.batch_assembly import assemble_evolve_batch
+from genevolve_jax.train.batch_assembly import assemble_evolve_batch, place_samples
 from genevolve_jax.train.evolve import EvolveTrainer
 from genevolve_jax.train.run_config import validate_evolve_run
 from genevolve_jax.train.batch_layout import hidden_states_of
@@ -107,13 +107,21 @@ def test_teacher_index_aligns_teacher_tokens_with_student_targets():
         lp = [0.0] * len(p) + (-rng.random(3)).tolist() + [0.0] * 2 + (-rng.random(2)).tolist()
         guide = rng.integers(1, 50, 4 + 2 * i).tolist() if i != 1 else None
         samples.append(RolloutSample(f"s{i}", 0, ids, mask, lp, 0.5, prompt_length=len(p), teacher_prompt=guide))
-    b = assemble_evolve_batch(samples, [0.1, 0.2, 0.3], length_multiple=8, num_rows=4)
-    for r, s in enumerate(samples):
-        m = b["loss_mask"][r] > 0
-        # The teacher's target at the gathered position is the student's target, token for token.
-        np.testing.assert_array_equal(b["teacher_targets"][r][b["teacher_index"][r][m]], b["targets"][r][m])
-        np.testing.assert_allclose(b["sampler_logprobs"][r][m], [x for x, k in zip(s.logprobs[1:], s.loss_mask[1:]) if k])
-    assert b["has_bundle"].tolist() == [1, 0, 1, 0] and b["sample_valid"].tolist() == [1, 1, 1, 0]
+    # All three packed into one row of 64 tokens (4 rows: num_rows).
+    b = assemble_evolve_batch(samples, [0.1, 0.2, 0.3], seq_len=64, num_rows=4)
+    assert place_samples(samples, 64) == [[2, 0, 1]] and b["targets"].shape == (4, 64)
+    m = b["loss_mask"][0] > 0
+    # The teacher's target at the gathered position is the student's target, token for token.
+    np.testing.assert_array_equal(b["teacher_targets"][0][b["teacher_index"][0][m]], b["targets"][0][m])
+    offset = 0
+    for i in (2, 0, 1):
+        s, n = samples[i], len(samples[i].token_ids)
+        seg = slice(offset, offset + n)
+        np.testing.assert_allclose(b["sampler_logprobs"][0, seg][m[seg]],
+                                   [x for x, k in zip(s.logprobs[1:], s.loss_mask[1:]) if k])
+        assert (b["bundle"][0, seg] == float(s.has_bundle)).all() and (b["advantages"][0, seg][m[seg]] == [0.1, 0.2, 0.3][i]).all()
+        offset += n
+    assert b["loss_mask"][1:].sum() == 0 and b["weight_grpo"][1:].sum() == 0
 
 
 def test_bad_configs_fail_before_compile(tmp_path):

@@ -1,6 +1,7 @@
 """`genevolve train` with rl.engine="sglang": rollouts over HTTP from a `genevolve serve` app (the same
 native API as SGLang) on 127.0.0.1, weight sync by HF export + /update_weights_from_disk after every
 step, π_old recomputed, the sampler-vs-trainer mismatch as a metric, and the config checks."""
+import jax.numpy as jnp
 import socket
 
 import httpx
@@ -15,7 +16,7 @@ from genevolve_jax.rollout.config import default_engine_config
 from genevolve_jax.rollout.jax_engine import JaxEngine
 from genevolve_jax.rollout.server import create_app
 from genevolve_jax.rollout.sglang_engine import SGLangError
-from genevolve_jax.train.batch_assembly import OldLogprobs, logprob_mismatch
+from genevolve_jax.train.losses.step_losses import logprob_mismatch
 from genevolve_jax.train.run_config import default_rl_config, validate_rl
 from tests.fixtures.toy_task import toy_model, toy_run_config, toy_trainer
 
@@ -60,8 +61,10 @@ def hf_weights(model) -> dict[str, np.ndarray]:
     return dict(hf_state_dict(model))
 
 
-def server_weights(engine) -> dict[str, np.ndarray]:
-    return hf_weights(nnx.merge(engine._graphdef, engine._params, engine._rest))
+def server_weights(engine, like) -> dict[str, np.ndarray]:
+    """The served engine's weights, as HF tensors (``like``: a model of the same shapes)."""
+    nnx.update(like, engine.params)
+    return hf_weights(like)
 
 
 def assert_same_weights(a: dict, b: dict) -> None:
@@ -78,12 +81,13 @@ def test_two_steps_roll_out_over_http_and_the_server_follows_the_trainer(toy_ser
     trainer = toy_trainer(cfg)
     try:
         start = hf_weights(trainer.setup.merge(trainer.params))
-        before = server_weights(engine)
+        shell = toy_model(seed=2)
+        before = server_weights(engine, shell)
         assert any(not np.array_equal(before[k], start[k]) for k in start)  # the push at start is needed
 
         m1 = trainer.train_one_step()
         trained1 = hf_weights(trainer.setup.merge(trainer.params))
-        assert_same_weights(server_weights(engine), trained1)
+        assert_same_weights(server_weights(engine, shell), trained1)
         assert any(not np.array_equal(trained1[k], start[k]) for k in start)  # the step changed the policy
         # Rolled out by the server on the pushed starting weights: its log-probs are the trainer's.
         assert m1["rollout/logprob_mismatch"] < 1e-5 and m1["rollout/logprob_mismatch_max"] < 1e-4
@@ -92,7 +96,7 @@ def test_two_steps_roll_out_over_http_and_the_server_follows_the_trainer(toy_ser
         assert m1["time/weight_export_s"] > 0 and m1["time/weight_reload_s"] > 0
 
         m2 = trainer.train_one_step()
-        assert_same_weights(server_weights(engine), hf_weights(trainer.setup.merge(trainer.params)))
+        assert_same_weights(server_weights(engine, shell), hf_weights(trainer.setup.merge(trainer.params)))
         # Sampled after the sync of step 1: the server ran the step-1 weights.
         assert m2["rollout/logprob_mismatch"] < 1e-5
         rows = 2 * cfg.data.rl.prompts_per_step * cfg.rl.group_size
@@ -105,8 +109,8 @@ def test_two_steps_roll_out_over_http_and_the_server_follows_the_trainer(toy_ser
 
         # rl.old_logprobs="sampler" keeps the server's log-probs: with the server moved to other
         # weights behind the trainer's back, the mismatch shows it and π/π_old leaves 1.
-        trainer._old_logprobs = OldLogprobs(None, None, mode="sampler", fn=trainer._old_logprobs.fn)
-        engine.update_weights(toy_model(seed=3))
+        trainer.old_logprobs_route = "sampler"
+        engine.update_weights(nnx.state(toy_model(seed=3), nnx.Param), 99)
         m3 = trainer.train_one_step()
         assert m3["rollout/logprob_mismatch"] > 0.05 and m3["grpo/approx_kl_old"] > 1e-3
     finally:
@@ -128,7 +132,12 @@ def test_one_dead_url_among_healthy_ones_is_put_on_probation(toy_server):
     client = SGLangEngine([dead, url], timeout_s=5)
     states = client.wait_healthy(0.0, field="rl.sglang.urls")
     assert states == {dead: False, url: True}
-    assert client._pick(set()) == url
+    from genevolve_jax.rollout.engine import GenerationRequest, SamplingParams
+    results = client.generate([GenerationRequest([1, 2, 3, 4], SamplingParams(max_new_tokens=2, temperature=1.0,
+                                                                              top_p=1.0, seed=i),
+                                                 request_id=f"probation-{i}") for i in range(4)])
+    assert all(r.finish_reason != "abort" for r in results), [r.error for r in results]
+    assert client.stats["failures"] == 0       # no request went to the server on probation
 
 
 # --- config -------------------------------------------------------------------------------------------
@@ -171,7 +180,7 @@ def test_a_key_pasted_into_api_key_env_is_rejected_without_echoing_it():
 
 def test_other_engines_need_no_urls():
     cfg = default_rl_config()
-    assert cfg.engine == "jax" and cfg.old_logprobs == "sampler" and list(cfg.sglang.urls) == []
+    assert cfg.engine == "jax" and cfg.old_logprobs == "auto" and list(cfg.sglang.urls) == []
     validate_rl(cfg)
 
 
@@ -189,12 +198,13 @@ def test_gpu_configs_roll_out_on_sglang_on_their_own_ports(name):
 
 def test_logprob_mismatch_counts_policy_tokens_of_valid_rows_only():
     rng = np.random.default_rng(0)
-    a, b = rng.normal(size=(3, 7)), rng.normal(size=(3, 7))
+    a, b = rng.normal(size=(3, 7)).astype(np.float32), rng.normal(size=(3, 7)).astype(np.float32)
     mask = rng.random((3, 7)) < 0.5
     mask[0, 0] = True
-    valid = np.array([1.0, 0.0, 1.0])
-    out = logprob_mismatch(a, b, mask.astype(np.float32), valid)
-    diffs = [abs(a[r, c] - b[r, c]) for r in (0, 2) for c in range(7) if mask[r, c]]
-    assert out["rollout/logprob_mismatch"] == pytest.approx(sum(diffs) / len(diffs), rel=1e-12)
-    assert out["rollout/logprob_mismatch_max"] == pytest.approx(max(diffs), rel=1e-12)
-    assert logprob_mismatch(a, b, np.zeros((3, 7)), valid)["rollout/logprob_mismatch"] == 0.0
+    valid = np.array([1.0, 0.0, 1.0], np.float32)
+    out = logprob_mismatch(jnp.asarray(a), jnp.asarray(b), jnp.asarray(mask, jnp.float32), jnp.asarray(valid))
+    diffs = [abs(float(a[r, c]) - float(b[r, c])) for r in (0, 2) for c in range(7) if mask[r, c]]
+    assert float(out["rollout/logprob_mismatch"]) == pytest.approx(sum(diffs) / len(diffs), rel=1e-6)
+    assert float(out["rollout/logprob_mismatch_max"]) == pytest.approx(max(diffs), rel=1e-6)
+    none = logprob_mismatch(jnp.asarray(a), jnp.asarray(b), jnp.zeros((3, 7)), jnp.asarray(valid))
+    assert float(none["rollout/logprob_mismatch"]) == 0.0

@@ -202,3 +202,72 @@ def test_guard_counts_consecutive_skips_and_names_step_and_stage():
     for bad in (0, -1, 1.5, True, "3"):
         with pytest.raises(ValueError, match="train.max_consecutive_nonfinite"):
             NonFiniteGuard(bad)
+
+
+class PoisonOnce:
+    """Wraps the trainer's jitted step: at step ``at`` one advantage of the batch becomes NaN, so
+    the real step sees a NaN loss (the fault of a broken judge or a bad sampler log-prob)."""
+
+    def __init__(self, step_fn, trainer, at):
+        self.step_fn, self.trainer, self.at = step_fn, trainer, at
+
+    def __call__(self, params, opt_state, batch, rng):
+        if self.trainer.step + 1 == self.at:
+            batch = dict(batch)
+            adv = np.array(batch["advantages"], np.float32)
+            adv[tuple(np.argwhere(np.asarray(batch["loss_mask"]) > 0)[0])] = np.nan   # on a trained token
+            batch["advantages"] = adv
+        return self.step_fn(params, opt_state, batch, rng)
+
+    def __getattr__(self, name):     # everything else is the wrapped step's
+        return getattr(self.step_fn, name)
+
+
+@pytest.mark.slow
+def test_evolve_driver_skips_counts_and_stops_with_a_checkpoint(tmp_path, caplog):
+    import dataclasses
+    import logging
+
+    from genevolve_jax.train.preemption import RunStopped
+    from tests.fixtures.toy_task import toy_run_config, toy_trainer
+
+    cfg = toy_run_config(tmp_path / "run", steps=8, group=4, save_every=100)
+    cfg.train.max_consecutive_nonfinite = 2
+    trainer = toy_trainer(cfg)
+    try:
+        trainer.train_step = PoisonOnce(trainer.train_step, trainer, at=2)
+        trainer.train_one_step()
+        before_p, before_o = host(trainer.params), host(trainer.opt_state)
+        with caplog.at_level(logging.WARNING, logger="genevolve_jax.train.nonfinite"):
+            m = trainer.train_one_step()
+        assert m["skipped_nonfinite"] == 1 and m["train/skipped_nonfinite"] == 1 and not math.isfinite(m["loss"])
+        assert_bit_identical(host(trainer.params), before_p)
+        assert_bit_identical(host(trainer.opt_state), before_o)
+        logged = "\n".join(r.getMessage() for r in caplog.records)
+        assert "step 2: non-finite loss term" in logged and "s2-p0-k0" in logged
+        m = trainer.train_one_step()                        # clean again: trains, the run of skips resets
+        assert m["skipped_nonfinite"] == 0 and m["train/consecutive_nonfinite"] == 0
+        assert m["train/skipped_nonfinite"] == 1
+
+        # From step 4 on the judge returns NaN for one rollout a step: masked before the advantages,
+        # counted, and after two such steps in a row the run stops with a checkpoint.
+        inner = trainer.rollout
+
+        class NaNReward:
+            def collect(self, step, prompts, group_ids=None):
+                samples, info = inner.collect(step, prompts, group_ids)
+                return [dataclasses.replace(s, reward=float("nan")) if i == 1 else s
+                        for i, s in enumerate(samples)], info
+
+        trainer.rollout = NaNReward()
+        with pytest.raises(RunStopped) as stop:
+            trainer.run()
+        assert stop.value.exit_code == RunStopped.NON_FINITE and stop.value.step == 5
+        msg = stop.value.message
+        assert "step 5: non-finite reward" in msg and "s5-p0-k1" in msg and "Last clean step: 3" in msg
+        assert f"saved checkpoint step 5 under {trainer.ckpt.directory}" in msg
+        assert 5 in trainer.ckpt.all_steps()
+        rows = trainer.logger.history
+        assert [r.get("masked/non_finite_reward") for r in rows[-2:]] == [1, 1]
+    finally:
+        trainer.close()

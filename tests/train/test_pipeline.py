@@ -73,7 +73,7 @@ def test_a_masked_sample_does_not_count_in_its_group(reason, tmp_path):
     g, k = int(rng.integers(P)), int(rng.integers(K))
     victim = g * K + k
     samples[victim], kind = masked_variant(reason, samples[victim], tmp_path)
-    masked, _ = mask_samples(samples, MaskRules(max_seq_len=64, image_spec=SPEC))
+    masked, _ = mask_samples(samples, MaskRules(max_tokens_per_row=64, image_spec=SPEC))
     out = masked.samples
     assert not out[victim].valid and out[victim].reward is None and out[victim].mask_reason.startswith(kind)
     assert sum(not s.valid for s in out) == 1
@@ -112,7 +112,7 @@ def test_on_policy_pi_old_equals_the_recomputed_one():
     samples = [text_sample(rng, f"s{i}", i // 4, float(rng.random()), teacher_prompt=rng.integers(1, 50, 5).tolist())
                for i in range(8)]
     adv = group_advantages(samples, 2, 4, cfg)
-    on_policy = assemble_evolve_batch(samples, adv, length_multiple=16, old_logprobs=False)
+    on_policy = assemble_evolve_batch(samples, adv, seq_len=32, row_multiple=4, loss_cfg=cfg, old_logprobs=False)
     assert "old_logprobs" not in on_policy and "sampler_logprobs" in on_policy
     mesh = make_mesh({"fsdp": 2}, jax.devices()[:2])
     results, noise = [], 0.05 * rng.random(on_policy["targets"].shape)

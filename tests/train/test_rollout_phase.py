@@ -70,6 +70,27 @@ def test_cut_off_rollouts_follow_the_mask_switch(cfg, mask_truncated):
         assert not info["masked_reasons"]
 
 
+def test_an_engine_refusal_with_its_own_kind_is_counted_under_it(cfg):
+    """A server whose image expansion differs from the trainer's aborts with mask_kind
+    image_token_mismatch_server: the trajectory is masked and counted under that reason, not as a
+    plain engine error."""
+    from genevolve_jax.rollout.engine import GenerationResult
+
+    class Refusing(HeuristicDemoEngine):
+        def generate(self, requests):
+            refused = GenerationResult([], [], "abort", error="image_token_mismatch_server: 12 vs 16",
+                                       mask_kind="image_token_mismatch_server")
+            return [refused if r.request_id.startswith("s1-p0-k1") else got
+                    for r, got in zip(requests, super().generate(requests))]
+
+    tok = default_tokenizer()
+    loop = AgentLoop(Refusing(tok, ("search",), top_k=1), tok, make_backend(cfg.agent.tools), cfg.agent, seed=0)
+    samples, info = AgentRolloutPhase(loop, RewardScorer.from_config(cfg.reward), 2).collect(1, prompt_rows(1))
+    refused = [s for s in samples if not s.valid]
+    assert [s.sample_id for s in refused] == ["s1-p0-k1"] and refused[0].mask_reason.startswith("image_token_mismatch_server: ")
+    assert info["masked_reasons"] == {"image_token_mismatch_server": 1}
+
+
 def test_policy_summariser_backend_asks_the_engine_a_single_turn_chat():
     """The "policy" summariser backend: one chat-formatted request per pair, sampled with the
     summariser's temperature, stopped at <|im_end|>, each with its own seed; the decoded replies

@@ -174,15 +174,19 @@ def test_render_service_down_past_its_retries_then_back(tmp_path):
     o.backoff_s, o.max_backoff_s, o.max_wait_s, o.health_timeout_s = 0.25, 1.0, 300.0, 2.0
     prepare_data(cfg, sft=False, rl=True)
     tok = build_tokenizer(cfg.model)
-    # Every rollout looks an image up in the offline corpus and answers with a program that uses it.
-    turns = ["<think>look</think>\n" + format_tool_call("image_search", {"query": "snowman night", "top_k": 1}),
-             "<think>done</think>" + format_answer({"gen_prompt": "A snowman like the first reference image.",
-                                                     "reference_images": [{"img_id": "IMG_001", "note": "snowman"}]})]
+    # Every rollout looks an image up in the offline corpus and answers with a program that uses it;
+    # each program is its own (the render cache would otherwise answer without the service).
+    def turns(traj_id):
+        return ["<think>look</think>\n" + format_tool_call("image_search", {"query": "snowman night", "top_k": 1}),
+                "<think>done</think>" + format_answer({"gen_prompt": f"A snowman like the first reference ({traj_id}).",
+                                                        "reference_images": [{"img_id": "IMG_001", "note": "snowman"}]})]
+    # Twice over: a step collected again after the outage replays its trajectories' ids.
+    scripts = {f"s{s}-p{p}-k{k}": turns(f"s{s}-p{p}-k{k}") * 2 for s in range(1, 4) for p in range(2) for k in range(2)}
     server = _start_render_server(port)
     trainer = None
     restarted: list = []
     try:
-        trainer = EvolveTrainer(cfg, engine=ScriptedEngine(turns, tok), tokenizer=tok, progress=False,
+        trainer = EvolveTrainer(cfg, engine=ScriptedEngine(scripts, tok), tokenizer=tok, progress=False,
                                 devices=jax.devices()[:1])
         first = trainer.train_one_step()
         assert first["outage/degraded"] == 0 and "masked/render_failed" not in first
@@ -205,6 +209,7 @@ def test_render_service_down_past_its_retries_then_back(tmp_path):
     assert out["steps"] == 3 and 3 in out["checkpoints"]
     rows = {int(r["step"]): r for r in _rows(cfg.workdir)}
     hit = rows[2]
+    print({k: v for k, v in hit.items() if k.startswith("outage/")})
     assert hit["outage/degraded"] == 1 and hit["outage/recovered"] == 1 and hit["outage/recollected"] == 1
     assert hit["outage/masked/render_failed"] == 4 and hit["outage/masked_samples"] == 4
     assert hit["outage/wait_s"] >= down_s - 0.5

@@ -19,11 +19,8 @@ from genevolve_jax.models.qwen3_vl.config import Qwen3VLConfig
 def hf_config(config: Qwen3VLConfig, attn_implementation: str = "eager"):
     import transformers
     d = {k: v for k, v in config.to_hf_dict().items() if k not in ("architectures", "model_type")}
-    hf = transformers.Qwen3VLConfig(**d)
-    hf._attn_implementation = attn_implementation
-    for sub in (hf.text_config, hf.vision_config):
-        sub._attn_implementation = attn_implementation
-    return hf
+    # The keyword sets the implementation of the text and vision sub-configs too (transformers 5.x).
+    return transformers.Qwen3VLConfig(**d, attn_implementation=attn_implementation)
 
 
 def random_hf_model(config: Qwen3VLConfig, seed: int = 0):

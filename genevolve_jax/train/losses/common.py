@@ -57,6 +57,24 @@ def aggregate(token_values: jax.Array, mask: jax.Array, mode: str) -> jax.Array:
     return (seq_sum / jnp.maximum(per_seq_tokens, 1.0)).sum() / n_seqs
 
 
+def weighted_sum(x: jax.Array, weight: jax.Array) -> jax.Array:
+    """Σ weight·x over positions with a nonzero weight (garbage elsewhere cannot leak in).
+
+    The exact-accumulation form of every aggregation: the host computes each token's weight
+    from the whole step's counts (train/loss_weights.py), so the sum over any split of the rows
+    into micro-batches is the one-batch loss."""
+    w = jnp.asarray(weight, F32)
+    return jnp.sum(jnp.where(w != 0, jnp.asarray(x, F32), 0.0) * w)
+
+
+def constant_weight_mean(x: jax.Array, mask: jax.Array, weight: jax.Array) -> jax.Array:
+    """Σ_mask x · w for a weight that is one constant (1/N) on the mask: the micro-batch's share of
+    an exact mean over the step. Summing first and scaling once keeps it within an ulp or two of
+    the mean (a sum of N roundings of 1/N would not be)."""
+    m = jnp.asarray(mask, F32)
+    return jax.lax.stop_gradient(jnp.sum(jnp.where(m > 0, jnp.asarray(x, F32), 0.0) * m) * jnp.max(weight))
+
+
 def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
     """Token-mean of x over the mask, for metrics (no gradient intended)."""
     return jax.lax.stop_gradient(aggregate(x, mask, "token-mean"))

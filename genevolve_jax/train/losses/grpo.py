@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from genevolve_jax.train.losses.common import (F32, aggregate, as_mask, check_same_shape, masked,
-                                               masked_mean, sample_mask)
+                                               masked_mean, sample_mask, weighted_sum,
+                                               constant_weight_mean)
 
 # exp() arguments are kept inside ±LOG_RATIO_LIMIT: a log-ratio beyond it is already garbage, and
 # this keeps float32 finite (the gradient there is zero, as for any clipped token).
@@ -104,32 +105,12 @@ def kl_penalty(logprobs: jax.Array, ref_logprobs: jax.Array, estimator: str,
     return kl
 
 
-def grpo_loss(logprobs: jax.Array, old_logprobs: jax.Array, advantages: jax.Array,
-              mask: jax.Array, cfg: ml_collections.ConfigDict, *,
-              ref_logprobs: jax.Array | None = None, sample_valid: jax.Array | None = None,
-              entropy: jax.Array | None = None):
-    """Clipped GRPO loss and its metrics.
-
-    logprobs, old_logprobs, ref_logprobs [B, T] (sampled-token log-probs under the policy, the
-    rollout policy and the reference); advantages [B] (one per trajectory) or [B, T]; mask [B, T]
-    on the policy's tokens; sample_valid [B] (e.g. :func:`trajectory_valid`); entropy [B, T] is
-    only reported. ``cfg`` is the loss config (:func:`default_loss_config`).
-    Returns (loss scalar, metrics dict of scalars).
-    """
+def grpo_token_terms(logprobs: jax.Array, old_logprobs: jax.Array, adv: jax.Array, m: jax.Array,
+                     cfg: ml_collections.ConfigDict, ref_logprobs: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Per-token GRPO terms over the float mask ``m`` [B, T] (advantages ``adv`` [B, T]): the
+    token loss pg + β·kl and the quantities the metrics report. Masked positions hold constants."""
     g = cfg.grpo
     shape = jnp.shape(logprobs)
-    check_same_shape({"old_logprobs": old_logprobs, "mask": mask, "ref_logprobs": ref_logprobs,
-                      "entropy": entropy}, shape)
-    adv = jnp.asarray(advantages, F32)
-    if adv.shape == shape[:1]:
-        adv = adv[:, None]
-    elif adv.shape != shape:
-        raise ValueError(f"advantages must be [B] or [B, T] for logprobs {shape}, got {adv.shape}")
-    use_kl = g.kl_coef > 0
-    if use_kl and ref_logprobs is None:
-        raise ValueError("grpo.kl_coef > 0 needs ref_logprobs")
-
-    m = sample_mask(mask, sample_valid)
     lp = masked(logprobs, m)
     old = masked(jax.lax.stop_gradient(old_logprobs), m)
     adv = masked(jnp.broadcast_to(adv, shape), m)
@@ -149,26 +130,90 @@ def grpo_loss(logprobs: jax.Array, old_logprobs: jax.Array, advantages: jax.Arra
 
     token_loss = pg
     kl = jnp.zeros(shape, F32)
-    if use_kl:
+    if g.kl_coef > 0:
+        if ref_logprobs is None:
+            raise ValueError("grpo.kl_coef > 0 needs ref_logprobs")
         ref = masked(jax.lax.stop_gradient(ref_logprobs), m)
         kl = kl_penalty(lp, ref, g.kl_estimator, g.kl_clamp)
         token_loss = pg + g.kl_coef * kl
-    loss = aggregate(token_loss, m, g.aggregation)
+    return {"token_loss": token_loss, "pg": pg, "kl": kl, "clipped": clipped, "dual_clipped": dual_clipped,
+            "ratio": ratio, "approx_kl_old": 0.5 * (lp - old) ** 2, "adv": adv}
+
+
+def _check_advantages(advantages, shape) -> jax.Array:
+    adv = jnp.asarray(advantages, F32)
+    if adv.shape == shape[:1]:
+        return adv[:, None]
+    if adv.shape != shape:
+        raise ValueError(f"advantages must be [B] or [B, T] for logprobs {shape}, got {adv.shape}")
+    return adv
+
+
+def grpo_loss(logprobs: jax.Array, old_logprobs: jax.Array, advantages: jax.Array,
+              mask: jax.Array, cfg: ml_collections.ConfigDict, *,
+              ref_logprobs: jax.Array | None = None, sample_valid: jax.Array | None = None,
+              entropy: jax.Array | None = None):
+    """Clipped GRPO loss and its metrics, aggregated over this batch (``cfg.grpo.aggregation``).
+
+    logprobs, old_logprobs, ref_logprobs [B, T] (sampled-token log-probs under the policy, the
+    rollout policy and the reference); advantages [B] (one per trajectory) or [B, T]; mask [B, T]
+    on the policy's tokens; sample_valid [B] (e.g. :func:`trajectory_valid`); entropy [B, T] is
+    only reported. ``cfg`` is the loss config (:func:`default_loss_config`).
+    Returns (loss scalar, metrics dict of scalars). The train step uses :func:`grpo_loss_weighted`
+    (the same terms with host-computed weights, exact over micro-batches and packed rows).
+    """
+    g = cfg.grpo
+    shape = jnp.shape(logprobs)
+    check_same_shape({"old_logprobs": old_logprobs, "mask": mask, "ref_logprobs": ref_logprobs,
+                      "entropy": entropy}, shape)
+    adv = _check_advantages(advantages, shape)
+    m = sample_mask(mask, sample_valid)
+    t = grpo_token_terms(logprobs, old_logprobs, adv, m, cfg, ref_logprobs)
+    loss = aggregate(t["token_loss"], m, g.aggregation)
 
     valid_seqs = (m.sum(axis=1) > 0).astype(F32).sum()
     metrics = {
         "grpo/loss": jax.lax.stop_gradient(loss),
-        "grpo/pg_loss": jax.lax.stop_gradient(aggregate(pg, m, g.aggregation)),
-        "grpo/kl": masked_mean(kl, m),
-        "grpo/clip_frac": masked_mean(clipped, m),
-        "grpo/dual_clip_frac": masked_mean(dual_clipped, m),
-        "grpo/ratio_mean": masked_mean(ratio, m),
-        "grpo/approx_kl_old": masked_mean(0.5 * (lp - old) ** 2, m),
-        "grpo/adv_mean": masked_mean(adv, m),
+        "grpo/pg_loss": jax.lax.stop_gradient(aggregate(t["pg"], m, g.aggregation)),
+        "grpo/kl": masked_mean(t["kl"], m),
+        "grpo/clip_frac": masked_mean(t["clipped"], m),
+        "grpo/dual_clip_frac": masked_mean(t["dual_clipped"], m),
+        "grpo/ratio_mean": masked_mean(t["ratio"], m),
+        "grpo/approx_kl_old": masked_mean(t["approx_kl_old"], m),
+        "grpo/adv_mean": masked_mean(t["adv"], m),
         "grpo/tokens": m.sum(),
         "grpo/seqs": valid_seqs,
         "grpo/masked_seqs": (as_mask(mask).sum(axis=1) > 0).astype(F32).sum() - valid_seqs,
     }
     if entropy is not None:
         metrics["grpo/entropy"] = masked_mean(entropy, m)
+    return loss, metrics
+
+
+def grpo_loss_weighted(logprobs: jax.Array, old_logprobs: jax.Array, advantages: jax.Array,
+                       weights, cfg: ml_collections.ConfigDict, *, ref_logprobs: jax.Array | None = None,
+                       entropy: jax.Array | None = None):
+    """GRPO as a weighted token sum: (Σ w_agg·(pg + β·kl), metrics as weighted sums).
+
+    ``advantages`` [B, T] (each token carries its trajectory's); ``weights`` a
+    :class:`~genevolve_jax.train.loss_weights.TokenWeights` view: ``grpo`` (the aggregation's
+    per-token weight, 0 off the valid policy tokens), ``token`` (1/N on the step's valid policy
+    tokens: token means) and ``seq`` (1 on a trajectory's first policy token: trajectory counts).
+    Masked trajectories have no row in a packed batch (``samples/masked`` counts them). Every value is a sum, so micro-batches add up to the one-batch numbers exactly."""
+    w_agg, w_tok = weights["grpo"], weights["token"]
+    m = (w_tok != 0).astype(F32)
+    t = grpo_token_terms(logprobs, old_logprobs, advantages, m, cfg, ref_logprobs)
+    loss = weighted_sum(t["token_loss"], w_agg)
+    metrics = {
+        "grpo/loss": jax.lax.stop_gradient(loss),
+        "grpo/pg_loss": jax.lax.stop_gradient(weighted_sum(t["pg"], w_agg)),
+        "grpo/tokens": m.sum(),
+        "grpo/seqs": jnp.sum(weights["seq"] * m),
+    }
+    for name in ("kl", "clip_frac", "dual_clip_frac", "ratio_mean", "approx_kl_old", "adv_mean"):
+        term = {"clip_frac": "clipped", "dual_clip_frac": "dual_clipped", "ratio_mean": "ratio",
+                "adv_mean": "adv"}.get(name, name)
+        metrics[f"grpo/{name}"] = constant_weight_mean(t[term], m, w_tok)
+    if entropy is not None:
+        metrics["grpo/entropy"] = constant_weight_mean(entropy, m, w_tok)
     return loss, metrics

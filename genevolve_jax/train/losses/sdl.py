@@ -32,8 +32,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from genevolve_jax.train.losses.common import (F32, as_mask, check_same_shape, masked,
-                                               masked_mean, sample_mask)
-from genevolve_jax.train.losses.grpo import grpo_loss
+                                               masked_mean, sample_mask, weighted_sum,
+                                               constant_weight_mean)
+from genevolve_jax.train.losses.grpo import grpo_loss, grpo_loss_weighted
 
 # Largest exp() argument used: beyond it k3 is far above any sane clamp, and float32 stays finite.
 _EXP_LIMIT = 80.0
@@ -67,6 +68,29 @@ def topk_token_mask(student_logprobs: jax.Array, teacher_logprobs: jax.Array, ma
     return ((rank < k[:, None]) & (m > 0)).astype(F32)
 
 
+def segment_topk_mask(student_logprobs: jax.Array, teacher_logprobs: jax.Array, mask: jax.Array,
+                      segment_ids: jax.Array, k: jax.Array) -> jax.Array:
+    """m^E [B, T] float32 for packed rows: in each segment, the ``k`` masked tokens with the
+    largest |log π_E − log π_S| (ties to the earlier position), ``k`` [B, T] being the segment's
+    count at each of its tokens (computed on the host: ceil(frac·n) of its n policy tokens, 0
+    without a bundle). Sorting by (segment, −gap) and subtracting each segment's first sorted
+    index gives the rank inside the segment in O(T log T), never a T × T comparison."""
+    m = as_mask(mask)
+    gap = jnp.abs(masked(teacher_logprobs, m) - masked(student_logprobs, m))
+    gap = jax.lax.stop_gradient(jnp.where(jnp.isfinite(gap), gap, jnp.finfo(F32).max))
+    score = jnp.where(m > 0, gap, -jnp.inf)
+    seg = jnp.asarray(segment_ids, jnp.int32)
+    by_score = jnp.argsort(-score, axis=1, stable=True)
+    seg_sorted = jnp.take_along_axis(seg, by_score, axis=1)
+    by_seg = jnp.argsort(seg_sorted, axis=1, stable=True)     # segment-major, best first inside
+    order = jnp.take_along_axis(by_score, by_seg, axis=1)
+    seg_ordered = jnp.take_along_axis(seg, order, axis=1)
+    first = jax.vmap(lambda s: jnp.searchsorted(s, s, side="left"))(seg_ordered)
+    rank_sorted = jnp.arange(seg.shape[1], dtype=jnp.int32)[None, :] - first.astype(jnp.int32)
+    rank = jnp.zeros_like(rank_sorted).at[jnp.arange(seg.shape[0])[:, None], order].set(rank_sorted)
+    return ((rank < jnp.asarray(k, jnp.int32)) & (m > 0)).astype(F32)
+
+
 def sampled_token_divergence(ell: jax.Array, kind: str, jsd_beta: float = 0.5) -> jax.Array:
     """f(r) at r = exp(−ℓ), ℓ = log π_S − log π_E of the sampled token (module docstring).
 
@@ -84,6 +108,15 @@ def sampled_token_divergence(ell: jax.Array, kind: str, jsd_beta: float = 0.5) -
         log_s = jnp.logaddexp(math.log(jsd_beta) + log_r, math.log1p(-jsd_beta))
         return jsd_beta * r * log_r - jnp.exp(log_s) * log_s
     raise ValueError(f"sdl.divergence must be one of ('k3', 'forward', 'jsd'), got {kind!r}")
+
+
+def sdl_token_terms(lp_s: jax.Array, lp_e: jax.Array, lp_old: jax.Array, cfg: ml_collections.ConfigDict):
+    """(f(r), clamped f(r), ρ, per-token loss min(ρ·clamp(f), c_tok)) from masked log-probs."""
+    s = cfg.sdl
+    div = sampled_token_divergence(lp_s - lp_e, s.divergence, float(s.jsd_beta))
+    div_c = jnp.clip(div, -s.k3_clamp, s.k3_clamp)
+    rho = jnp.minimum(jnp.exp(jnp.minimum(lp_s - lp_old, _EXP_LIMIT)), s.rho_max)
+    return div, div_c, rho, jnp.minimum(rho * div_c, s.token_cap)
 
 
 def sdl_loss(student_logprobs: jax.Array, teacher_logprobs: jax.Array,
@@ -110,10 +143,7 @@ def sdl_loss(student_logprobs: jax.Array, teacher_logprobs: jax.Array,
     lp_old = masked(jax.lax.stop_gradient(old_logprobs), m)
     m_e = topk_token_mask(lp_s, lp_e, m, has_bundle, s.topk_frac)
 
-    div = sampled_token_divergence(lp_s - lp_e, s.divergence, float(s.jsd_beta))
-    div_c = jnp.clip(div, -s.k3_clamp, s.k3_clamp)
-    rho = jnp.minimum(jnp.exp(jnp.minimum(lp_s - lp_old, _EXP_LIMIT)), s.rho_max)
-    per_token = jnp.minimum(rho * div_c, s.token_cap)
+    div, div_c, rho, per_token = sdl_token_terms(lp_s, lp_e, lp_old, cfg)
     n_tok = m_e.sum()
     loss = (m_e * per_token).sum() / jnp.maximum(n_tok, 1.0)
 
@@ -147,6 +177,53 @@ def evolve_loss(logprobs, old_logprobs, advantages, mask, cfg: ml_collections.Co
             raise ValueError("sdl.coef > 0 needs teacher_logprobs and has_bundle")
         l_sdl, m_sdl = sdl_loss(logprobs, teacher_logprobs, old_logprobs, mask, has_bundle, cfg,
                                 sample_valid=sample_valid)
+        loss = loss + cfg.sdl.coef * l_sdl
+        metrics.update(m_sdl)
+    metrics["loss"] = jax.lax.stop_gradient(loss)
+    return loss, metrics
+
+
+def sdl_loss_weighted(student_logprobs: jax.Array, teacher_logprobs: jax.Array, old_logprobs: jax.Array,
+                      segment_ids: jax.Array, weights, cfg: ml_collections.ConfigDict):
+    """SDL as a weighted token sum over packed rows: (Σ w_sdl·m^E·ℓ_tok, metrics as sums).
+
+    ``weights`` (train/loss_weights.py): ``sdl_k`` [B, T] the top-token count of each token's
+    segment (0 without a bundle or when masked), ``sdl`` 1/Σk on the candidate tokens (valid
+    policy tokens of bundled trajectories), ``seq`` 1 on a trajectory's first policy token and
+    ``sample`` 1/(n·N) on every token of the N real trajectories."""
+    w_sdl = weights["sdl"]
+    cand = (w_sdl != 0).astype(F32)
+    lp_s = masked(student_logprobs, cand)
+    lp_e = masked(jax.lax.stop_gradient(teacher_logprobs), cand)
+    lp_old = masked(jax.lax.stop_gradient(old_logprobs), cand)
+    m_e = segment_topk_mask(lp_s, lp_e, cand, segment_ids, weights["sdl_k"])
+    div, div_c, rho, per_token = sdl_token_terms(lp_s, lp_e, lp_old, cfg)
+    loss = weighted_sum(per_token, m_e * w_sdl)
+    s = cfg.sdl
+    metrics = {
+        "sdl/loss": jax.lax.stop_gradient(loss),
+        "sdl/tokens": m_e.sum(),
+        "sdl/samples": jnp.sum(weights["seq"] * cand * (weights["sdl_k"] > 0)),
+        "sdl/bundle_frac": jnp.sum(weights["sample"] * weights["bundle"]),
+        "sdl/divergence": constant_weight_mean(div, m_e, w_sdl),
+        "sdl/rho": constant_weight_mean(rho, m_e, w_sdl),
+        "sdl/clamp_frac": constant_weight_mean((jnp.abs(div) > s.k3_clamp).astype(F32), m_e, w_sdl),
+        "sdl/cap_frac": constant_weight_mean((rho * div_c > s.token_cap).astype(F32), m_e, w_sdl),
+        "sdl/gap": constant_weight_mean(jnp.abs(lp_e - lp_s), m_e, w_sdl),
+    }
+    return loss, metrics
+
+
+def evolve_loss_weighted(logprobs, old_logprobs, advantages, segment_ids, weights, cfg: ml_collections.ConfigDict, *,
+                         ref_logprobs=None, teacher_logprobs=None, entropy=None):
+    """L = L_GRPO + λ·L_SDL as weighted token sums (exact over micro-batches and packed rows):
+    :func:`grpo_loss_weighted` plus λ·:func:`sdl_loss_weighted`, with "loss" the total."""
+    loss, metrics = grpo_loss_weighted(logprobs, old_logprobs, advantages, weights, cfg,
+                                       ref_logprobs=ref_logprobs, entropy=entropy)
+    if cfg.sdl.coef > 0:
+        if teacher_logprobs is None:
+            raise ValueError("sdl.coef > 0 needs teacher_logprobs")
+        l_sdl, m_sdl = sdl_loss_weighted(logprobs, teacher_logprobs, old_logprobs, segment_ids, weights, cfg)
         loss = loss + cfg.sdl.coef * l_sdl
         metrics.update(m_sdl)
     metrics["loss"] = jax.lax.stop_gradient(loss)

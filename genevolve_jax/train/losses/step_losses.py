@@ -19,7 +19,8 @@ import jax.numpy as jnp
 
 from genevolve_jax.ops.fused_logprob import token_logprobs
 from genevolve_jax.train.batch_layout import hidden_states_of, row_images_of, teacher_view
-from genevolve_jax.train.losses.sdl import evolve_loss
+from genevolve_jax.train.loss_weights import weights_view
+from genevolve_jax.train.losses.sdl import evolve_loss_weighted
 from genevolve_jax.train.losses.sft import sft_loss_from_hidden
 from genevolve_jax.train.step import LossFunction
 
@@ -74,10 +75,12 @@ def teacher_logprobs(model, batch: Mapping[str, Any], loss_cfg, image_features=N
 
 
 class EvolveLoss(LossFunction):
-    """GRPO + λ·SDL; its terms are means over the (micro-)batch, so the step's weight is 1."""
+    """GRPO + λ·SDL as weighted token sums: every normaliser of the step (tokens, trajectories,
+    SDL's top-token counts) is in the batch's weight fields (train/loss_weights.py), so a
+    micro-batch returns its share of the one-batch loss, and its metrics are sums or exact
+    weighted means. The weight is the micro-batch's share of ``row_weight`` (Σ over the step = 1)."""
 
-    metrics_are_means = True
-    summed_metrics = ("grpo/tokens", "grpo/seqs", "grpo/masked_seqs", "sdl/tokens", "sdl/samples")
+    max_metrics = ("rollout/logprob_mismatch_max",)
 
     def __init__(self, loss_cfg, *, sdl: bool | None = None):
         self.cfg = loss_cfg
@@ -91,20 +94,27 @@ class EvolveLoss(LossFunction):
         # On-policy (no π_old in the batch): π_old is this forward's own log-probs, held fixed.
         old = batch["old_logprobs"] if "old_logprobs" in batch else jax.lax.stop_gradient(lp)
         teacher_lp = teacher_logprobs(model, batch, self.cfg, feats) if self.use_sdl else None
-        loss, metrics = evolve_loss(lp, old, batch["advantages"], batch["loss_mask"], self.cfg,
-                                    ref_logprobs=batch.get("ref_logprobs"), teacher_logprobs=teacher_lp,
-                                    has_bundle=batch["has_bundle"] if self.use_sdl else None,
-                                    sample_valid=batch["sample_valid"], entropy=ent)
+        cfg = self.cfg if self.use_sdl or self.cfg.sdl.coef == 0 else _without_sdl(self.cfg)
+        weights = weights_view(batch)
+        loss, metrics = evolve_loss_weighted(lp, old, batch["advantages"], batch["segment_ids"], weights, cfg,
+                                             ref_logprobs=batch.get("ref_logprobs"), teacher_logprobs=teacher_lp,
+                                             entropy=ent)
         if "sampler_logprobs" in batch:  # the sampler's health check, at no extra forward
-            metrics.update(logprob_mismatch(batch["sampler_logprobs"], lp, batch["loss_mask"], batch["sample_valid"]))
+            metrics.update(logprob_mismatch(batch["sampler_logprobs"], lp, weights["token"]))
         metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
-        return loss, jnp.ones((), jnp.float32), metrics
+        return loss, jnp.sum(batch["row_weight"].astype(jnp.float32)), metrics
 
 
-def logprob_mismatch(sampler_lp, trainer_lp, loss_mask, sample_valid) -> dict[str, jax.Array]:
-    """Mean and max |sampler − trainer| log-prob over the policy tokens of valid rows: the health
-    check of a sampler (its temperature, precision, weight sync); 0 when there is no such token."""
-    sel = (loss_mask > 0) & (sample_valid[:, None] > 0)
+def _without_sdl(loss_cfg):
+    cfg = loss_cfg.copy_and_resolve_references()
+    cfg.sdl.coef = 0.0
+    return cfg
+
+
+def logprob_mismatch(sampler_lp, trainer_lp, token_weight) -> dict[str, jax.Array]:
+    """Mean (a weighted sum: ``token_weight`` is 1/N on the step's trained policy tokens) and max
+    |sampler − trainer| log-prob: the health check of a sampler (its temperature, precision,
+    weight sync); 0 when there is no such token."""
+    sel = token_weight != 0
     diff = jnp.where(sel, jnp.abs(sampler_lp.astype(jnp.float32) - jax.lax.stop_gradient(trainer_lp)), 0.0)
-    n = jnp.sum(sel)
-    return {"rollout/logprob_mismatch": jnp.sum(diff) / jnp.maximum(n, 1), "rollout/logprob_mismatch_max": jnp.max(diff)}
+    return {"rollout/logprob_mismatch": jnp.sum(diff) * jnp.max(token_weight), "rollout/logprob_mismatch_max": jnp.max(diff)}
