@@ -71,7 +71,7 @@ def part_plan(smoke: bool) -> dict:
     import jax
     import numpy as np
 
-    from genevolve_jax.jobs.compare_sharding import _loss, abstract_batch, load_model_config, random_batch
+    from genevolve_jax.jobs.compare_sharding import abstract_batch, load_model_config, random_batch, sft_loss_for
     from genevolve_jax.plan import report_phase
     from genevolve_jax.plan.phases import step_phase
     from genevolve_jax.plan.targets import DeviceSpec, Target
@@ -91,7 +91,7 @@ def part_plan(smoke: bool) -> dict:
     target = Target(f"{dev.platform}:1", dev.platform, 1, DeviceSpec(dev.device_kind, int(stats.get("bytes_limit", 0)),
                                                                       0.0, 0.0))
     batch = random_batch(cfg, batch_size, seq, 0)
-    phase = step_phase("sft", cfg, tcfg, _loss(cfg), mesh, "fsdp", abstract_batch(batch, mesh, L.rules_for("fsdp")),
+    phase = step_phase("sft", cfg, tcfg, sft_loss_for(cfg), mesh, "fsdp", abstract_batch(batch, mesh, L.rules_for("fsdp")),
                        target, freeze=is_vision_path)
     report = report_phase(phase, target, 1, 1.0, "whole device", memory_bytes=1 << 62)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -100,7 +100,7 @@ def part_plan(smoke: bool) -> dict:
     from genevolve_jax.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
     make = lambda: Qwen3VLForConditionalGeneration(cfg, rngs=nnx.Rngs(0))  # noqa: E731
     setup, params, opt_state = create_train_state(make, tcfg, mesh, "fsdp", freeze=is_vision_path)
-    step = TrainStep(setup, _loss(cfg), compute_dtype=jax.numpy.dtype(dtype))
+    step = TrainStep(setup, sft_loss_for(cfg), compute_dtype=jax.numpy.dtype(dtype))
     arrays = step.place_batch(step.split_static(batch)[0])
     compiled = report.fns[0].executable
     t0 = time.perf_counter()

@@ -144,7 +144,7 @@ def _train_config(args):
     return train_config.validate(tcfg)
 
 
-def _loss(cfg):
+def sft_loss_for(cfg):
     from genevolve_jax.train.losses.config import default_loss_config
     from genevolve_jax.train.losses.step_losses import SFTLoss
     loss_cfg = default_loss_config()
@@ -170,7 +170,7 @@ def plan_strategy(cfg, tcfg, strategy: str, mesh, batch: dict, target):
     from genevolve_jax.sharding import logical as L
     from genevolve_jax.train.state import is_vision_path
 
-    phase = step_phase("sft", cfg, tcfg, _loss(cfg), mesh, strategy, abstract_batch(batch, mesh, L.rules_for(strategy)),
+    phase = step_phase("sft", cfg, tcfg, sft_loss_for(cfg), mesh, strategy, abstract_batch(batch, mesh, L.rules_for(strategy)),
                        target, freeze=is_vision_path, desc=f"{len(batch['input_ids'])} × {batch['input_ids'].shape[1]}")
     return phase, report_phase(phase, target, mesh.size, 1.0, "whole device")
 
@@ -199,7 +199,7 @@ def _run_strategy(cfg, tcfg, strategy, mesh, phase, report, batch, args) -> tupl
 
     make = lambda: Qwen3VLForConditionalGeneration(cfg, rngs=nnx.Rngs(args.seed))  # noqa: E731
     setup, params, opt_state = create_train_state(make, tcfg, mesh, strategy, freeze=is_vision_path)
-    step = TrainStep(setup, _loss(cfg), compute_dtype=jax.numpy.dtype(args.dtype), grad_accum_steps=args.grad_accum)
+    step = TrainStep(setup, sft_loss_for(cfg), compute_dtype=jax.numpy.dtype(args.dtype), grad_accum_steps=args.grad_accum)
     arrays = step.place_batch(step.split_static(batch)[0])
     compiled = report.fns[0].executable
     rng = jax.random.key(args.seed)

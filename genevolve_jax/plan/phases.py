@@ -92,12 +92,33 @@ def _trace(step, state: A.AbstractState, batch: dict, target, mesh, impl: str | 
         return step.jitted(arrays, static).trace(state.params, state.opt_state, arrays, A.abstract_rng(mesh))
 
 
-def _count_jaxpr(traced, retrace, target):
+def _count_jaxpr(traced, make_fn, args, mesh, rules, target):
     """FLOPs are counted on dot_generals; fused attention kernels (splash, cuDNN) hide theirs, so
-    the count comes from the same function traced with the XLA attention path (full T × T)."""
+    the count comes from the same function traced afresh (a new function object: jit's trace cache
+    would hand back the kernel trace) with the XLA attention path (full T × T)."""
     if _attention_impl(target) == "xla":
         return traced.jaxpr
-    return retrace().jaxpr
+    from genevolve_jax.ops import attention
+    with attention.compile_for(target.attention_backend), attention.use_implementation("xla"), \
+            L.use_rules(mesh, rules):
+        return jax.make_jaxpr(make_fn())(*args)
+
+
+def _step_fn_factory(step, batch):
+    from genevolve_jax.train.step import build_step_fn
+    _, static = step.split_static(batch)
+    return lambda: build_step_fn(step.setup, step.loss_fn, compute_dtype=step.compute_dtype,
+                                 grad_accum_steps=step.grad_accum_steps, static=static)
+
+
+def _step_args(state, batch, mesh):
+    arrays, _ = _split_static(batch)
+    return (state.params, state.opt_state, arrays, A.abstract_rng(mesh))
+
+
+def _split_static(batch):
+    from genevolve_jax.train.step import TrainStep
+    return TrainStep.split_static(batch)
 
 
 def step_phase(name: str, config, tc, loss, mesh, strategy: str, batch: dict, target, *, freeze=None,
@@ -110,7 +131,8 @@ def step_phase(name: str, config, tc, loss, mesh, strategy: str, batch: dict, ta
     step = TrainStep(state.setup, loss, compute_dtype=_DTYPES[tc.compute_dtype],
                      grad_accum_steps=tc.grad_accum_steps, compiler_options=opts)
     traced = _trace(step, state, batch, target, mesh)
-    count = _count_jaxpr(traced, lambda: _trace(step, state, batch, target, mesh, "xla"), target)
+    count = _count_jaxpr(traced, _step_fn_factory(step, batch), _step_args(state, batch, mesh), mesh,
+                         state.setup.rules, target)
     batch_bytes = A.bytes_per_device({k: v for k, v in batch.items() if hasattr(v, "sharding")})
     return Phase(name, state, {"params": state.params, "optimizer": state.opt_state},
                  A.bytes_per_device(state.params["train"]),
@@ -193,7 +215,8 @@ def rl_phase(run_cfg, target, mesh, shapes: Shapes, *, model_config_path: str = 
     step = TrainStep(state.setup, EvolveLoss(run_cfg.loss), compute_dtype=dtype,
                      grad_accum_steps=tc.grad_accum_steps, compiler_options=opts)
     traced = _trace(step, state, batch, target, mesh)
-    count = _count_jaxpr(traced, lambda: _trace(step, state, batch, target, mesh, "xla"), target)
+    count = _count_jaxpr(traced, _step_fn_factory(step, batch), _step_args(state, batch, mesh), mesh,
+                         state.setup.rules, target)
     fns = [TracedFn("evolve_step", traced, A.bytes_per_device(batch), opts, count)]
     resident = {"params": state.params, "optimizer": state.opt_state}
     if kl:
@@ -215,7 +238,8 @@ def rl_phase(run_cfg, target, mesh, shapes: Shapes, *, model_config_path: str = 
                     L.use_rules(mesh, rules):
                 return jitted.trace(state.params, view)
         traced = trace_ref(_attention_impl(target))
-        count = _count_jaxpr(traced, lambda: trace_ref("xla"), target)
+        count = _count_jaxpr(traced, lambda: reference_forward(state.setup, run_cfg.loss, dtype),
+                             (state.params, view), mesh, rules, target)
         fns.append(TracedFn("reference_forward", traced, A.bytes_per_device(view), opts, count))
     img = f", {shapes.images.per_row} image(s) of {shapes.images.side}² per row" if shapes.images.per_row else ""
     desc = f"{rows} rollouts × {seq_len} tokens{img}, {tc.grad_accum_steps} micro-batch(es)"

@@ -123,6 +123,7 @@ class JaxEngine(RolloutEngine):
             self._rest = jax.device_put(rest, self._replicated)
             self._cache_shardings = self._cache_sharding_tree()
         self._build_functions()
+        self._head = self._decode_head()
         self._version = 0         # bumped by every weight update; parked rows of older ones are stale
         self._reset_cache()
         self._rng = np.random.default_rng(self.cfg.seed)
@@ -182,14 +183,14 @@ class JaxEngine(RolloutEngine):
                                       use_filter=mode == "filter", greedy_only=mode == "greedy")
             return token, lp, cache
 
-        def decode_chunk(params, rest, tokens, cache, live, temp, top_p, top_k, seeds, counters, mode, window):
+        def decode_chunk(params, rest, head, tokens, cache, live, temp, top_p, top_k, seeds, counters, mode, window):
             model = model_of(params, rest)
             view = KVCache(tuple(x[:, :window] for x in cache.k), tuple(x[:, :window] for x in cache.v),
                            cache.valid[:, :window], cache.length, cache.next_position)
 
             def step(carry, i):
                 tok, view = carry
-                logits, view = model.decode_step(tok, view, live)
+                logits, view = model.decode_step(tok, view, live, head_kernel=head)
                 new, lp = sample_tokens(logits, temp, top_p, top_k, seeds, counters + i, raw_logprobs=raw,
                                         use_filter=mode == "filter", greedy_only=mode == "greedy")
                 return (jnp.where(live, new, tok), view), (new, lp)
@@ -203,9 +204,23 @@ class JaxEngine(RolloutEngine):
         self._prefill = jax.jit(prefill, static_argnums=(9, 10), donate_argnames="cache",
                                 in_shardings=(p_sh, rep, rep, cache_sh, rep, rep, rep, rep, rep),
                                 out_shardings=(rep, rep, cache_sh))
-        self._decode_chunk = jax.jit(decode_chunk, static_argnums=(10, 11), donate_argnames="cache",
-                                     in_shardings=(p_sh, rep, rep, cache_sh, rep, rep, rep, rep, rep, rep),
+        self._decode_chunk = jax.jit(decode_chunk, static_argnums=(11, 12), donate_argnames="cache",
+                                     in_shardings=(p_sh, rep, rep, rep, cache_sh, rep, rep, rep, rep, rep, rep),
                                      out_shardings=(rep, rep, cache_sh))
+
+    def _decode_head(self):
+        """A [D, V] copy of a tied output projection, for decode on CPU; None otherwise.
+
+        XLA:CPU runs the tied head's [B, D]·[V, D]ᵀ product through a slow path at small batch:
+        measured on the issue-16 mid shape (V 32,000, D 512), 21.7 against 11.8 ms per step at B8
+        with a materialised [D, V] kernel (equal at B1). GPUs read either layout at speed, and an
+        untied head is [D, V] already, so the copy is made only for a tied head on CPU."""
+        if not (self.config.tie_word_embeddings and self.mesh.devices.flat[0].platform == "cpu"):
+            return None
+        graphdef = self._graphdef
+        with self._rules():
+            return jax.jit(lambda p, r: nnx.merge(graphdef, p, r).lm_head_kernel(),
+                           out_shardings=self._replicated)(self._params, self._rest)
 
     def _reset_cache(self) -> None:
         def fresh():
@@ -317,6 +332,7 @@ class JaxEngine(RolloutEngine):
         new = jax.tree.map(lambda x, old: jnp.asarray(x).astype(old.dtype), params, self._params)
         with self._device_lock, self._rules():
             self._params = jax.device_put(new, self._param_shardings)
+            self._head = self._decode_head()
             self._version += 1
             self.pool.new_version(self._version)
         self.weight_version = int(step)
@@ -538,7 +554,7 @@ class JaxEngine(RolloutEngine):
         window = _bucket(need, self.cfg.min_prefill_bucket, self.capacity)
         with self._rules():
             toks, lps, self._cache = self._decode_chunk(
-                self._params, self._rest, tokens, self._cache, live, temp, top_p, top_k, seeds, counters,
+                self._params, self._rest, self._head, tokens, self._cache, live, temp, top_p, top_k, seeds, counters,
                 _sampling_mode([j.request.sampling for _, j in jobs]), window)
         self._counters["decode_chunks"] += 1
         toks, lps = np.asarray(toks), np.asarray(lps)

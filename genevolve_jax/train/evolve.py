@@ -184,9 +184,14 @@ class EvolveTrainer(Driver):
                                           old_logprobs=self.old_logprobs_route == "sampler")
         if long_guides:
             metrics["experience/guides_dropped_too_long"] = long_guides
-        metrics.update(self.update(batch, times))
-        with _timed(times, "weight_sync"):
-            metrics.update(self.sync_weights(step))
+        if bad_rewards:
+            # A judge that returned NaN/inf: this step's rewards cannot be trusted, so its update is
+            # skipped (parameters and optimiser state unchanged) and counted with the sample ids.
+            metrics.update({"loss": float("nan"), "train/update_skipped_reward": 1.0})
+        else:
+            metrics.update(self.update(batch, times))
+            with _timed(times, "weight_sync"):
+                metrics.update(self.sync_weights(step))
 
         self.step = step
         self.losses.append(metrics["loss"])

@@ -249,8 +249,9 @@ def test_evolve_driver_skips_counts_and_stops_with_a_checkpoint(tmp_path, caplog
         assert m["skipped_nonfinite"] == 0 and m["train/consecutive_nonfinite"] == 0
         assert m["train/skipped_nonfinite"] == 1
 
-        # From step 4 on the judge returns NaN for one rollout a step: masked before the advantages,
-        # counted, and after two such steps in a row the run stops with a checkpoint.
+        # From step 4 on the judge returns NaN for one rollout a step: the step's update is skipped
+        # (bit for bit), the sample masked and counted, and after two such steps in a row the run
+        # stops with a checkpoint.
         inner = trainer.rollout
 
         class NaNReward:
@@ -260,6 +261,11 @@ def test_evolve_driver_skips_counts_and_stops_with_a_checkpoint(tmp_path, caplog
                         for i, s in enumerate(samples)], info
 
         trainer.rollout = NaNReward()
+        before_p, before_o = host(trainer.params), host(trainer.opt_state)
+        m = trainer.train_one_step()                        # step 4: skipped, parameters untouched
+        assert m["train/update_skipped_reward"] == 1 and m["train/consecutive_nonfinite"] == 1
+        assert_bit_identical(host(trainer.params), before_p)
+        assert_bit_identical(host(trainer.opt_state), before_o)
         with pytest.raises(RunStopped) as stop:
             trainer.run()
         assert stop.value.exit_code == RunStopped.NON_FINITE and stop.value.step == 5

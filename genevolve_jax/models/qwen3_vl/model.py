@@ -311,12 +311,15 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
             logits = self.logits(jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0])
         return _poison_if_overflow(logits, cache), cache
 
-    def decode_step(self, tokens: jax.Array, cache: KVCache,
-                    token_valid: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+    def decode_step(self, tokens: jax.Array, cache: KVCache, token_valid: jax.Array | None = None,
+                    head_kernel: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
         """Append one text token per row ([B] ids) and return its next-token logits [B, V].
 
         ``token_valid`` [B] bool marks rows that really take a token this step (False for rows
         already finished: their slot is left masked and their position does not advance).
+        ``head_kernel``: the output projection as a materialised [D, V] array (a copy of
+        :meth:`lm_head_kernel`) to use instead of the module's own (see JaxEngine, which keeps one
+        for tied embeddings on CPU).
         """
         _check_capacity(cache, 1)
         tokens = jnp.asarray(tokens, jnp.int32).reshape(-1)
@@ -326,7 +329,9 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
         positions = jnp.broadcast_to(cache.next_position[None, :, None], (3, b, 1))
         hidden, cache = self.language_model(x, positions, valid[:, None], cache=cache)
         cache = cache._replace(next_position=cache.next_position + valid.astype(jnp.int32))
-        return _poison_if_overflow(self.logits(hidden[:, 0]), cache), cache
+        last = hidden[:, 0]
+        logits = self.logits(last) if head_kernel is None else last @ head_kernel.astype(last.dtype)
+        return _poison_if_overflow(logits, cache), cache
 
 
 def _is_concrete(x) -> bool:

@@ -8,7 +8,9 @@
   op; images are encoded once and the teacher row reuses them. π_old is the batch's
   ``old_logprobs`` or, when the batch carries none (an on-policy step: one optimiser step over the
   rollout batch), the stop-gradient of the step's own log-probs: the ratio is then exactly 1 and
-  no forward is spent on it.
+  no forward is spent on it. Its terms are weighted token sums with the normalisers of the whole
+  step computed on the host (train/loss_weights.py), so micro-batches of packed rows add up to
+  the one-batch loss, gradient and metrics exactly.
 """
 from __future__ import annotations
 
