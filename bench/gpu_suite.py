@@ -173,7 +173,11 @@ def _device() -> str:
 def run_suite(smoke: bool, tmp: str, parts=PARTS, timeout_s: float = 300) -> dict:
     env = dict(os.environ)
     if smoke:
+        # One CPU device, as the suite has one GPU (a parent's simulated device count would make
+        # the bench scripts shard a one-row batch over several devices).
         env["JAX_PLATFORMS"] = "cpu"
+        env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                    if not f.startswith("--xla_force_host_platform_device_count"))
     results = {"smoke": smoke, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "host": platform.node(), "parts": {}}
     commands = external_commands(smoke, tmp)

@@ -127,7 +127,7 @@ class JaxEngine(RolloutEngine):
         self._version = 0         # bumped by every weight update; parked rows of older ones are stale
         self._reset_cache()
         self._rng = np.random.default_rng(self.cfg.seed)
-        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._queue: queue.Queue[list[_Job] | None] = queue.Queue()
         self._pending: collections.deque[_Job] = collections.deque()  # taken from the queue, not placed
         self._active: list[_Job | None] = [None] * self.slots
         self._device_lock = threading.Lock()
@@ -233,25 +233,33 @@ class JaxEngine(RolloutEngine):
 
     # -- public API --------------------------------------------------------------------------------
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        futures = [self.submit(r) for r in requests]
-        return [f.result() for f in futures]
+        return [f.result() for f in self.submit_many(requests)]
 
     def submit(self, request: GenerationRequest) -> cf.Future:
         """Queue one request; the future resolves to its GenerationResult (never raises)."""
-        future: cf.Future = cf.Future()
+        return self.submit_many([request])[0]
+
+    def submit_many(self, requests: Sequence[GenerationRequest]) -> list[cf.Future]:
+        """Queue requests together: the worker sees them at once, so they are placed in one wave
+        and their prefills batched (one by one, the first could start decoding alone)."""
+        futures = [cf.Future() for _ in requests]
         if self._closed:
-            future.set_result(GenerationResult([], [], "abort", error="engine is closed"))
-            return future
-        s = request.sampling
-        seed = int(s.seed) & 0xFFFFFFFF if s.seed is not None else int(self._rng.integers(0, 2**32))
-        job = _Job(request, future, seed)
+            for f in futures:
+                f.set_result(GenerationResult([], [], "abort", error="engine is closed"))
+            return futures
+        jobs = []
+        for request, future in zip(requests, futures):
+            s = request.sampling
+            seed = int(s.seed) & 0xFFFFFFFF if s.seed is not None else int(self._rng.integers(0, 2**32))
+            jobs.append(_Job(request, future, seed))
         with self._jobs_lock:
-            self._queued += 1
-            if request.request_id:
-                self._by_id[request.request_id] = job
-        self._queue.put(job)
+            self._queued += len(jobs)
+            for job in jobs:
+                if job.request.request_id:
+                    self._by_id[job.request.request_id] = job
+        self._queue.put(jobs)
         self._ensure_worker()
-        return future
+        return futures
 
     def cancel(self, request_id: str) -> bool:
         """Abort the queued or running request with this ``request_id``: its future resolves to an
@@ -365,7 +373,7 @@ class JaxEngine(RolloutEngine):
             while True:
                 if item is None:
                     return False
-                self._pending.append(item)
+                self._pending.extend(item)
                 item = self._queue.get_nowait()
         except queue.Empty:
             return True

@@ -41,19 +41,32 @@ class LogprobForward:
         model = self.setup.merge(cast_floating(params, self.compute_dtype))
         return policy_logprobs(model, batch, self.loss_cfg)
 
-    def __call__(self, params, batch: Mapping[str, np.ndarray]) -> jax.Array:
+    @staticmethod
+    def view(batch: Mapping[str, object]) -> dict:
+        """The fields of ``batch`` this forward reads (student rows and their image blocks)."""
+        return {k: batch[k] for k in _FORWARD_FIELDS if k in batch}
+
+    def jitted(self, view: Mapping[str, object]):
+        """The ``jax.jit`` (explicit in/out shardings) that :meth:`__call__` runs for ``view``'s
+        layout (arrays or ``jax.ShapeDtypeStruct``s): ``genevolve plan`` lowers this very function."""
         s = self.setup
-        view = {k: batch[k] for k in _FORWARD_FIELDS if k in batch}
-        key = tuple((k, v.shape) for k, v in sorted(view.items()))
-        shardings = batch_shardings(view, s.mesh, s.rules)
+        key = tuple((k, tuple(v.shape)) for k, v in sorted(view.items()))
         if key not in self._compiled:
             out = NamedSharding(s.mesh, L.partition_spec((L.BATCH, L.SEQ), s.rules, s.mesh, view["targets"].shape))
-            self._compiled[key] = jax.jit(self._forward, in_shardings=(s.param_shardings, shardings),
+            self._compiled[key] = jax.jit(self._forward, in_shardings=(s.param_shardings,
+                                                                       batch_shardings(view, s.mesh, s.rules)),
                                           out_shardings=out)
+        return self._compiled[key]
+
+    def __call__(self, params, batch: Mapping[str, np.ndarray]) -> jax.Array:
+        s = self.setup
+        view = self.view(batch)
+        fn = self.jitted(view)
+        shardings = batch_shardings(view, s.mesh, s.rules)
         placed = {k: jax.make_array_from_callback(np.shape(v), shardings[k], lambda idx, h=np.asarray(v): h[idx])
                   for k, v in view.items()}
         with L.use_rules(s.mesh, s.rules):
-            return self._compiled[key](params, placed)
+            return fn(params, placed)
 
     @property
     def compiles(self) -> int:

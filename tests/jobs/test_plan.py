@@ -1,9 +1,14 @@
 """`genevolve plan`: planned bytes against the bytes a real run holds, the 8B model's count on a TPU
 slice, an infeasible plan, and a deviceless TPU compile of a small config."""
+import fcntl
+import importlib.metadata
 import importlib.util
 import json
-import math
 import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -15,9 +20,40 @@ from genevolve_jax.plan import abstract as A
 from genevolve_jax.plan.targets import TargetError, parse_target
 from genevolve_jax.sharding.mesh import make_mesh
 
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # deviceless compiles may share libtpu
-HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
-needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu not installed (pip install 'jax[tpu]==<jax>')")
+REPO_ROOT = str(Path(__file__).resolve().parents[2])
+# The libtpu that the installed jax's [tpu] extra pins (e.g. "libtpu==0.0.42.*").
+LIBTPU = next(r.split(";")[0].strip() for r in importlib.metadata.requires("jax") if r.startswith("libtpu"))
+
+
+@pytest.fixture(scope="module")
+def libtpu_env():
+    """The environment of a subprocess that finds libtpu. It is installed (about 680 MB) into a cache
+    directory on first use and put on that subprocess's PYTHONPATH only, so no other test's jax
+    loads it: the TPU target is compiled deviceless, with JAX_PLATFORMS=cpu."""
+    env = dict(os.environ, ALLOW_MULTIPLE_LIBTPU_LOAD="1", JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, env.get("PYTHONPATH")]))
+    if importlib.util.find_spec("libtpu") is not None:
+        return env
+    target = Path(os.environ.get("GENEVOLVE_LIBTPU_DIR") or
+                  Path.home() / ".cache" / "genevolve" / f"libtpu-{jax.__version__}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{target}.lock", "w") as lock:          # two xdist workers may get here at once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "libtpu").is_dir():
+            partial = Path(f"{target}.partial")
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(partial),
+                            LIBTPU], check=True, timeout=1800)
+            os.replace(partial, target)
+    env["PYTHONPATH"] = os.pathsep.join([str(target), env["PYTHONPATH"]])
+    return env
+
+
+def run_with_libtpu(env, code: str, timeout: int = 900) -> dict:
+    """Run ``code`` (which prints one JSON line last) in a Python that finds libtpu."""
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _tiny_cfg(rng):
@@ -65,36 +101,43 @@ def _hf_parameter_count(config) -> int:
 
 
 @pytest.mark.slow
-@needs_libtpu
-def test_8b_on_v5p_64_is_the_analytic_count():
+def test_8b_on_v5p_64_is_the_analytic_count(libtpu_env):
     """8B, fp32 master weights, fsdp over a v5p-64 slice (32 chips): per device, params × 4 / 32 and
     Adam's two fp32 moments for the trained (language) part; counted by transformers."""
-    from genevolve_jax.plan.targets import target_devices
-    from genevolve_jax.train.state import is_vision_path
-
-    target = parse_target("v5p-64")
-    assert (target.num_devices, target.topology) == (32, "4x4x2")
-    devices = target_devices(target)
-    assert all(d.platform == "tpu" for d in devices)
+    got = run_with_libtpu(libtpu_env, """
+        import json, math
+        import jax
+        from genevolve_jax.config_loader import load_config
+        from genevolve_jax.plan import abstract as A
+        from genevolve_jax.plan.targets import parse_target, target_devices
+        from genevolve_jax.sharding.mesh import make_mesh
+        from genevolve_jax.train.state import is_vision_path
+        target = parse_target("v5p-64")
+        devices = target_devices(target)
+        cfg = load_config("tpu_pod")
+        state = A.abstract_train_state(A.model_config(cfg, cfg.train), cfg.train, make_mesh({"fsdp": 32}, devices),
+                                       "fsdp", freeze=is_vision_path)
+        def counts(tree):
+            leaves = jax.tree.leaves(tree)
+            return (sum(math.prod(x.shape) for x in leaves),
+                    sum(math.prod(x.shape) * 4 for x in leaves if all(s is None for s in x.sharding.spec)))
+        print(json.dumps({"devices": [target.num_devices, target.topology],
+                          "platforms": sorted({d.platform for d in devices}),
+                          "params": counts(state.params), "trained": counts(state.params["train"]),
+                          "param_bytes": A.bytes_per_device(state.params),
+                          "opt_bytes": A.bytes_per_device(state.opt_state)}))
+    """)
+    assert got["devices"] == [32, "4x4x2"] and got["platforms"] == ["tpu"]
+    count, replicated = got["params"]
     cfg = load_config("tpu_pod")
-    m = make_mesh({"fsdp": 32}, devices)
-    config = A.model_config(cfg, cfg.train)
-    state = A.abstract_train_state(config, cfg.train, m, "fsdp", freeze=is_vision_path)
-    leaves = jax.tree.leaves(state.params)
-    count = sum(math.prod(x.shape) for x in leaves)
-    assert count == _hf_parameter_count(config)
+    assert count == _hf_parameter_count(A.model_config(cfg, cfg.train))
     assert 8.0e9 < count < 9.5e9
     # Arrays whose dims 32 does not divide stay whole on every device (q/k norms: a few KiB).
-    replicated = sum(math.prod(x.shape) * 4 for x in leaves if all(s is None for s in x.sharding.spec))
     assert replicated < 1e-4 * count * 4
-    analytic = (count * 4 - replicated) / 32 + replicated
-    assert A.bytes_per_device(state.params) == pytest.approx(analytic, rel=0, abs=0)
-    trained = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params["train"]))
-    trained_replicated = sum(math.prod(x.shape) * 4 for x in jax.tree.leaves(state.params["train"])
-                             if all(s is None for s in x.sharding.spec))
+    assert got["param_bytes"] == (count * 4 - replicated) / 32 + replicated
+    trained, trained_replicated = got["trained"]
     moments = 2 * ((trained * 4 - trained_replicated) / 32 + trained_replicated)
-    opt = A.bytes_per_device(state.opt_state)
-    assert moments <= opt < moments + 64   # + the step counters
+    assert moments <= got["opt_bytes"] < moments + 64   # + the step counters
 
 
 def test_infeasible_plan_exits_3_and_names_the_largest_buffers(tmp_path, capsys, monkeypatch):
@@ -127,15 +170,18 @@ def test_target_parsing():
             parse_target(bad)
 
 
-@needs_libtpu
-def test_small_config_compiles_for_a_tpu_slice(tmp_path, monkeypatch):
+def test_small_config_compiles_for_a_tpu_slice(tmp_path, libtpu_env):
     """A deviceless compile through libtpu: the tiny config's SFT step on v5p 2x2x1 (4 chips)."""
-    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
     out = tmp_path / "tpu.json"
-    rc = main(["plan", "--config", "tiny_cpu", "--target", "tpu:v5p:2x2x1", "--phase", "sft", "--output", str(out),
-               "--config.sharding.mesh.fsdp=-1", "--config.data.sft.rows_per_batch=4",
-               "--config.data.sft.row_len=256", "--config.data.sft.cutoff_len=256"])
-    assert rc == 0
+    args = ["plan", "--config", "tiny_cpu", "--target", "tpu:v5p:2x2x1", "--phase", "sft", "--output", str(out),
+            "--config.sharding.mesh.fsdp=-1", "--config.data.sft.rows_per_batch=4",
+            "--config.data.sft.row_len=256", "--config.data.sft.cutoff_len=256"]
+    got = run_with_libtpu(libtpu_env, f"""
+        import json
+        from genevolve_jax.cli import main
+        print(json.dumps({{"rc": main({args!r})}}))
+    """)
+    assert got["rc"] == 0
     plan = json.loads(out.read_text())
     assert plan["num_devices"] == 4 and plan["device_kind"] == "TPU v5p" and plan["attention"] == "splash"
     phase = plan["phases"][0]

@@ -1,8 +1,12 @@
 """`genevolve train` with rl.engine="sglang": rollouts over HTTP from a `genevolve serve` app (the same
 native API as SGLang) on 127.0.0.1, weight sync by HF export + /update_weights_from_disk after every
-step, π_old recomputed, the sampler-vs-trainer mismatch as a metric, and the config checks."""
-import jax.numpy as jnp
+step, π_old recomputed, the sampler-vs-trainer mismatch as a metric, a server that refuses reloads,
+image rollouts in SGLang's prompt form, and the config checks."""
+import dataclasses
 import socket
+
+import jax
+import jax.numpy as jnp
 
 import httpx
 import numpy as np
@@ -101,7 +105,8 @@ def test_two_steps_roll_out_over_http_and_the_server_follows_the_trainer(toy_ser
         assert m2["rollout/logprob_mismatch"] < 1e-5
         rows = 2 * cfg.data.rl.prompts_per_step * cfg.rl.group_size
         assert trainer.engine.stats["requests"] == rows and len(served) == rows
-        assert sorted(served)[:2] == ["s1-p0-k0", "s1-p0-k1"]
+        # One rid per attempt: the request id, then "-a<attempt>-<nonce>" (a retry never reuses a rid).
+        assert sorted(r.split("-a")[0] for r in served)[:2] == ["s1-p0-k0", "s1-p0-k1"]
         assert httpx.get(url + "/get_model_info").json()["weight_version"] == "2"
         weights_dir = tmp_path / "run" / "sglang_weights"
         assert sorted(p.name for p in weights_dir.iterdir()) == ["weights_v2"]  # older versions removed
@@ -208,3 +213,128 @@ def test_logprob_mismatch_counts_policy_tokens_of_valid_rows_only():
     assert float(out["rollout/logprob_mismatch_max"]) == pytest.approx(max(diffs), rel=1e-6)
     none = logprob_mismatch(jnp.asarray(a), jnp.asarray(b), jnp.zeros((3, 7)), jnp.asarray(valid))
     assert float(none["rollout/logprob_mismatch"]) == 0.0
+
+
+# --- a server that refuses reloads, through the trainer ----------------------------------------------
+class RefuseReloads:
+    """ASGI middleware: the first ``n`` /update_weights_from_disk calls get SGLang's refusal (400,
+    success false), as a server whose reload fails does; everything else passes through."""
+
+    def __init__(self, app, n: int):
+        self.app, self.left = app, n
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] == "/update_weights_from_disk" and self.left > 0:
+            self.left -= 1
+            from starlette.responses import JSONResponse
+            return await JSONResponse({"success": False, "message": "scripted refusal"}, status_code=400)(
+                scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+@pytest.mark.slow
+def test_a_server_that_refuses_reloads_lags_then_catches_up_while_training_goes_on(tmp_path):
+    """Two policy servers; B refuses its first four reloads: the push at start and the sync after
+    step 1, each tried twice (rl.sglang.retries = 1). Training goes on, B gets no rollouts while it is behind, the lag metric shows it, and
+    once B accepts it serves the trainer's weights again."""
+    ecfg = default_engine_config()
+    ecfg.max_slots, ecfg.max_seq_len, ecfg.steps_per_sync, ecfg.min_prefill_bucket = 16, 16, 4, 8
+    engines = [JaxEngine(toy_model(seed=1), None, ecfg), JaxEngine(toy_model(seed=1), None, ecfg)]
+    served = [[], []]
+    for i, e in enumerate(engines):
+        submit = e.submit
+        e.submit = lambda req, i=i, submit=submit: (served[i].append(req.request_id), submit(req))[1]
+    apps = [create_app(engines[0], None, model_name="toy"), RefuseReloads(create_app(engines[1], None, model_name="toy"), 4)]
+    with LoopbackServer(apps[0]).running() as url_a, LoopbackServer(apps[1]).running() as url_b:
+        cfg = sglang_config(tmp_path / "run", [url_a, url_b], num_steps=3)
+        cfg.rl.sglang.max_weight_lag_steps = 3
+        trainer = toy_trainer(cfg)
+        try:
+            history = []
+            for _ in range(3):
+                before = [len(s) for s in served]
+                history.append(trainer.train_one_step())
+                history[-1]["served_b"] = len(served[1]) - before[1]
+        finally:
+            trainer.close()
+            for e in engines:
+                e.close()
+    # B refused the push at start (version 0) and the sync after step 1: 2 steps behind after step 1;
+    # it took the step-2 export: 0 after step 2.
+    assert [h["sglang/weight_version_lag"] for h in history] == [2.0, 0.0, 0.0]
+    assert [h["sglang/servers_behind"] for h in history] == [1.0, 0.0, 0.0]
+    assert all(np.isfinite(h["loss"]) for h in history)     # training went on meanwhile
+    # Behind, B got no rollouts; once it held the trainer's weights it served again.
+    assert [h["served_b"] > 0 for h in history] == [False, False, True]
+    assert all(h["rollout/logprob_mismatch"] < 1e-5 for h in history)   # nobody sampled on stale weights
+
+
+# --- image rollouts in SGLang's prompt form ----------------------------------------------------------
+def test_image_rollouts_over_sglang_form_prompts_give_the_trainers_logprobs(tmp_path):
+    """Prompts with images expanded as the trainer holds them go out in SGLang's form (one pad per
+    image, images in image_data); `genevolve serve` expands them with its processor and returns the
+    prompt it built; the trainer's forward over the assembled batch (per-row image blocks, MRoPE)
+    gives the sampler's log-probs (the existing tolerance, 1e-4 at T = 0.7)."""
+    from PIL import Image
+
+    from genevolve_jax.models.hf_io import model_from_state_dict, random_state_dict
+    from genevolve_jax.models.qwen3_vl import config as C
+    from genevolve_jax.processing.image import ImageProcessorConfig
+    from genevolve_jax.processing.tokenizer import default_tokenizer, special_token_ids
+    from genevolve_jax.rollout.engine import GenerationRequest, SamplingParams
+    from genevolve_jax.rollout.sglang_engine import SGLangEngine
+    from genevolve_jax.train.batch_assembly import ImageBatchSpec, assemble_evolve_batch
+    from genevolve_jax.train.losses.config import default_loss_config
+    from genevolve_jax.train.losses.step_losses import policy_logprobs
+    from genevolve_jax.train.records import RolloutSample
+
+    tok = default_tokenizer()
+    sp = special_token_ids(tok)
+    cfg = C.tiny(vocab_size=len(tok))
+    cfg = cfg.replace(text=dataclasses.replace(cfg.text, num_hidden_layers=2),
+                      vision=dataclasses.replace(cfg.vision, depth=1, deepstack_visual_indexes=(0,)),
+                      image_token_id=sp["<|image_pad|>"], video_token_id=sp["<|video_pad|>"],
+                      vision_start_token_id=sp["<|vision_start|>"], vision_end_token_id=sp["<|vision_end|>"])
+    model = model_from_state_dict(cfg, random_state_dict(cfg, seed=5))
+    processor = ImageProcessorConfig(min_pixels=32 * 32, max_pixels=96 * 96)
+    ecfg = default_engine_config()
+    ecfg.max_slots, ecfg.max_seq_len, ecfg.steps_per_sync, ecfg.min_prefill_bucket = 4, 160, 4, 32
+    engine = JaxEngine(model, tok, ecfg, image_processor=processor)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (h, w) in enumerate([(70, 90), (100, 45), (64, 64)]):
+        paths.append(str(tmp_path / f"img{i}.png"))
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(paths[-1])
+
+    def prompt(images):        # as the agent loop holds it: each image expanded to its token count
+        text = "draw this" + "".join(f" IMG_{i:03d}: <|vision_start|><|image_pad|><|vision_end|>"
+                                     for i in range(len(images)))
+        ids = tok.encode(text, add_special_tokens=False)
+        counts = iter(engine.num_image_tokens(p) for p in images)
+        return [t for i in ids for t in ([i] * next(counts) if i == cfg.image_token_id else [i])]
+
+    image_sets = [[paths[0]], [paths[1], paths[2]], []]
+    requests = [GenerationRequest(prompt(imgs), SamplingParams(max_new_tokens=6, temperature=0.7, top_p=1.0, seed=i),
+                                  images=list(imgs), request_id=f"img-{i}") for i, imgs in enumerate(image_sets)]
+    try:
+        with LoopbackServer(create_app(engine, tok, model_name="tiny")).running() as url:
+            client = SGLangEngine([url], timeout_s=120, retries=0, model_config=cfg)
+            results = client.generate(requests)
+            client.close()
+    finally:
+        engine.close()
+    assert all(r.finish_reason in ("stop", "length") for r in results), [r.error for r in results]
+    samples = [RolloutSample(r.request_id, 0, list(r.prompt_ids) + list(res.token_ids),
+                             [0] * len(r.prompt_ids) + [1] * len(res.token_ids),
+                             [0.0] * len(r.prompt_ids) + list(res.logprobs), 0.5, prompt_length=len(r.prompt_ids),
+                             images=list(r.images)) for r, res in zip(requests, results)]
+    loss_cfg = default_loss_config()
+    loss_cfg.logprob.rl_temperature, loss_cfg.logprob.chunk_size = 0.7, 512
+    batch = assemble_evolve_batch(samples, [0.0] * 3, seq_len=256, loss_cfg=loss_cfg,
+                                  image_spec=ImageBatchSpec.for_model(cfg, processor, patch_multiple=32))
+    assert "row_pixel_values" in batch
+    lp = np.asarray(jax.jit(lambda b: policy_logprobs(model, b, loss_cfg))({k: jnp.asarray(v) for k, v in batch.items()}))
+    m = batch["loss_mask"] > 0
+    assert m.sum() == sum(len(res.token_ids) for res in results)
+    delta = np.abs(lp[m] - batch["sampler_logprobs"][m])
+    assert delta.max() <= 1e-4, delta.max()
