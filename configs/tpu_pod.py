@@ -45,6 +45,10 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.sharding.mesh.fsdp = -1             # every chip of the slice
     cfg.data.sharding = "jax_process"       # each host reads its share of the prompt pool
     cfg.data.rl.prompts_per_step = 32       # × rl.group_size 6 = 192 rollouts per optimiser step
+    # One packed row per chip per micro-batch on v5p-64 (32 chips): SFT 32 × 32768 in one step
+    # (planned: 27.8 of 95 GiB per chip, BENCHMARKS.md), RL 192 rollouts in 6 (estimated, not planned).
+    cfg.sft.grad_accum_steps = 1
+    cfg.train.grad_accum_steps = 6
 
     cfg.rl.engine = "jax"
     cfg.rl.old_logprobs = "auto"

@@ -410,8 +410,10 @@ class JaxEngine(RolloutEngine):
             self._set_state(job, "done")
             if self._by_id.get(job.request.request_id) is job:
                 del self._by_id[job.request.request_id]
-        if not job.future.done():
+        try:  # a caller may have cancelled the future itself; the engine goes on regardless
             job.future.set_result(result)
+        except cf.InvalidStateError:
+            pass
 
     def _apply_cancels(self) -> None:
         for slot, job in enumerate(self._active):

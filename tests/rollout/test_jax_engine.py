@@ -404,6 +404,8 @@ def test_cancel_frees_a_queued_or_running_request(setup):
         res = running.result(timeout=60)
         assert res.finish_reason == "abort" and res.error == "cancelled"
         assert engine.num_live == 0 and not engine.cancel("a")
+        # A caller that cancels the future itself does not trip the worker.
+        assert engine.submit(GenerationRequest(text_ids(rng, 5, tok), SamplingParams(max_new_tokens=3))).cancel()
         ok = engine.generate([GenerationRequest(text_ids(rng, 5, tok), SamplingParams(max_new_tokens=3))])[0]
         assert ok.finish_reason == "length"
     finally:
