@@ -243,52 +243,14 @@ def assemble_evolve_batch(samples: Sequence[RolloutSample], advantages: Sequence
     if rows < len(placement) or rows % row_multiple:
         raise ValueError(f"num_rows {rows} must hold the {len(placement)} packed rows and be a multiple of "
                          f"{row_multiple}")
-    blocks: dict[int, SampleImages] = {}
-    for row in placement:
-        for i in row:
-            s = samples[i]
-            got = (images or {}).get(s.sample_id)
-            if got is None:
-                got = prepare_images(s, image_spec)
-            if isinstance(got, str):
-                raise ValueError(f"sample {s.sample_id} cannot be trained on ({got}): mask it before assembly "
-                                 "(train/masking.py)")
-            if got is not None:
-                blocks[i] = got
-
+    blocks = _decoded_images(samples, placement, images, image_spec)
     student_rows, teacher_rows, index_rows = [], [], []
     for row in placement:
-        trajs, t_trajs, t_index, offset, t_offset = [], [], np.zeros(seq_len, np.int32), 0, 0
-        for i in row:
-            s = samples[i]
-            t_ids, t_mask = s.teacher_ids()
-            img = blocks.get(i)
-            positions = teacher_positions = None
-            if img is not None:
-                positions = _mrope_positions(s.token_ids, img.grid, image_spec)
-                teacher_positions = _mrope_positions(t_ids, img.grid, image_spec)
-                if teacher_positions is None:
-                    raise ValueError(f"sample {s.sample_id}: its teacher prompt adds image placeholders; the teacher "
-                                     "stage must not attach such a guide")
-            n = len(s.token_ids)
-            fields = {"sampler_logprobs": np.asarray(s.logprobs, np.float32),
-                      "advantages": np.full(n, float(advantages[i]), np.float32),
-                      "trained": np.ones(n, np.float32), "bundle": np.full(n, float(s.has_bundle), np.float32)}
-            trajs.append(packing.Trajectory(np.asarray(s.token_ids, np.int32), np.asarray(s.loss_mask, np.float32),
-                                            position_ids=positions, token_fields=fields))
-            t_trajs.append(packing.Trajectory(np.asarray(t_ids, np.int32), np.asarray(t_mask, np.float32),
-                                              position_ids=teacher_positions))
-            # Student position t predicts token t+1; for t+1 ≥ prompt_length the same token sits
-            # at teacher position t + shift (teacher and student prompts differ in length).
-            # Off-mask positions read position 0 (masked out anyway).
-            shift = len(t_ids) - n
-            pos = np.arange(n - 1)
-            on = np.asarray(s.loss_mask[1:], bool) & (pos + shift >= 0)
-            t_index[offset + pos[on]] = t_offset + pos[on] + shift
-            offset, t_offset = offset + n, t_offset + len(t_ids)
-        student_rows.append(_pack_row(trajs, seq_len, pad_id))
-        teacher_rows.append(_pack_row(t_trajs, seq_len, pad_id))
-        index_rows.append(t_index)
+        student, teacher, index = _packed_row([samples[i] for i in row], [float(advantages[i]) for i in row],
+                                              [blocks.get(i) for i in row], image_spec, seq_len, pad_id)
+        student_rows.append(student)
+        teacher_rows.append(teacher)
+        index_rows.append(index)
 
     empty = _pack_row([], seq_len, pad_id)
     student_rows += [empty] * (rows - len(placement))
@@ -312,6 +274,55 @@ def assemble_evolve_batch(samples: Sequence[RolloutSample], advantages: Sequence
         row_blocks += [None] * (rows - len(placement))
         batch.update(_image_blocks(row_blocks, rows, image_spec, patch_budget))
     return batch
+
+
+def _decoded_images(samples, placement, images, image_spec) -> dict[int, SampleImages]:
+    """The decoded images of the placed samples, by sample index: the mask stage's, or decoded
+    here; a sample that cannot be trained on raises (the mask stage decides what trains)."""
+    blocks: dict[int, SampleImages] = {}
+    for i in (i for row in placement for i in row):
+        s = samples[i]
+        got = (images or {}).get(s.sample_id)
+        if got is None:
+            got = prepare_images(s, image_spec)
+        if isinstance(got, str):
+            raise ValueError(f"sample {s.sample_id} cannot be trained on ({got}): mask it before assembly "
+                             "(train/masking.py)")
+        if got is not None:
+            blocks[i] = got
+    return blocks
+
+
+def _packed_row(samples: Sequence[RolloutSample], advantages: Sequence[float], blocks: Sequence[SampleImages | None],
+                image_spec, seq_len: int, pad_id: int) -> tuple[dict, dict, np.ndarray]:
+    """(student row, teacher row, teacher_index) of samples packed as consecutive segments."""
+    trajs, t_trajs, t_index, offset, t_offset = [], [], np.zeros(seq_len, np.int32), 0, 0
+    for s, advantage, img in zip(samples, advantages, blocks):
+        t_ids, t_mask = s.teacher_ids()
+        positions = teacher_positions = None
+        if img is not None:
+            positions = _mrope_positions(s.token_ids, img.grid, image_spec)
+            teacher_positions = _mrope_positions(t_ids, img.grid, image_spec)
+            if teacher_positions is None:
+                raise ValueError(f"sample {s.sample_id}: its teacher prompt adds image placeholders; the teacher "
+                                 "stage must not attach such a guide")
+        n = len(s.token_ids)
+        fields = {"sampler_logprobs": np.asarray(s.logprobs, np.float32),
+                  "advantages": np.full(n, advantage, np.float32),
+                  "trained": np.ones(n, np.float32), "bundle": np.full(n, float(s.has_bundle), np.float32)}
+        trajs.append(packing.Trajectory(np.asarray(s.token_ids, np.int32), np.asarray(s.loss_mask, np.float32),
+                                        position_ids=positions, token_fields=fields))
+        t_trajs.append(packing.Trajectory(np.asarray(t_ids, np.int32), np.asarray(t_mask, np.float32),
+                                          position_ids=teacher_positions))
+        # Student position t predicts token t+1; for t+1 ≥ prompt_length the same token sits at
+        # teacher position t + shift (teacher and student prompts differ in length). Off-mask
+        # positions read position 0 (masked out anyway).
+        shift = len(t_ids) - n
+        pos = np.arange(n - 1)
+        on = np.asarray(s.loss_mask[1:], bool) & (pos + shift >= 0)
+        t_index[offset + pos[on]] = t_offset + pos[on] + shift
+        offset, t_offset = offset + n, t_offset + len(t_ids)
+    return _pack_row(trajs, seq_len, pad_id), _pack_row(t_trajs, seq_len, pad_id), t_index
 
 
 def _pack_row(trajs: Sequence[packing.Trajectory], length: int, pad_id: int, fields: bool = True) -> dict:

@@ -127,13 +127,51 @@ EVOLVE_WORKER = HEADER + textwrap.dedent('''
 ''')
 
 
+PREEMPTED_WORKER = HEADER + textwrap.dedent('''
+    # -- the toy evolve run, fsdp over both processes, preempted and resumed. PHASE=first: process 1
+    # sends itself a real SIGTERM in the middle of step 2; both must stop after that step, save it
+    # and exit 0. PHASE=resume: the same command resumes from that checkpoint and runs to step 4.
+    import signal, types
+    from genevolve_jax.train.evolve import EvolveTrainer
+    from genevolve_jax.train.preemption import RunStopped
+    from tests.fixtures.toy_task import (TOY_GUIDE, TOY_PROMPTS, TOY_TARGETS, CyclingPrompts,
+                                         FixedGuideExperience, TokenChoicePhase, toy_model, toy_run_config)
+    cfg = toy_run_config(os.path.join(out_dir, "run"), lr=1e-2, sdl=2.0, kl=1e-3, steps=4, save_every=100,
+                         mesh={"fsdp": 2})
+    cfg.loss.sdl.topk_frac = 1.0
+
+    class Phase(TokenChoicePhase):
+        def collect(self, step, prompts, group_ids):
+            if os.environ["PHASE"] == "first" and rank == 1 and step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)      # mid-step: the rollouts are still to come
+            return super().collect(step, prompts, group_ids)
+
+    trainer = EvolveTrainer(
+        cfg, model=toy_model(), tokenizer=types.SimpleNamespace(pad_token_id=0),
+        rollout_phase=lambda t: Phase(t.engine, cfg.rl.group_size, TOY_TARGETS, guide_ids=TOY_GUIDE),
+        prompt_source=CyclingPrompts(TOY_PROMPTS, cfg.data.rl.prompts_per_step, shard_index=rank, shard_count=2),
+        experience=FixedGuideExperience(), progress=False)
+    record = {"start_step": trainer.step}
+    try:
+        trainer.run()
+        record["stopped"] = None
+    except RunStopped as stop:
+        record["stopped"] = {"step": stop.step, "exit_code": stop.exit_code, "message": stop.message}
+    record["losses"] = list(trainer.losses)
+    record["checkpoints"] = trainer.ckpt.all_steps()
+    trainer.close()
+    with open(os.path.join(out_dir, f"record{rank}.json"), "w") as f:
+        json.dump(record, f)
+''')
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _launch(out, script_text, local_devices: int = 1):
+def _launch(out, script_text, local_devices: int = 1, extra_env: dict | None = None):
     """Start the two worker processes (SLURM-style environment, as a real job would plan them)."""
     script = out / "worker.py"
     script.write_text(script_text)
@@ -147,6 +185,7 @@ def _launch(out, script_text, local_devices: int = 1):
                     "SLURM_STEP_NODELIST": "127.0.0.1", "GENEVOLVE_COORDINATOR_PORT": str(port),
                     # the workers import tests.fixtures, like the tests do
                     "PYTHONPATH": os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))})
+        env.update(extra_env or {})
         procs.append(subprocess.Popen([sys.executable, str(script), str(out)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     return procs
@@ -335,3 +374,32 @@ def test_host_local_engine_params_and_weight_sync():
 def _scaled(x, rng):
     """x · a random factor, keeping x's sharding (a fresh array, as a train step would make)."""
     return jax.jit(lambda v: v * np.float32(rng.uniform(0.5, 1.5)), out_shardings=x.sharding)(x)
+
+
+@pytest.mark.slow
+def test_two_processes_preempted_by_sigterm_resume_to_the_uninterrupted_losses(tmp_path):
+    """A real SIGTERM to one of two processes (gloo) in the middle of step 2: both finish that step,
+    agree, save it and exit 0; the same command resumes and the losses of all four steps equal an
+    uninterrupted one-process run over the same global batch."""
+    from tests.fixtures.toy_task import FixedGuideExperience, toy_run_config, toy_trainer
+
+    first = _finish(tmp_path, _launch(tmp_path, PREEMPTED_WORKER, extra_env={"PHASE": "first"}))
+    for r in first:
+        assert r["stopped"]["step"] == 2 and r["stopped"]["exit_code"] == 0, r["stopped"]
+        assert "saved checkpoint step 2" in r["stopped"]["message"] and r["checkpoints"] == [2]
+    assert "SIGTERM" in first[1]["stopped"]["message"]        # process 0 stopped on process 1's signal
+    for rank in range(2):
+        (tmp_path / f"record{rank}.json").unlink()
+    resumed = _finish(tmp_path, _launch(tmp_path, PREEMPTED_WORKER, extra_env={"PHASE": "resume"}))
+
+    cfg = toy_run_config(str(tmp_path / "single"), lr=1e-2, sdl=2.0, kl=1e-3, steps=4, save_every=100,
+                         mesh={"fsdp": 2})
+    cfg.loss.sdl.topk_frac = 1.0
+    trainer = toy_trainer(cfg, experience=FixedGuideExperience(), devices=jax.devices()[:2])
+    try:
+        straight = [trainer.train_one_step()["loss"] for _ in range(4)]
+    finally:
+        trainer.close()
+    for r in resumed:
+        assert r["start_step"] == 2 and r["stopped"] is None and 4 in r["checkpoints"]
+        np.testing.assert_allclose(r["losses"], straight, rtol=1e-5, atol=1e-6)

@@ -206,12 +206,13 @@ def test_logprob_mismatch_counts_policy_tokens_of_valid_rows_only():
     a, b = rng.normal(size=(3, 7)).astype(np.float32), rng.normal(size=(3, 7)).astype(np.float32)
     mask = rng.random((3, 7)) < 0.5
     mask[0, 0] = True
-    valid = np.array([1.0, 0.0, 1.0], np.float32)
-    out = logprob_mismatch(jnp.asarray(a), jnp.asarray(b), jnp.asarray(mask, jnp.float32), jnp.asarray(valid))
-    diffs = [abs(float(a[r, c]) - float(b[r, c])) for r in (0, 2) for c in range(7) if mask[r, c]]
-    assert float(out["rollout/logprob_mismatch"]) == pytest.approx(sum(diffs) / len(diffs), rel=1e-6)
+    mask[1] = False                                        # row 1 does not train
+    weight = mask / mask.sum()                              # 1/N on the step's trained policy tokens
+    out = logprob_mismatch(jnp.asarray(a), jnp.asarray(b), jnp.asarray(weight, jnp.float32))
+    diffs = [abs(float(a[r, c]) - float(b[r, c])) for r in range(3) for c in range(7) if mask[r, c]]
+    assert float(out["rollout/logprob_mismatch"]) == pytest.approx(sum(diffs) / len(diffs), rel=1e-5)
     assert float(out["rollout/logprob_mismatch_max"]) == pytest.approx(max(diffs), rel=1e-6)
-    none = logprob_mismatch(jnp.asarray(a), jnp.asarray(b), jnp.zeros((3, 7)), jnp.asarray(valid))
+    none = logprob_mismatch(jnp.asarray(a), jnp.asarray(b), jnp.zeros((3, 7)))
     assert float(none["rollout/logprob_mismatch"]) == 0.0
 
 
