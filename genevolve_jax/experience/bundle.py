@@ -18,7 +18,6 @@ words in the reply are flagged.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from typing import Any, Iterable, Mapping
 

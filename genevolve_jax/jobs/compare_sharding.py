@@ -21,8 +21,7 @@ import os
 import sys
 import time
 
-# The HLO collective reader lives with the plan code (no jax import); re-exported here.
-from genevolve_jax.plan.compile import COLLECTIVES, collective_bytes  # noqa: F401
+from genevolve_jax.plan.compile import COLLECTIVES
 
 PRESETS = ("tiny", "qwen3vl_2b", "qwen3vl_8b")
 

@@ -4,7 +4,8 @@ import json
 import pytest
 
 from genevolve_jax.cli import main
-from genevolve_jax.jobs.compare_sharding import COLLECTIVES, collective_bytes, parse_mesh_args
+from genevolve_jax.jobs.compare_sharding import parse_mesh_args
+from genevolve_jax.plan.compile import COLLECTIVES, collective_bytes
 
 HLO = """HloModule m, entry_computation_layout={()}
 
