@@ -130,26 +130,17 @@ def _first_line(exc: BaseException, limit: int = 300) -> str:
     return f"{type(exc).__name__}: {line[:limit]}"
 
 
-def _all_processes_ok(ok: bool) -> bool:
-    """True when ``ok`` holds on every process (a collective when there are several)."""
-    if jax.process_count() == 1:
-        return ok
-    from genevolve_jax.train.agreement import all_processes
-    return all_processes(ok)
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
-
-
 class TrainCheckpointer:
     """Async keep-last-k checkpoints of a train run under ``directory``."""
 
     def __init__(self, directory: str | os.PathLike, *, save_every: int = 50, keep: int = 3,
-                 async_save: bool = True):
+                 async_save: bool = True, collective=None):
+        """``collective``: the run's train.collective.Collective (every process agrees on which step
+        restores); None is one process."""
         import orbax.checkpoint as ocp
+
+        from genevolve_jax.train.collective import SingleProcess
+        self.collective = collective or SingleProcess()
 
         if save_every < 1:
             raise ValueError(f"checkpoint.save_every must be >= 1, got {save_every}")
@@ -206,7 +197,7 @@ class TrainCheckpointer:
                 out = self._restore_step(candidate, abstract_params, abstract_opt_state)
             except UnrestorableStep as exc:
                 error = exc
-            if _all_processes_ok(error is None):
+            if self.collective.all_processes(error is None):
                 return dataclasses.replace(out, skipped=self._set_aside(failed))
             reason = error.reason if error is not None else "restored here but not on another process"
             failed.append(SkippedStep(candidate, reason))
@@ -248,7 +239,7 @@ class TrainCheckpointer:
         out = []
         for f in failed:
             dest = os.path.join(dest_root, f"{f.step}-{time.strftime('%Y%m%dT%H%M%S')}")
-            if jax.process_index() == 0:
+            if self.collective.is_writer:
                 os.makedirs(dest_root, exist_ok=True)
                 src = os.path.join(self.directory, str(f.step))
                 if os.path.isdir(src):
@@ -257,7 +248,7 @@ class TrainCheckpointer:
                         fh.write(f.reason + "\n")
             out.append(dataclasses.replace(f, moved_to=dest))
             log.warning("%s", out[-1].log_line())
-        _barrier("genevolve_checkpoint_set_aside")
+        self.collective.barrier("genevolve_checkpoint_set_aside")
         self.manager.reload()
         return out
 

@@ -78,6 +78,18 @@ class Collective(abc.ABC):
     def local_model(self, setup, params) -> nnx.Module:
         """The policy on this host's devices (for an export written by this process)."""
 
+    @abc.abstractmethod
+    def any_process(self, flag: bool) -> bool:
+        """True on every process when ``flag`` is true on at least one (stop for a preemption)."""
+
+    @abc.abstractmethod
+    def all_processes(self, flag: bool) -> bool:
+        """True on every process when ``flag`` is true on all of them (a checkpoint step restores)."""
+
+    @abc.abstractmethod
+    def barrier(self, name: str) -> None:
+        """Wait until every process gets here (after process 0 moved files the others will read)."""
+
 
 def _fresh_copy(tree, shardings=None):
     """A copy with its own buffers (jit outputs are new), then moved to ``shardings``, which may
@@ -115,6 +127,15 @@ class SingleProcess(Collective):
 
     def local_model(self, setup, params):
         return setup.merge(params)
+
+    def any_process(self, flag):
+        return bool(flag)
+
+    def all_processes(self, flag):
+        return bool(flag)
+
+    def barrier(self, name):
+        pass
 
 
 def make_collective() -> Collective:

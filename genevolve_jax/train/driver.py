@@ -53,7 +53,7 @@ class Driver(abc.ABC):
                                     grad_accum_steps=tc.grad_accum_steps, compiler_options=compiler_options(cfg.model))
         c = cfg.checkpoint
         self.ckpt = TrainCheckpointer(os.path.join(self.workdir, checkpoint_dir), save_every=c.save_every,
-                                      keep=c.keep, async_save=c.async_save)
+                                      keep=c.keep, async_save=c.async_save, collective=self.collective)
         self.logger = RunLogger.from_config(os.path.join(self.workdir, log_dir), cfg.logging,
                                             total_steps=self.total_steps, description=description,
                                             progress=progress, run_config=cfg)
@@ -63,7 +63,7 @@ class Driver(abc.ABC):
         # Non-finite steps are skipped inside the jitted step; this counts them and says when to stop.
         self.nonfinite = NonFiniteGuard(int(tc.max_consecutive_nonfinite))
         # SIGTERM / SIGINT: stop at the next step boundary, agreed by every process (train/preemption.py).
-        self.preemption = PreemptionGuard()
+        self.preemption = PreemptionGuard(agree=self.collective.any_process)
 
     # -- what a driver adds ----------------------------------------------------------------------
     @abc.abstractmethod

@@ -190,10 +190,9 @@ def _twin_mesh(local_mesh: Mesh) -> Mesh:
     layout = np.stack([ordinals] + [np.asarray(others[k:k + ordinals.size]).reshape(ordinals.shape)
                                     for k in range(0, len(others), ordinals.size)])
     # Every process must build the same global mesh: check that they all arrange alike.
-    if jax.process_count() > 1:
-        seen = allgather_objects(layout.tolist())
-        if any(x != seen[0] for x in seen):
-            raise ValueError("host_local_params: the processes' local meshes arrange their devices differently")
+    seen = allgather_objects(layout.tolist())
+    if any(x != seen[0] for x in seen):
+        raise ValueError("host_local_params: the processes' local meshes arrange their devices differently")
     by_process = collections.defaultdict(list)
     for d in jax.devices():
         by_process[d.process_index].append(d)
@@ -314,3 +313,17 @@ class MultiProcess(Collective):
         mesh = local_mesh()
         local = dataclasses.replace(setup, mesh=mesh, rest=host_local_params(setup.rest, _replicated(mesh)))
         return local.merge(host_local_params(params, _replicated(mesh)))
+
+    # Decisions that change what a process does next must come out the same on every process:
+    # one boolean all-gather each (a collective: every process calls it, in the same order).
+    def _flags(self, flag: bool) -> np.ndarray:
+        return np.asarray(multihost_utils.process_allgather(np.asarray([1 if flag else 0], np.int32))).reshape(-1)
+
+    def any_process(self, flag):
+        return bool(self._flags(flag).max() > 0)
+
+    def all_processes(self, flag):
+        return bool(self._flags(flag).min() > 0)
+
+    def barrier(self, name):
+        multihost_utils.sync_global_devices(name)

@@ -16,7 +16,7 @@ Why not jax's own preemption sync (``multihost_utils.reached_preemption_sync_poi
 ``reached_preemption`` wraps): it exists only under ``jax.distributed`` with the preemption
 service, answers at "the largest step any host reached + 1" (one more step than needed), and
 does nothing for a one-process run, which is where most preemptions of this trainer happen. One
-boolean all-gather per step (:mod:`genevolve_jax.train.agreement`) is cheap next to a train step.
+boolean all-gather per step (``Collective.any_process``) is cheap next to a train step.
 
 :meth:`PreemptionGuard.abandonable` marks a stretch of work that may be dropped on a signal (a
 rollout phase: it changes no trainer state): inside it a signal raises :class:`StepAbandoned` at
@@ -41,11 +41,6 @@ class StepAbandoned(Exception):
     """A signal arrived inside :meth:`PreemptionGuard.abandonable`: the step is dropped."""
 
 
-def _default_agree(flag: bool) -> bool:
-    from genevolve_jax.train.agreement import any_process
-    return any_process(flag)
-
-
 class PreemptionGuard:
     """Records SIGTERM/SIGINT and answers :meth:`should_stop` with every process agreeing.
 
@@ -55,8 +50,11 @@ class PreemptionGuard:
     be installed from the main thread."""
 
     def __init__(self, signals: Sequence[int] = DEFAULT_SIGNALS, *,
-                 agree: Callable[[bool], bool] = _default_agree):
+                 agree: Callable[[bool], bool] | None = None):
         self.signals = tuple(signals)
+        if agree is None:   # the run's processes, through their Collective (train/collective.py)
+            from genevolve_jax.train.collective import make_collective
+            agree = make_collective().any_process
         self._agree = agree
         self._previous: dict[int, object] = {}
         self._received: int | None = None
