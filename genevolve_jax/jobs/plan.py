@@ -31,7 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="tiny_cpu", help="run config: a name under configs/ or a .py path")
     p.add_argument("--target", default="", help="cpu:N | tpu:v5p:4x4x4 | v5p-64 | gpu:h100x8 | gpu:h200x8 "
                                                 "(default: cpu with the config's mesh size)")
-    p.add_argument("--phase", choices=("sft", "rl", "all"), default="all")
+    p.add_argument("--phase", choices=("sft", "rl", "engine", "all"), default="all",
+                   help="engine: the JaxEngine's prefill and decode chunk (with the trainer's state beside "
+                        "it when rl.engine is jax)")
     p.add_argument("--scan-layers", action="store_true",
                    help="plan the decoder layers scanned (one compiled layer body: minutes instead of tens of "
                         "minutes for 36 layers on a small host); the trainer today runs them unrolled")
@@ -108,7 +110,8 @@ def run(args) -> int:
 
     shapes = Shapes(sft_rows=args.sft_rows, sft_row_len=args.sft_row_len, rl_rows=args.rl_rows,
                     rl_seq_len=args.rl_seq_len, images=ImageShape(args.images_per_row, args.image_side))
-    phases = ("sft", "rl") if args.phase == "all" else (args.phase,)
+    from genevolve_jax.plan import PHASES
+    phases = PHASES if args.phase == "all" else (args.phase,)
     try:
         plan = build_plan(cfg, target, phases, shapes=shapes, model_config_path=args.model_config,
                           scan_layers=args.scan_layers,

@@ -92,6 +92,10 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
     s, kv = k.shape[1], k.shape[2]
     if h % kv:
         raise ValueError(f"query heads {h} are not a multiple of key/value heads {kv}")
+    block = causal_block(t) if causal and q_positions is None and t == s else 0
+    if block:
+        return _causal_blocks(q, k, v, block, kv_valid_mask=kv_valid_mask, q_segment_ids=q_segment_ids,
+                              kv_segment_ids=kv_segment_ids, scale=scale)
     group = h // kv
     scale = d ** -0.5 if scale is None else scale
     qg = q.reshape(b, t, kv, group, d)
@@ -105,6 +109,43 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=v.dtype)
     return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+# Causal self-attention over a long row goes in query blocks, each against the keys up to its end:
+# the [T, T] scores are never materialised and the blocks above the diagonal are never computed.
+# Measured on the 2-core CPU (8 rows × 1024 tokens, 8 heads of 16, segments, forward + backward):
+# 1.47 s whole, 0.37 s in blocks of 128, 0.50 s in blocks of 256. At most 16 blocks (unrolled).
+_MIN_CAUSAL_BLOCK = 128
+_MAX_CAUSAL_BLOCKS = 16
+
+
+def causal_block(t: int) -> int:
+    """The query block of causal self-attention over ``t`` tokens; 0 when it goes whole (short,
+    or no block size of at most 16 blocks divides it)."""
+    if t < 2 * _MIN_CAUSAL_BLOCK:
+        return 0
+    block = max(_MIN_CAUSAL_BLOCK, -(-t // _MAX_CAUSAL_BLOCKS))
+    block = -(-block // _MIN_CAUSAL_BLOCK) * _MIN_CAUSAL_BLOCK
+    return block if t % block == 0 and t // block > 1 else 0
+
+
+def _causal_blocks(q, k, v, block, *, kv_valid_mask, q_segment_ids, kv_segment_ids, scale):
+    """:func:`xla_attention` (causal, T == S) one query block at a time. Every unmasked key of a
+    query is in its block's key range, so outputs equal the whole computation to float rounding;
+    a fully masked (padding) query averages over its block's keys instead of all of them."""
+    b, t = q.shape[:2]
+
+    def cut(x, lo, hi):
+        return None if x is None else jnp.broadcast_to(jnp.asarray(x), (b, t))[:, lo:hi]
+
+    outs = []
+    for lo in range(0, t, block):
+        hi = lo + block
+        outs.append(xla_attention(q[:, lo:hi], k[:, :hi], v[:, :hi], causal=True,
+                                  q_positions=jnp.arange(lo, hi, dtype=jnp.int32),
+                                  kv_valid_mask=cut(kv_valid_mask, 0, hi), q_segment_ids=cut(q_segment_ids, lo, hi),
+                                  kv_segment_ids=cut(kv_segment_ids, 0, hi), scale=scale))
+    return jnp.concatenate(outs, axis=1)
 
 
 # --- dispatch -------------------------------------------------------------------------------------

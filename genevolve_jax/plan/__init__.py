@@ -9,7 +9,7 @@ import os
 import re
 from pathlib import Path
 
-PHASES = ("sft", "rl")
+PHASES = ("sft", "rl", "engine")
 LAUNCH_SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "single_host.sh"
 SHIPPED_COLOCATED_FRACTION = 0.55
 
@@ -72,7 +72,8 @@ def report_phase(phase, target, num_devices: int, frac: float, source: str, runs
     else:
         for fn in phase.fns:
             say(f"compiling {fn.name} for {target.spec}")
-            c = compile_traced(fn.name, fn.traced, num_devices, fn.compiler_options, fn.count_jaxpr)
+            c = compile_traced(fn.name, fn.traced, fn.num_devices or num_devices, fn.compiler_options,
+                               fn.count_jaxpr)
             compiled.append(c)
             extra[fn.name] = fn.extra_input_bytes
             bufs.append(A.Buffer(f"{fn.name}: compiled temporaries", (), "", c.temp_bytes))
@@ -105,10 +106,12 @@ def build_plan(run_cfg, target, phases=PHASES, *, shapes=None, model_config_path
     reports = []
     for name in phases:
         say(f"tracing phase {name}")
-        build = {"sft": P.sft_phase, "rl": P.rl_phase}[name]
+        from genevolve_jax.plan.engine_phase import engine_phase
+        build = {"sft": P.sft_phase, "rl": P.rl_phase, "engine": engine_phase}[name]
         phase = build(run_cfg, target, mesh, shapes, model_config_path=model_config_path, scan_layers=scan_layers)
         frac, source = mem_fraction(run_cfg, target, name, mem_fraction_override)
-        runs = {"evolve_step": 1, "sft_step": 1, "reference_forward": P.logprob_forwards_per_step(run_cfg)}
+        runs = {"evolve_step": 1, "sft_step": 1, "reference_forward": P.logprob_forwards_per_step(run_cfg),
+                "engine_prefill": 1, "engine_decode_chunk": 1}
         reports.append(report_phase(phase, target, len(devices), frac, source, runs, progress=say))
     return Plan(config=config_name, target=target.spec, device_kind=target.device.kind, num_devices=len(devices),
                 mesh={k: int(v) for k, v in mesh.shape.items()}, strategy=run_cfg.sharding.strategy,

@@ -65,7 +65,8 @@ def _split(model, freeze: Callable | None):
     return graphdef, train, frozen, rest
 
 
-def _with_shardings(state, shardings):
+def with_shardings(state, shardings):
+    """``state`` (arrays or ShapeDtypeStructs, in nnx Variables or bare) as ShapeDtypeStructs in ``shardings``."""
     def put(v, sh):
         value = v.get_value() if isinstance(v, nnx.Variable) else v
         sds = jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sh)
@@ -86,7 +87,7 @@ def abstract_train_state(config, train_cfg, mesh: Mesh, strategy: str, *, freeze
     train_sh = L.state_shardings(train_abs, mesh, rules)
     frozen_sh = L.state_shardings(frozen_abs, mesh, rules)
     tx, schedule = make_optimizer(train_cfg)
-    params = {"train": _with_shardings(train_abs, train_sh), "frozen": _with_shardings(frozen_abs, frozen_sh)}
+    params = {"train": with_shardings(train_abs, train_sh), "frozen": with_shardings(frozen_abs, frozen_sh)}
     with L.use_rules(mesh, rules):
         opt_abs = jax.eval_shape(tx.init, params["train"])
     opt_sh = opt_state_shardings(opt_abs, train_sh, train_abs, mesh)
@@ -123,7 +124,7 @@ def buffers(tree, prefix: str) -> list[Buffer]:
 
 def abstract_copy(tree, shardings):
     """A second copy of ``tree`` in ``shardings`` (the KL reference: the policy's layout)."""
-    return _with_shardings(jax.tree.map(lambda x: x, tree, is_leaf=lambda x: isinstance(x, nnx.Variable)),
+    return with_shardings(jax.tree.map(lambda x: x, tree, is_leaf=lambda x: isinstance(x, nnx.Variable)),
                            shardings)
 
 

@@ -11,6 +11,7 @@ plan compiles splash attention and a GPU plan cuDNN's when the cuDNN libraries a
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -53,12 +54,13 @@ class TracedFn:
     extra_input_bytes: int      # per device, inputs that are not resident state (the batch)
     compiler_options: dict
     count_jaxpr: Any = None     # the same function traced with XLA attention, for counting FLOPs
+    num_devices: int = 0        # devices it runs on (0: the plan's; the engine runs on its own mesh)
 
 
 @dataclasses.dataclass
 class Phase:
     name: str
-    state: A.AbstractState
+    state: A.AbstractState | None  # None: no train state (the engine's phase)
     resident: dict[str, Any]    # name -> abstract tree held through the phase (params, opt, ref…)
     gradients_bytes: int        # per device: one gradient per trainable parameter
     fns: list[TracedFn]
@@ -83,12 +85,18 @@ def attention_implementation(target) -> str:
     return _attention_impl(target)
 
 
-def _trace(step, state: A.AbstractState, batch: dict, target, mesh, impl: str | None = None):
+@contextlib.contextmanager
+def attention_context(target, impl: str | None = None):
+    """Trace attention as the target compiles it (``impl``: force one implementation)."""
     from genevolve_jax.ops import attention
-    arrays, static = step.split_static(batch)
     with attention.compile_for(target.attention_backend), \
-            attention.use_implementation(impl or _attention_impl(target)), \
-            L.use_rules(mesh, state.setup.rules):
+            attention.use_implementation(impl or _attention_impl(target)):
+        yield
+
+
+def _trace(step, state: A.AbstractState, batch: dict, target, mesh, impl: str | None = None):
+    arrays, static = step.split_static(batch)
+    with attention_context(target, impl), L.use_rules(mesh, state.setup.rules):
         return step.jitted(arrays, static).trace(state.params, state.opt_state, arrays, A.abstract_rng(mesh))
 
 
@@ -98,9 +106,7 @@ def _count_jaxpr(traced, make_fn, args, mesh, rules, target):
     would hand back the kernel trace) with the XLA attention path (full T × T)."""
     if _attention_impl(target) == "xla":
         return traced.jaxpr
-    from genevolve_jax.ops import attention
-    with attention.compile_for(target.attention_backend), attention.use_implementation("xla"), \
-            L.use_rules(mesh, rules):
+    with attention_context(target, "xla"), L.use_rules(mesh, rules):
         return jax.make_jaxpr(make_fn())(*args)
 
 
@@ -188,22 +194,37 @@ def reference_forward(setup, loss_cfg, compute_dtype):
     return fn
 
 
+def rl_resident(run_cfg, state: A.AbstractState) -> dict[str, Any]:
+    """What the trainer holds through an RL run: parameters, optimiser state and, with the KL term
+    on, the frozen reference copy of the policy."""
+    resident = {"params": state.params, "optimizer": state.opt_state}
+    if float(run_cfg.loss.grpo.kl_coef) > 0:
+        resident["reference params"] = A.abstract_copy(state.params, state.setup.param_shardings)
+    return resident
+
+
+def rl_state(run_cfg, config, mesh) -> A.AbstractState:
+    """The RL trainer's abstract state (``train`` section: freezing, optimiser)."""
+    from genevolve_jax.train.config import validate
+    from genevolve_jax.train.state import is_vision_path
+    tc = validate(run_cfg.train)
+    return A.abstract_train_state(config, tc, mesh, run_cfg.sharding.strategy,
+                                  freeze=is_vision_path if tc.freeze_vision else None)
+
+
 def rl_phase(run_cfg, target, mesh, shapes: Shapes, *, model_config_path: str = "",
              scan_layers: bool = False) -> Phase:
     from jax.sharding import NamedSharding
 
-    from genevolve_jax.ops import attention
+    from genevolve_jax.train.batch_layout import ROW_IMAGE_FIELDS, batch_shardings
     from genevolve_jax.train.config import validate
     from genevolve_jax.train.run_setup import compiler_options
-    from genevolve_jax.train.state import is_vision_path
-    from genevolve_jax.train.batch_layout import ROW_IMAGE_FIELDS, batch_shardings
     from genevolve_jax.train.step import TrainStep
 
     tc = validate(run_cfg.train)
     config = A.model_config(run_cfg, tc, model_config_path)
     config = config.replace(scan_layers=True) if scan_layers else config
-    freeze = is_vision_path if tc.freeze_vision else None
-    state = A.abstract_train_state(config, tc, mesh, run_cfg.sharding.strategy, freeze=freeze)
+    state = rl_state(run_cfg, config, mesh)
     rows, seq_len = shapes.rl(run_cfg)
     kl = float(run_cfg.loss.grpo.kl_coef) > 0
     batch = A.evolve_batch(config, rows, seq_len, mesh, state.setup.rules, kl=kl,
@@ -218,12 +239,13 @@ def rl_phase(run_cfg, target, mesh, shapes: Shapes, *, model_config_path: str = 
     count = _count_jaxpr(traced, _step_fn_factory(step, batch), _step_args(state, batch, mesh), mesh,
                          state.setup.rules, target)
     fns = [TracedFn("evolve_step", traced, A.bytes_per_device(batch), opts, count)]
-    resident = {"params": state.params, "optimizer": state.opt_state}
-    if kl:
-        resident["reference params"] = A.abstract_copy(state.params, state.setup.param_shardings)
+    resident = rl_resident(run_cfg, state)
     if run_cfg.rl.engine == "jax":
-        # The in-process JaxEngine samples from its own copy (the step donates the trainer's).
-        resident["engine params"] = A.abstract_copy(state.params, state.setup.param_shardings)
+        # The in-process JaxEngine samples from its own copy (the step donates the trainer's), in
+        # its own layout on its own (host-local) mesh, next to its KV cache.
+        from genevolve_jax.plan.engine_phase import abstract_engine
+        engine = abstract_engine(run_cfg, config, list(mesh.devices.flat)).resident()
+        resident.update(engine)
     if logprob_forwards_per_step(run_cfg):
         # One jitted forward over the whole batch (train.batch_assembly.reference_logprobs_fn).
         view = {k: batch[k] for k in ("input_ids", "targets", "segment_ids", "position_ids", *ROW_IMAGE_FIELDS)
@@ -233,11 +255,8 @@ def rl_phase(run_cfg, target, mesh, shapes: Shapes, *, model_config_path: str = 
         jitted = jax.jit(reference_forward(state.setup, run_cfg.loss, dtype),
                          in_shardings=(state.setup.param_shardings, batch_shardings(view, mesh, rules)),
                          out_shardings=out_sh)
-        def trace_ref(impl):
-            with attention.compile_for(target.attention_backend), attention.use_implementation(impl), \
-                    L.use_rules(mesh, rules):
-                return jitted.trace(state.params, view)
-        traced = trace_ref(_attention_impl(target))
+        with attention_context(target), L.use_rules(mesh, rules):
+            traced = jitted.trace(state.params, view)
         count = _count_jaxpr(traced, lambda: reference_forward(state.setup, run_cfg.loss, dtype),
                              (state.params, view), mesh, rules, target)
         fns.append(TracedFn("reference_forward", traced, A.bytes_per_device(view), opts, count))

@@ -23,9 +23,10 @@ requests and wait for their futures, so requests from several callers share the 
   are checked, and a finished slot is released (tokens it sampled after finishing in the same
   chunk are discarded: the row's host record says which tokens it really holds).
 
-Everything on the device runs under ``jax.jit`` with explicit shardings from the "sample" rules of
-genevolve_jax/sharding/logical.py (weights tensor-parallel only, slots split over ``data``), inside
-``logical.use_rules`` so the model's activation constraints resolve to the same mesh.
+The device functions (prefill, decode chunk) and their layouts live in
+genevolve_jax/rollout/engine_functions.py, where ``genevolve plan --phase engine`` compiles them
+too: ``jax.jit`` with explicit shardings from the "sample" rules of genevolve_jax/sharding/logical.py
+(weights tensor-parallel only, slots split over ``data``), under ``logical.use_rules``.
 
 Log-probs: see genevolve_jax/rollout/sampling.py. By default the recorded log-prob is that of
 ``log_softmax(logits / temperature)`` (what the trainer recomputes for the importance ratio);
@@ -52,24 +53,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from genevolve_jax.models.qwen3_vl.model import prepare_inputs
-from genevolve_jax.models.qwen3_vl.text import KVCache, init_cache
 from genevolve_jax.rollout import config as engine_config
 from genevolve_jax.rollout.engine import GenerationRequest, GenerationResult, RolloutEngine, image_size
+from genevolve_jax.rollout.engine_functions import EngineFunctions, engine_mesh, sampling_mode
+from genevolve_jax.rollout.engine_functions import bucket as bucket_of
 from genevolve_jax.rollout.kv_pool import (DEFER, Placement, RowPool, check_request, image_key, image_runs,
                                            next_position)
-from genevolve_jax.rollout.sampling import sample_tokens
-from genevolve_jax.sharding import logical as L
-from genevolve_jax.sharding.logical import MESH_AXES
 
 COUNTERS = ("requests", "prefill_batches", "prefill_tokens", "reused_tokens", "decode_tokens", "decode_chunks",
             "evictions", "max_live")
-
-
-def _bucket(n: int, lo: int, hi: int) -> int:
-    return min(hi, max(lo, 1 << max(0, (n - 1).bit_length())))
 
 
 @dataclasses.dataclass
@@ -104,26 +98,17 @@ class JaxEngine(RolloutEngine):
         self.config = model.config
         self.tokenizer = tokenizer
         self.image_processor = image_processor
-        if mesh is None:
-            from genevolve_jax.sharding.mesh import make_mesh
-            sizes = {a: int(self.cfg.mesh.get(a, 1)) for a in MESH_AXES}
-            n = int(np.prod(list(sizes.values())))
-            # An engine is host-local: its mesh is this host's devices, in id order.
-            mesh = make_mesh(sizes, sorted(jax.local_devices(), key=lambda d: d.id)[:n])
+        if mesh is None:  # an engine is host-local: its mesh is this host's devices
+            mesh = engine_mesh(self.cfg, jax.local_devices())
         self.mesh = mesh
         self.slots = self.cfg.max_slots
         self.chunk = self.cfg.steps_per_sync
-        self.capacity = self.cfg.max_seq_len + self.chunk  # room for a chunk past a row's budget
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        self._graphdef = graphdef
-        self._param_shardings = L.state_shardings(params, mesh, "sample")
-        self._replicated = NamedSharding(mesh, PartitionSpec())
+        self.fns = EngineFunctions(graphdef, self.config, params, self.cfg, mesh)
         with self._rules():
-            self._params = jax.device_put(params, self._param_shardings)
-            self._rest = jax.device_put(rest, self._replicated)
-            self._cache_shardings = self._cache_sharding_tree()
-        self._build_functions()
-        self._head = self._decode_head()
+            self._params = jax.device_put(params, self.fns.param_shardings)
+            self._rest = jax.device_put(rest, self.fns.replicated)
+        self._head = self.fns.decode_head(self._params, self._rest)
         self._version = 0         # bumped by every weight update; parked rows of older ones are stale
         self._reset_cache()
         self._rng = np.random.default_rng(self.cfg.seed)
@@ -140,94 +125,11 @@ class JaxEngine(RolloutEngine):
         self._queued = 0          # submitted requests still in state "queued"
         self.weight_version = 0   # the trainer step of the weights in use (update_weights)
 
-    # -- layout ----------------------------------------------------------------------------------
     def _rules(self):
-        return L.use_rules(self.mesh, "sample")
-
-    def _named(self, axes, shape) -> NamedSharding:
-        return NamedSharding(self.mesh, L.partition_spec(axes, L.rules_for("sample"), self.mesh, shape))
-
-    def _cache_sharding_tree(self) -> KVCache:
-        t = self.config.text
-        kv_shape = (self.slots, self.capacity, t.num_key_value_heads, t.head_dim)
-        kv = self._named((L.BATCH, L.CACHE_SEQ, L.KV_HEADS, L.HEAD_DIM), kv_shape)
-        n = t.num_hidden_layers
-        per_row = self._named((L.BATCH,), (self.slots,))
-        return KVCache(k=(kv,) * n, v=(kv,) * n, valid=self._named((L.BATCH, L.CACHE_SEQ), (self.slots, self.capacity)),
-                       length=per_row, next_position=per_row)
-
-    # -- jitted device functions -------------------------------------------------------------------
-    def _build_functions(self) -> None:
-        graphdef, capacity = self._graphdef, self.capacity
-        raw = bool(self.cfg.raw_logprobs)
-        rep, cache_sh, p_sh = self._replicated, self._cache_shardings, self._param_shardings
-
-        def model_of(params, rest):
-            return nnx.merge(graphdef, params, rest)
-
-        def prefill(params, rest, batch, cache: KVCache, src, dst, start, offset, sampling, mode, window):
-            # Rows src[i]'s first start[i] slots (the reused prefix; none when start is 0) are read
-            # into a [B, window] view, the new tokens appended there and the view written to dst[i]
-            # (out of range for padding rows: dropped). Copy and prefill in one pass.
-            view = KVCache(k=tuple(x[src, :window] for x in cache.k), v=tuple(x[src, :window] for x in cache.v),
-                           valid=jnp.arange(window)[None, :] < start[:, None], length=start, next_position=offset)
-            logits, view = model_of(params, rest).prefill(batch, cache=view)
-            rows = jnp.zeros((dst.shape[0], capacity), bool).at[:, :window].set(view.valid)
-            put = lambda full, part: full.at[dst, :window].set(part.astype(full.dtype), mode="drop")  # noqa: E731
-            cache = KVCache(tuple(map(put, cache.k, view.k)), tuple(map(put, cache.v, view.v)),
-                            cache.valid.at[dst].set(rows, mode="drop"),
-                            cache.length.at[dst].set(view.length, mode="drop"),
-                            cache.next_position.at[dst].set(view.next_position, mode="drop"))
-            temp, top_p, top_k, seed = sampling
-            token, lp = sample_tokens(logits, temp, top_p, top_k, seed, jnp.zeros_like(start), raw_logprobs=raw,
-                                      use_filter=mode == "filter", greedy_only=mode == "greedy")
-            return token, lp, cache
-
-        def decode_chunk(params, rest, head, tokens, cache, live, temp, top_p, top_k, seeds, counters, mode, window):
-            model = model_of(params, rest)
-            view = KVCache(tuple(x[:, :window] for x in cache.k), tuple(x[:, :window] for x in cache.v),
-                           cache.valid[:, :window], cache.length, cache.next_position)
-
-            def step(carry, i):
-                tok, view = carry
-                logits, view = model.decode_step(tok, view, live, head_kernel=head)
-                new, lp = sample_tokens(logits, temp, top_p, top_k, seeds, counters + i, raw_logprobs=raw,
-                                        use_filter=mode == "filter", greedy_only=mode == "greedy")
-                return (jnp.where(live, new, tok), view), (new, lp)
-
-            (_, view), (toks, lps) = jax.lax.scan(step, (tokens, view), jnp.arange(self.chunk, dtype=jnp.int32))
-            put = lambda full, part: jax.lax.dynamic_update_slice(full, part, (0,) * full.ndim)  # noqa: E731
-            cache = KVCache(tuple(map(put, cache.k, view.k)), tuple(map(put, cache.v, view.v)),
-                            put(cache.valid, view.valid), view.length, view.next_position)
-            return toks, lps, cache
-
-        self._prefill = jax.jit(prefill, static_argnums=(9, 10), donate_argnames="cache",
-                                in_shardings=(p_sh, rep, rep, cache_sh, rep, rep, rep, rep, rep),
-                                out_shardings=(rep, rep, cache_sh))
-        self._decode_chunk = jax.jit(decode_chunk, static_argnums=(11, 12), donate_argnames="cache",
-                                     in_shardings=(p_sh, rep, rep, rep, cache_sh, rep, rep, rep, rep, rep, rep),
-                                     out_shardings=(rep, rep, cache_sh))
-
-    def _decode_head(self):
-        """A [D, V] copy of a tied output projection, for decode on CPU; None otherwise.
-
-        XLA:CPU runs the tied head's [B, D]·[V, D]ᵀ product through a slow path at small batch:
-        measured on the issue-16 mid shape (V 32,000, D 512), 21.7 against 11.8 ms per step at B8
-        with a materialised [D, V] kernel (equal at B1). GPUs read either layout at speed, and an
-        untied head is [D, V] already, so the copy is made only for a tied head on CPU."""
-        if not (self.config.tie_word_embeddings and self.mesh.devices.flat[0].platform == "cpu"):
-            return None
-        graphdef = self._graphdef
-        with self._rules():
-            return jax.jit(lambda p, r: nnx.merge(graphdef, p, r).lm_head_kernel(),
-                           out_shardings=self._replicated)(self._params, self._rest)
+        return self.fns.rules()
 
     def _reset_cache(self) -> None:
-        def fresh():
-            cache = init_cache(self.config, self.slots, self.capacity)
-            return cache._replace(length=jnp.zeros((self.slots,), jnp.int32))
-        with self._rules():
-            self._cache = jax.jit(fresh, out_shardings=self._cache_shardings)()
+        self._cache = self.fns.new_cache()
         self.pool = RowPool(self.slots, self.config.image_token_id, reuse=self.cfg.kv_reuse)
         self.pool.version = self._version
 
@@ -321,7 +223,7 @@ class JaxEngine(RolloutEngine):
     @property
     def weight_shardings(self):
         """The sampling layout of the weights (tensor-parallel over ``engine.mesh``)."""
-        return self._param_shardings
+        return self.fns.param_shardings
 
     def update_weights(self, params, step: int = 0) -> dict[str, float]:
         """Replace the weights with ``params`` (an ``nnx.State`` of the model's ``nnx.Param``s, e.g. the
@@ -339,8 +241,8 @@ class JaxEngine(RolloutEngine):
                                  f"the engine's model has {tuple(a.shape)}")
         new = jax.tree.map(lambda x, old: jnp.asarray(x).astype(old.dtype), params, self._params)
         with self._device_lock, self._rules():
-            self._params = jax.device_put(new, self._param_shardings)
-            self._head = self._decode_head()
+            self._params = jax.device_put(new, self.fns.param_shardings)
+            self._head = self.fns.decode_head(self._params, self._rest)
             self._version += 1
             self.pool.new_version(self._version)
         self.weight_version = int(step)
@@ -437,7 +339,7 @@ class JaxEngine(RolloutEngine):
         k = len(image_runs(prompt[:m], self.config.image_token_id))
         offset = next_position(prompt[:m], grids[:k], self.config)
         lo = self.cfg.min_append_bucket if m else self.cfg.min_prefill_bucket
-        bucket = _bucket(len(prompt) - m, lo, self.cfg.max_seq_len)
+        bucket = bucket_of(len(prompt) - m, lo, self.cfg.max_seq_len)
         return _Prefill(job, place, prompt[m:], list(req.images[k:]), offset, bucket)
 
     def _admit_pending(self) -> None:
@@ -482,24 +384,19 @@ class JaxEngine(RolloutEngine):
                 raise
 
     def _prefill_batch(self, plans: list[_Prefill], bucket: int) -> None:
-        rows = _bucket(len(plans), 1, self.slots)
+        rows = bucket_of(len(plans), 1, self.slots)
         ids = np.zeros((rows, bucket), np.int32)
         mask = np.zeros((rows, bucket), np.int32)
         mask[len(plans):, 0] = 1  # padding rows hold one token so that every row has positions
-        src = np.zeros(rows, np.int32)
-        dst = np.full(rows, self.slots, np.int32)  # out of range: the padding rows' writes are dropped
-        start = np.zeros(rows, np.int32)
-        offset = np.zeros(rows, np.int32)
-        temp, top_p = np.ones(rows, np.float32), np.ones(rows, np.float32)
-        top_k, seed = np.full(rows, -1, np.int32), np.zeros(rows, np.uint32)
+        h = self.fns.prefill_host_arrays(rows)
         for r, p in enumerate(plans):
             n = len(p.suffix)
             ids[r, :n], mask[r, :n] = p.suffix, 1
-            src[r] = p.place.source if p.place.reuse else p.place.slot
-            dst[r], start[r], offset[r] = p.place.slot, p.place.reuse, p.offset
+            h["src"][r] = p.place.source if p.place.reuse else p.place.slot
+            h["dst"][r], h["start"][r], h["offset"][r] = p.place.slot, p.place.reuse, p.offset
             s = p.job.request.sampling
-            temp[r], top_p[r], top_k[r], seed[r] = s.temperature, s.top_p, s.top_k, p.job.seed
-        window = _bucket(int(max(start + bucket)), self.cfg.min_prefill_bucket, self.capacity)
+            h["temp"][r], h["top_p"][r], h["top_k"][r], h["seed"][r] = s.temperature, s.top_p, s.top_k, p.job.seed
+        window = self.fns.prefill_window(int(max(h["start"] + bucket)))
         try:
             vision = {}
             if plans[0].images:
@@ -512,12 +409,12 @@ class JaxEngine(RolloutEngine):
                 self.pool.finish(p.place.slot, None)
                 self._resolve(p.job, GenerationResult([], [], "abort", error=f"bad request: {exc}"))
             return
-        mode = _sampling_mode([p.job.request.sampling for p in plans])
+        mode = sampling_mode([p.job.request.sampling for p in plans])
         try:
             with self._rules():
-                tokens, lps, self._cache = self._prefill(
-                    self._params, self._rest, batch, self._cache, src, dst, start, offset,
-                    (temp, top_p, top_k, seed), mode, window)
+                tokens, lps, self._cache = self.fns.prefill(
+                    self._params, self._rest, batch, self._cache, h["src"], h["dst"], h["start"], h["offset"],
+                    (h["temp"], h["top_p"], h["top_k"], h["seed"]), mode, window)
         except Exception as exc:
             for p in plans:
                 self.pool.finish(p.place.slot, None)
@@ -549,23 +446,17 @@ class JaxEngine(RolloutEngine):
     # -- decoding -------------------------------------------------------------------------------------
     def _step(self) -> None:
         jobs = [(i, j) for i, j in enumerate(self._active) if j is not None]
-        live = np.array([j is not None for j in self._active])
-        tokens = np.zeros(self.slots, np.int32)
-        temp = np.ones(self.slots, np.float32)
-        top_p = np.ones(self.slots, np.float32)
-        top_k = np.full(self.slots, -1, np.int32)
-        seeds = np.zeros(self.slots, np.uint32)
-        counters = np.zeros(self.slots, np.int32)
+        h = self.fns.decode_host_arrays()
         for i, j in jobs:
             s = j.request.sampling
-            tokens[i], temp[i], top_p[i], top_k[i] = j.pending, s.temperature, s.top_p, s.top_k
-            seeds[i], counters[i] = j.seed, len(j.tokens)
-        need = max(self.pool.rows[i].device_length for i, _ in jobs) + self.chunk
-        window = _bucket(need, self.cfg.min_prefill_bucket, self.capacity)
+            h["live"][i] = True
+            h["tokens"][i], h["temp"][i], h["top_p"][i], h["top_k"][i] = j.pending, s.temperature, s.top_p, s.top_k
+            h["seeds"][i], h["counters"][i] = j.seed, len(j.tokens)
+        window = self.fns.decode_window(max(self.pool.rows[i].device_length for i, _ in jobs))
         with self._rules():
-            toks, lps, self._cache = self._decode_chunk(
-                self._params, self._rest, self._head, tokens, self._cache, live, temp, top_p, top_k, seeds, counters,
-                _sampling_mode([j.request.sampling for _, j in jobs]), window)
+            toks, lps, self._cache = self.fns.decode_chunk(
+                self._params, self._rest, self._head, h["tokens"], self._cache, h["live"], h["temp"], h["top_p"],
+                h["top_k"], h["seeds"], h["counters"], sampling_mode([j.request.sampling for _, j in jobs]), window)
         self._counters["decode_chunks"] += 1
         toks, lps = np.asarray(toks), np.asarray(lps)
         for i, _ in jobs:
@@ -622,13 +513,6 @@ def _open_image(image):
         with Image.open(image) as img:
             return img.convert("RGB")
     return image
-
-
-def _sampling_mode(params) -> str:
-    """The sampler variant a batch needs (a static argument: each is its own compile)."""
-    if all(p.temperature <= 0 for p in params):
-        return "greedy"
-    return "filter" if any(p.temperature > 0 and (p.top_p < 1.0 or p.top_k > 0) for p in params) else "sample"
 
 
 # --- construction from files -------------------------------------------------------------------------

@@ -1,0 +1,102 @@
+"""The JaxEngine's phase of a plan: its prefill and decode chunk, the very functions the engine
+jits (genevolve_jax/rollout/engine_functions.py), traced on abstract arguments and compiled for the
+target.
+
+The engine is host-local: its mesh is ``engine.mesh`` over the first devices of the target (one
+host of a TPU slice, the GPUs of a node). Resident per device: the engine's copy of the weights in
+the sampling layout and its KV cache (``engine.max_slots`` rows × ``engine.max_seq_len`` plus a
+chunk). When the RL run samples with it (``rl.engine = "jax"``), the trainer's state stays on the
+same devices while it samples, so the phase adds it (and the RL phase adds the engine's).
+
+Planned calls, the largest the engine makes:
+- ``engine_prefill``: one fresh request of ``engine.max_seq_len`` tokens (a conversation at the
+  cap, prefilled whole: the engine prefills at most that many padded tokens per call), with the
+  plan's images per row, if any;
+- ``engine_decode_chunk``: ``engine.steps_per_sync`` steps over every slot, attending over the
+  whole cache.
+The sampler variant is the run's (``agent.sampling``: top-p/top-k filtering or not).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from genevolve_jax.plan import abstract as A
+
+
+@dataclasses.dataclass
+class AbstractEngine:
+    fns: Any        # rollout.engine_functions.EngineFunctions
+    params: Any     # abstract nnx.State in the sampling layout
+    rest: Any
+    head: Any       # the decode head's abstract copy (tied head on CPU) or None
+    build: Any      # () -> a new EngineFunctions (fresh jitted functions)
+
+    def resident(self) -> dict[str, Any]:
+        return {"engine params": self.params, "engine KV cache": self.fns.abstract_cache()}
+
+
+def abstract_engine(run_cfg, config, devices) -> AbstractEngine:
+    """The engine a run of ``run_cfg`` builds on ``devices``, on abstract weights (nothing allocated).
+    Its weights have the trainer's parameter dtype (the trainer hands the engine its own)."""
+    from flax import nnx
+
+    from genevolve_jax.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
+    from genevolve_jax.rollout import config as engine_config
+    from genevolve_jax.rollout.engine_functions import EngineFunctions, engine_mesh
+
+    ecfg = engine_config.validate(run_cfg.engine)
+    # The engine runs the layers one by one over its cache, whatever the trainer's layout.
+    config = config.replace(scan_layers=False)
+    model = nnx.eval_shape(lambda: Qwen3VLForConditionalGeneration(config, rngs=nnx.Rngs(0)))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    mesh = engine_mesh(ecfg, devices)
+    fns = EngineFunctions(graphdef, config, params, ecfg, mesh)
+    params = A.with_shardings(params, fns.param_shardings)
+    return AbstractEngine(fns, params, rest, fns.abstract_decode_head(params, rest),
+                          lambda: EngineFunctions(graphdef, config, params, ecfg, mesh))
+
+
+def sampling_mode_of(run_cfg) -> str:
+    from genevolve_jax.rollout.engine_functions import sampling_mode
+    return sampling_mode([run_cfg.agent.sampling])
+
+
+def engine_phase(run_cfg, target, mesh, shapes, *, model_config_path: str = "", scan_layers: bool = False):
+    """The ``engine`` phase (``scan_layers`` is ignored: the engine runs its layers unrolled)."""
+    from genevolve_jax.plan import phases as P
+    from genevolve_jax.train.config import validate
+
+    tc = validate(run_cfg.train)
+    config = A.model_config(run_cfg, tc, model_config_path)
+    eng = abstract_engine(run_cfg, config, list(mesh.devices.flat))
+    fns, mode = eng.fns, sampling_mode_of(run_cfg)
+    grids = tuple(shapes.images.grid(config.vision) for _ in range(shapes.images.per_row))
+    length = fns.max_seq_len
+    prefill_args = fns.abstract_prefill_args(eng.params, eng.rest, 1, length, mode=mode, image_grids=grids)
+    decode_args = fns.abstract_decode_args(eng.params, eng.rest, eng.head, mode=mode)
+
+    def trace(fns, impl=None):
+        with fns.rules(), P.attention_context(target, impl):
+            return (fns.prefill.trace(*prefill_args), fns.decode_chunk.trace(*decode_args))
+
+    traced = trace(fns)
+    # FLOPs are counted on dot_generals: where the target's attention is a fused kernel, count on
+    # the same functions built afresh (jit caches traces) and traced with XLA attention.
+    counted = traced if P.attention_implementation(target) == "xla" else trace(eng.build(), "xla")
+    fn_list = []
+    for name, t, c, args, cache_at in (("engine_prefill", traced[0], counted[0], prefill_args, 3),
+                                       ("engine_decode_chunk", traced[1], counted[1], decode_args, 4)):
+        # Inputs that are not resident: everything but the weights, `rest` and the (donated) cache.
+        inputs = [a for i, a in enumerate(args[:-2]) if i not in (0, 1, cache_at)]
+        fn_list.append(P.TracedFn(name, t, A.bytes_per_device(inputs), {}, c.jaxpr, fns.mesh.devices.size))
+    resident = eng.resident()
+    if run_cfg.rl.engine == "jax":
+        trainer_config = config.replace(scan_layers=True) if scan_layers else config
+        state = P.rl_state(run_cfg, trainer_config, mesh)
+        resident.update({f"trainer {k}": v for k, v in P.rl_resident(run_cfg, state).items()})
+    img = f", {shapes.images.per_row} image(s) of {shapes.images.side}²" if shapes.images.per_row else ""
+    desc = (f"prefill 1 × {length} tokens{img}; decode {fns.chunk} steps × {fns.slots} slots over "
+            f"{fns.capacity} cached positions; engine mesh {dict(fns.mesh.shape)} on the first "
+            f"{fns.mesh.devices.size} device(s), sampler '{mode}'")
+    return P.Phase("engine", None, resident, 0, fn_list, desc)
