@@ -77,6 +77,9 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.rl.group_size = 8
     cfg.rl.num_steps = 12
     cfg.rl.max_tokens_per_row = 1024
+    # Rows of 256, 512, 768 or 1024 tokens, the shortest that holds the step's longest rollout: the
+    # rollouts (~450–700 tokens) mostly train in rows of 768 (train step 3.6 s against 5.5 s at 1024).
+    cfg.rl.row_length_buckets = 4
     cfg.agent.max_rounds = 4
     cfg.agent.round_max_tokens = 256          # the answer turn of the synthetic set is ~50–130 tokens
     cfg.agent.response_max_tokens = 768

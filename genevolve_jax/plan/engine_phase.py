@@ -9,9 +9,9 @@ chunk). When the RL run samples with it (``rl.engine = "jax"``), the trainer's s
 same devices while it samples, so the phase adds it (and the RL phase adds the engine's).
 
 Planned calls, the largest the engine makes:
-- ``engine_prefill``: one fresh request of ``engine.max_seq_len`` tokens (a conversation at the
-  cap, prefilled whole: the engine prefills at most that many padded tokens per call), with the
-  plan's images per row, if any;
+- ``engine_prefill``: a call at the longest length bucket, ``engine.max_seq_len`` (a conversation
+  at the cap, prefilled whole), with the rows the engine gives that length
+  (``engine.prefill_tokens // length``, at least 1) and the plan's images, if any (one request);
 - ``engine_decode_chunk``: ``engine.steps_per_sync`` steps over every slot, attending over the
   whole cache.
 The sampler variant is the run's (``agent.sampling``: top-p/top-k filtering or not).
@@ -73,7 +73,8 @@ def engine_phase(run_cfg, target, mesh, shapes, *, model_config_path: str = "", 
     fns, mode = eng.fns, sampling_mode_of(run_cfg)
     grids = tuple(shapes.images.grid(config.vision) for _ in range(shapes.images.per_row))
     length = fns.max_seq_len
-    prefill_args = fns.abstract_prefill_args(eng.params, eng.rest, 1, length, mode=mode, image_grids=grids)
+    rows = 1 if grids else fns.prefill_rows(length)
+    prefill_args = fns.abstract_prefill_args(eng.params, eng.rest, rows, length, mode=mode, image_grids=grids)
     decode_args = fns.abstract_decode_args(eng.params, eng.rest, eng.head, mode=mode)
 
     def trace(fns, impl=None):
@@ -96,7 +97,7 @@ def engine_phase(run_cfg, target, mesh, shapes, *, model_config_path: str = "", 
         state = P.rl_state(run_cfg, trainer_config, mesh)
         resident.update({f"trainer {k}": v for k, v in P.rl_resident(run_cfg, state).items()})
     img = f", {shapes.images.per_row} image(s) of {shapes.images.side}²" if shapes.images.per_row else ""
-    desc = (f"prefill 1 × {length} tokens{img}; decode {fns.chunk} steps × {fns.slots} slots over "
+    desc = (f"prefill {rows} × {length} tokens{img}; decode {fns.chunk} steps × {fns.slots} slots over "
             f"{fns.capacity} cached positions; engine mesh {dict(fns.mesh.shape)} on the first "
             f"{fns.mesh.devices.size} device(s), sampler '{mode}'")
     return P.Phase("engine", None, resident, 0, fn_list, desc)

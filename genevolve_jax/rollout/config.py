@@ -15,6 +15,9 @@ def default_engine_config() -> ml_collections.ConfigDict:
     cfg.min_prefill_bucket = 64  # fresh prompts are padded to max(this, next power of two)
     cfg.kv_reuse = True         # keep finished conversations' KV; a request sharing their prefix prefills the rest
     cfg.min_append_bucket = 16  # the appended part of a reused prefix is padded to max(this, next power of two)
+    # Padded tokens per prefill call: a call of length bucket L always has max(1, this // L) rows
+    # (at most max_slots), so prefill compiles once per (length, window) bucket, not per row count.
+    cfg.prefill_tokens = 2048
     cfg.raw_logprobs = False    # True: record log_softmax(logits) instead of log_softmax(logits / T)
     cfg.seed = 0                # seeds requests that carry none
     cfg.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1, "sequence": 1})
@@ -23,7 +26,8 @@ def default_engine_config() -> ml_collections.ConfigDict:
 
 def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     check = Checker("engine")
-    for name in ("max_slots", "max_seq_len", "steps_per_sync", "min_prefill_bucket", "min_append_bucket"):
+    for name in ("max_slots", "max_seq_len", "steps_per_sync", "min_prefill_bucket", "min_append_bucket",
+                 "prefill_tokens"):
         check(is_int(cfg[name]) and cfg[name] >= 1, name, "a positive integer", cfg[name])
     check(cfg.min_prefill_bucket <= cfg.max_seq_len, "min_prefill_bucket",
           f"<= engine.max_seq_len ({cfg.max_seq_len})", cfg.min_prefill_bucket)

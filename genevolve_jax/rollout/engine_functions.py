@@ -66,6 +66,7 @@ class EngineFunctions:
         self.chunk = int(engine_cfg.steps_per_sync)
         self.max_seq_len = int(engine_cfg.max_seq_len)
         self.min_prefill_bucket = int(engine_cfg.min_prefill_bucket)
+        self.prefill_tokens = int(engine_cfg.prefill_tokens)
         self.capacity = self.max_seq_len + self.chunk  # room for a chunk past a row's budget
         self.raw_logprobs = bool(engine_cfg.raw_logprobs)
         self.param_shardings = L.state_shardings(params, mesh, "sample")
@@ -145,6 +146,13 @@ class EngineFunctions:
         return dict(tokens=np.zeros(s, np.int32), live=np.zeros(s, bool), temp=np.ones(s, np.float32),
                     top_p=np.ones(s, np.float32), top_k=np.full(s, -1, np.int32), seeds=np.zeros(s, np.uint32),
                     counters=np.zeros(s, np.int32))
+
+    def prefill_rows(self, length: int) -> int:
+        """Rows of every prefill call padded to ``length`` tokens: ``engine.prefill_tokens // length``
+        rounded down to a power of two, in [1, max_slots]. Fixed per length, so the row count adds no
+        compiles (a call with fewer requests pads rows; one with more is split)."""
+        n = max(1, self.prefill_tokens // max(1, length))
+        return min(1 << (n.bit_length() - 1), self.slots)
 
     def prefill_window(self, start_plus_bucket: int) -> int:
         return bucket(start_plus_bucket, self.min_prefill_bucket, self.capacity)

@@ -12,8 +12,9 @@ requests and wait for their futures, so requests from several callers share the 
   anything else is a fresh prefill. Parked rows are evicted least recently used first, and all of
   them are dropped when the weights change. ``engine.kv_reuse = False`` turns reuse off;
 - admission: the placed requests of one wave are prefilled together where their padded lengths
-  agree (right-padded to a power of two; images go one request per call, through the vision
-  tower). A prefill reads its rows' reused prefixes and writes the new tokens over a window of the
+  agree (right-padded to a power of two, in calls of a fixed row count per length,
+  ``engine.prefill_tokens // length``, so that a new mix of requests compiles nothing new; images
+  go one request per call, through the vision tower). A prefill reads its rows' reused prefixes and writes the new tokens over a window of the
   cache just long enough for them; its first token is sampled from the prefill logits. Admission
   happens between decode chunks, so new requests enter while others are mid-generation;
 - decode: ``steps_per_sync`` decode steps run in one jitted scan over all slots (rows without a
@@ -370,9 +371,8 @@ class JaxEngine(RolloutEngine):
         for p in wave:
             groups[(p.bucket, bool(p.images), id(p) if p.images else 0)].append(p)
         calls = []
-        for (bucket, _, _), plans in groups.items():
-            # at most max_seq_len padded tokens per call (a power of two of rows)
-            per_call = max(1, 1 << ((self.cfg.max_seq_len // bucket).bit_length() - 1))
+        for (bucket, images, _), plans in groups.items():
+            per_call = 1 if images else self.fns.prefill_rows(bucket)
             calls += [(plans[i:i + per_call], bucket) for i in range(0, len(plans), per_call)]
         for i, (plans, bucket) in enumerate(calls):
             try:
@@ -384,7 +384,7 @@ class JaxEngine(RolloutEngine):
                 raise
 
     def _prefill_batch(self, plans: list[_Prefill], bucket: int) -> None:
-        rows = bucket_of(len(plans), 1, self.slots)
+        rows = 1 if plans[0].images else self.fns.prefill_rows(bucket)
         ids = np.zeros((rows, bucket), np.int32)
         mask = np.zeros((rows, bucket), np.int32)
         mask[len(plans):, 0] = 1  # padding rows hold one token so that every row has positions

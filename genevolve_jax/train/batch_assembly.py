@@ -179,6 +179,25 @@ def bucket_rows(needed: int, multiple: int) -> int:
     return rows
 
 
+def row_lengths(max_tokens_per_row: int, buckets: int) -> list[int]:
+    """The row lengths a run may use: k/n of the budget for k = 1..n, rounded up to 16 tokens."""
+    return sorted({min(max_tokens_per_row, -(-max_tokens_per_row * k // buckets // 16) * 16)
+                   for k in range(1, buckets + 1)})
+
+
+def choose_row_length(samples: Sequence[RolloutSample], lengths: Sequence[int]) -> int:
+    """The row length of a step: the shortest of ``lengths`` that holds its longest trained sample
+    (its teacher row included); the step's rollouts are then packed into rows of that length.
+    Rollouts shorter than the budget train without its padding (tiny_cpu's ~450–700-token rollouts
+    in rows of 768 instead of 1024), and a run meets few lengths (the shortest that fits, not the
+    one that packs tightest, which would add row counts: one more compile each)."""
+    longest = max((row_tokens(s) for s in samples if s.valid), default=0)
+    for length in sorted(lengths):
+        if length >= longest:
+            return length
+    raise ValueError(f"a trained sample needs {longest} tokens, more than the longest row {max(lengths)}")
+
+
 def row_tokens(sample: RolloutSample) -> int:
     """Tokens a sample takes in its row: its own, or its teacher row's when that is longer (the
     teacher rows mirror the student rows, so both must fit the budget)."""

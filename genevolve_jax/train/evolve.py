@@ -23,7 +23,8 @@ import jax.numpy as jnp
 
 from genevolve_jax.data.prompts import PromptSource
 from genevolve_jax.rollout.engine import RolloutEngine
-from genevolve_jax.train.batch_assembly import ImageBatchSpec, assemble_evolve_batch, drop_oversized_teachers
+from genevolve_jax.train.batch_assembly import (ImageBatchSpec, assemble_evolve_batch, choose_row_length,
+                                                drop_oversized_teachers, row_lengths)
 from genevolve_jax.train.driver import Driver
 from genevolve_jax.train.logprob_forward import LogprobForward, resolve_old_logprobs
 from genevolve_jax.train.losses.step_losses import EvolveLoss
@@ -178,7 +179,8 @@ class EvolveTrainer(Driver):
         with _timed(times, "assemble"):
             budget = int(cfg.rl.max_tokens_per_row)
             samples, long_guides = drop_oversized_teachers(samples, budget)
-            batch = assemble_evolve_batch(samples, advantages, seq_len=budget, pad_id=self.pad_id,
+            length = choose_row_length(samples, row_lengths(budget, int(cfg.rl.row_length_buckets)))
+            batch = assemble_evolve_batch(samples, advantages, seq_len=length, pad_id=self.pad_id,
                                           row_multiple=self.row_multiple, loss_cfg=cfg.loss,
                                           image_spec=self.image_spec, images=images,
                                           old_logprobs=self.old_logprobs_route == "sampler")
@@ -235,6 +237,7 @@ class EvolveTrainer(Driver):
         mets["compile/train_step"] = float(self.train_step.compiled_layouts)
         mets["compile/logprob_forward"] = float(self.logprob_forward.compiles)
         mets["batch/rows"] = float(batch["row_weight"].shape[0])
+        mets["batch/row_tokens"] = float(batch["input_ids"].shape[1])
         return mets
 
     def sync_weights(self, step: int) -> dict[str, float]:

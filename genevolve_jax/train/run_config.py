@@ -77,6 +77,9 @@ def default_rl_config() -> ml_collections.ConfigDict:
         "max_tokens_per_row": 32768,  # (ours) rollouts are packed into rows of this many tokens; a longer
                                     # one is masked ("too_long_for_batch"). Memory per device is bounded
                                     # by it × the rows of a micro-batch (train/batch_assembly.py)
+        "row_length_buckets": 1,    # (ours) n > 1: a step's rows are k/n of max_tokens_per_row long, the
+                                    # least k that holds its longest rollout (one compile per length met;
+                                    # 1: always the maximum)
         "patch_multiple": 1024,     # (ours) per-row image patch budget rounded up to this (image batches)
         "render_seed": 0,
         "export_hf": True,          # HF export of the final policy
@@ -112,6 +115,8 @@ def validate_rl(cfg) -> ml_collections.ConfigDict:
     _require(cfg.engine in ENGINES, "rl.engine", f"one of {ENGINES}", cfg.engine)
     _require(is_int(cfg.max_tokens_per_row) and cfg.max_tokens_per_row >= 16, "rl.max_tokens_per_row", "an int >= 16",
              cfg.max_tokens_per_row)
+    _require(is_int(cfg.row_length_buckets) and 1 <= cfg.row_length_buckets <= cfg.max_tokens_per_row // 16,
+             "rl.row_length_buckets", "an int in [1, rl.max_tokens_per_row // 16]", cfg.row_length_buckets)
     _require(is_int(cfg.patch_multiple) and cfg.patch_multiple >= 1, "rl.patch_multiple", "an int >= 1",
              cfg.patch_multiple)
     _require(cfg.export_dtype in EXPORT_DTYPES, "rl.export_dtype", "float32 or bfloat16", cfg.export_dtype)

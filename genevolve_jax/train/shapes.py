@@ -1,7 +1,9 @@
 """Stable batch shapes and the compiles they cost.
 
-The evolve batch has rows of ``rl.max_tokens_per_row`` tokens and a row count from
-:func:`~genevolve_jax.train.batch_assembly.bucket_rows`: ``grad_accum × batch-mesh size × 2^j``.
+The evolve batch has rows of ``rl.max_tokens_per_row`` tokens (or k/n of it, with
+``rl.row_length_buckets`` = n: :func:`~genevolve_jax.train.batch_assembly.choose_row_length`) and a
+row count from :func:`~genevolve_jax.train.batch_assembly.bucket_rows`: ``grad_accum × batch-mesh
+size × 2^j``.
 A run therefore meets a few shapes, and each jitted stage (the train step, the π_old / reference
 forward) compiles once per shape. :class:`CompileLog` records what compiling costs as it happens,
 from JAX's own monitoring events, so that a step that compiled is visible in the metrics.

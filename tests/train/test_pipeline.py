@@ -163,3 +163,27 @@ def test_two_updates_per_batch_recompute_pi_old_and_the_second_ratio_moves(tmp_p
         one.close()
     assert m1["rollout/old_logprobs_forward"] == 0.0 and m1["grpo/ratio_mean"] == pytest.approx(1.0, abs=1e-7)
     assert m1["rollout/logprob_mismatch"] < 1e-5        # the JaxEngine's log-probs are the trainer's
+
+
+def test_row_length_is_the_shortest_bucket_holding_the_longest_rollout():
+    """rl.row_length_buckets: rows are k/n of the budget, the least k that holds the step's longest
+    trained rollout; masked rollouts do not count, and longer than the budget is refused."""
+    from genevolve_jax.train.batch_assembly import choose_row_length, row_lengths
+    assert row_lengths(1024, 4) == [256, 512, 768, 1024]
+    assert row_lengths(1000, 3) == [336, 672, 1000]      # k/n rounded up to 16 tokens, capped at the budget
+    assert row_lengths(1024, 1) == [1024]
+    rng = np.random.default_rng(11)
+    lengths = row_lengths(1024, 4)
+    for _ in range(20):
+        sizes = rng.integers(20, 1024, size=int(rng.integers(1, 9)))
+        samples = [text_sample(rng, f"s{i}", 0, 1.0, n=int(n)) for i, n in enumerate(sizes)]
+        longest = max(len(s.token_ids) for s in samples)
+        got = choose_row_length(samples, lengths)
+        assert got >= longest and all(x < longest for x in lengths if x < got)
+        # A masked sample longer than the rest does not stretch the rows.
+        masked = dataclasses.replace(text_sample(rng, "m", 0, 1.0, n=1000), valid=False)
+        assert choose_row_length(samples + [masked], lengths) == got
+        batch = assemble_evolve_batch(samples + [masked], [0.5] * (len(samples) + 1), seq_len=got)
+        assert batch["input_ids"].shape[1] == got
+    with pytest.raises(ValueError, match="more than the longest row 512"):
+        choose_row_length([text_sample(rng, "x", 0, 1.0, n=600)], [256, 512])

@@ -120,8 +120,10 @@ def prepare_inputs(config: Qwen3VLConfig, input_ids, attention_mask=None, *, pix
     position_ids, deltas = rope.get_rope_index(
         ids, None, np.array(igrid) if igrid else None, np.array(vgrid) if vgrid else None, mask,
         spatial_merge_size=merge, image_token_id=config.image_token_id, video_token_id=config.video_token_id)
-    return ModelBatch(input_ids=jnp.asarray(ids, jnp.int32), attention_mask=jnp.asarray(mask, jnp.int32),
-                      position_ids=jnp.asarray(position_ids, jnp.int32), rope_deltas=jnp.asarray(deltas, jnp.int32),
+    # Cast on the host: a device-side cast compiles once per new shape (every prompt length).
+    i32 = lambda x: jnp.asarray(np.asarray(x, np.int32))  # noqa: E731
+    return ModelBatch(input_ids=i32(ids), attention_mask=i32(mask), position_ids=i32(position_ids),
+                      rope_deltas=i32(deltas),
                       pixel_values=pix, pixel_values_videos=vpix, image_grid_thw=igrid, video_grid_thw=vgrid)
 
 
