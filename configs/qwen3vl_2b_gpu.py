@@ -17,11 +17,15 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.sharding.strategy = "fsdp_tp"
     cfg.sharding.mesh.fsdp = 4
     cfg.sharding.mesh.tensor = 2
-    cfg.engine.mesh.tensor = 2
-    cfg.engine.mesh.data = 4
-    # One row per data shard (fsdp 4) per micro-batch. Estimated from the 8B plan's per-row
-    # activations, not planned: the 2B config as shipped before planned 71.5 GiB (SFT) and
-    # 114.7 GiB (RL) per device on 8 × H100 in one micro-batch.
+    # The JaxEngine (--config.rl.engine=jax, genevolve serve): tensor-parallel over the 8 GPUs. With
+    # slots split over data (data 4 × tensor 2) its ragged cache writes resharded the whole cache:
+    # planned decode temporaries 24.1 GiB and prefill 38.6 GiB a device (does not fit), against 1.3
+    # and 2.1 GiB with tensor 8 (BENCHMARKS.md).
+    cfg.engine.mesh.tensor = 8
+    cfg.engine.mesh.data = 1
+    # One row per data shard (fsdp 4) per micro-batch. Planned (unrolled layers, as the trainer
+    # runs them, on 8 × H100): SFT 29.6 of 59.7 GiB, RL 30.6 of 43.8 GiB (BENCHMARKS.md); 2 SFT
+    # micro-batches planned 93.5 GiB, 4 RL micro-batches 76.4 GiB.
     cfg.sft.grad_accum_steps = 8
     cfg.train.grad_accum_steps = 12
     return cfg

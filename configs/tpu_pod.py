@@ -53,7 +53,10 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.rl.engine = "jax"
     cfg.rl.old_logprobs = "auto"
     cfg.rl.sglang.urls = []                 # no SGLang server on a pod
-    cfg.engine.max_slots = 64               # per host: 8 hosts × 64 slots hold the 192 rollouts at once
+    # Per host: 192 rollouts over 8 hosts are 24 each, plus 8 rows for parked prefixes. Planned
+    # (BENCHMARKS.md): the KV cache of 64 slots × 36,872 positions took 81 GiB of each chip and the
+    # RL phase did not fit (121 of 95 GiB); with 32 slots it is 40.5 GiB.
+    cfg.engine.max_slots = 32
     cfg.engine.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 4, "sequence": 1})
 
     cfg.render.http.urls = [u.strip() for u in os.environ.get(RENDER_URLS_ENV, "").split(",") if u.strip()]

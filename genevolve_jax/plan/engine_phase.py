@@ -9,9 +9,9 @@ chunk). When the RL run samples with it (``rl.engine = "jax"``), the trainer's s
 same devices while it samples, so the phase adds it (and the RL phase adds the engine's).
 
 Planned calls, the largest the engine makes:
-- ``engine_prefill``: a call at the longest length bucket, ``engine.max_seq_len`` (a conversation
-  at the cap, prefilled whole), with the rows the engine gives that length
-  (``engine.prefill_tokens // length``, at least 1) and the plan's images, if any (one request);
+- ``engine_prefill``: the largest call: a chunk of ``engine.prefill_tokens`` (longer text goes in
+  chunks) with the rows the engine gives that length, attending over the whole cache (the last
+  chunk of a prompt at the cap); with the plan's images, one request of that length carrying them;
 - ``engine_decode_chunk``: ``engine.steps_per_sync`` steps over every slot, attending over the
   whole cache.
 The sampler variant is the run's (``agent.sampling``: top-p/top-k filtering or not).
@@ -72,18 +72,20 @@ def engine_phase(run_cfg, target, mesh, shapes, *, model_config_path: str = "", 
     eng = abstract_engine(run_cfg, config, list(mesh.devices.flat))
     fns, mode = eng.fns, sampling_mode_of(run_cfg)
     grids = tuple(shapes.images.grid(config.vision) for _ in range(shapes.images.per_row))
-    length = fns.max_seq_len
+    length = fns.prefill_chunk
     rows = 1 if grids else fns.prefill_rows(length)
-    prefill_args = fns.abstract_prefill_args(eng.params, eng.rest, rows, length, mode=mode, image_grids=grids)
+    prefill_args = fns.abstract_prefill_args(eng.params, eng.rest, rows, length, mode=mode, image_grids=grids,
+                                             window=fns.capacity)
     decode_args = fns.abstract_decode_args(eng.params, eng.rest, eng.head, mode=mode)
 
     def trace(fns, impl=None):
         with fns.rules(), P.attention_context(target, impl):
             return (fns.prefill.trace(*prefill_args), fns.decode_chunk.trace(*decode_args))
 
-    traced = trace(fns)
-    # FLOPs are counted on dot_generals: where the target's attention is a fused kernel, count on
-    # the same functions built afresh (jit caches traces) and traced with XLA attention.
+    # Attention as the engine picks it on the target ("auto": its cache-reading calls take the XLA
+    # path on every backend). FLOPs are counted on dot_generals: where the target has a fused
+    # kernel, count on the same functions built afresh (jit caches traces), traced with XLA's.
+    traced = trace(fns, "auto")
     counted = traced if P.attention_implementation(target) == "xla" else trace(eng.build(), "xla")
     fn_list = []
     for name, t, c, args, cache_at in (("engine_prefill", traced[0], counted[0], prefill_args, 3),
@@ -97,7 +99,7 @@ def engine_phase(run_cfg, target, mesh, shapes, *, model_config_path: str = "", 
         state = P.rl_state(run_cfg, trainer_config, mesh)
         resident.update({f"trainer {k}": v for k, v in P.rl_resident(run_cfg, state).items()})
     img = f", {shapes.images.per_row} image(s) of {shapes.images.side}²" if shapes.images.per_row else ""
-    desc = (f"prefill {rows} × {length} tokens{img}; decode {fns.chunk} steps × {fns.slots} slots over "
+    desc = (f"prefill {rows} × {length} tokens{img} over {fns.capacity} cached positions; decode {fns.chunk} steps × {fns.slots} slots over "
             f"{fns.capacity} cached positions; engine mesh {dict(fns.mesh.shape)} on the first "
             f"{fns.mesh.devices.size} device(s), sampler '{mode}'")
     return P.Phase("engine", None, resident, 0, fn_list, desc)

@@ -182,18 +182,6 @@ def logprob_forwards_per_step(run_cfg) -> int:
     return int(float(run_cfg.loss.grpo.kl_coef) > 0) + int(old_logprob_route(run_cfg) == "recompute")
 
 
-def reference_forward(setup, loss_cfg, compute_dtype):
-    """The pure reference/π_old forward ``(params, batch view) -> [B, T] log-probs``: the function
-    ``train.logprob_forward.LogprobForward`` jits (its public pieces: cast, merge, policy_logprobs)."""
-    from genevolve_jax.train.losses.step_losses import policy_logprobs
-    from genevolve_jax.train.step import cast_floating
-
-    def fn(params, batch):
-        return policy_logprobs(setup.merge(cast_floating(params, compute_dtype)), batch, loss_cfg)
-
-    return fn
-
-
 def rl_resident(run_cfg, state: A.AbstractState) -> dict[str, Any]:
     """What the trainer holds through an RL run: parameters, optimiser state and, with the KL term
     on, the frozen reference copy of the policy."""
@@ -214,9 +202,6 @@ def rl_state(run_cfg, config, mesh) -> A.AbstractState:
 
 def rl_phase(run_cfg, target, mesh, shapes: Shapes, *, model_config_path: str = "",
              scan_layers: bool = False) -> Phase:
-    from jax.sharding import NamedSharding
-
-    from genevolve_jax.train.batch_layout import ROW_IMAGE_FIELDS, batch_shardings
     from genevolve_jax.train.config import validate
     from genevolve_jax.train.run_setup import compiler_options
     from genevolve_jax.train.step import TrainStep
@@ -247,18 +232,19 @@ def rl_phase(run_cfg, target, mesh, shapes: Shapes, *, model_config_path: str = 
         engine = abstract_engine(run_cfg, config, list(mesh.devices.flat)).resident()
         resident.update(engine)
     if logprob_forwards_per_step(run_cfg):
-        # One jitted forward over the whole batch (train.batch_assembly.reference_logprobs_fn).
-        view = {k: batch[k] for k in ("input_ids", "targets", "segment_ids", "position_ids", *ROW_IMAGE_FIELDS)
-                if k in batch}
-        rules = state.setup.rules
-        out_sh = NamedSharding(mesh, L.partition_spec((L.BATCH, L.SEQ), rules, mesh, view["targets"].shape))
-        jitted = jax.jit(reference_forward(state.setup, run_cfg.loss, dtype),
-                         in_shardings=(state.setup.param_shardings, batch_shardings(view, mesh, rules)),
-                         out_shardings=out_sh)
-        with attention_context(target), L.use_rules(mesh, rules):
-            traced = jitted.trace(state.params, view)
-        count = _count_jaxpr(traced, lambda: reference_forward(state.setup, run_cfg.loss, dtype),
-                             (state.params, view), mesh, rules, target)
+        # The trainer's own LogprobForward (micro-batched like the step) over the whole batch.
+        from genevolve_jax.train.logprob_forward import LogprobForward
+
+        def make():
+            return LogprobForward(state.setup, run_cfg.loss, dtype, micro_batches=tc.grad_accum_steps)
+
+        forward = make()
+        view = forward.view(batch)
+        with attention_context(target), L.use_rules(mesh, state.setup.rules):
+            traced = forward.jitted(view).trace(state.params, view)
+        fresh = make()   # a new function object: jit would hand back the kernel trace
+        count = _count_jaxpr(traced, lambda: (lambda p, b: fresh.forward(p, b)), (state.params, view), mesh,
+                             state.setup.rules, target)
         fns.append(TracedFn("reference_forward", traced, A.bytes_per_device(view), opts, count))
     img = f", {shapes.images.per_row} image(s) of {shapes.images.side}² per row" if shapes.images.per_row else ""
     desc = f"{rows} rollouts × {seq_len} tokens{img}, {tc.grad_accum_steps} micro-batch(es)"

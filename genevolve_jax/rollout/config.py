@@ -16,7 +16,8 @@ def default_engine_config() -> ml_collections.ConfigDict:
     cfg.kv_reuse = True         # keep finished conversations' KV; a request sharing their prefix prefills the rest
     cfg.min_append_bucket = 16  # the appended part of a reused prefix is padded to max(this, next power of two)
     # Padded tokens per prefill call: a call of length bucket L always has max(1, this // L) rows
-    # (at most max_slots), so prefill compiles once per (length, window) bucket, not per row count.
+    # (at most max_slots), so prefill compiles once per (length, window) bucket, not per row count;
+    # longer text is prefilled in chunks of this size (rounded down to a power of two).
     cfg.prefill_tokens = 2048
     cfg.raw_logprobs = False    # True: record log_softmax(logits) instead of log_softmax(logits / T)
     cfg.seed = 0                # seeds requests that carry none

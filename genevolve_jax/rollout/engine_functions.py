@@ -67,6 +67,9 @@ class EngineFunctions:
         self.max_seq_len = int(engine_cfg.max_seq_len)
         self.min_prefill_bucket = int(engine_cfg.min_prefill_bucket)
         self.prefill_tokens = int(engine_cfg.prefill_tokens)
+        # Text longer than this is prefilled in chunks of it (a power of two ≤ prefill_tokens), so
+        # no call holds the scores of a whole long prompt.
+        self.prefill_chunk = min(1 << (self.prefill_tokens.bit_length() - 1), self.max_seq_len)
         self.capacity = self.max_seq_len + self.chunk  # room for a chunk past a row's budget
         self.raw_logprobs = bool(engine_cfg.raw_logprobs)
         self.param_shardings = L.state_shardings(params, mesh, "sample")
@@ -223,21 +226,19 @@ class EngineFunctions:
             return token, lp, cache
 
         def decode_chunk(params, rest, head, tokens, cache, live, temp, top_p, top_k, seeds, counters, mode, window):
+            # The scan carries the whole (donated) cache and writes each token in place; attention
+            # reads only the first `window` slots. (Carrying a [slots, window] copy instead cost a
+            # second cache at a full window: 24 GiB a device in the 2B GPU plan.)
             model = model_of(params, rest)
-            view = KVCache(tuple(x[:, :window] for x in cache.k), tuple(x[:, :window] for x in cache.v),
-                           cache.valid[:, :window], cache.length, cache.next_position)
 
             def step(carry, i):
-                tok, view = carry
-                logits, view = model.decode_step(tok, view, live, head_kernel=head)
+                tok, cache = carry
+                logits, cache = model.decode_step(tok, cache, live, head_kernel=head, window=window)
                 new, lp = sample_tokens(logits, temp, top_p, top_k, seeds, counters + i, raw_logprobs=raw,
                                         use_filter=mode == "filter", greedy_only=mode == "greedy")
-                return (jnp.where(live, new, tok), view), (new, lp)
+                return (jnp.where(live, new, tok), cache), (new, lp)
 
-            (_, view), (toks, lps) = jax.lax.scan(step, (tokens, view), jnp.arange(chunk, dtype=jnp.int32))
-            put = lambda full, part: jax.lax.dynamic_update_slice(full, part, (0,) * full.ndim)  # noqa: E731
-            cache = KVCache(tuple(map(put, cache.k, view.k)), tuple(map(put, cache.v, view.v)),
-                            put(cache.valid, view.valid), view.length, view.next_position)
+            (_, cache), (toks, lps) = jax.lax.scan(step, (tokens, cache), jnp.arange(chunk, dtype=jnp.int32))
             return toks, lps, cache
 
         jit_prefill = jax.jit(prefill, static_argnums=(9, 10), donate_argnames="cache",

@@ -14,9 +14,13 @@ requests and wait for their futures, so requests from several callers share the 
 - admission: the placed requests of one wave are prefilled together where their padded lengths
   agree (right-padded to a power of two, in calls of a fixed row count per length,
   ``engine.prefill_tokens // length``, so that a new mix of requests compiles nothing new; images
-  go one request per call, through the vision tower). A prefill reads its rows' reused prefixes and writes the new tokens over a window of the
-  cache just long enough for them; its first token is sampled from the prefill logits. Admission
-  happens between decode chunks, so new requests enter while others are mid-generation;
+  go one request per call, through the vision tower). A text suffix longer than
+  ``engine.prefill_tokens`` is prefilled in chunks of that size (a power of two) into its row
+  first, so that no call holds the attention scores of a whole long prompt (a suffix carrying
+  images goes whole: its images are encoded in one call). A prefill reads its rows' reused
+  prefixes and writes the new tokens over a window of the cache just long enough for them; its
+  first token is sampled from the prefill logits. Admission happens between decode chunks, so new
+  requests enter while others are mid-generation;
 - decode: ``steps_per_sync`` decode steps run in one jitted scan over all slots (rows without a
   request are masked and do not advance), attending over the window of the cache in use (a power
   of two ≥ every live row's length plus a chunk), not the whole capacity. Tokens come back to the
@@ -27,7 +31,10 @@ requests and wait for their futures, so requests from several callers share the 
 The device functions (prefill, decode chunk) and their layouts live in
 genevolve_jax/rollout/engine_functions.py, where ``genevolve plan --phase engine`` compiles them
 too: ``jax.jit`` with explicit shardings from the "sample" rules of genevolve_jax/sharding/logical.py
-(weights tensor-parallel only, slots split over ``data``), under ``logical.use_rules``.
+(weights tensor-parallel only, slots split over ``data``), under ``logical.use_rules``. Prefer
+tensor parallelism: with slots split over ``data`` the ragged per-row cache writes reshard the whole
+cache (planned on 8 × H100 for 2B: 24 GiB of decode temporaries a device at data 4, 1.3 GiB at
+tensor 8).
 
 Log-probs: see genevolve_jax/rollout/sampling.py. By default the recorded log-prob is that of
 ``log_softmax(logits / temperature)`` (what the trainer recomputes for the importance ratio);
@@ -88,6 +95,10 @@ class _Prefill:
     images: list              # the request's images among the suffix's placeholders
     offset: int               # rope position of the first suffix token
     bucket: int               # padded suffix length
+    reused: int = 0           # prompt tokens whose keys/values came from the pool
+    lead: np.ndarray | None = None   # text prefilled before the suffix, in chunks (long prompts)
+    lead_place: Placement | None = None
+    lead_offset: int = 0
 
 
 class JaxEngine(RolloutEngine):
@@ -339,9 +350,16 @@ class JaxEngine(RolloutEngine):
         m = place.reuse
         k = len(image_runs(prompt[:m], self.config.image_token_id))
         offset = next_position(prompt[:m], grids[:k], self.config)
-        lo = self.cfg.min_append_bucket if m else self.cfg.min_prefill_bucket
-        bucket = bucket_of(len(prompt) - m, lo, self.cfg.max_seq_len)
-        return _Prefill(job, place, prompt[m:], list(req.images[k:]), offset, bucket)
+        images = list(req.images[k:])
+        # A long text suffix goes in chunks of fns.prefill_chunk tokens (a text token advances the
+        # rope position by one); the last chunk, like a short suffix, samples the first token.
+        chunk = self.fns.prefill_chunk
+        lead = 0 if images else max(0, (len(prompt) - m - 1) // chunk) * chunk
+        lo = self.cfg.min_append_bucket if m + lead else self.cfg.min_prefill_bucket
+        bucket = bucket_of(len(prompt) - m - lead, lo, self.cfg.max_seq_len)
+        tail = dataclasses.replace(place, reuse=m + lead, source=place.slot if lead else place.source)
+        return _Prefill(job, tail, prompt[m + lead:], images, offset + lead, bucket, reused=m,
+                        lead=prompt[m:m + lead], lead_place=place, lead_offset=offset)
 
     def _admit_pending(self) -> None:
         while self._pending and self.pool.has_room():
@@ -366,7 +384,33 @@ class JaxEngine(RolloutEngine):
                 return
             self._run_wave(wave)
 
+    def _prefill_leads(self, wave: list[_Prefill]) -> list[_Prefill]:
+        """Run the leading chunks of long prompts (one chunk per call, into the request's own row);
+        returns the plans whose rows are ready for their last part."""
+        ready = []
+        chunk = self.fns.prefill_chunk
+        for p in wave:
+            n = 0 if p.lead is None else len(p.lead)
+            ok = True
+            for lo in range(0, n, chunk):
+                place = p.lead_place if lo == 0 else dataclasses.replace(
+                    p.lead_place, reuse=p.lead_place.reuse + lo, source=p.lead_place.slot)
+                part = _Prefill(p.job, place, p.lead[lo:lo + chunk], [], p.lead_offset + lo, chunk)
+                if self._prefill_call([part], chunk) is None:
+                    ok = False
+                    break
+            if ok:
+                ready.append(p)
+        return ready
+
     def _run_wave(self, wave: list[_Prefill]) -> None:
+        try:
+            wave = self._prefill_leads(wave)
+        except Exception:  # the wave's requests were taken off the queue: none may be left waiting
+            for p in wave:
+                if not p.job.future.done():
+                    self._resolve(p.job, GenerationResult([], [], "abort", error="an earlier prefill failed"))
+            raise
         groups: dict[tuple, list[_Prefill]] = collections.defaultdict(list)
         for p in wave:
             groups[(p.bucket, bool(p.images), id(p) if p.images else 0)].append(p)
@@ -383,7 +427,10 @@ class JaxEngine(RolloutEngine):
                         self._resolve(p.job, GenerationResult([], [], "abort", error="an earlier prefill failed"))
                 raise
 
-    def _prefill_batch(self, plans: list[_Prefill], bucket: int) -> None:
+    def _prefill_call(self, plans: list[_Prefill], bucket: int):
+        """One prefill call over ``plans`` (padded to ``bucket`` tokens): (tokens, log-probs) of the
+        rows, or None when their inputs were bad (those requests are aborted here). A device error
+        aborts them and propagates."""
         rows = 1 if plans[0].images else self.fns.prefill_rows(bucket)
         ids = np.zeros((rows, bucket), np.int32)
         mask = np.zeros((rows, bucket), np.int32)
@@ -408,7 +455,7 @@ class JaxEngine(RolloutEngine):
             for p in plans:
                 self.pool.finish(p.place.slot, None)
                 self._resolve(p.job, GenerationResult([], [], "abort", error=f"bad request: {exc}"))
-            return
+            return None
         mode = sampling_mode([p.job.request.sampling for p in plans])
         try:
             with self._rules():
@@ -421,17 +468,23 @@ class JaxEngine(RolloutEngine):
                 self._resolve(p.job, GenerationResult([], [], "abort", error=f"prefill failed: "
                                                                             f"{type(exc).__name__}: {exc}"))
             raise
-        tokens, lps = np.asarray(tokens), np.asarray(lps)
+        self._counters["prefill_batches"] += 1
+        return np.asarray(tokens), np.asarray(lps)
+
+    def _prefill_batch(self, plans: list[_Prefill], bucket: int) -> None:
+        out = self._prefill_call(plans, bucket)
+        if out is None:
+            return
+        tokens, lps = out
         c = self._counters
-        c["prefill_batches"] += 1
         for r, p in enumerate(plans):
             job, slot, n = p.job, p.place.slot, len(p.job.request.prompt_ids)
             job.max_new = min(job.request.sampling.max_new_tokens, self.cfg.max_seq_len - n)
             self.pool.rows[slot].device_length = n
             c["requests"] += 1
-            c["prefill_tokens"] += n - p.place.reuse
-            c["reused_tokens"] += p.place.reuse
-            c["evictions"] += int(p.place.evicted)
+            c["prefill_tokens"] += n - p.reused
+            c["reused_tokens"] += p.reused
+            c["evictions"] += int((p.lead_place or p.place).evicted)
             with self._jobs_lock:
                 cancelled = job.state == "cancelled"
                 if not cancelled:

@@ -68,7 +68,8 @@ class EvolveTrainer(Driver):
         self.updates_per_batch = int(cfg.rl.updates_per_batch)
         # π_old: on-policy (the step's own log-probs), the sampler's, or one forward before the update.
         self.old_logprobs_route = resolve_old_logprobs(cfg.rl.old_logprobs, self.updates_per_batch)
-        self.logprob_forward = LogprobForward(self.setup, cfg.loss, self.compute_dtype)
+        self.logprob_forward = LogprobForward(self.setup, cfg.loss, self.compute_dtype,
+                                              micro_batches=int(cfg.train.grad_accum_steps))
         # Packed rows of rl.max_tokens_per_row; row counts from a few buckets (train/shapes.py).
         self.row_multiple = row_multiple(self.setup.mesh, self.setup.rules, cfg.train.grad_accum_steps)
         self.compile_log = CompileLog()

@@ -77,7 +77,11 @@ def random_model_config(model_cfg, tokenizer):
     else:
         cfg = getattr(C, model_cfg.preset)(**kw)
     if model_cfg.num_layers:
-        cfg = cfg.replace(text=dataclasses.replace(cfg.text, num_hidden_layers=model_cfg.num_layers))
+        # Deepstack features enter the first text layers, one per index: keep at most that many.
+        n = int(model_cfg.num_layers)
+        cfg = cfg.replace(text=dataclasses.replace(cfg.text, num_hidden_layers=n),
+                          vision=dataclasses.replace(cfg.vision,
+                                                     deepstack_visual_indexes=cfg.vision.deepstack_visual_indexes[:n]))
     if model_cfg.get("hidden_size", 0):
         h, t = int(model_cfg.hidden_size), cfg.text
         if h % (2 * t.head_dim):

@@ -77,10 +77,16 @@ def cast_floating(tree, dtype):
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def _split_micro(x: jax.Array, m: int) -> jax.Array:
+def split_micro_batches(x: jax.Array, m: int) -> jax.Array:
     """[B, ...] -> [m, B/m, ...] with micro-batch i = rows i, i+m, … (see module docstring)."""
     b = x.shape[0]
     return jnp.swapaxes(x.reshape(b // m, m, *x.shape[1:]), 0, 1)
+
+
+def join_micro_batches(x: jax.Array) -> jax.Array:
+    """The inverse of :func:`split_micro_batches`: [m, B/m, ...] -> [B, ...]."""
+    m, per = x.shape[:2]
+    return jnp.swapaxes(x, 0, 1).reshape(per * m, *x.shape[2:])
 
 
 def build_step_fn(setup: TrainSetup, loss_fn: LossFunction, *, compute_dtype=jnp.float32,
@@ -105,7 +111,7 @@ def build_step_fn(setup: TrainSetup, loss_fn: LossFunction, *, compute_dtype=jnp
         if grad_accum_steps == 1:
             num, den, mets, grads = grads_of(train, frozen, batch, rng)
         else:
-            micro = {k: _split_micro(v, grad_accum_steps) for k, v in batch.items()}
+            micro = {k: split_micro_batches(v, grad_accum_steps) for k, v in batch.items()}
             keys = jax.random.split(rng, grad_accum_steps)
             first = {k: v[0] for k, v in micro.items()}
             shapes = jax.eval_shape(lambda: grads_of(train, frozen, first, keys[0]))

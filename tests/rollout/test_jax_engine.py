@@ -410,3 +410,43 @@ def test_cancel_frees_a_queued_or_running_request(setup):
         assert ok.finish_reason == "length"
     finally:
         engine.close()
+
+
+def test_long_text_prefills_in_chunks_with_the_outputs_of_one_call(setup, tmp_path):
+    """engine.prefill_tokens = 16: a 70-token prompt goes in chunks of 16 (4 chunks, then a tail),
+    and so does a long continuation of a parked conversation; tokens and log-probs equal an engine
+    that prefills them in one call, and the counters still say what was prefilled and reused."""
+    tok, cfg, model, _ = setup
+    rng = np.random.default_rng(23)
+    img = write_image(tmp_path / "e.png", rng)
+    whole = JaxEngine(model, tok, engine_config(prefill_tokens=2048, max_seq_len=160), image_processor=PROCESSOR)
+    chunked = JaxEngine(model, tok, engine_config(prefill_tokens=16 + int(rng.integers(0, 16)), max_seq_len=160),
+                        image_processor=PROCESSOR)
+    try:
+        assert chunked.fns.prefill_chunk == 16
+        prompt = text_ids(rng, 70, tok)
+        with_image = image_prompt(rng, tok, cfg, whole, img) + text_ids(rng, 30, tok)
+        requests = [GenerationRequest(prompt, SamplingParams(max_new_tokens=6, temperature=0.7, seed=5)),
+                    GenerationRequest(text_ids(rng, 9, tok), SamplingParams(max_new_tokens=6, temperature=0.0)),
+                    GenerationRequest(with_image, SamplingParams(max_new_tokens=4, temperature=0.0),
+                                      images=[str(img)])]
+        outs = []
+        for engine in (whole, chunked):
+            first = engine.generate(requests)
+            # Continue the first conversation with 40 more tokens: reuse, then a chunked append.
+            context = prompt + first[0].token_ids + text_ids(np.random.default_rng(3), 40, tok)
+            before = engine.stats
+            second = engine.generate([GenerationRequest(context, SamplingParams(max_new_tokens=5, temperature=0.7,
+                                                                                 seed=6))])
+            outs.append((first + second, _delta(engine, before)))
+        (a, da), (b, db) = outs
+        for x, y in zip(a, b):
+            assert x.finish_reason == y.finish_reason == "length", (x.error, y.error)
+            assert x.token_ids == y.token_ids
+            np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-5, rtol=0)
+        assert da == db and da["reused_tokens"] == 70 + 5 and da["prefill_tokens"] == 41
+        # 70 tokens: 4 chunks of 16 and a 6-token tail; the continuation: 2 chunks and a tail.
+        assert chunked.stats["prefill_batches"] - whole.stats["prefill_batches"] == 4 + 2
+    finally:
+        whole.close()
+        chunked.close()

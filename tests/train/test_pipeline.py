@@ -143,6 +143,24 @@ def test_on_policy_pi_old_equals_the_recomputed_one():
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * scale)
 
 
+def test_micro_batched_logprob_forward_equals_the_whole_batch():
+    """LogprobForward(micro_batches=m) (the trainer passes train.grad_accum_steps) runs the rows in
+    m slices; the log-probs are the whole-batch forward's, row for row."""
+    rng = np.random.default_rng(31)
+    cfg = default_loss_config()
+    cfg.logprob.chunk_size = 32
+    samples = [text_sample(rng, f"s{i}", i // 4, float(rng.random()), n=int(rng.integers(6, 30))) for i in range(12)]
+    batch = assemble_evolve_batch(samples, group_advantages(samples, 3, 4, cfg), seq_len=32, row_multiple=4,
+                                  loss_cfg=cfg)
+    mesh = make_mesh({"fsdp": 2}, jax.devices()[:2])
+    setup, params, _ = _state(mesh)
+    whole = np.asarray(LogprobForward(setup, cfg, jnp.float32)(params, batch))
+    for m in (2, 4):
+        got = np.asarray(LogprobForward(setup, cfg, jnp.float32, micro_batches=m)(params, batch))
+        np.testing.assert_allclose(got, whole, rtol=0, atol=1e-6)
+    assert np.abs(whole[batch["loss_mask"] > 0]).min() > 0
+
+
 @pytest.mark.slow
 def test_two_updates_per_batch_recompute_pi_old_and_the_second_ratio_moves(tmp_path):
     cfg = toy_run_config(tmp_path / "two", steps=1, lr=3e-2)

@@ -314,14 +314,15 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
         return _poison_if_overflow(logits, cache), cache
 
     def decode_step(self, tokens: jax.Array, cache: KVCache, token_valid: jax.Array | None = None,
-                    head_kernel: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+                    head_kernel: jax.Array | None = None, window: int | None = None) -> tuple[jax.Array, KVCache]:
         """Append one text token per row ([B] ids) and return its next-token logits [B, V].
 
         ``token_valid`` [B] bool marks rows that really take a token this step (False for rows
         already finished: their slot is left masked and their position does not advance).
         ``head_kernel``: the output projection as a materialised [D, V] array (a copy of
         :meth:`lm_head_kernel`) to use instead of the module's own (see JaxEngine, which keeps one
-        for tied embeddings on CPU).
+        for tied embeddings on CPU). ``window`` (static): attend over the cache's first that many
+        slots (every row's keys must lie there); the cache itself is updated in place.
         """
         _check_capacity(cache, 1)
         tokens = jnp.asarray(tokens, jnp.int32).reshape(-1)
@@ -329,7 +330,7 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
         valid = jnp.ones((b,), bool) if token_valid is None else jnp.asarray(token_valid).astype(bool)
         x = self.language_model.embed_tokens(tokens[:, None])
         positions = jnp.broadcast_to(cache.next_position[None, :, None], (3, b, 1))
-        hidden, cache = self.language_model(x, positions, valid[:, None], cache=cache)
+        hidden, cache = self.language_model(x, positions, valid[:, None], cache=cache, cache_window=window)
         cache = cache._replace(next_position=cache.next_position + valid.astype(jnp.int32))
         last = hidden[:, 0]
         logits = self.logits(last) if head_kernel is None else last @ head_kernel.astype(last.dtype)

@@ -98,14 +98,17 @@ class TextAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, kv_valid: jax.Array | None,
                  cache_kv: tuple[jax.Array, jax.Array] | None = None, cache_length: jax.Array | None = None,
-                 cache_valid: jax.Array | None = None, segment_ids: jax.Array | None = None):
+                 cache_valid: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                 cache_window: int | None = None):
         """x [B, T, D]. Without a cache: causal self-attention over x (kv_valid masks padding).
 
         With ``cache_kv`` (k, v of [B, S, KV, hd]): the new keys/values are written at slots
         [cache_length, cache_length + T) and the queries attend to the whole cache, restricted
         by ``cache_valid`` [B, S] (which must already include the new tokens). Returns
         (output [B, T, D], updated (k, v) or None). ``segment_ids`` [B, T] (packed rows, no cache):
-        a token attends only to tokens of its own segment.
+        a token attends only to tokens of its own segment. ``cache_window`` (static): attend over
+        the first that many slots only (every valid key lies there); the cache is still written
+        in place, so a caller never copies it to narrow attention.
         """
         q = apply_qk(self.q_norm(self.q_proj(x)), cos, sin, (L.BATCH, L.SEQ, L.HEADS, L.HEAD_DIM))
         k = apply_qk(self.k_norm(self.k_proj(x)), cos, sin, (L.BATCH, L.SEQ, L.KV_HEADS, L.HEAD_DIM))
@@ -120,8 +123,9 @@ class TextAttention(nnx.Module):
             cv = write_slots(cv, v, cache_length)
             cache_axes = (L.BATCH, L.CACHE_SEQ, L.KV_HEADS, L.HEAD_DIM)
             ck, cv = L.constrain(ck, cache_axes), L.constrain(cv, cache_axes)
-            out = attention(q, ck.astype(q.dtype), cv.astype(q.dtype), causal=True,
-                            q_positions=write_positions(cache_length, x.shape[1]), kv_valid_mask=cache_valid)
+            w = ck.shape[1] if cache_window is None else min(int(cache_window), ck.shape[1])
+            out = attention(q, ck[:, :w].astype(q.dtype), cv[:, :w].astype(q.dtype), causal=True,
+                            q_positions=write_positions(cache_length, x.shape[1]), kv_valid_mask=cache_valid[:, :w])
             new_cache = (ck, cv)
         out = L.constrain(out, (L.BATCH, L.SEQ, L.HEADS, L.HEAD_DIM))
         return self.o_proj(out), new_cache
@@ -157,9 +161,9 @@ class TextDecoderLayer(nnx.Module):
                                                 rngs=rngs)
 
     def __call__(self, x, cos, sin, kv_valid, cache_kv=None, cache_length=None, cache_valid=None,
-                 segment_ids=None):
+                 segment_ids=None, cache_window=None):
         attn, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, kv_valid, cache_kv, cache_length,
-                                         cache_valid, segment_ids)
+                                         cache_valid, segment_ids, cache_window)
         x = x + attn
         x = x + self.mlp(self.post_attention_layernorm(x))
         return L.constrain(x, (L.BATCH, L.SEQ, L.EMBED)), new_cache
@@ -214,7 +218,7 @@ class Qwen3VLTextModel(nnx.Module):
 
     def __call__(self, inputs_embeds: jax.Array, position_ids: jax.Array, attention_mask: jax.Array | None = None,
                  *, deepstack: DeepstackInputs | None = None,
-                 cache: KVCache | None = None,
+                 cache: KVCache | None = None, cache_window: int | None = None,
                  segment_ids: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         """Final (normed) hidden states [B, T, D], and the updated cache when one is given.
 
@@ -222,6 +226,7 @@ class Qwen3VLTextModel(nnx.Module):
         attention_mask: [B, T], 0 for padding. With a cache, the T tokens are appended at slot
         ``cache.length``; ``cache.next_position`` is left for the caller to advance.
         segment_ids: [B, T] for packed rows (no cache): attention stays within a segment.
+        cache_window (static): with a cache, attend over its first that many slots only.
         """
         x = L.constrain(inputs_embeds.astype(self.config.jnp_dtype), (L.BATCH, L.SEQ, L.EMBED))
         b, t = x.shape[:2]
@@ -242,8 +247,9 @@ class Qwen3VLTextModel(nnx.Module):
             layer = self.layers[i] if not self.config.scan_layers else self._layer_slice(i)
             kv = None if cache is None else (cache.k[i], cache.v[i])
             graphdef, state = nnx.split(layer)
+            window = () if cache is None else (cache_window,)   # cached calls are not rematerialised
             x, layer_cache = apply(graphdef, state, x, cos, sin, mask, kv,
-                                   None if cache is None else cache.length, cache_valid, segment_ids)
+                                   None if cache is None else cache.length, cache_valid, segment_ids, *window)
             if layer_cache is not None:
                 new_k.append(layer_cache[0])
                 new_v.append(layer_cache[1])
