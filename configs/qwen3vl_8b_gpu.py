@@ -39,9 +39,10 @@ def get_config() -> ml_collections.ConfigDict:
         section.compute_dtype = "bfloat16"
         section.remat = "full"
     # Micro-batches so that the paper's batches fit 8 × 80 GB next to the colocated SGLang server
-    # (`genevolve plan --target gpu:h100x8`, BENCHMARKS.md; planned, not measured): SFT 32 × 32768 in
-    # 4 micro-batches (37.6 of 59.7 GiB; 87.6 GiB in one), RL 48 rollouts in 6 (41.7 of 43.8 GiB at
-    # the trainer's 0.55 share; 132.4 GiB in one). One packed row per device per micro-batch.
+    # (`genevolve plan --target gpu:h100x8`, BENCHMARKS.md; planned, not measured, layers unrolled as
+    # the trainer runs them): SFT 32 × 32768 in 4 micro-batches (34.2 of 59.7 GiB), RL 48 rollouts
+    # in 6 (38.8 of 43.8 GiB at the trainer's 0.55 share; the reference forward runs in the same
+    # micro-batches). One packed row per device per micro-batch; in one micro-batch neither fits.
     cfg.sft.grad_accum_steps = 4
     cfg.train.grad_accum_steps = 6
     cfg.data.rl.prompts_per_step = 8        # × rl.group_size = 48 rollouts per optimiser step

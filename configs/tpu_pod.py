@@ -45,8 +45,10 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.sharding.mesh.fsdp = -1             # every chip of the slice
     cfg.data.sharding = "jax_process"       # each host reads its share of the prompt pool
     cfg.data.rl.prompts_per_step = 32       # × rl.group_size 6 = 192 rollouts per optimiser step
-    # One packed row per chip per micro-batch on v5p-64 (32 chips): SFT 32 × 32768 in one step
-    # (planned: 27.8 of 95 GiB per chip, BENCHMARKS.md), RL 192 rollouts in 6 (estimated, not planned).
+    # One packed row per chip per micro-batch on v5p-64 (32 chips): SFT 32 × 32768 in one step, RL
+    # 192 rollouts in 6. Planned (BENCHMARKS.md): these fit with the decoder layers compiled as one
+    # scanned body (SFT 27.8, RL 80.3 of 95 GiB per chip) but NOT as the trainer runs them today,
+    # unrolled (SFT 97.6, RL 143.8 GiB: 91–95 GiB of temporaries for one 32,768-token row per chip).
     cfg.sft.grad_accum_steps = 1
     cfg.train.grad_accum_steps = 6
 
