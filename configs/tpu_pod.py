@@ -1,6 +1,8 @@
-"""Qwen3-VL-8B on a TPU pod slice (e.g. v5p-64: 32 chips on 8 hosts of 4): fsdp across every chip,
-multi-host init from the TPU environment. Override ``--config.sharding.mesh.fsdp`` to fix the
-slice's chip count (-1: all of them). A delta on configs/qwen3vl_8b_gpu.py (the paper's values).
+"""Qwen3-VL-8B on a TPU pod slice (e.g. v5p-64: 32 chips on 8 hosts of 4): fsdp × tensor 8 over
+every chip (fsdp -1 takes what tensor leaves: 4 on v5p-64), multi-host init from the TPU
+environment. A delta on configs/qwen3vl_8b_gpu.py (the paper's values). On another slice size, keep
+one packed row per data shard per micro-batch: sft.grad_accum_steps = 32 / fsdp and
+train.grad_accum_steps = rollouts per step / fsdp, and plan it (`genevolve plan --target v5p-N`).
 
 Rollouts: the in-process JaxEngine on every host (``rl.engine = "jax"``; SGLang, the GPU configs'
 policy server, is a CUDA server). Each host samples its own share of the step's prompts
@@ -41,16 +43,19 @@ def get_config() -> ml_collections.ConfigDict:
     cfg = qwen3vl_8b_gpu.get_config()
     cfg.workdir = "gs://your-bucket/genevolve/qwen3vl_8b_tpu"   # set: a bucket every host can write
     cfg.sharding.distributed.mode = "tpu"
-    cfg.sharding.strategy = "fsdp"
-    cfg.sharding.mesh.fsdp = -1             # every chip of the slice
+    # fsdp × tensor 8 (fsdp takes the rest of the slice: 4 on v5p-64). Planned on v5p-64 with the
+    # layers unrolled as the trainer runs them (BENCHMARKS.md): with fsdp over all 32 chips the
+    # steps kept 91–95 GiB of temporaries for one 32,768-token row per chip (SFT 97.6, RL 143.8 of
+    # 95 GiB); with tensor 8 the RL step keeps 15.3 GiB (peak 68.1 GiB with the engine resident).
+    cfg.sharding.strategy = "fsdp_tp"
+    cfg.sharding.mesh.fsdp = -1
+    cfg.sharding.mesh.tensor = 8
     cfg.data.sharding = "jax_process"       # each host reads its share of the prompt pool
     cfg.data.rl.prompts_per_step = 32       # × rl.group_size 6 = 192 rollouts per optimiser step
-    # One packed row per chip per micro-batch on v5p-64 (32 chips): SFT 32 × 32768 in one step, RL
-    # 192 rollouts in 6. Planned (BENCHMARKS.md): these fit with the decoder layers compiled as one
-    # scanned body (SFT 27.8, RL 80.3 of 95 GiB per chip) but NOT as the trainer runs them today,
-    # unrolled (SFT 97.6, RL 143.8 GiB: 91–95 GiB of temporaries for one 32,768-token row per chip).
-    cfg.sft.grad_accum_steps = 1
-    cfg.train.grad_accum_steps = 6
+    # One packed row per data shard (fsdp 4 on v5p-64) per micro-batch: SFT 32 × 32768 in 8
+    # micro-batches, RL 192 rollouts in 48.
+    cfg.sft.grad_accum_steps = 8
+    cfg.train.grad_accum_steps = 48
 
     cfg.rl.engine = "jax"
     cfg.rl.old_logprobs = "auto"

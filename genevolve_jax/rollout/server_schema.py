@@ -194,7 +194,8 @@ def parse_sglang_sampling(sp: Any, limits: ServeLimits, default_max: int) -> tup
     top_k = TOP_K_OFF if sp.get("top_k") is None else read_int(sp["top_k"], p + "top_k", *I64)
     if top_k != -1 and top_k < 1:
         raise RequestError(f"{p}top_k must be -1 (disable) or at least 1, got {top_k}", p + "top_k")
-    ids = sp.get("stop_token_ids") or []
+    ids = sp.get("stop_token_ids")
+    ids = [] if ids is None else ids
     if not isinstance(ids, list):
         raise _bad_type(p + "stop_token_ids", ids, "a sequence")
     if len(ids) > limits.max_stop_token_ids:

@@ -89,8 +89,12 @@ class PreemptionGuard:
             self.uninstall()
             if callable(previous):
                 previous(signum, frame)
-            elif previous != signal.SIG_IGN:
-                os.kill(os.getpid(), signum)      # SIG_DFL now: the default action (termination)
+            else:
+                # The default action (termination), also where the signal was ignored before the
+                # guard (a child of a process that ignores SIGINT inherits SIG_IGN): the first
+                # signal was acted on, so the second keeps the promise of stopping at once.
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
             return
         self._received = signum
         # A log call inside a handler may deadlock if the signal interrupted the logging lock's

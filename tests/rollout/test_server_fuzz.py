@@ -9,7 +9,7 @@ import io
 import httpx
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -212,6 +212,7 @@ def _sglang_api_types():
 @settings(max_examples=MAX_EXAMPLES, deadline=None)
 @given(sampling=st.dictionaries(st.sampled_from(SGLANG_SAMPLING_KEYS + ("bogus", "max_tokens", "seed")),
                                 leaf | st.lists(st.text(max_size=3), max_size=2), max_size=4))
+@example(sampling={"stop_token_ids": False})   # once taken for "no ids" (falsy), SGLang refuses it
 def test_sampling_params_never_accept_what_sglang_refuses(sampling):
     """Whatever SGLang's contract refuses, `genevolve serve` refuses; what it admits, we either admit or
     refuse for a stated reason (a feature we do not implement, or SGLang's own verify() range)."""
