@@ -47,10 +47,16 @@ STEP_LOOP = textwrap.dedent('''
 def _run_loop(tmp_path, step_s=0.6, self_kill_at=-1, inherit_ignored_sigint=False):
     out = tmp_path / "record.json"
     # A child of a process that ignores SIGINT (nohup, some launchers, pytest-xdist workers)
-    # starts with SIGINT ignored; the guard must still act on it.
-    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if inherit_ignored_sigint else None
-    proc = subprocess.Popen([sys.executable, "-c", STEP_LOOP, str(out), str(step_s), str(self_kill_at)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ignore)
+    # starts with SIGINT ignored; the guard must still act on it. The child inherits SIG_IGN, and
+    # a handler becomes SIG_DFL at exec: this process's disposition is set around the spawn either
+    # way, so the test does not depend on how its own runner treats SIGINT (no preexec_fn: fork).
+    disposition = signal.SIG_IGN if inherit_ignored_sigint else signal.default_int_handler
+    previous = signal.signal(signal.SIGINT, disposition)
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", STEP_LOOP, str(out), str(step_s), str(self_kill_at)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     return proc, out
 
 
