@@ -75,6 +75,10 @@ class Collective(abc.ABC):
         the next train step donates the trainer's."""
 
     @abc.abstractmethod
+    def mesh_devices(self, sharding_cfg) -> list | None:
+        """The devices the run's mesh uses; None: all of them (``sharding.mesh`` over every device)."""
+
+    @abc.abstractmethod
     def local_model(self, setup, params) -> nnx.Module:
         """The policy on this host's devices (for an export written by this process)."""
 
@@ -124,6 +128,17 @@ class SingleProcess(Collective):
 
     def engine_params(self, model, shardings=None):
         return _fresh_copy(nnx.state(model, nnx.Param), shardings)
+
+    def mesh_devices(self, sharding_cfg):
+        # Every axis fixed and asking for fewer devices than are present (tiny_cpu's one-device
+        # mesh on a machine with 8): the first ones.
+        sizes = [int(sharding_cfg.mesh.get(a, 1)) for a in sharding_cfg.mesh.keys()]
+        if -1 in sizes:
+            return None
+        n = 1
+        for s in sizes:
+            n *= s
+        return jax.devices()[:n] if n < jax.device_count() else None
 
     def local_model(self, setup, params):
         return setup.merge(params)

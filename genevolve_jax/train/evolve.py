@@ -51,10 +51,12 @@ class EvolveTrainer(Driver):
                  prompt_source: PromptSource | None = None, experience=None, engine: RolloutEngine | None = None,
                  model=None, tokenizer=None, progress: bool | None = None, num_steps: int | None = None,
                  devices=None, collective=None):
-        from genevolve_jax.train.run_setup import build_tokenizer, mesh_devices
+        from genevolve_jax.train.run_setup import build_tokenizer
+        from genevolve_jax.train.collective import make_collective
 
+        collective = collective or make_collective()
         if devices is None:
-            devices = mesh_devices(cfg.sharding)
+            devices = collective.mesh_devices(cfg.sharding)
         validate_evolve_run(cfg, len(devices) if devices is not None else None)
         tokenizer = tokenizer if tokenizer is not None else build_tokenizer(cfg.model)
         super().__init__(cfg, train_cfg=cfg.train, total_steps=int(num_steps or cfg.rl.num_steps),

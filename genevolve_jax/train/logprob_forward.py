@@ -37,7 +37,8 @@ class LogprobForward:
     train step's split, ``train.grad_accum_steps``), so the forward's activations are those of a
     micro-batch, not of the whole batch. Planned on 8 × H100 for the 8B RL batch (48 × 32,768):
     the whole-batch forward's temporaries were 28.8 GiB a device, over the trainer's 43.8 GiB
-    budget next to the step's state."""
+    budget next to the step's state. A batch whose rows do not split into ``micro_batches`` (the
+    trainer's always do: row counts are multiples of grad_accum) goes whole."""
 
     def __init__(self, setup, loss_cfg, compute_dtype, micro_batches: int = 1):
         self.setup, self.loss_cfg, self.compute_dtype = setup, loss_cfg, compute_dtype

@@ -309,6 +309,9 @@ class MultiProcess(Collective):
         state = nnx.state(model, nnx.Param)
         return host_local_params(state, shardings if shardings is not None else _replicated(local_mesh()))
 
+    def mesh_devices(self, sharding_cfg):
+        return None   # a multi-process mesh spans every process's devices
+
     def local_model(self, setup, params):
         mesh = local_mesh()
         local = dataclasses.replace(setup, mesh=mesh, rest=host_local_params(setup.rest, _replicated(mesh)))

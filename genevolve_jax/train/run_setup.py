@@ -138,15 +138,3 @@ def check_mesh(sharding_cfg, rows: int | None = None, rows_field: str = "rows", 
                             f"(size {split}) of sharding.mesh {sizes} under strategy {sharding_cfg.strategy!r}")
     return sizes
 
-
-def mesh_devices(sharding_cfg):
-    """The devices a run's mesh uses: all of them, unless every mesh axis is fixed and asks for
-    fewer than are present (e.g. tiny_cpu's one-device mesh on a machine with 8), then the first
-    ones. Multi-process runs always use every device."""
-    sizes = [int(sharding_cfg.mesh.get(a, 1)) for a in sharding_cfg.mesh.keys()]
-    if -1 in sizes or jax.process_count() > 1:
-        return None
-    n = 1
-    for s in sizes:
-        n *= s
-    return jax.devices()[:n] if n < jax.device_count() else None

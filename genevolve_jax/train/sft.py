@@ -31,10 +31,12 @@ class SFTTrainer(Driver):
         from genevolve_jax.data.sft import SFTPipeline
         from genevolve_jax.train.config import validate as validate_train
         from genevolve_jax.train.run_config import validate_sft_run
-        from genevolve_jax.train.run_setup import build_tokenizer, check_mesh, mesh_devices
+        from genevolve_jax.train.run_setup import build_tokenizer, check_mesh
+        from genevolve_jax.train.collective import make_collective
 
+        collective = collective or make_collective()
         if devices is None:
-            devices = mesh_devices(cfg.sharding)
+            devices = collective.mesh_devices(cfg.sharding)
         validate_sft_run(cfg.sft_run)
         tc = validate_train(cfg.sft)
         check_mesh(cfg.sharding, cfg.data.sft.rows_per_batch // tc.grad_accum_steps,
