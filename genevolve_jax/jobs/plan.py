@@ -34,9 +34,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--phase", choices=("sft", "rl", "engine", "all"), default="all",
                    help="engine: the JaxEngine's prefill and decode chunk (with the trainer's state beside "
                         "it when rl.engine is jax)")
-    p.add_argument("--scan-layers", action="store_true",
-                   help="plan the decoder layers scanned (one compiled layer body: minutes instead of tens of "
-                        "minutes for 36 layers on a small host); the trainer today runs them unrolled")
     p.add_argument("--model-config", default="", help="an HF config.json (or its folder) instead of the preset")
     p.add_argument("--sft-rows", type=int, default=0, help="SFT rows per step (0: data.sft.rows_per_batch)")
     p.add_argument("--sft-row-len", type=int, default=0, help="SFT tokens per row (0: data.sft.row_len/cutoff_len)")
@@ -114,7 +111,6 @@ def run(args) -> int:
     phases = PHASES if args.phase == "all" else (args.phase,)
     try:
         plan = build_plan(cfg, target, phases, shapes=shapes, model_config_path=args.model_config,
-                          scan_layers=args.scan_layers,
                           config_name=args.config, mem_fraction_override=args.mem_fraction,
                           progress=lambda m: print(f"plan: {m}", file=sys.stderr, flush=True))
     except (TargetError, MeshError, ValueError) as e:

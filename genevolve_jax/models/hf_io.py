@@ -288,18 +288,20 @@ def materialise_rest(model: nnx.Module, config: Qwen3VLConfig, *, seed: int = 0)
 
 def load_pretrained(path: str | os.PathLike, *, param_dtype: str | None = None, dtype: str | None = None,
                     seed: int = 0, rngs: nnx.Rngs | None = None, mesh=None, rules=None, abstract: bool = True,
-                    on_tensor: Callable[[str], None] | None = None, remat: str | None = None) -> nnx.Module:
+                    on_tensor: Callable[[str], None] | None = None, remat: str | None = None,
+                    scan_layers: bool = False) -> nnx.Module:
     """A Qwen3-VL directory → ``Qwen3VLForConditionalGeneration``.
 
     ``param_dtype`` defaults to the dtype config.json declares (float32 when unknown), ``dtype`` (compute)
     to ``param_dtype``. With ``abstract`` (default) the model is built by ``nnx.eval_shape`` and each
     parameter is allocated as its tensor arrives; ``rngs`` or ``abstract=False`` builds it concretely
     first. With ``mesh`` (+ ``rules``: a strategy name or rules table, default fsdp) every tensor is
-    placed on its shard directly.
+    placed on its shard directly. ``scan_layers``: the decoder layers stacked (row i of each stacked
+    parameter filled from ``layers.{i}``) instead of a list.
     """
     path = os.fspath(path)
     param_dtype = param_dtype or checkpoint_dtype(path) or "float32"
-    config = read_config(path, param_dtype=param_dtype, dtype=dtype or param_dtype,
+    config = read_config(path, param_dtype=param_dtype, dtype=dtype or param_dtype, scan_layers=bool(scan_layers),
                          **({"remat": remat} if remat else {}))
     reader = SafetensorsReader(path)
     # Names and shapes against the config before anything is built or read.

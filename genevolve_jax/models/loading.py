@@ -5,14 +5,15 @@ here: :func:`load_model` and :func:`load_tokenizer` take either kind of director
 
 Layout of a model checkpoint directory::
 
-    CKPT/model_config.json   our config (HF config.json dict + how we hold it: param_dtype, dtype)
+    CKPT/model_config.json   our config (HF config.json dict + how we hold it: param_dtype, dtype,
+                             and the decoder layers' layout, scan_layers: stacked or a list)
     CKPT/params/             orbax StandardCheckpointer tree of the model's nnx.Param values
     CKPT/hf_assets/          optional: tokenizer / processor / generation files carried from HF
 
 Only parameters are saved; anything else a module holds is recomputed from the config on restore.
 Restore builds the model abstractly from the saved config and restores straight into the target
-layout, so a checkpoint written under one mesh/strategy restores under another, and param dtype may
-change on the way (orbax casts). The trainer reuses :func:`save_pytree` / :func:`restore_pytree`
+layout, so a checkpoint written under one mesh/strategy restores under another, param dtype may
+change on the way (orbax casts), and so may the layers' layout (``layer_layout``). The trainer reuses :func:`save_pytree` / :func:`restore_pytree`
 for its optimiser, step and iterator state next to the params.
 """
 from __future__ import annotations
@@ -65,13 +66,18 @@ def restore_pytree(directory: str | os.PathLike, abstract_tree: Any) -> Any:
 
 # --- model + config ------------------------------------------------------------------------------------
 def config_to_json(config: Qwen3VLConfig) -> dict[str, Any]:
-    return {"hf_config": config.to_hf_dict(), "param_dtype": config.param_dtype, "dtype": config.dtype}
+    return {"hf_config": config.to_hf_dict(), "param_dtype": config.param_dtype, "dtype": config.dtype,
+            "scan_layers": bool(config.scan_layers)}
 
 
 def config_from_json(d: dict[str, Any], *, source: str = CONFIG_FILE, **overrides) -> Qwen3VLConfig:
     if not isinstance(d.get("hf_config"), dict):
         raise ConfigError(f"{source}: missing the 'hf_config' object")
-    kw = {"param_dtype": d.get("param_dtype", "float32"), "dtype": d.get("dtype", "float32")}
+    # Checkpoints written before the layout was recorded hold the layer list.
+    kw = {"param_dtype": d.get("param_dtype", "float32"), "dtype": d.get("dtype", "float32"),
+          "scan_layers": d.get("scan_layers", False)}
+    if not isinstance(kw["scan_layers"], bool):
+        raise ConfigError(f"{source}: 'scan_layers' must be true or false, got {kw['scan_layers']!r}")
     kw.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return Qwen3VLConfig.from_hf_dict(d["hf_config"], **kw)
@@ -106,10 +112,13 @@ def save_model(directory: str | os.PathLike, model: nnx.Module, *, config: Qwen3
 
 
 def restore_model(directory: str | os.PathLike, *, param_dtype: str | None = None, dtype: str | None = None,
-                  mesh=None, rules=None, seed: int = 0, remat: str | None = None) -> nnx.Module:
+                  mesh=None, rules=None, seed: int = 0, remat: str | None = None,
+                  scan_layers: bool | None = None) -> nnx.Module:
     """Rebuild the model from a :func:`save_model` directory, optionally in another dtype or layout
-    (``remat``: the activation-checkpoint policy a training run wants)."""
+    (``remat``: the activation-checkpoint policy a training run wants; ``scan_layers``: the decoder
+    layers stacked or as a list, None keeps the saved layout)."""
     from genevolve_jax.models.hf_io import abstract_model, materialise_rest
+    from genevolve_jax.models.qwen3_vl.layer_layout import with_layer_layout
     directory = _abs(directory)
     config = load_model_config(directory, param_dtype=param_dtype,
                                dtype=dtype or param_dtype, remat=remat)
@@ -120,8 +129,17 @@ def restore_model(directory: str | os.PathLike, *, param_dtype: str | None = Non
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), params)
     restored = restore_pytree(os.path.join(directory, PARAMS_DIR), params)
-    model = nnx.merge(graphdef, restored, rest)
-    return materialise_rest(model, config, seed=seed)
+    model = materialise_rest(nnx.merge(graphdef, restored, rest), config, seed=seed)
+    if scan_layers is None or bool(scan_layers) == config.scan_layers:
+        return model
+    converted = with_layer_layout(model, scan_layers)
+    if mesh is None:
+        return converted
+    # Converted arrays take whatever placement indexing gave them; put them where the rules say.
+    from genevolve_jax.sharding import logical
+    graphdef, state = nnx.split(converted)
+    shardings = logical.state_shardings(state, mesh, rules if rules is not None else "fsdp")
+    return nnx.merge(graphdef, jax.device_put(state, shardings))
 
 
 # --- HF side files carried through a checkpoint ----------------------------------------------------
@@ -145,15 +163,18 @@ def copy_hf_assets(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> li
 
 # --- either kind of directory ------------------------------------------------------------------
 def load_model(path: str | os.PathLike, *, param_dtype: str | None = None, dtype: str | None = None,
-               remat: str | None = None) -> nnx.Module:
+               remat: str | None = None, scan_layers: bool | None = None) -> nnx.Module:
     """An orbax model checkpoint (model_config.json + params/) or a Hugging Face directory (config.json).
-    ``remat`` (a train section's ``remat``) sets the activation-checkpoint policy; None keeps "none"."""
+    ``remat`` (a train section's ``remat``) sets the activation-checkpoint policy; None keeps "none".
+    ``scan_layers``: the decoder layers stacked for ``lax.scan`` or as a list; None keeps a
+    checkpoint's saved layout (a Hugging Face directory loads as a list)."""
     path = os.fspath(path)
     if os.path.exists(os.path.join(path, CONFIG_FILE)):
-        return restore_model(path, param_dtype=param_dtype, dtype=dtype, remat=remat)
+        return restore_model(path, param_dtype=param_dtype, dtype=dtype, remat=remat, scan_layers=scan_layers)
     if os.path.exists(os.path.join(path, "config.json")):
         from genevolve_jax.models.hf_io import load_pretrained
-        return load_pretrained(path, param_dtype=param_dtype, dtype=dtype, remat=remat)
+        return load_pretrained(path, param_dtype=param_dtype, dtype=dtype, remat=remat,
+                               scan_layers=bool(scan_layers))
     raise FileNotFoundError(f"{path} is neither a model checkpoint ({CONFIG_FILE}) nor a Hugging Face "
                             "directory (config.json)")
 

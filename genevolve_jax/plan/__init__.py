@@ -84,8 +84,7 @@ def report_phase(phase, target, num_devices: int, frac: float, source: str, runs
 
 def build_plan(run_cfg, target, phases=PHASES, *, shapes=None, model_config_path: str = "",
                config_name: str = "", mem_fraction_override: float | None = None, devices=None,
-               strategy: str | None = None, mesh_sizes: dict | None = None, progress=None,
-               scan_layers: bool = False):
+               strategy: str | None = None, mesh_sizes: dict | None = None, progress=None):
     """Trace and compile every function of ``phases`` for ``target``; returns a :class:`Plan`.
 
     ``strategy`` / ``mesh_sizes`` override the config's sharding (compare-sharding). A phase whose
@@ -108,7 +107,7 @@ def build_plan(run_cfg, target, phases=PHASES, *, shapes=None, model_config_path
         say(f"tracing phase {name}")
         from genevolve_jax.plan.engine_phase import engine_phase
         build = {"sft": P.sft_phase, "rl": P.rl_phase, "engine": engine_phase}[name]
-        phase = build(run_cfg, target, mesh, shapes, model_config_path=model_config_path, scan_layers=scan_layers)
+        phase = build(run_cfg, target, mesh, shapes, model_config_path=model_config_path)
         frac, source = mem_fraction(run_cfg, target, name, mem_fraction_override)
         runs = {"evolve_step": 1, "sft_step": 1, "reference_forward": P.logprob_forwards_per_step(run_cfg),
                 "engine_prefill": 1, "engine_decode_chunk": 1}

@@ -40,8 +40,8 @@ class Buffer:
 
 def model_config(run_cfg, section, model_config_path: str = ""):
     """The Qwen3VLConfig a run of ``run_cfg`` trains: the preset (or ``model.path``'s config) with
-    ``model.param_dtype`` / ``model.dtype`` as ``train.run_setup`` builds it, and the section's
-    activation-checkpoint policy (``<section>.remat``).
+    ``model.param_dtype`` / ``model.dtype`` and the layers' layout (``model.scan_layers``) as
+    ``train.run_setup`` builds it, and the section's activation-checkpoint policy (``<section>.remat``).
 
     ``model_config_path``: an HF config.json (or its folder) instead of the config's preset."""
     from genevolve_jax.models.qwen3_vl import config as C
@@ -55,7 +55,7 @@ def model_config(run_cfg, section, model_config_path: str = ""):
     else:
         tokenizer = build_tokenizer(run_cfg.model) if run_cfg.model.preset == "tiny" else None
         cfg = random_model_config(run_cfg.model, tokenizer)
-    return cfg.replace(remat=section.remat)
+    return cfg.replace(remat=section.remat, scan_layers=bool(run_cfg.model.scan_layers))
 
 
 def _split(model, freeze: Callable | None):

@@ -62,8 +62,9 @@ def sampling_mode_of(run_cfg) -> str:
     return sampling_mode([run_cfg.agent.sampling])
 
 
-def engine_phase(run_cfg, target, mesh, shapes, *, model_config_path: str = "", scan_layers: bool = False):
-    """The ``engine`` phase (``scan_layers`` is ignored: the engine runs its layers unrolled)."""
+def engine_phase(run_cfg, target, mesh, shapes, *, model_config_path: str = ""):
+    """The ``engine`` phase: the engine's layers as a list, whatever ``model.scan_layers`` (the
+    trainer's layout, which its state beside the engine keeps)."""
     from genevolve_jax.plan import phases as P
     from genevolve_jax.train.config import validate
 
@@ -95,8 +96,7 @@ def engine_phase(run_cfg, target, mesh, shapes, *, model_config_path: str = "", 
         fn_list.append(P.TracedFn(name, t, A.bytes_per_device(inputs), {}, c.jaxpr, fns.mesh.devices.size))
     resident = eng.resident()
     if run_cfg.rl.engine == "jax":
-        trainer_config = config.replace(scan_layers=True) if scan_layers else config
-        state = P.rl_state(run_cfg, trainer_config, mesh)
+        state = P.rl_state(run_cfg, config, mesh)
         resident.update({f"trainer {k}": v for k, v in P.rl_resident(run_cfg, state).items()})
     img = f", {shapes.images.per_row} image(s) of {shapes.images.side}²" if shapes.images.per_row else ""
     desc = (f"prefill {rows} × {length} tokens{img} over {fns.capacity} cached positions; decode {fns.chunk} steps × {fns.slots} slots over "

@@ -145,15 +145,13 @@ def step_phase(name: str, config, tc, loss, mesh, strategy: str, batch: dict, ta
                  [TracedFn(f"{name}_step", traced, batch_bytes, opts, count)], desc)
 
 
-def sft_phase(run_cfg, target, mesh, shapes: Shapes, *, model_config_path: str = "",
-              scan_layers: bool = False) -> Phase:
+def sft_phase(run_cfg, target, mesh, shapes: Shapes, *, model_config_path: str = "") -> Phase:
     from genevolve_jax.train.config import validate
     from genevolve_jax.train.run_setup import compiler_options
     from genevolve_jax.train.state import is_vision_path
 
     tc = validate(run_cfg.sft, prefix="sft")
     config = A.model_config(run_cfg, tc, model_config_path)
-    config = config.replace(scan_layers=True) if scan_layers else config
     rows, row_len = shapes.sft(run_cfg)
     rules = L.rules_for(run_cfg.sharding.strategy)
     batch = A.sft_batch(config, rows, row_len, mesh, rules, shapes.images)
@@ -200,15 +198,13 @@ def rl_state(run_cfg, config, mesh) -> A.AbstractState:
                                   freeze=is_vision_path if tc.freeze_vision else None)
 
 
-def rl_phase(run_cfg, target, mesh, shapes: Shapes, *, model_config_path: str = "",
-             scan_layers: bool = False) -> Phase:
+def rl_phase(run_cfg, target, mesh, shapes: Shapes, *, model_config_path: str = "") -> Phase:
     from genevolve_jax.train.config import validate
     from genevolve_jax.train.run_setup import compiler_options
     from genevolve_jax.train.step import TrainStep
 
     tc = validate(run_cfg.train)
     config = A.model_config(run_cfg, tc, model_config_path)
-    config = config.replace(scan_layers=True) if scan_layers else config
     state = rl_state(run_cfg, config, mesh)
     rows, seq_len = shapes.rl(run_cfg)
     kl = float(run_cfg.loss.grpo.kl_coef) > 0

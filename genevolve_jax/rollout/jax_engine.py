@@ -62,6 +62,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from genevolve_jax.models.qwen3_vl.layer_layout import convert_params, with_layer_layout
 from genevolve_jax.models.qwen3_vl.model import prepare_inputs
 from genevolve_jax.rollout import config as engine_config
 from genevolve_jax.rollout.engine import GenerationRequest, GenerationResult, RolloutEngine, image_size
@@ -107,6 +108,8 @@ class JaxEngine(RolloutEngine):
     def __init__(self, model: nnx.Module, tokenizer=None, cfg: ml_collections.ConfigDict | None = None, *,
                  mesh: jax.sharding.Mesh | None = None, image_processor=None):
         self.cfg = engine_config.validate(cfg if cfg is not None else engine_config.default_engine_config())
+        # Decode keeps one KV cache per layer: a trainer's stacked (scanned) layers become a list.
+        model = with_layer_layout(model, scan_layers=False)
         self.config = model.config
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -239,10 +242,12 @@ class JaxEngine(RolloutEngine):
 
     def update_weights(self, params, step: int = 0) -> dict[str, float]:
         """Replace the weights with ``params`` (an ``nnx.State`` of the model's ``nnx.Param``s, e.g. the
-        trainer's, in any layout); they are resharded in memory to the sampling layout. Parked
+        trainer's, in any sharding, its decoder layers stacked or as a list); they are resharded in
+        memory to the sampling layout. Parked
         conversations are dropped (their keys/values belong to the old weights); requests in flight
         continue on the new weights with their existing cache and are not parked when they end (call
         between rollout phases). ``step`` is recorded as :attr:`weight_version`."""
+        params = convert_params(params, self._params)
         want = jax.tree.structure(self._params)
         got = jax.tree.structure(params)
         if want != got:

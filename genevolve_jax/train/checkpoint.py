@@ -215,8 +215,9 @@ class TrainCheckpointer:
                 opt_state=ocp.args.StandardRestore(abstract_opt_state), meta=ocp.args.JsonRestore()))
         except (ValueError, KeyError, TypeError) as exc:
             # Orbax raises these for a tree or an item that does not match, and for a JSON file cut short.
-            raise UnrestorableStep(self.directory, step, "does not fit this run (model, optimiser or strategy "
-                                   f"tree differs) or is damaged: {_first_line(exc)}") from exc
+            raise UnrestorableStep(self.directory, step, "does not fit this run (model, its layer layout "
+                                   "model.scan_layers, optimiser or strategy tree differs) or is damaged: "
+                                   f"{_first_line(exc)}") from exc
         except Exception as exc:  # noqa: BLE001 — tensorstore read errors arrive as a bare Exception
             if "RESOURCE_EXHAUSTED" in str(exc):  # out of device memory: the step may be fine, say so
                 raise

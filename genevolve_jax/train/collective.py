@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from genevolve_jax.models.qwen3_vl.layer_layout import with_layout_of
 from genevolve_jax.train.records import RolloutSample, StepRollouts
 
 T = TypeVar("T")
@@ -70,9 +71,9 @@ class Collective(abc.ABC):
     @abc.abstractmethod
     def engine_params(self, model: nnx.Module, shardings=None) -> nnx.State:
         """A fresh copy of ``model``'s ``nnx.Param`` state on this host's devices, laid out by
-        ``shardings`` (a tree of NamedShardings over a mesh of this host's devices) or, when None,
-        as it is (one process) / replicated on this host's first device (several). Fresh buffers:
-        the next train step donates the trainer's."""
+        ``shardings`` (a tree of NamedShardings over a mesh of this host's devices, whose layer
+        layout it takes: stacked or a list) or, when None, as it is (one process) / replicated on
+        this host's first device (several). Fresh buffers: the next train step donates the trainer's."""
 
     @abc.abstractmethod
     def mesh_devices(self, sharding_cfg) -> list | None:
@@ -127,7 +128,7 @@ class SingleProcess(Collective):
         return fn()
 
     def engine_params(self, model, shardings=None):
-        return _fresh_copy(nnx.state(model, nnx.Param), shardings)
+        return _fresh_copy(nnx.state(with_layout_of(model, shardings), nnx.Param), shardings)
 
     def mesh_devices(self, sharding_cfg):
         # Every axis fixed and asking for fewer devices than are present (tiny_cpu's one-device

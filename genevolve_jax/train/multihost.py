@@ -306,7 +306,9 @@ class MultiProcess(Collective):
 
     def engine_params(self, model, shardings=None):
         from flax import nnx
-        state = nnx.state(model, nnx.Param)
+
+        from genevolve_jax.models.qwen3_vl.layer_layout import with_layout_of
+        state = nnx.state(with_layout_of(model, shardings), nnx.Param)
         return host_local_params(state, shardings if shardings is not None else _replicated(local_mesh()))
 
     def mesh_devices(self, sharding_cfg):

@@ -29,6 +29,10 @@ def default_model_config() -> ml_collections.ConfigDict:
         "param_dtype": "float32",
         "dtype": "float32",
         "fast_compile": False,   # XLA backend optimisation level 0 (CPU demos and tests)
+        # Train the decoder layers as one lax.scan over stacked parameters: one compiled layer body
+        # (a 36-layer step compiles in a fraction of the unrolled time and memory; MaxText's TPU
+        # default), same values. Engines decode with the layer list and convert what they receive.
+        "scan_layers": False,
     })
 
 
@@ -44,6 +48,7 @@ def validate_model(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for name in ("param_dtype", "dtype"):
         check(cfg[name] in ("float32", "bfloat16"), name, "float32 or bfloat16", cfg[name])
     check.boolean(cfg.fast_compile, "fast_compile")
+    check.boolean(cfg.scan_layers, "scan_layers")
     return cfg
 
 
@@ -106,12 +111,13 @@ def model_source(model_cfg, tokenizer, remat: str | None = None):
     validate_model(model_cfg)
     if model_cfg.path:
         from genevolve_jax.models.loading import load_model
-        return load_model(model_cfg.path, param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype, remat=remat)
+        return load_model(model_cfg.path, param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype, remat=remat,
+                          scan_layers=model_cfg.scan_layers)
     from flax import nnx
 
     from genevolve_jax.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
 
-    config = random_model_config(model_cfg, tokenizer)
+    config = random_model_config(model_cfg, tokenizer).replace(scan_layers=bool(model_cfg.scan_layers))
     if remat:
         config = config.replace(remat=remat)
     seed = int(model_cfg.seed)

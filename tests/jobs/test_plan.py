@@ -63,16 +63,19 @@ def _tiny_cfg(rng):
     return cfg
 
 
-@pytest.mark.parametrize("strategy,mesh", [("fsdp", {"fsdp": 8}), ("fsdp_tp", {"fsdp": 4, "tensor": 2}),
-                                           ("tp", {"data": 4, "tensor": 2}), ("dp", {"data": 8})])
-def test_planned_state_bytes_equal_the_real_shards(strategy, mesh):
-    """Per device and per array, the abstract state's shards are the ones create_train_state holds."""
+@pytest.mark.parametrize("strategy,mesh,scan", [("fsdp", {"fsdp": 8}, False), ("fsdp_tp", {"fsdp": 4, "tensor": 2}, False),
+                                                ("tp", {"data": 4, "tensor": 2}, False), ("dp", {"data": 8}, False),
+                                                ("fsdp_tp", {"fsdp": 4, "tensor": 2}, True)])
+def test_planned_state_bytes_equal_the_real_shards(strategy, mesh, scan):
+    """Per device and per array, the abstract state's shards are the ones create_train_state holds
+    (also with the decoder layers stacked for a scanning trainer, ``model.scan_layers``)."""
     from genevolve_jax.processing.tokenizer import default_tokenizer
     from genevolve_jax.train.run_setup import model_source
     from genevolve_jax.train.state import bytes_per_device, create_train_state, is_vision_path
 
     rng = np.random.default_rng(abs(hash(strategy)) % 2 ** 32)
     cfg = _tiny_cfg(rng)
+    cfg.model.scan_layers = scan
     m = make_mesh(mesh, jax.devices()[:8])
     config = A.model_config(cfg, cfg.sft)
     planned = A.abstract_train_state(config, cfg.sft, m, strategy, freeze=is_vision_path)
@@ -85,6 +88,8 @@ def test_planned_state_bytes_equal_the_real_shards(strategy, mesh):
     for abstract_tree, real_tree in ((planned.params, params), (planned.opt_state, opt_state)):
         a_leaves, r_leaves = jax.tree.leaves(abstract_tree), jax.tree.leaves(real_tree)
         assert len(a_leaves) == len(r_leaves)
+        if scan:   # one [layers, ...] array per decoder parameter
+            assert any(a.shape[:1] == (cfg.model.num_layers,) and a.ndim >= 2 for a in a_leaves)
         for a, r in zip(a_leaves, r_leaves):
             assert (a.shape, a.dtype) == (r.shape, r.dtype)
             assert A.shard_bytes(a) == max(s.data.nbytes for s in r.addressable_shards)

@@ -72,3 +72,40 @@ def test_generic_pytree_round_trip(tmp_path):
     np.testing.assert_array_equal(np.asarray(back["mu"]["a"]), tree["mu"]["a"])
     with pytest.raises(FileExistsError):
         ckpt.save_pytree(tmp_path / "opt", tree)
+
+
+def test_the_layers_layout_is_saved_and_converted_on_restore(saved, tmp_path):
+    """A checkpoint records whether its decoder layers are stacked (a scanning trainer's) or a list,
+    and restores into either: row i of a stacked parameter is layer i, exactly."""
+    import json
+    path, cfg, params = saved
+    stacked = ckpt.restore_model(path, scan_layers=True)
+    assert stacked.config.scan_layers
+    kernel = np.asarray(stacked.language_model.layers.mlp.up_proj.kernel.get_value())
+    assert kernel.shape[0] == cfg.text.num_hidden_layers
+    for i in range(cfg.text.num_hidden_layers):
+        np.testing.assert_array_equal(kernel[i], params[f"language_model.layers.{i}.mlp.up_proj.kernel"])
+    mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Auto,))
+    sharded = ckpt.restore_model(path, scan_layers=True, mesh=mesh, rules="fsdp")
+    got = sharded.language_model.layers.mlp.up_proj.kernel.get_value()
+    assert got.sharding.spec == P(None, "fsdp", None)        # [layers, embed, mlp]
+    np.testing.assert_array_equal(np.asarray(got), kernel)
+
+    again = ckpt.save_model(tmp_path / "stacked", stacked)
+    saved_json = json.loads((tmp_path / "stacked" / ckpt.CONFIG_FILE).read_text())
+    assert saved_json["scan_layers"] is True
+    assert ckpt.restore_model(again).config.scan_layers        # None keeps the saved layout
+    back = ckpt.load_model(again, scan_layers=False)
+    assert not back.config.scan_layers
+    assert _params(back).keys() == params.keys()
+    for k, v in _params(back).items():
+        np.testing.assert_array_equal(v, params[k], err_msg=k)
+
+    # Written before the layout was recorded: a list. A layout that is not a boolean is named.
+    del saved_json["scan_layers"]
+    (tmp_path / "stacked" / ckpt.CONFIG_FILE).write_text(json.dumps(saved_json))
+    assert not ckpt.load_model_config(again).scan_layers
+    saved_json["scan_layers"] = "yes"
+    (tmp_path / "stacked" / ckpt.CONFIG_FILE).write_text(json.dumps(saved_json))
+    with pytest.raises(C.ConfigError, match="scan_layers"):
+        ckpt.restore_model(again)

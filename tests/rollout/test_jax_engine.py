@@ -267,6 +267,36 @@ def test_weight_update_changes_outputs_and_bad_inputs_are_named(setup):
         validate(engine_config(steps_per_sync=0))
 
 
+def test_a_scanned_trainer_model_and_its_stacked_updates_sample_as_the_layer_list(setup):
+    """A trainer that scans its layers hands the engine stacked parameters: built from such a model,
+    and updated with such parameters, the engine samples what it samples from the layer list."""
+    tok, cfg, model, _ = setup
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    rng = np.random.default_rng(seed)
+    weights = random_state_dict(cfg, seed=int(rng.integers(100, 1000)))
+    scanned = model_from_state_dict(cfg.replace(scan_layers=True), weights)
+    listed = model_from_state_dict(cfg, weights)
+    requests = [GenerationRequest(text_ids(rng, int(rng.integers(4, 12)), tok),
+                                  SamplingParams(max_new_tokens=6, temperature=0.7, top_p=0.9, seed=i))
+                for i in range(3)]
+    engines = [JaxEngine(m, tok, engine_config()) for m in (listed, scanned, model)]
+    try:
+        assert not engines[1].config.scan_layers
+        want = engines[0].generate(requests)
+        got = engines[1].generate(requests)
+        # The third engine starts from other weights and receives the stacked ones as an update.
+        engines[2].update_weights(nnx.state(scanned, nnx.Param), step=3)
+        updated = engines[2].generate(requests)
+        for w, g, u in zip(want, got, updated):
+            assert g.token_ids == w.token_ids == u.token_ids, f"seed {seed}"
+            np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-6)
+            np.testing.assert_allclose(u.logprobs, w.logprobs, atol=1e-6)
+        assert engines[2].weight_version == 3
+    finally:
+        for e in engines:
+            e.close()
+
+
 # --- KV reuse ------------------------------------------------------------------------------------------
 def _delta(engine, before):
     return {k: engine.stats[k] - before[k] for k in ("prefill_tokens", "reused_tokens", "evictions")}

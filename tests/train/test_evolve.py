@@ -151,7 +151,9 @@ def test_bad_configs_fail_before_compile(tmp_path):
 @pytest.mark.slow
 def test_agent_path_end_to_end_through_the_cli(tmp_path, capsys):
     """`genevolve train --sft` on the embedded defaults: synthetic data, SFT, the agent loop through
-    the JaxEngine with offline tools, tiny renderer and rule judge, checkpoints, HF export, curve."""
+    the JaxEngine with offline tools, tiny renderer and rule judge, checkpoints, HF export, curve.
+    The trainers scan their layers (``model.scan_layers``, tpu_pod's layout): the SFT model is saved
+    stacked, the engine samples with the layer list it converts to, and the export is per layer."""
     from genevolve_jax import cli
 
     work = tmp_path / "run"
@@ -162,7 +164,8 @@ def test_agent_path_end_to_end_through_the_cli(tmp_path, capsys):
                    "--config.rl.group_size=2", "--config.rl.num_steps=2", "--config.agent.max_rounds=2",
                    "--config.agent.round_max_tokens=8", "--config.checkpoint.save_every=1",
                    "--config.logging.sample_every=1", "--config.engine.max_slots=2",
-                   "--config.agent.loop.engine_batch_size=2", "--config.train.grad_accum_steps=1"])
+                   "--config.agent.loop.engine_batch_size=2", "--config.train.grad_accum_steps=1",
+                   "--config.model.scan_layers=true"])
     assert rc == 0
     out = capsys.readouterr().out
     assert '"checkpoints"' in out and "mean reward" in out
@@ -175,4 +178,10 @@ def test_agent_path_end_to_end_through_the_cli(tmp_path, capsys):
     assert (work / "hf_export" / "config.json").exists() and (work / "hf_export" / "model.safetensors").exists()
     assert (work / "reward_curve.png").stat().st_size > 0
     assert (work / "samples" / "step_000001" / "samples.jsonl").exists()
-    assert (work / "model" / "model_config.json").exists()        # the SFT output the loop started from
+    # The SFT output the loop started from, saved stacked; the export holds every layer by name.
+    assert json.loads((work / "model" / "model_config.json").read_text())["scan_layers"] is True
+    from safetensors import safe_open
+    with safe_open(str(work / "hf_export" / "model.safetensors"), "np") as f:
+        names = set(f.keys())
+    assert {"model.language_model.layers.0.mlp.up_proj.weight",
+            "model.language_model.layers.1.mlp.up_proj.weight"} <= names
