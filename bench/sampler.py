@@ -7,12 +7,14 @@
 ``mid`` is the CPU shape of issue 16: hidden 512, 8 layers, 8 heads (4 KV), head_dim 64, MLP 1536,
 vocab 32,000, tied embeddings (tiny's vision tower, unused by text prompts).
 
-Decode tok/s = batch × new tokens / (time of the whole generate − time of a prefill-only call), for
-both engines; greedy, no stop tokens, so every row generates exactly --new-tokens.
+Decode tok/s = batch × (new tokens − 1) / (time of the whole generate − time of a prefill-only
+call), for both engines, each time the median of --repeats calls (one call on a 2-core box varied
+by ±20 %); greedy, no stop tokens, so every row generates exactly --new-tokens.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import numpy as np
@@ -28,6 +30,15 @@ def mid_config(dtype: str):
     return cfg.replace(text=text, vision=dataclasses.replace(cfg.vision, out_hidden_size=512))
 
 
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", choices=["tiny", "mid", "2b"], default="2b")
@@ -37,6 +48,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--steps-per-sync", type=int, default=16)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (their median)")
     ap.add_argument("--torch-threads", type=int, default=0,
                     help="torch intra-op threads (0: torch's default); 1 avoids thread-sync stalls on a loaded CPU")
     args = ap.parse_args()
@@ -68,9 +80,9 @@ def main() -> None:
                                     for p in prompts])
         run(args.new_tokens)  # compile
         run(1)
-        t0 = time.perf_counter(); run(1); prefill = time.perf_counter() - t0
-        t0 = time.perf_counter(); out = run(args.new_tokens); total = time.perf_counter() - t0
-        assert all(len(o.token_ids) == args.new_tokens for o in out)
+        prefill = median_time(lambda: run(1), args.repeats)
+        total = median_time(lambda: run(args.new_tokens), args.repeats)
+        assert all(len(o.token_ids) == args.new_tokens for o in run(args.new_tokens))
         jax_tps = b * (args.new_tokens - 1) / max(total - prefill, 1e-9)
         engine.close()
         hf_tps = None
@@ -90,8 +102,8 @@ def main() -> None:
                     return hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                                        min_new_tokens=n, do_sample=False, pad_token_id=0)
                 gen(2)
-                t0 = time.perf_counter(); gen(1); hp = time.perf_counter() - t0
-                t0 = time.perf_counter(); gen(args.new_tokens); ht = time.perf_counter() - t0
+                hp = median_time(lambda: gen(1), args.repeats)
+                ht = median_time(lambda: gen(args.new_tokens), args.repeats)
             hf_tps = b * (args.new_tokens - 1) / max(ht - hp, 1e-9)
         rows[b] = (jax_tps, hf_tps)
         print(f"batch {b:3d}: JaxEngine {jax_tps:9.1f} tok/s   transformers "

@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from genevolve_jax.models.qwen3_vl.text import KVCache, init_cache
+from genevolve_jax.models.qwen3_vl.text import CACHE_AXES, KVCache, init_cache
 from genevolve_jax.rollout.sampling import sample_tokens
 from genevolve_jax.sharding import logical as L
 
@@ -87,8 +87,7 @@ class EngineFunctions:
 
     def _cache_shardings(self) -> KVCache:
         t = self.config.text
-        kv = self._named((L.BATCH, L.CACHE_SEQ, L.KV_HEADS, L.HEAD_DIM),
-                         (self.slots, self.capacity, t.num_key_value_heads, t.head_dim))
+        kv = self._named(CACHE_AXES, (self.slots, t.num_key_value_heads, self.capacity, t.head_dim))
         per_row = self._named((L.BATCH,), (self.slots,))
         n = t.num_hidden_layers
         return KVCache(k=(kv,) * n, v=(kv,) * n, valid=self._named((L.BATCH, L.CACHE_SEQ), (self.slots, self.capacity)),
@@ -211,11 +210,11 @@ class EngineFunctions:
 
         def prefill(params, rest, batch, cache: KVCache, src, dst, start, offset, sampling, mode, window):
             # Copy (the reused prefix) and prefill in one pass over a [B, window] view.
-            view = KVCache(k=tuple(x[src, :window] for x in cache.k), v=tuple(x[src, :window] for x in cache.v),
+            view = KVCache(k=tuple(x[src, :, :window] for x in cache.k), v=tuple(x[src, :, :window] for x in cache.v),
                            valid=jnp.arange(window)[None, :] < start[:, None], length=start, next_position=offset)
             logits, view = model_of(params, rest).prefill(batch, cache=view)
             rows = jnp.zeros((dst.shape[0], capacity), bool).at[:, :window].set(view.valid)
-            put = lambda full, part: full.at[dst, :window].set(part.astype(full.dtype), mode="drop")  # noqa: E731
+            put = lambda full, part: full.at[dst, :, :window].set(part.astype(full.dtype), mode="drop")  # noqa: E731
             cache = KVCache(tuple(map(put, cache.k, view.k)), tuple(map(put, cache.v, view.v)),
                             cache.valid.at[dst].set(rows, mode="drop"),
                             cache.length.at[dst].set(view.length, mode="drop"),

@@ -130,3 +130,37 @@ def test_short_rows_and_decode_go_whole():
     assert A.causal_block(128) == 0 and A.causal_block(200) == 0
     assert A.causal_block(1024) == 128 and A.causal_block(4096) == 256 and A.causal_block(32768) == 2048
     assert A.causal_block(1000) == 0          # no block of a multiple of 128 divides it
+
+
+@pytest.mark.parametrize("t", [1, 5])
+def test_cached_attention_over_a_heads_first_cache_matches_float64(t):
+    """New queries against a cache held heads-first, keys and values [B, KV, S, hd]: at every
+    query, float64 softmax attention over the slots at or before its own that are valid, query
+    head h reading KV head h // (H // KV)."""
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    rng = np.random.default_rng(seed)
+    b, kv, group, d, s = 3, 2, int(rng.integers(1, 4)), 16, 40
+    h = kv * group
+    q = rng.standard_normal((b, t, h, d)).astype(np.float32)
+    keys = rng.standard_normal((b, s, kv, d)).astype(np.float32)
+    values = rng.standard_normal((b, s, kv, d)).astype(np.float32)
+    start = rng.integers(0, s - t, b)                       # each row's own write position
+    positions = start[:, None] + np.arange(t)[None, :]
+    valid = rng.random((b, s)) < 0.8
+    valid[np.arange(b)[:, None], positions] = True          # a query always sees itself
+    out = A.cached_attention(jnp.asarray(q), jnp.asarray(keys.transpose(0, 2, 1, 3)),
+                             jnp.asarray(values.transpose(0, 2, 1, 3)), q_positions=jnp.asarray(positions),
+                             kv_valid_mask=jnp.asarray(valid))
+    want = np.zeros((b, t, h, d))
+    for i in range(b):
+        for j in range(t):
+            seen = valid[i] & (np.arange(s) <= positions[i, j])
+            for head in range(h):
+                c = head // group
+                score = keys[i, seen, c].astype(np.float64) @ q[i, j, head].astype(np.float64) / np.sqrt(d)
+                p = np.exp(score - score.max())
+                want[i, j, head] = (p / p.sum()) @ values[i, seen, c].astype(np.float64)
+    np.testing.assert_allclose(np.asarray(out), want, atol=2e-5, err_msg=f"seed {seed}")
+    with pytest.raises(ValueError, match="k, v \\[B,KV,S,hd\\]"):   # the model's own [B, S, KV, hd]
+        A.cached_attention(jnp.asarray(q), jnp.asarray(keys),
+                           jnp.asarray(values), q_positions=jnp.asarray(positions), kv_valid_mask=jnp.asarray(valid))

@@ -5,10 +5,6 @@ same global prompts on one process with two devices must give the same rewards, 
 params. The same job also checks the collectives themselves on ragged input (a process whose
 samples are all masked, a process with none), images crossing hosts, and the host-local reshard."""
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -18,8 +14,8 @@ import pytest
 from genevolve_jax.train import multihost
 from genevolve_jax.train.collective import SingleProcess
 from genevolve_jax.train.records import IMAGE_UNREADABLE, RolloutSample
+from tests.fixtures.multiprocess import launch_two_processes
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 HEADER = textwrap.dedent('''
     import json, os, sys
@@ -165,32 +161,6 @@ PREEMPTED_WORKER = HEADER + textwrap.dedent('''
 ''')
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(out, script_text, local_devices: int = 1, extra_env: dict | None = None):
-    """Start the two worker processes (SLURM-style environment, as a real job would plan them)."""
-    script = out / "worker.py"
-    script.write_text(script_text)
-    port = _free_port()
-    procs = []
-    for rank in range(2):
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_", "TPU_"))}
-        env.update({"JAX_PLATFORMS": "cpu", "LOCAL_DEVICES": str(local_devices),
-                    "XLA_FLAGS": f"--xla_force_host_platform_device_count={local_devices}",
-                    "SLURM_JOB_ID": "4343", "SLURM_NTASKS": "2", "SLURM_PROCID": str(rank),
-                    "SLURM_STEP_NODELIST": "127.0.0.1", "GENEVOLVE_COORDINATOR_PORT": str(port),
-                    # the workers import tests.fixtures, like the tests do
-                    "PYTHONPATH": os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))})
-        env.update(extra_env or {})
-        procs.append(subprocess.Popen([sys.executable, str(script), str(out)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    return procs
-
-
 def _finish(out, procs) -> list[dict]:
     logs = []
     try:
@@ -206,7 +176,7 @@ def _finish(out, procs) -> list[dict]:
 
 
 def test_gather_and_broadcast_on_ragged_input(tmp_path):
-    r0, r1 = _finish(tmp_path, _launch(tmp_path, GATHER_WORKER, local_devices=2))
+    r0, r1 = _finish(tmp_path, launch_two_processes(tmp_path, GATHER_WORKER, local_devices=2))
     for r in (r0, r1):
         # Ordered by global group; within a group, rollout order; process 1's masked samples kept.
         assert r["ids"] == ["a0", "a1", "b0", "b1", "b2", "a2", "a3", "a4"]
@@ -224,7 +194,7 @@ def test_gather_and_broadcast_on_ragged_input(tmp_path):
 def test_two_process_evolve_equals_single_process(tmp_path):
     from tests.fixtures.toy_task import FixedGuideExperience, toy_run_config, toy_trainer
 
-    procs = _launch(tmp_path, EVOLVE_WORKER)
+    procs = launch_two_processes(tmp_path, EVOLVE_WORKER)
     try:  # the single-process reference runs while the workers compile
         cfg = toy_run_config(str(tmp_path / "single"), lr=1e-2, sdl=2.0, kl=1e-3, steps=2, mesh={"fsdp": 2})
         cfg.loss.sdl.topk_frac = 1.0
@@ -383,14 +353,14 @@ def test_two_processes_preempted_by_sigterm_resume_to_the_uninterrupted_losses(t
     uninterrupted one-process run over the same global batch."""
     from tests.fixtures.toy_task import FixedGuideExperience, toy_run_config, toy_trainer
 
-    first = _finish(tmp_path, _launch(tmp_path, PREEMPTED_WORKER, extra_env={"PHASE": "first"}))
+    first = _finish(tmp_path, launch_two_processes(tmp_path, PREEMPTED_WORKER, extra_env={"PHASE": "first"}))
     for r in first:
         assert r["stopped"]["step"] == 2 and r["stopped"]["exit_code"] == 0, r["stopped"]
         assert "saved checkpoint step 2" in r["stopped"]["message"] and r["checkpoints"] == [2]
     assert "SIGTERM" in first[1]["stopped"]["message"]        # process 0 stopped on process 1's signal
     for rank in range(2):
         (tmp_path / f"record{rank}.json").unlink()
-    resumed = _finish(tmp_path, _launch(tmp_path, PREEMPTED_WORKER, extra_env={"PHASE": "resume"}))
+    resumed = _finish(tmp_path, launch_two_processes(tmp_path, PREEMPTED_WORKER, extra_env={"PHASE": "resume"}))
 
     cfg = toy_run_config(str(tmp_path / "single"), lr=1e-2, sdl=2.0, kl=1e-3, steps=4, save_every=100,
                          mesh={"fsdp": 2})

@@ -9,7 +9,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 
 from genevolve_jax.train.preemption import PreemptionGuard, StepAbandoned
+from tests.fixtures.multiprocess import launch_two_processes
 
 STEP_LOOP = textwrap.dedent('''
     import json, os, signal, sys, time
@@ -175,25 +175,9 @@ TWO_PROCESS_WORKER = textwrap.dedent('''
 ''')
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_agree_on_the_stop_step(tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(TWO_PROCESS_WORKER)
-    port = _free_port()
-    procs = []
-    for rank in range(2):
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_", "TPU_"))}
-        env.update({"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-                    "SLURM_JOB_ID": "4343", "SLURM_NTASKS": "2", "SLURM_PROCID": str(rank),
-                    "SLURM_STEP_NODELIST": "127.0.0.1", "GENEVOLVE_COORDINATOR_PORT": str(port)})
-        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    procs = launch_two_processes(tmp_path, TWO_PROCESS_WORKER)
     try:
         deadline = time.time() + 180
         while not (tmp_path / "ready").exists():

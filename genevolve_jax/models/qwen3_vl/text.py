@@ -22,14 +22,18 @@ from flax import nnx
 from genevolve_jax.models.layers import Dense, Embed, RMSNorm
 from genevolve_jax.models.qwen3_vl import rope
 from genevolve_jax.models.qwen3_vl.config import Qwen3VLConfig
-from genevolve_jax.ops.attention import attention
+from genevolve_jax.ops.attention import attention, cached_attention
 from genevolve_jax.sharding import logical as L
+
+
+CACHE_AXES = (L.BATCH, L.KV_HEADS, L.CACHE_SEQ, L.HEAD_DIM)   # logical axes of a cache's k and v
 
 
 class KVCache(NamedTuple):
     """Keys/values of every decoder layer in preallocated slots.
 
-    k, v: one [B, S, KV, hd] array per layer (rotary already applied to k).
+    k, v: one [B, KV, S, hd] array per layer (rotary already applied to k): heads-first, the
+      order attention reads them in (``ops.attention.cached_attention``).
     valid: [B, S] bool, True where a slot holds a real (non-padding) token.
     length: [] int32, slots written so far (the same for every row); or [B] int32, each row's own
       write position (a ragged cache: a chunk's real tokens go at [length_b, length_b + n_b) and
@@ -63,6 +67,30 @@ def write_slots(buffer: jax.Array, values: jax.Array, length: jax.Array) -> jax.
     return buffer.at[jnp.arange(b)[:, None], slots].set(values, mode="drop")
 
 
+def write_kv_slots(buffer: jax.Array, values: jax.Array, length: jax.Array) -> jax.Array:
+    """A heads-first cache ``buffer`` [B, KV, S, hd] with ``values`` [B, T, KV, hd] (the projection's
+    order) written at slots [length, length + T), as :func:`write_slots`."""
+    values = values.astype(buffer.dtype)
+    if length.ndim == 0:
+        return jax.lax.dynamic_update_slice(buffer, values.transpose(0, 2, 1, 3), (0, 0, length, 0))
+    t, s = values.shape[1], buffer.shape[2]
+    if t > s:
+        raise ValueError(f"write_kv_slots: {t} new slots for a cache of {s}")
+
+    # One dynamic_update_slice per row (vmapped), not a scatter: XLA:TPU lays the cache out with
+    # its slot axis before the heads when few heads are local, and a scatter into the heads-first
+    # order then copied the whole cache on every call (44.6 GiB of temporaries in tpu_pod's engine
+    # plan; 3.6 GiB this way). A row that would run past S writes at S − T instead, its slots
+    # before `at` keeping their contents: the slots past S are dropped, as write_slots does.
+    def row(buf, val, at):   # buf [KV, S, hd], val [T, KV, hd]
+        start = jnp.clip(at, 0, s - t)
+        index = jnp.arange(t, dtype=at.dtype) - (at - start)     # value written at slot start + j
+        old = jax.lax.dynamic_slice(buf, (0, start, 0), (buf.shape[0], t, buf.shape[2]))
+        new = jnp.take(val, jnp.clip(index, 0, t - 1), axis=0).transpose(1, 0, 2)
+        return jax.lax.dynamic_update_slice(buf, jnp.where((index >= 0)[None, :, None], new, old), (0, start, 0))
+    return jax.vmap(row)(buffer, values, length)
+
+
 def write_positions(length: jax.Array, t: int) -> jax.Array:
     """The slots [1 or B, T] that :func:`write_slots` fills (the causal mask's query positions)."""
     slots = jnp.arange(t, dtype=jnp.int32)[None, :]
@@ -72,10 +100,9 @@ def write_positions(length: jax.Array, t: int) -> jax.Array:
 def init_cache(config: Qwen3VLConfig, batch_size: int, max_length: int, dtype=None) -> KVCache:
     t = config.text
     dtype = dtype or config.jnp_dtype
-    shape = (batch_size, max_length, t.num_key_value_heads, t.head_dim)
-    axes = (L.BATCH, L.CACHE_SEQ, L.KV_HEADS, L.HEAD_DIM)
-    zeros = tuple(L.constrain(jnp.zeros(shape, dtype), axes) for _ in range(t.num_hidden_layers))
-    zeros_v = tuple(L.constrain(jnp.zeros(shape, dtype), axes) for _ in range(t.num_hidden_layers))
+    shape = (batch_size, t.num_key_value_heads, max_length, t.head_dim)
+    zeros = tuple(L.constrain(jnp.zeros(shape, dtype), CACHE_AXES) for _ in range(t.num_hidden_layers))
+    zeros_v = tuple(L.constrain(jnp.zeros(shape, dtype), CACHE_AXES) for _ in range(t.num_hidden_layers))
     return KVCache(k=zeros, v=zeros_v, valid=jnp.zeros((batch_size, max_length), bool),
                    length=jnp.zeros((), jnp.int32), next_position=jnp.zeros((batch_size,), jnp.int32))
 
@@ -102,7 +129,7 @@ class TextAttention(nnx.Module):
                  cache_window: int | None = None):
         """x [B, T, D]. Without a cache: causal self-attention over x (kv_valid masks padding).
 
-        With ``cache_kv`` (k, v of [B, S, KV, hd]): the new keys/values are written at slots
+        With ``cache_kv`` (k, v of [B, KV, S, hd]): the new keys/values are written at slots
         [cache_length, cache_length + T) and the queries attend to the whole cache, restricted
         by ``cache_valid`` [B, S] (which must already include the new tokens). Returns
         (output [B, T, D], updated (k, v) or None). ``segment_ids`` [B, T] (packed rows, no cache):
@@ -119,13 +146,11 @@ class TextAttention(nnx.Module):
             new_cache = None
         else:
             ck, cv = cache_kv
-            ck = write_slots(ck, k, cache_length)
-            cv = write_slots(cv, v, cache_length)
-            cache_axes = (L.BATCH, L.CACHE_SEQ, L.KV_HEADS, L.HEAD_DIM)
-            ck, cv = L.constrain(ck, cache_axes), L.constrain(cv, cache_axes)
-            w = ck.shape[1] if cache_window is None else min(int(cache_window), ck.shape[1])
-            out = attention(q, ck[:, :w].astype(q.dtype), cv[:, :w].astype(q.dtype), causal=True,
-                            q_positions=write_positions(cache_length, x.shape[1]), kv_valid_mask=cache_valid[:, :w])
+            ck = L.constrain(write_kv_slots(ck, k, cache_length), CACHE_AXES)
+            cv = L.constrain(write_kv_slots(cv, v, cache_length), CACHE_AXES)
+            w = ck.shape[2] if cache_window is None else min(int(cache_window), ck.shape[2])
+            out = cached_attention(q, ck[:, :, :w], cv[:, :, :w], q_positions=write_positions(cache_length, x.shape[1]),
+                                   kv_valid_mask=cache_valid[:, :w])
             new_cache = (ck, cv)
         out = L.constrain(out, (L.BATCH, L.SEQ, L.HEADS, L.HEAD_DIM))
         return self.o_proj(out), new_cache

@@ -9,7 +9,7 @@ from flax import nnx
 from genevolve_jax.models.qwen3_vl import config as C
 from genevolve_jax.models.qwen3_vl import hf_reference as R
 from genevolve_jax.models.qwen3_vl.model import decode_fn, prefill_fn, prepare_inputs
-from genevolve_jax.models.qwen3_vl.text import init_cache
+from genevolve_jax.models.qwen3_vl.text import init_cache, write_kv_slots
 
 TOL = 1e-4
 STEPS = 4
@@ -121,3 +121,25 @@ def test_appending_a_chunk_with_an_image_to_a_cached_conversation(setup):
     np.testing.assert_allclose(np.asarray(last2), want[:, total - 3], atol=TOL, rtol=0)
     for k in range(2):
         np.testing.assert_allclose(steps[k], want[:, total - 2 + k], atol=TOL, rtol=0)
+
+
+def test_kv_writes_land_heads_first_and_drop_what_runs_past_the_cache():
+    """Per-row write positions, some running past the cache or starting beyond it: every slot
+    in range holds the new value, every other slot keeps its old one (numpy reference)."""
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    rng = np.random.default_rng(seed)
+    b, kv, s, d, t = 6, 2, 12, 3, int(rng.integers(1, 6))
+    buffer = rng.standard_normal((b, kv, s, d)).astype(np.float32)
+    values = rng.standard_normal((b, t, kv, d)).astype(np.float32)
+    length = np.concatenate([rng.integers(0, s - t + 1, 3), [s - t + 1, s - 1, s + 2]]).astype(np.int32)
+    got = np.asarray(jax.jit(write_kv_slots)(buffer, values, length))
+    want = buffer.copy()
+    for i in range(b):
+        for j in range(t):
+            if length[i] + j < s:
+                want[i, :, length[i] + j] = values[i, j]
+    np.testing.assert_array_equal(got, want, err_msg=f"seed {seed}")
+    # One shared position (the whole batch at once).
+    shared = np.asarray(write_kv_slots(buffer, values, np.int32(2)))
+    np.testing.assert_array_equal(shared[:, :, 2:2 + t], values.transpose(0, 2, 1, 3))
+    np.testing.assert_array_equal(shared[:, :, 2 + t:], buffer[:, :, 2 + t:])
