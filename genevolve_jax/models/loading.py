@@ -13,8 +13,9 @@ Layout of a model checkpoint directory::
 Only parameters are saved; anything else a module holds is recomputed from the config on restore.
 Restore builds the model abstractly from the saved config and restores straight into the target
 layout, so a checkpoint written under one mesh/strategy restores under another, param dtype may
-change on the way (orbax casts), and so may the layers' layout (``layer_layout``). The trainer reuses :func:`save_pytree` / :func:`restore_pytree`
-for its optimiser, step and iterator state next to the params.
+change on the way (orbax casts), and so may the layers' layout (``layer_layout``). The trainer
+reuses :func:`save_pytree` / :func:`restore_pytree` for its optimiser, step and iterator state next
+to the params.
 """
 from __future__ import annotations
 

@@ -128,7 +128,8 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, q_
     """
     b, t, h, d = q.shape
     kv, s = k_cache.shape[1], k_cache.shape[2]
-    if k_cache.ndim != 4 or v_cache.shape != k_cache.shape or k_cache.shape[::3] != (b, d) or h % kv:
+    if k_cache.ndim != 4 or v_cache.shape != k_cache.shape or k_cache.shape[0] != b or k_cache.shape[3] != d \
+            or h % kv:
         raise ValueError(f"cached_attention expects q [B,T,H,hd] and k, v [B,KV,S,hd] with H a multiple of KV; "
                          f"got {q.shape}, {k_cache.shape}, {v_cache.shape}")
     scale = d ** -0.5 if scale is None else scale

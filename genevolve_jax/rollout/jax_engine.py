@@ -243,10 +243,10 @@ class JaxEngine(RolloutEngine):
     def update_weights(self, params, step: int = 0) -> dict[str, float]:
         """Replace the weights with ``params`` (an ``nnx.State`` of the model's ``nnx.Param``s, e.g. the
         trainer's, in any sharding, its decoder layers stacked or as a list); they are resharded in
-        memory to the sampling layout. Parked
-        conversations are dropped (their keys/values belong to the old weights); requests in flight
-        continue on the new weights with their existing cache and are not parked when they end (call
-        between rollout phases). ``step`` is recorded as :attr:`weight_version`."""
+        memory to the sampling layout. Parked conversations are dropped (their keys/values belong to
+        the old weights); requests in flight continue on the new weights with their existing cache
+        and are not parked when they end (call between rollout phases). ``step`` is recorded as
+        :attr:`weight_version`."""
         params = convert_params(params, self._params)
         want = jax.tree.structure(self._params)
         got = jax.tree.structure(params)
