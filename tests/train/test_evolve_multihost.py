@@ -302,11 +302,14 @@ def test_portable_samples_carry_image_bytes(tmp_path):
     assert s.images == [str(path)] and "image_bytes" not in s.extra      # the caller's records are unchanged
 
 
-def test_host_local_engine_params_and_weight_sync():
+@pytest.mark.parametrize("scan", [False, True])
+def test_host_local_engine_params_and_weight_sync(scan):
     """What a multi-host run does for its engine, on 8 in-process devices: the fsdp-sharded train
     params go to a JaxEngine on this host's devices (tensor-parallel over 2) in one reshard, and
     after a sync the engine samples with the new values: its recorded log-probs equal the
-    model's own on the new params."""
+    model's own on the new params. ``scan``: the trainer holds its layers stacked (tpu_pod); the
+    reshard lays them out as the engine's list."""
+    from genevolve_jax.models.qwen3_vl.layer_layout import with_layer_layout
     from genevolve_jax.rollout.engine import GenerationRequest, SamplingParams
     from genevolve_jax.rollout.jax_engine import JaxEngine
     from genevolve_jax.sharding.mesh import make_mesh
@@ -316,7 +319,8 @@ def test_host_local_engine_params_and_weight_sync():
     cfg = toy_run_config("unused", mesh={"fsdp": -1})
     cfg.engine.mesh.tensor = 2
     cfg.engine.max_seq_len, cfg.engine.max_slots, cfg.engine.min_prefill_bucket = 64, 2, 16
-    setup, params, _ = create_train_state(toy_model(), cfg.train, make_mesh({"fsdp": -1}), "fsdp")
+    model = with_layer_layout(toy_model(), scan_layers=scan)
+    setup, params, _ = create_train_state(model, cfg.train, make_mesh({"fsdp": -1}), "fsdp")
     hosts = multihost.MultiProcess()
     engine = JaxEngine(hosts.local_model(setup, params), None, cfg.engine)
     try:
