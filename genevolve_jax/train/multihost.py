@@ -1,7 +1,7 @@
 """The multi-process :class:`~genevolve_jax.train.collective.Collective`: what an evolve step does
 across hosts, over jax's multi-process collectives.
 
-A multi-process ``genevolve train`` (``jax.process_count() > 1``) runs the same pipeline as one
+A ``genevolve train`` over several processes (``make_collective`` picks this class) runs the same pipeline as one
 process; where they differ, :class:`MultiProcess` does:
 
 1. Each process reads ITS prompts (the prompt pool's host shard, ``data.sharding``) and rolls them
