@@ -80,8 +80,9 @@ def write_kv_slots(buffer: jax.Array, values: jax.Array, length: jax.Array) -> j
     # One dynamic_update_slice per row (vmapped), not a scatter: XLA:TPU lays the cache out with
     # its slot axis before the heads when few heads are local, and a scatter into the heads-first
     # order then copied the whole cache on every call (44.6 GiB of temporaries in tpu_pod's engine
-    # plan; 6.9 GiB for prefill and 4.2 for decode this way). A row that would run past S writes at S − T instead, its slots
-    # before `at` keeping their contents: the slots past S are dropped, as write_slots does.
+    # plan; 6.9 GiB for prefill and 4.2 for decode this way). A row that would run past S writes
+    # at S − T instead, its slots before `at` keeping their contents: the slots past S are
+    # dropped, as write_slots does.
     def row(buf, val, at):   # buf [KV, S, hd], val [T, KV, hd]
         start = jnp.clip(at, 0, s - t)
         index = jnp.arange(t, dtype=at.dtype) - (at - start)     # value written at slot start + j
