@@ -47,7 +47,7 @@ def external_commands(smoke: bool, tmp: str) -> dict[str, list[list[str]]]:
             "kl": [[py, _script("kl_kernel.py"), "--shape", "2", "64", "64", "4096", "--chunk", "1024", "--repeats", "1",
                     "--json", os.path.join(tmp, "kl.json")]],
             "sampler": [[py, _script("sampler.py"), "--shape", "tiny", "--prompt-len", "16", "--new-tokens", "8",
-                         "--batches", "1", "4", "--dtype", "float32"]],
+                         "--batches", "1", "4", "--dtype", "float32", "--matmul-floor", "--repeats", "1"]],
             "logits": [[py, _script("forward.py"), "--shape", "tiny", "--batch", "1", "--seq", "32", "--repeats", "1",
                         "--dtype", "float32", "--json", os.path.join(tmp, "logits.json")]],
         }

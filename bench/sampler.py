@@ -10,6 +10,13 @@ vocab 32,000, tied embeddings (tiny's vision tower, unused by text prompts).
 Decode tok/s = batch × (new tokens − 1) / (time of the whole generate − time of a prefill-only
 call), for both engines, each time the median of --repeats calls (one call on a 2-core box varied
 by ±20 %); greedy, no stop tokens, so every row generates exactly --new-tokens.
+
+``--matmul-floor`` also times, per batch, a decode step made of the model's matmuls alone (the 7
+projections of every layer and the output head, fp32, the same weights) in XLA and in torch. That
+is each library's floor for this decode on the machine at hand, and it says how much of a ratio
+between the engines is the BLAS underneath. At B8 on the mid shape, on two 2-core AMD EPYC boxes:
+XLA 13.8–14.9 ms and torch 12.4–15.2 ms on the 2026-12-02 one (B8 ratio 1.33–1.41×), XLA 11.0 ms
+and torch 20.9 ms on the 2026-12-06 one (B8 ratio 2.6–2.7×).
 """
 from __future__ import annotations
 
@@ -28,6 +35,61 @@ def mid_config(dtype: str):
                                num_attention_heads=8, num_key_value_heads=4, head_dim=64,
                                mrope_section=(12, 10, 10))
     return cfg.replace(text=text, vision=dataclasses.replace(cfg.vision, out_hidden_size=512))
+
+
+def matmul_floor_ms(sd: dict, cfg, batch: int, repeats: int, steps: int = 16) -> tuple[float, float]:
+    """(XLA, torch) milliseconds of one decode step of the model's matmuls alone at ``batch`` rows:
+    per layer x·Wq, x·Wk, x·Wv, x·Wo, x·Wgate, x·Wup, x·Wdown, then x·head, on ``sd``'s weights.
+    The residual adds keep every product live; nothing else of the model runs."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+    n, v = cfg.text.num_hidden_layers, cfg.text.vocab_size
+    names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    prefix = "model.language_model.layers"
+    layers = [[np.asarray(sd[f"{prefix}.{i}.{m}.weight"], np.float32) for m in names] for i in range(n)]
+    head = np.asarray(sd.get("lm_head.weight", sd["model.language_model.embed_tokens.weight"]), np.float32)
+    d = head.shape[1]
+
+    def step(mm, act, x, ws, head_w):
+        for q, k, vv, o, g, u, down in ws:
+            x = x + mm(mm(x, q), o) + 0 * mm(x, k).sum() + 0 * mm(x, vv).sum()
+            x = x + mm(act(mm(x, g)) * mm(x, u), down)
+        return mm(x, head_w)
+
+    # XLA: weights as [in, out] (the layout the engine's kernels and its decode head use), scanned.
+    ws = [[jnp.asarray(w.T) for w in layer] for layer in layers]
+    head_w = jnp.asarray(head.T)
+
+    def chunk(ws, head_w, x):
+        def body(x, _):
+            logits = step(jnp.matmul, jax.nn.silu, x, ws, head_w)
+            return x + 1e-3 * logits[:, :d], None
+        return jax.lax.scan(body, x, None, length=steps)[0]
+    run = jax.jit(chunk)
+    x0 = jnp.full((batch, d), 0.1, jnp.float32)
+    run(ws, head_w, x0).block_until_ready()
+    xla_ms = 1e3 * median_time(lambda: run(ws, head_w, x0).block_until_ready(), repeats) / steps
+    # torch: nn.Linear's [out, in] weights, as transformers holds them.
+    tws = [[torch.from_numpy(w) for w in layer] for layer in layers]
+    t_head = torch.from_numpy(head)
+    linear = torch.nn.functional.linear
+    tx = torch.full((batch, d), 0.1)
+
+    def torch_steps():
+        x = tx
+        with torch.no_grad():
+            for _ in range(steps):
+                x = x + 1e-3 * step(linear, torch.nn.functional.silu, x, tws, t_head)[:, :d]
+    torch_steps()
+    torch_ms = 1e3 * median_time(torch_steps, repeats) / steps
+    return xla_ms, torch_ms
+
+
+def jax_backend() -> str:
+    import jax
+    return jax.default_backend()
 
 
 def median_time(fn, repeats: int) -> float:
@@ -49,9 +111,13 @@ def main() -> None:
     ap.add_argument("--steps-per-sync", type=int, default=16)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (their median)")
+    ap.add_argument("--matmul-floor", action="store_true",
+                    help="also time a decode step of the matmuls alone, in XLA and in torch (fp32 only)")
     ap.add_argument("--torch-threads", type=int, default=0,
                     help="torch intra-op threads (0: torch's default); 1 avoids thread-sync stalls on a loaded CPU")
     args = ap.parse_args()
+    if args.matmul_floor and (args.dtype != "float32" or jax_backend() != "cpu"):
+        ap.error("--matmul-floor is a CPU measurement in float32 (torch runs it on the CPU)")
 
     import jax
     from genevolve_jax.models.hf_io import model_from_state_dict, random_state_dict
@@ -108,6 +174,10 @@ def main() -> None:
         rows[b] = (jax_tps, hf_tps)
         print(f"batch {b:3d}: JaxEngine {jax_tps:9.1f} tok/s   transformers "
               f"{'-' if hf_tps is None else f'{hf_tps:9.1f}'} tok/s", flush=True)
+        if args.matmul_floor:
+            xla_ms, torch_ms = matmul_floor_ms(sd, cfg, b, args.repeats)
+            print(f"batch {b:3d}: matmuls alone, one decode step: XLA {xla_ms:6.2f} ms   torch {torch_ms:6.2f} ms   "
+                  f"(JaxEngine's decode step {1e3 * b / jax_tps:6.2f} ms)", flush=True)
     print(f"device: {jax.devices()[0].device_kind}; shape {args.shape}; prompt {args.prompt_len}; "
           f"new {args.new_tokens}; dtype {args.dtype}")
 

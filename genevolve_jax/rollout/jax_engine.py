@@ -260,6 +260,9 @@ class JaxEngine(RolloutEngine):
         with self._device_lock, self._rules():
             self._params = jax.device_put(new, self.fns.param_shardings)
             self._head = self.fns.decode_head(self._params, self._rest)
+            # Waited for here, so that the trainer's time/weight_sync_s holds the reshard rather
+            # than the next rollout's first call (JAX dispatches asynchronously).
+            jax.block_until_ready((self._params, self._head))
             self._version += 1
             self.pool.new_version(self._version)
         self.weight_version = int(step)

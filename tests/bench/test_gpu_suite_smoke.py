@@ -30,5 +30,6 @@ def test_gpu_suite_smoke_runs_every_part(tmp_path):
     kl = {(r["op"], r["variant"]) for r in parts["kl"]["kl"]["results"]}
     assert kl == {("logprob", "fused"), ("logprob", "naive"), ("kl", "fused"), ("kl", "naive")}
     assert "tok" in parts["sampler"]["stdout"].lower()
+    assert "matmuls alone" in parts["sampler"]["stdout"]   # the CPU floor's code path (--matmul-floor)
     text = rows.read_text()
     assert "smoke" in text and "| plan |" in text and "| attention |" in text
