@@ -40,11 +40,12 @@ def mid_config(dtype: str):
 def matmul_floor_ms(sd: dict, cfg, batch: int, repeats: int, steps: int = 16) -> tuple[float, float]:
     """(XLA, torch) milliseconds of one decode step of the model's matmuls alone at ``batch`` rows:
     per layer x·Wq, x·Wk, x·Wv, x·Wo, x·Wgate, x·Wup, x·Wdown, then x·head, on ``sd``'s weights.
-    The residual adds keep every product live; nothing else of the model runs."""
+    Residual adds and the SwiGLU product keep every product live; the norms, rope, attention and
+    sampling do not run."""
     import jax
     import jax.numpy as jnp
     import torch
-    n, v = cfg.text.num_hidden_layers, cfg.text.vocab_size
+    n = cfg.text.num_hidden_layers
     names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
     prefix = "model.language_model.layers"

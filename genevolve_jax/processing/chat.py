@@ -8,9 +8,12 @@ is expanded to as many pads as the vision tower will emit merged tokens:
 - video with grid (t, h, w): for each of its t temporal patches, the text ``<{seconds:.1f} seconds>``
   then ``<|vision_start|>``, h·w / merge² × ``<|video_pad|>``, ``<|vision_end|>``.
 
-As in transformers ≥ 5.10, only the bare pad is replaced, so a video keeps the outer
-vision_start/vision_end pair written by the chat template around its per-frame blocks. The same
-expansion is offered on text and on token ids (the latter needs a text encoder for the timestamps).
+A video's whole chat-template placeholder, vision_start + pad + vision_end, is replaced by its
+per-frame blocks, so no outer pair wraps them; a bare pad (no pair around it) is replaced alone.
+That is the layout of Qwen3-VL's own processor (transformers 4.57 and up to 5.9, and again from
+5.25); transformers 5.10–5.24 replaced only the pad and left an extra pair around every video.
+The same expansion is offered on text and on token ids (the latter needs a text encoder for the
+timestamps).
 """
 from __future__ import annotations
 
@@ -103,7 +106,8 @@ def expand_text(text: str | list[str], image_grid_thw=None, video_grid_thw=None,
         raise ValueError(f"the text has {n_vid} {tokens.video_pad} placeholders but {len(video_grid)} videos were given")
     images = iter([image_expansion(g, merge_size, tokens) for g in image_grid])
     videos = iter([video_expansion(g, s, merge_size, tokens) for g, s in zip(video_grid, stamps)])
-    pattern = re.compile(f"{re.escape(tokens.image_pad)}|{re.escape(tokens.video_pad)}")
+    # The wrapped video first, so that its pair goes with the pad; then a bare pad of either kind.
+    pattern = re.compile("|".join(re.escape(x) for x in (tokens.video, tokens.image_pad, tokens.video_pad)))
 
     def replace(match: re.Match) -> str:
         return next(images) if match.group() == tokens.image_pad else next(videos)
@@ -147,11 +151,17 @@ def expand_ids(ids: Sequence[int], ids_of: VisionTokenIds, image_grid_thw=None, 
     pieces: list[np.ndarray] = []
     start, i_img, i_vid = 0, 0, 0
     for pos in np.flatnonzero((ids == ids_of.image_pad) | (ids == ids_of.video_pad)):
-        pieces.append(ids[start:pos])
         if ids[pos] == ids_of.image_pad:
+            pieces.append(ids[start:pos])
             pieces.append(np.full(merged_tokens(image_grid[i_img], merge_size), ids_of.image_pad, np.int64))
             i_img += 1
+            start = pos + 1
         else:
+            # A wrapped pad takes its vision_start/vision_end pair with it (see the module docstring).
+            wrapped = start < pos and ids[pos - 1] == ids_of.vision_start and pos + 1 < len(ids) \
+                and ids[pos + 1] == ids_of.vision_end
+            pieces.append(ids[start:pos - 1] if wrapped else ids[start:pos])
+            start = pos + 2 if wrapped else pos + 1
             t, h, w = (int(x) for x in video_grid[i_vid])
             if len(stamps[i_vid]) < t:
                 raise ValueError(f"video {i_vid} has {t} temporal patches but {len(stamps[i_vid])} timestamps")
@@ -162,7 +172,6 @@ def expand_ids(ids: Sequence[int], ids_of: VisionTokenIds, image_grid_thw=None, 
                 pieces.append(frame)
                 pieces.append(np.array([ids_of.vision_end], np.int64))
             i_vid += 1
-        start = pos + 1
     pieces.append(ids[start:])
     return np.concatenate(pieces)
 

@@ -3,6 +3,8 @@ import types
 
 import numpy as np
 import pytest
+import transformers
+from packaging.version import Version
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 from transformers.video_utils import VideoMetadata
@@ -58,6 +60,14 @@ def _messages():
                                           {"type": "text", "text": "What changes between frames?"}]}]]
 
 
+# transformers 5.10–5.24 replaced only a video's pad and left the chat template's pair around its
+# frames, unlike Qwen3-VL's own processor (transformers 4.57 … 5.9) and transformers >= 5.25; before
+# 5.10 the processor had another API. The layout itself is pinned below without transformers.
+ORACLE_AGREES = Version(transformers.__version__) >= Version("5.25")
+
+
+@pytest.mark.skipif(not ORACLE_AGREES, reason=f"transformers {transformers.__version__}'s Qwen3-VL processor "
+                                                "wraps videos in an extra vision_start/vision_end pair")
 def test_expansion_equals_transformers_processor_on_a_batch():
     texts = [chat.render_messages(m) for m in _messages()]
     image_grid = [[1, 4, 6], [1, 2, 2], [1, 8, 4]]
@@ -69,9 +79,29 @@ def test_expansion_equals_transformers_processor_on_a_batch():
     want = _HFProcessor().expand(texts, image_grid, video_grid, meta)
     got = chat.expand_text(texts, image_grid, video_grid, stamps)
     assert got == want
-    # the outer wrapper from the chat template stays around the per-frame blocks (transformers >= 5.10)
-    assert got[0].count("<|vision_start|>") == 2 + 2 and got[1].count("<|vision_end|>") == 3 + 3
-    assert "<0.2 seconds><|vision_start|>" in got[0] and "<2.0 seconds><|vision_start|>" in got[1]
+    # one pair per image and per temporal patch: the template's pair around a video is replaced
+    assert got[0].count("<|vision_start|>") == 1 + 2 and got[1].count("<|vision_end|>") == 3 + 2
+    assert "picture<0.2 seconds><|vision_start|>" in got[0] and "<2.0 seconds><|vision_start|>" in got[1]
+
+
+def test_video_layout_is_qwen3_vl_processors():
+    # A wrapped pad loses its pair to the per-frame blocks; a bare pad (vLLM-style prompts) is
+    # replaced alone. Grids (2, 2, 2) and (1, 2, 4): 1 and 2 merged tokens a frame.
+    text = "a<|vision_start|><|video_pad|><|vision_end|>b<|video_pad|>c"
+    grids, stamps = [[2, 2, 2], [1, 2, 4]], [[0.5, 1.5], [3.0]]
+    frame = "<|vision_start|>{}<|vision_end|>"
+    assert chat.expand_text(text, video_grid_thw=grids, video_timestamps=stamps) == (
+        "a<0.5 seconds>" + frame.format("<|video_pad|>") + "<1.5 seconds>" + frame.format("<|video_pad|>")
+        + "b<3.0 seconds>" + frame.format("<|video_pad|>" * 2) + "c")
+    ids_of = chat.VisionTokenIds(image_pad=10, video_pad=11, vision_start=12, vision_end=13)
+    stamp_ids = {"<0.5 seconds>": [90, 91], "<1.5 seconds>": [92], "<3.0 seconds>": [93]}
+    out = chat.expand_ids([1, 12, 11, 13, 2, 11, 3], ids_of, video_grid_thw=grids, video_timestamps=stamps,
+                          encode_text=stamp_ids.__getitem__)
+    assert out.tolist() == [1, 90, 91, 12, 11, 13, 92, 12, 11, 13, 2, 93, 12, 11, 11, 13, 3]
+    # A pad with a pair on one side only is bare: the lone start (end) stays.
+    out = chat.expand_ids([12, 11, 5, 11, 13], ids_of, video_grid_thw=[[1, 2, 2], [1, 2, 2]],
+                          video_timestamps=[[3.0], [3.0]], encode_text=stamp_ids.__getitem__)
+    assert out.tolist() == [12, 93, 12, 11, 13, 5, 93, 12, 11, 13, 13]
 
 
 def test_token_id_expansion_matches_tokenised_text_expansion(tokenizer):

@@ -62,7 +62,8 @@ def random_pixels(config: Qwen3VLConfig, grid_thw, rng: np.random.Generator) -> 
 
 def placeholder_segment(config: Qwen3VLConfig, grid_thw, kind: str, rng: np.random.Generator) -> list[int]:
     """Token ids for one image (vision_start, n × image_pad, vision_end) or one video, laid out as
-    transformers 5.x's processor does: each frame preceded by timestamp text tokens."""
+    Qwen3-VL's processor does (``processing.chat``): each temporal patch its own vision_start …
+    vision_end block after its timestamp's text tokens, no pair around the whole video."""
     t, h, w = (int(x) for x in grid_thw)
     per_frame = h * w // config.vision.spatial_merge_size ** 2
     start, end = config.vision_start_token_id, config.vision_end_token_id
