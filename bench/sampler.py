@@ -88,11 +88,6 @@ def matmul_floor_ms(sd: dict, cfg, batch: int, repeats: int, steps: int = 16) ->
     return xla_ms, torch_ms
 
 
-def jax_backend() -> str:
-    import jax
-    return jax.default_backend()
-
-
 def median_time(fn, repeats: int) -> float:
     times = []
     for _ in range(max(1, repeats)):
@@ -117,10 +112,10 @@ def main() -> None:
     ap.add_argument("--torch-threads", type=int, default=0,
                     help="torch intra-op threads (0: torch's default); 1 avoids thread-sync stalls on a loaded CPU")
     args = ap.parse_args()
-    if args.matmul_floor and (args.dtype != "float32" or jax_backend() != "cpu"):
-        ap.error("--matmul-floor is a CPU measurement in float32 (torch runs it on the CPU)")
 
     import jax
+    if args.matmul_floor and (args.dtype != "float32" or jax.default_backend() != "cpu"):
+        ap.error("--matmul-floor is a CPU measurement in float32 (torch runs it on the CPU)")
     from genevolve_jax.models.hf_io import model_from_state_dict, random_state_dict
     from genevolve_jax.models.qwen3_vl import config as C
     from genevolve_jax.rollout.engine import GenerationRequest, SamplingParams

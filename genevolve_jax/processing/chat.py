@@ -151,17 +151,15 @@ def expand_ids(ids: Sequence[int], ids_of: VisionTokenIds, image_grid_thw=None, 
     pieces: list[np.ndarray] = []
     start, i_img, i_vid = 0, 0, 0
     for pos in np.flatnonzero((ids == ids_of.image_pad) | (ids == ids_of.video_pad)):
+        # A wrapped video pad takes its vision_start/vision_end pair with it (module docstring).
+        wrapped = int(bool(ids[pos] == ids_of.video_pad and start < pos and ids[pos - 1] == ids_of.vision_start
+                           and pos + 1 < len(ids) and ids[pos + 1] == ids_of.vision_end))
+        pieces.append(ids[start:pos - wrapped])
+        start = pos + 1 + wrapped
         if ids[pos] == ids_of.image_pad:
-            pieces.append(ids[start:pos])
             pieces.append(np.full(merged_tokens(image_grid[i_img], merge_size), ids_of.image_pad, np.int64))
             i_img += 1
-            start = pos + 1
         else:
-            # A wrapped pad takes its vision_start/vision_end pair with it (see the module docstring).
-            wrapped = start < pos and ids[pos - 1] == ids_of.vision_start and pos + 1 < len(ids) \
-                and ids[pos + 1] == ids_of.vision_end
-            pieces.append(ids[start:pos - 1] if wrapped else ids[start:pos])
-            start = pos + 2 if wrapped else pos + 1
             t, h, w = (int(x) for x in video_grid[i_vid])
             if len(stamps[i_vid]) < t:
                 raise ValueError(f"video {i_vid} has {t} temporal patches but {len(stamps[i_vid])} timestamps")
