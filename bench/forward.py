@@ -19,6 +19,10 @@ import time
 
 import numpy as np
 
+# The random models and inputs come from tests/fixtures (test and benchmark code, not the package's),
+# importable from the repository root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -40,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _inputs(cfg, batch: int, seq: int, image_grid, seed: int):
-    from genevolve_jax.models.qwen3_vl import hf_reference as R
+    from tests.fixtures import hf_qwen3_vl as R
     rng = np.random.default_rng(seed)
     rows, grids = [], []
     for _ in range(batch):
@@ -142,7 +146,7 @@ def main(argv=None) -> int:
     from rich.table import Table
 
     from genevolve_jax.models import hf_io
-    from genevolve_jax.models.qwen3_vl import config as C
+    from genevolve_jax.models.qwen3_vl import config as qwen_config
 
     accel = jax.devices()[0].platform != "cpu"
     shape = args.shape or ("2b" if accel else "tiny")
@@ -151,7 +155,7 @@ def main(argv=None) -> int:
     seq = args.seq or (2048 if accel else 128)
     if min(batch, seq, args.repeats) < 1:
         raise SystemExit("--batch, --seq and --repeats must be >= 1")
-    make = {"tiny": C.tiny, "2b": C.qwen3vl_2b, "8b": C.qwen3vl_8b}[shape]
+    make = {"tiny": qwen_config.tiny, "2b": qwen_config.qwen3vl_2b, "8b": qwen_config.qwen3vl_8b}[shape]
     cfg = make(param_dtype=dtype, dtype=dtype)
     console = Console()
     with console.status(f"random {shape} weights"):

@@ -15,7 +15,9 @@ context, as a real one does. No turn parses, so the judge is never called.
 
 Each mode runs the phase twice on one engine: the first run compiles, the second (same seeds, the
 cache flushed in between) is timed. Reported: rollout wall time, prefill tokens (run through the
-model), tokens reused, decode tokens, as the engine's public counters count them.
+model), tokens reused, decode tokens, as the engine's public counters count them. With both modes,
+the rollouts' tokens are compared one by one, and their sampler log-probs (the largest absolute and
+relative difference); tests/rollout/test_jax_engine_reuse.py asserts the same on a small phase.
 """
 from __future__ import annotations
 
@@ -52,7 +54,7 @@ def build(args):
     from flax import nnx
     from genevolve_jax.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
     from genevolve_jax.processing.tokenizer import default_tokenizer
-    from genevolve_jax.train.run_setup import random_model_config
+    from genevolve_jax.train.runtime.model_setup import random_model_config
 
     cfg = tiny_cpu.get_config()
     cfg.agent.max_rounds = args.rounds
@@ -67,13 +69,14 @@ def build(args):
     return cfg, tok, model
 
 
-def run_mode(cfg, tok, model, reuse: bool, prompts, group_size: int) -> dict:
+def run_mode(cfg, tok, model, reuse: bool, prompts, group_size: int) -> tuple[dict, list]:
+    """The mode's figures, and each rollout's (token ids, log-probs, policy-token mask) from the timed run."""
     from genevolve_jax.agent.loop import AgentLoop
     from genevolve_jax.agent.tools.toolbox import make_backend
     from genevolve_jax.render.factory import build_renderer
     from genevolve_jax.reward.scorer import RewardScorer
     from genevolve_jax.rollout.jax_engine import JaxEngine
-    from genevolve_jax.train.rollout_phase import AgentRolloutPhase
+    from genevolve_jax.train.rl.rollout_phase import AgentRolloutPhase
 
     ecfg = cfg.engine.copy_and_resolve_references()
     ecfg.kv_reuse = reuse
@@ -100,7 +103,22 @@ def run_mode(cfg, tok, model, reuse: bool, prompts, group_size: int) -> dict:
                first_run_s=round(first, 2), rollouts=len(samples), mean_rounds=float(np.mean(rounds)),
                terminations=dict(__import__("collections").Counter(s.stats["termination"] for s in samples)),
                response_tokens=int(sum(s.stats["response_tokens"] for s in samples)))
-    return out
+    return out, [(list(s.token_ids), np.asarray(s.logprobs, np.float64), np.asarray(s.loss_mask, bool))
+                 for s in samples]
+
+
+def compare_rollouts(off: list, on: list) -> dict:
+    """Rollouts whose tokens differ, and the largest log-prob differences among the others."""
+    differ, worst_abs, worst_rel = 0, 0.0, 0.0
+    for (tokens_a, lp_a, sampled), (tokens_b, lp_b, _) in zip(off, on, strict=True):
+        if tokens_a != tokens_b:
+            differ += 1
+            continue
+        gap = np.abs(lp_a - lp_b)[sampled]
+        worst_abs = max(worst_abs, float(gap.max(initial=0.0)))
+        worst_rel = max(worst_rel, float((gap / np.maximum(np.abs(lp_a[sampled]), 1e-30)).max(initial=0.0)))
+    return {"rollouts": len(off), "token_mismatches": differ, "max_abs_logprob_diff": worst_abs,
+            "max_rel_logprob_diff": worst_rel}
 
 
 def main() -> None:
@@ -113,18 +131,19 @@ def main() -> None:
     ap.add_argument("--bias", type=float, default=0.3, help="end-of-turn logit bias (turn length)")
     args = ap.parse_args()
 
-    from genevolve_jax.train.synthetic import prompt_rows
+    from genevolve_jax.data.synthetic import prompt_rows
 
     cfg, tok, model = build(args)
     prompts = prompt_rows(args.prompts)
-    rows = {}
+    rows, rollouts = {}, {}
     for mode in args.modes:
-        rows[mode] = run_mode(cfg, tok, model, mode == "on", prompts, args.group_size)
+        rows[mode], rollouts[mode] = run_mode(cfg, tok, model, mode == "on", prompts, args.group_size)
         print(json.dumps(rows[mode]), flush=True)
     if {"on", "off"} <= rows.keys():
         on, off = rows["on"], rows["off"]
         print(f"prefill tokens off/on: {off['prefill_tokens'] / max(on['prefill_tokens'], 1):.2f}x; "
               f"rollout wall on/off: {on['wall_s'] / off['wall_s']:.2f}")
+        print(json.dumps(compare_rollouts(rollouts["off"], rollouts["on"])), flush=True)
 
 
 if __name__ == "__main__":

@@ -21,16 +21,22 @@ and torch 20.9 ms on the 2026-12-06 one (B8 ratio 2.6–2.7×).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import numpy as np
 
+# The random models and inputs come from tests/fixtures (test and benchmark code, not the package's),
+# importable from the repository root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 
 def mid_config(dtype: str):
     import dataclasses
-    from genevolve_jax.models.qwen3_vl import config as C
-    cfg = C.tiny(vocab_size=32000, param_dtype=dtype, dtype=dtype)
+    from genevolve_jax.models.qwen3_vl import config as qwen_config
+    cfg = qwen_config.tiny(vocab_size=32000, param_dtype=dtype, dtype=dtype)
     text = dataclasses.replace(cfg.text, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
                                num_attention_heads=8, num_key_value_heads=4, head_dim=64,
                                mrope_section=(12, 10, 10))
@@ -117,13 +123,13 @@ def main() -> None:
     if args.matmul_floor and (args.dtype != "float32" or jax.default_backend() != "cpu"):
         ap.error("--matmul-floor is a CPU measurement in float32 (torch runs it on the CPU)")
     from genevolve_jax.models.hf_io import model_from_state_dict, random_state_dict
-    from genevolve_jax.models.qwen3_vl import config as C
-    from genevolve_jax.rollout.engine import GenerationRequest, SamplingParams
+    from genevolve_jax.models.qwen3_vl import config as qwen_config
     from genevolve_jax.rollout.config import default_engine_config
+    from genevolve_jax.rollout.engine import GenerationRequest, SamplingParams
     from genevolve_jax.rollout.jax_engine import JaxEngine
 
     cfg = mid_config(args.dtype) if args.shape == "mid" else \
-        (C.qwen3vl_2b if args.shape == "2b" else C.tiny)(param_dtype=args.dtype, dtype=args.dtype)
+        (qwen_config.qwen3vl_2b if args.shape == "2b" else qwen_config.tiny)(param_dtype=args.dtype, dtype=args.dtype)
     sd = random_state_dict(cfg, seed=0)
     model = model_from_state_dict(cfg, sd)
     rng = np.random.default_rng(0)
@@ -150,10 +156,12 @@ def main() -> None:
         hf_tps = None
         if not args.skip_hf:
             import torch
-            from genevolve_jax.models.qwen3_vl import hf_reference as R
+            import transformers
+
+            from tests.fixtures.hf_qwen3_vl import hf_config
             if args.torch_threads:
                 torch.set_num_threads(args.torch_threads)
-            hf = R.random_hf_model(cfg, 0)
+            hf = transformers.Qwen3VLForConditionalGeneration(hf_config(cfg))   # weights: ours, below
             hf.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}, strict=False)
             hf = hf.to(torch.bfloat16 if args.dtype == "bfloat16" else torch.float32)
             dev = "cuda" if torch.cuda.is_available() else "cpu"

@@ -14,10 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
 import numpy as np
+
+# The random models and inputs come from tests/fixtures (test and benchmark code, not the package's),
+# importable from the repository root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "B200": 2250.0}
 
@@ -39,8 +44,8 @@ def parse_args(argv=None):
 
 
 def make_inputs(cfg, batch, seq, image, seed):
-    from genevolve_jax.models.qwen3_vl import hf_reference as R
     from genevolve_jax.models.qwen3_vl import rope
+    from tests.fixtures import hf_qwen3_vl as R
     rng = np.random.default_rng(seed)
     grid = None if not image else (1, image // cfg.vision.patch_size, image // cfg.vision.patch_size)
     rows = []
@@ -77,15 +82,16 @@ def bench_ours(cfg, state_dict, inputs, args, dtype):
 
     from genevolve_jax.models import hf_io
     from genevolve_jax.sharding.mesh import make_mesh
-    from genevolve_jax.train import config as train_config
-    from genevolve_jax.train.state import create_train_state, is_vision_path
     from genevolve_jax.train.losses.step_losses import SFTLoss
-    from genevolve_jax.train.step import TrainStep
+    from genevolve_jax.train.runtime import step_config
+    from genevolve_jax.train.runtime.state import create_train_state, is_vision_path
+    from genevolve_jax.train.runtime.step import TrainStep
 
     model = hf_io.model_from_state_dict(cfg, state_dict)
-    tcfg = train_config.default_config()
+    tcfg = step_config.default_config()
     tcfg.schedule.warmup_ratio = 0.0
-    setup, params, opt = create_train_state(model, tcfg, make_mesh({"fsdp": -1}), "fsdp", freeze=is_vision_path)
+    setup, params, opt = create_train_state(model, tcfg, make_mesh({"fsdp": -1}), "fsdp", total_steps=1000,
+                                        freeze=is_vision_path)
     del model
     step = TrainStep(setup, SFTLoss(chunk_size=8192), compute_dtype=jnp.dtype(dtype))
     compiled, compile_s, _ = step.compile_and_time(params, opt, inputs, jax.random.key(0))
@@ -167,14 +173,14 @@ def main(argv=None) -> int:
     from rich.table import Table
 
     from genevolve_jax.models import hf_io
-    from genevolve_jax.models.qwen3_vl import config as C
+    from genevolve_jax.models.qwen3_vl import config as qwen_config
 
     accel = jax.devices()[0].platform != "cpu"
     shape = args.shape or ("2b" if accel else "tiny")
     batch, seq = args.batch or (4 if accel else 2), args.seq or (2048 if accel else 64)
     dtype = "bfloat16" if accel else "float32"
     param_dtype = "bfloat16" if args.bf16_params else "float32"
-    make = {"tiny": C.tiny, "2b": C.qwen3vl_2b, "8b": C.qwen3vl_8b}[shape]
+    make = {"tiny": qwen_config.tiny, "2b": qwen_config.qwen3vl_2b, "8b": qwen_config.qwen3vl_8b}[shape]
     cfg = make(param_dtype=param_dtype, dtype=dtype, scan_layers=not args.no_scan, remat=args.remat)
     image = args.image if shape != "tiny" else (args.image and 64)
     state_dict = hf_io.random_state_dict(cfg, args.seed, ml_dtypes.bfloat16 if param_dtype == "bfloat16"

@@ -27,11 +27,13 @@ from genevolve_jax.render.config import get_config as render_config
 from genevolve_jax.reward.config import get_config as reward_config
 from genevolve_jax.rollout.config import default_engine_config
 from genevolve_jax.sharding.config import default_config as sharding_config
-from genevolve_jax.train.config import default_config as train_config
 from genevolve_jax.train.losses.config import default_loss_config
-from genevolve_jax.train.run_config import (default_checkpoint_config, default_logging_config,
-                                            default_rl_config, default_sft_run_config)
-from genevolve_jax.train.run_setup import default_model_config
+from genevolve_jax.train.rl.config import default_rl_config
+from genevolve_jax.train.runtime.checkpoint import default_checkpoint_config
+from genevolve_jax.train.runtime.model_setup import default_model_config
+from genevolve_jax.train.runtime.observability import default_logging_config
+from genevolve_jax.train.runtime.step_config import default_config as train_config
+from genevolve_jax.train.sft.config import default_sft_run_config
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -44,7 +46,6 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.train = train_config()               # GRPO optimiser: lr 1e-6 cosine, no warmup (paper)
     cfg.train.optimizer.learning_rate = 1e-6
     cfg.train.schedule.warmup_ratio = 0.0
-    cfg.train.schedule.total_steps = 200     # genevolve train sets it to rl.num_steps (200, paper)
     cfg.sft_run = default_sft_run_config()
     cfg.loss = default_loss_config()
     cfg.rl = default_rl_config()
@@ -56,7 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.experience = experience_config()
     cfg.checkpoint = default_checkpoint_config()
     cfg.logging = default_logging_config()
-    # The synthetic set (train/synthetic.py): plans are the scripted teacher's tool orders.
+    # The synthetic set (data/synthetic.py): plans are the scripted teacher's tool orders.
     cfg.synthetic = ml_collections.ConfigDict({"enabled": False, "num_prompts": 16, "num_sft": 16,
                                                "plans": ["query_knowledge,search,image_search"]})
 

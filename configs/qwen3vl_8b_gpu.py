@@ -7,7 +7,7 @@ server on 127.0.0.1:30010 (``rl.engine="sglang"``), colocated with the trainer o
 qwen3vl_8b_gpu ...`` starts it first and waits for its /health. The trainer pushes its starting
 weights at start and its policy after every step (bf16 HF export to <workdir>/sglang_weights,
 /update_weights_from_disk), and recomputes π_old itself (``rl.old_logprobs="recompute"``: what
-SGLang's log-probs mean depends on its release and flags, see train/run_config.py). The in-process
+SGLang's log-probs mean depends on its release and flags, see train/rl/config.py). The in-process
 JaxEngine (``--config.rl.engine=jax``, the ``engine`` section) remains available. A delta on
 configs/base.py.
 

@@ -3,7 +3,7 @@
 A tiny random Qwen3-VL whose vocabulary and vision token ids come from the in-repo tokenizer, the
 offline demo corpus for search / image_search, our skill guides, the tiny random diffusers
 renderer, the offline rule judge (a proxy, labelled as such), the in-process JaxEngine and a
-one-device mesh. The data are generated at the start of a run (train/synthetic.py): a prompt pool
+one-device mesh. The data are generated at the start of a run (data/synthetic.py): a prompt pool
 over the demo corpus and SFT teacher trajectories from the scripted demo policy.
 
 A delta on configs/base.py (every section at the paper's values): this file only states what the

@@ -38,7 +38,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(_module=module)
         if name in sys.argv[1:2]:  # import only the module of the command that runs
             mod = importlib.import_module(module)
             adder = getattr(mod, f"add_{name.replace('-', '_')}_arguments", None) or mod.add_arguments
@@ -54,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
-    mod = importlib.import_module(args._module)
+    mod = importlib.import_module(SUBCOMMANDS[args.command][0])
     runner = getattr(mod, f"run_{args.command.replace('-', '_')}", None) or mod.run
-    from genevolve_jax.train.preemption import RunStopped
+    from genevolve_jax.train.runtime.preemption import RunStopped
     try:
         return int(runner(args) or 0)
     except RunStopped as stop:   # preempted (0) or non-finite (3): the driver saved and said where

@@ -84,6 +84,8 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Iterable[str]) ->
             raise ConfigOverrideError(f"unknown config key {key!r} in {item!r}")
         value = _parse_value(raw)
         old = node[leaf]
+        if isinstance(old, str) and (value is None or isinstance(value, (bool, int, float))):
+            value = raw     # a text field takes the text: "none", "true" and "8" stay text
         if isinstance(old, tuple) and isinstance(value, list):
             value = tuple(value)
         if isinstance(old, (list, tuple)) and isinstance(value, (int, float, str)) and not isinstance(value, bool):
@@ -98,15 +100,15 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Iterable[str]) ->
 # Section name -> "module:function" validating that section; imported only when the section is
 # present, so loading a config never imports the heavy packages it does not use.
 VALIDATORS: dict[str, str] = {
-    "model": "genevolve_jax.train.run_setup:validate_model",
+    "model": "genevolve_jax.train.runtime.model_setup:validate_model",
     "sharding": "genevolve_jax.sharding.config:validate",
-    "sft": "genevolve_jax.train.config:validate_sft",
-    "train": "genevolve_jax.train.config:validate",
-    "sft_run": "genevolve_jax.train.run_config:validate_sft_run",
-    "loss": "genevolve_jax.train.run_config:validate_loss",
-    "rl": "genevolve_jax.train.run_config:validate_rl",
-    "checkpoint": "genevolve_jax.train.run_config:validate_checkpoint",
-    "logging": "genevolve_jax.train.run_config:validate_logging",
+    "sft": "genevolve_jax.train.runtime.step_config:validate_sft",
+    "train": "genevolve_jax.train.runtime.step_config:validate",
+    "sft_run": "genevolve_jax.train.sft.config:validate_sft_run",
+    "loss": "genevolve_jax.train.losses.config:validate_loss",
+    "rl": "genevolve_jax.train.rl.config:validate_rl",
+    "checkpoint": "genevolve_jax.train.runtime.checkpoint:validate_checkpoint",
+    "logging": "genevolve_jax.train.runtime.observability:validate_logging",
     "agent": "genevolve_jax.agent.config:validate",
     "engine": "genevolve_jax.rollout.config:validate",
     "reward": "genevolve_jax.reward.config:validate",

@@ -1,7 +1,6 @@
-"""The shipped configs (configs/*.py) and the loader: every config loads; every field in them is read
-by the package; linked fields stay one value through overrides; removed fields are refused; a bad
-value fails naming its dotted field; the TPU config needs no GPU service or server."""
-import ast
+"""The shipped configs (configs/*.py) and the loader: every config loads; linked fields stay one
+value through overrides; removed fields are refused; a bad value fails naming its dotted field; the
+TPU config needs no GPU service or server. (That every field is read: test_config_fields_read.py.)"""
 import pathlib
 
 import ml_collections
@@ -11,77 +10,19 @@ import pytest
 import genevolve_jax
 from genevolve_jax.config_checks import Checker
 from genevolve_jax.config_loader import ConfigOverrideError, apply_overrides, load_config, shipped_configs
+from tests.fixtures.config_reads import leaf_paths
 
 PACKAGE = pathlib.Path(genevolve_jax.__file__).parent
 CONFIG_DIR = PACKAGE.parent / "configs"
 SHIPPED = shipped_configs()
 LINKED = [("agent.sampling.temperature", "loss.logprob.rl_temperature"),
           ("agent.program.min_references", "reward.program.min_references")]
-# Functions that define or validate config sections: a field named there is not thereby "read".
-DEFINING = ("get_config", "default_", "validate", "require_service")
-
-
-def leaf_paths(cfg: ml_collections.ConfigDict, prefix: str = ""):
-    for key, value in cfg.items():
-        if isinstance(value, ml_collections.ConfigDict):
-            yield from leaf_paths(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}"
 
 
 def get(cfg, path):
     for part in path.split("."):
         cfg = cfg[part]
     return cfg
-
-
-def names_read_by_package() -> set[str]:
-    """Every name the package reads as a config key, outside the functions that define and validate
-    sections: ``x.name`` (load), ``x["name"]``, ``x.get("name")`` / ``x.get_ref("name")``, and string
-    items of tuples/lists (keys read in a loop, e.g. the mesh axes of sharding/logical.py).
-
-    This checks key *names*, not which section a read belongs to: a field whose name some other
-    section also uses passes it. It catches a field nothing reads under any name."""
-    names: set[str] = set()
-
-    class Reads(ast.NodeVisitor):
-        def visit_FunctionDef(self, node):
-            if not node.name.startswith(DEFINING):
-                self.generic_visit(node)
-
-        visit_AsyncFunctionDef = visit_FunctionDef
-
-        def visit_Attribute(self, node):
-            if isinstance(node.ctx, ast.Load):
-                names.add(node.attr)
-            self.generic_visit(node)
-
-        def visit_Subscript(self, node):
-            if isinstance(node.ctx, ast.Load) and isinstance(node.slice, ast.Constant):
-                names.add(str(node.slice.value))
-            self.generic_visit(node)
-
-        def visit_Call(self, node):
-            if isinstance(node.func, ast.Attribute) and node.func.attr in ("get", "get_ref") and node.args \
-                    and isinstance(node.args[0], ast.Constant):
-                names.add(str(node.args[0].value))
-            self.generic_visit(node)
-
-        def visit_Tuple(self, node):
-            names.update(e.value for e in node.elts if isinstance(e, ast.Constant) and isinstance(e.value, str))
-            self.generic_visit(node)
-
-        visit_List = visit_Tuple
-
-    for path in PACKAGE.rglob("*.py"):
-        if path.name in ("config_checks.py", "config_loader.py"):
-            continue
-        Reads().visit(ast.parse(path.read_text(), filename=str(path)))
-    return names
-
-
-def unread_fields(cfg, read: set[str]) -> list[str]:
-    return [p for p in leaf_paths(cfg) if p.rsplit(".", 1)[-1] not in read]
 
 
 # -- loading ----------------------------------------------------------------------------------------
@@ -95,16 +36,6 @@ def test_every_shipped_config_loads_and_is_a_delta_on_base():
         assert "sys.path" not in source and "importlib" not in source, name
     from configs.qwen3vl_8b_gpu import get_config    # the configs package imports the ordinary way
     assert get_config().model.preset == "qwen3vl_8b"
-
-
-def test_every_field_is_read_by_the_package():
-    read = names_read_by_package()
-    for name in SHIPPED:
-        assert unread_fields(load_config(name), read) == [], name
-    # The check can fail: a field nothing reads is reported.
-    cfg = load_config("tiny_cpu")
-    cfg.train.global_batch_size = 48
-    assert unread_fields(cfg, read) == ["train.global_batch_size"]
 
 
 @pytest.mark.parametrize("removed", ["train.global_batch_size=48", "sft.global_batch_size=32",
@@ -135,15 +66,35 @@ def test_linked_fields_are_one_value_through_overrides(name):
             assert get(cfg, b) == value
 
 
-def test_kscore_weights_are_the_rewards_in_eval():
+def test_the_eval_job_scores_kscore_with_the_reward_sections_weights(tmp_path):
+    """`genevolve eval genevolve-bench` has no KScore weights of its own: a case's KScore is
+    reward.kscore's weighted sum, text-not-applicable counted as reward.kscore.text_na_value."""
+    import argparse
+
     from genevolve_jax.eval.config import get_config as eval_config
+    from genevolve_jax.jobs import eval as eval_job
+
     assert "kscore" not in eval_config()
-    source = (PACKAGE / "jobs" / "eval.py").read_text()
-    assert "cfg.eval.kscore" not in source and "cfg.reward.kscore" in source
+    rng = np.random.default_rng()
+    eighths = 1 + np.bincount(rng.integers(0, 4, size=4), minlength=4)      # four weights >= 1/8 summing to 1
+    weights = dict(zip(("faithfulness", "visual_correctness", "text_accuracy", "aesthetics"), eighths / 8))
+    na_value = float(rng.choice([0.0, 0.25, 0.75, 1.0]))
+    parser = argparse.ArgumentParser()
+    eval_job.add_arguments(parser)
+    args = parser.parse_args(["genevolve-bench", "--data", str(tmp_path),
+                              *(f"--set=reward.kscore.w_{k}={w}" for k, w in weights.items()),
+                              f"--set=reward.kscore.text_na_value={na_value}"])
+    score = eval_job.normalizer("genevolve-bench", eval_job.build_config(args))
+    for dim in weights:     # a verdict of 1 on one dimension scores that dimension's weight
+        assert score({k: float(k == dim) for k in weights})["kscore"] == pytest.approx(weights[dim])
+    verdict = {k: float(rng.choice([0.0, 0.5, 1.0])) for k in weights}
+    assert score(verdict)["kscore"] == pytest.approx(sum(weights[k] * verdict[k] for k in weights))
+    no_text = score({**{k: 0.0 for k in weights}, "text_accuracy_na": True})
+    assert no_text["kscore"] == pytest.approx(weights["text_accuracy"] * na_value)
 
 
 def test_a_replaced_section_that_breaks_a_link_is_caught(monkeypatch):
-    from genevolve_jax.train.run_config import validate_evolve_run
+    from genevolve_jax.train.rl.config import validate_evolve_run
     cfg = load_config("tiny_cpu")
     cfg.agent.program = ml_collections.ConfigDict({**cfg.agent.program.to_dict(), "min_references": 1})
     with pytest.raises(ValueError, match="agent.program.min_references .* must equal reward.program.min_references"):
@@ -152,7 +103,7 @@ def test_a_replaced_section_that_breaks_a_link_is_caught(monkeypatch):
 
 # -- the TPU config ---------------------------------------------------------------------------------
 def test_tpu_pod_samples_in_process_and_reads_its_services_from_the_environment(monkeypatch):
-    from genevolve_jax.train.run_config import validate_evolve_run
+    from genevolve_jax.train.rl.config import validate_evolve_run
     monkeypatch.delenv("GENEVOLVE_RENDER_URLS", raising=False)
     monkeypatch.delenv("GENEVOLVE_JUDGE_URL", raising=False)
     cfg = load_config("tpu_pod")
@@ -227,6 +178,12 @@ def test_overrides_keep_each_fields_type():
     assert list(cfg.render.http.urls) == ["http://h:1"] and cfg.data.sft.pack is False
     assert cfg.rl.num_steps == 7 and cfg.reward.alpha == 1.0 and isinstance(cfg.reward.alpha, float)
     assert cfg.workdir == "runs/x y" and list(cfg.synthetic.plans) == ["a", "b"]
+    # A text field keeps the text, though it reads as None, a bool or a number.
+    cfg = load_config("tiny_cpu", ["--config.sharding.distributed.mode=none", "--config.train.remat=none",
+                                   "--config.workdir=8", "--config.model.tokenizer=true"])
+    assert (cfg.sharding.distributed.mode, cfg.train.remat, cfg.workdir, cfg.model.tokenizer) == ("none", "none", "8", "true")
+    with pytest.raises(ConfigOverrideError, match="'workdir': cannot set"):
+        load_config("tiny_cpu", ["--config.workdir=['a']"])
     with pytest.raises(ConfigOverrideError, match="unknown config key 'rl.group_sise'"):
         load_config("tiny_cpu", ["--config.rl.group_sise=4"])
     with pytest.raises(ConfigOverrideError, match="'rl.num_steps': cannot set"):
@@ -239,7 +196,7 @@ def test_the_train_sections_remat_reaches_the_model(tmp_path):
     """``sft.remat`` / ``train.remat`` is the activation-checkpoint policy of the model a driver
     builds: random init and restored checkpoint alike (model_source(remat=...))."""
     from genevolve_jax.models.loading import save_model
-    from genevolve_jax.train.run_setup import build_tokenizer, model_source
+    from genevolve_jax.train.runtime.model_setup import build_tokenizer, model_source
 
     cfg = load_config("tiny_cpu", ["--config.model.hidden_size=64"])
     tokenizer = build_tokenizer(cfg.model)

@@ -9,7 +9,6 @@ Trajectories it makes are for demonstration, never for training.
 """
 from __future__ import annotations
 
-import json
 import re
 from typing import Sequence
 
@@ -118,7 +117,3 @@ class HeuristicDemoEngine(RolloutEngine):
                 ids, finish = ids[: req.sampling.max_new_tokens], "length"
             out.append(GenerationResult(ids, [0.0] * len(ids), finish))
         return out
-
-
-def describe_program(program: dict | None) -> str:
-    return json.dumps(program, indent=2, ensure_ascii=False) if program else "(no program)"

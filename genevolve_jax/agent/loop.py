@@ -16,6 +16,7 @@ backend failure after retries or an unexpected exception; masked).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import time
 import traceback
@@ -87,6 +88,17 @@ class EngineBatcher:
         for (_, future), result in zip(batch, results):
             if not future.done():
                 future.set_result(result)
+
+
+@dataclasses.dataclass
+class _TrajectoryState:
+    """One trajectory's working state across rounds."""
+    context: list[int]                                           # every token the policy sees next round
+    images: list[str] = dataclasses.field(default_factory=list)  # image paths in the context, in order
+    shown: set[str] = dataclasses.field(default_factory=set)     # paths shown once (never shown again)
+    seen_calls: set[str] = dataclasses.field(default_factory=set)  # tool calls made, to count repeats
+    response_len: int = 0                                        # tokens after the prompt
+    consecutive_errors: int = 0                                  # format errors since the last good call
 
 
 class AgentLoop:
@@ -171,100 +183,137 @@ class AgentLoop:
         traj.segments.append(Segment("prompt", list(context)))
         if len(context) > c.prompt_max_tokens:
             return self._end(traj, "too_long", f"prompt has {len(context)} tokens > prompt cap {c.prompt_max_tokens}")
-        images: list[str] = []
-        shown: set[str] = set()
-        seen_calls: set[str] = set()
-        response_len, consecutive_errors = 0, 0
+        state = _TrajectoryState(context)
         for rnd in range(1, c.max_rounds + 1):
-            traj.stats["rounds"] = rnd
-            max_new = min(c.round_max_tokens, c.response_max_tokens - response_len)
-            request = GenerationRequest(list(context), self._sampling(max_new, traj.traj_id, rnd), list(images),
-                                        request_id=traj.traj_id)
-            t0 = time.perf_counter()
-            result = await batcher.submit(request)
-            gen_s = time.perf_counter() - t0
-            traj.stats["gen_seconds"] += gen_s
-            if result.finish_reason == "abort":
-                traj.turns.append(Turn(rnd, "", "aborted", "abort", 0, gen_s, error="abort", detail=result.error))
-                if result.mask_kind:   # counted under its own reason, not as a plain engine error
-                    traj.meta["mask_kind"] = result.mask_kind
-                return self._end(traj, "error", f"engine aborted round {rnd}: {result.error or 'no reason given'}")
-            ids = list(result.token_ids)
-            traj.segments.append(Segment("policy", ids, [float(x) for x in result.logprobs]))
-            context += ids
-            response_len += len(ids)
-            text = self.tokenizer.decode(ids, skip_special_tokens=False)
-            turn = Turn(rnd, text, "", result.finish_reason, len(ids), gen_s)
-            traj.turns.append(turn)
-            if result.finish_reason == "length":
-                turn.kind = "cut_off"
-                return self._end(traj, "too_long", f"round {rnd} cut off at {len(ids)} tokens")
-            parsed = protocol.parse_turn(text, TOOL_NAMES)
-            turn.kind, turn.error, turn.detail = parsed.kind, parsed.error, parsed.detail
-            turn.tool_name, turn.arguments = parsed.tool_name, parsed.arguments
-            if parsed.kind == "answer":
-                program = finalise_program(parsed.answer, toolbox.registry.images, c.program.max_references,
-                                           c.program.min_references)
-                traj.program = program.to_dict()
-                return self._end(traj, "answer")
-            if parsed.kind == "format_error":
-                traj.stats["format_errors"] += 1
-            if rnd == c.max_rounds:
-                return self._end(traj, "format_error" if parsed.kind == "format_error" else "max_rounds")
-            new_images: list[str] = []
-            if parsed.kind == "tool_call" and traj.stats["tool_calls"] >= c.max_tool_calls:
-                parsed.kind, turn.error, turn.detail = "format_error", "budget_exceeded", str(c.max_tool_calls)
-                turn.kind = "format_error"
-                traj.stats["format_errors"] += 1
-            if parsed.kind == "tool_call":
-                traj.stats["tool_calls"] += 1
-                key = f"{parsed.tool_name}:{sorted(parsed.arguments.items())!r}"
-                traj.stats["repeated_calls"] += key in seen_calls
-                seen_calls.add(key)
-                t1 = time.perf_counter()
-                try:
-                    tool_result = await toolbox.call(parsed.tool_name, parsed.arguments)
-                except ToolArgumentError as exc:  # the tool never ran: not charged to the budget
-                    traj.stats["tool_calls"] -= 1
-                    turn.error, turn.detail = "bad_arguments", str(exc)
-                    observation = protocol.format_error_observation("bad_arguments", str(exc))
-                    consecutive_errors += 1
-                    traj.stats["format_errors"] += 1
-                except ToolBackendError as exc:
-                    turn.tool_seconds = time.perf_counter() - t1
-                    traj.stats["tool_seconds"] += turn.tool_seconds
-                    return self._end(traj, "error", f"tool {parsed.tool_name} failed: {exc}")
-                else:
-                    consecutive_errors = 0
-                    body = tool_result.text
-                    turn.img_ids = [r.img_id for r in tool_result.images]
-                    if c.observation_pixels:
-                        fresh = [r for r in tool_result.images if r.local_path not in shown]
-                        fresh = fresh[: c.max_images_per_observation]
-                        if fresh:
-                            body += "\n" + "\n".join(f"{r.img_id}: {TOKENS.image}" for r in fresh)
-                        new_images = [r.local_path for r in fresh]
-                        shown.update(new_images)
-                    observation = protocol.tool_response(body)
-                turn.tool_seconds = time.perf_counter() - t1
-                traj.stats["tool_seconds"] += turn.tool_seconds
-            else:
-                consecutive_errors += 1
-                observation = protocol.format_error_observation(turn.error, turn.detail)
-            if consecutive_errors >= c.max_consecutive_format_errors:
-                return self._end(traj, "format_error")
-            if rnd + 1 == c.max_rounds:
-                observation += "\n\n" + protocol.FINAL_STEP_INSTRUCTION
-            turn.observation = observation
-            obs_ids = self._observation(observation, new_images, after_stop=bool(ids) and ids[-1] == self.im_end)
-            traj.segments.append(Segment("observation", obs_ids, images=new_images))
-            images += new_images
-            context += obs_ids
-            response_len += len(obs_ids)
-            if response_len >= c.response_max_tokens:
-                return self._end(traj, "too_long", f"response reached {response_len} tokens "
-                                                   f">= response cap {c.response_max_tokens}")
-        return self._end(traj, "max_rounds")  # unreachable: the last round always returns above
+            await self._round(traj, toolbox, batcher, state, rnd)
+            if traj.termination is not None:
+                return
+        return self._end(traj, "max_rounds")  # unreachable: the last round always ends the trajectory
+
+    async def _round(self, traj: Trajectory, toolbox: Toolbox, batcher: EngineBatcher, state: _TrajectoryState,
+                     rnd: int) -> None:
+        """One round: sample, parse, act on the turn (a tool call or a format error), show the
+        observation. Ends the trajectory (``traj.termination``) when the round decides it."""
+        c = self.cfg
+        traj.stats["rounds"] = rnd
+        sampled = await self._sample(traj, batcher, state, rnd)
+        if sampled is None:
+            return
+        turn, ids = sampled
+        parsed = protocol.parse_turn(turn.text, TOOL_NAMES)
+        turn.kind, turn.error, turn.detail = parsed.kind, parsed.error, parsed.detail
+        turn.tool_name, turn.arguments = parsed.tool_name, parsed.arguments
+        if parsed.kind == "answer":
+            program = finalise_program(parsed.answer, toolbox.registry.images, c.program.max_references,
+                                       c.program.min_references)
+            traj.program = program.to_dict()
+            return self._end(traj, "answer")
+        if parsed.kind == "format_error":
+            traj.stats["format_errors"] += 1
+        if rnd == c.max_rounds:
+            return self._end(traj, "format_error" if parsed.kind == "format_error" else "max_rounds")
+        if parsed.kind == "tool_call" and traj.stats["tool_calls"] >= c.max_tool_calls:
+            parsed.kind, turn.error, turn.detail = "format_error", "budget_exceeded", str(c.max_tool_calls)
+            turn.kind = "format_error"
+            traj.stats["format_errors"] += 1
+        if parsed.kind == "tool_call":
+            acted = await self._call_tool(traj, toolbox, state, turn, parsed)
+            if acted is None:
+                return
+            observation, new_images = acted
+        else:
+            state.consecutive_errors += 1
+            observation, new_images = protocol.format_error_observation(turn.error, turn.detail), []
+        if state.consecutive_errors >= c.max_consecutive_format_errors:
+            return self._end(traj, "format_error")
+        if rnd + 1 == c.max_rounds:
+            observation += "\n\n" + protocol.FINAL_STEP_INSTRUCTION
+        self._observe(traj, state, turn, observation, new_images, after_stop=bool(ids) and ids[-1] == self.im_end)
+
+    async def _sample(self, traj: Trajectory, batcher: EngineBatcher, state: _TrajectoryState,
+                      rnd: int) -> tuple[Turn, list[int]] | None:
+        """The policy's turn, appended to the context: (turn, its token ids), or None when the engine
+        aborted or the turn was cut off (the trajectory has ended)."""
+        c = self.cfg
+        max_new = min(c.round_max_tokens, c.response_max_tokens - state.response_len)
+        request = GenerationRequest(list(state.context), self._sampling(max_new, traj.traj_id, rnd),
+                                    list(state.images), request_id=traj.traj_id)
+        t0 = time.perf_counter()
+        result = await batcher.submit(request)
+        gen_s = time.perf_counter() - t0
+        traj.stats["gen_seconds"] += gen_s
+        if result.finish_reason == "abort":
+            traj.turns.append(Turn(rnd, "", "aborted", "abort", 0, gen_s, error="abort", detail=result.error))
+            if result.mask_kind:   # counted under its own reason, not as a plain engine error
+                traj.meta["mask_kind"] = result.mask_kind
+            self._end(traj, "error", f"engine aborted round {rnd}: {result.error or 'no reason given'}")
+            return None
+        ids = list(result.token_ids)
+        traj.segments.append(Segment("policy", ids, [float(x) for x in result.logprobs]))
+        state.context += ids
+        state.response_len += len(ids)
+        turn = Turn(rnd, self.tokenizer.decode(ids, skip_special_tokens=False), "", result.finish_reason, len(ids),
+                    gen_s)
+        traj.turns.append(turn)
+        if result.finish_reason == "length":
+            turn.kind = "cut_off"
+            self._end(traj, "too_long", f"round {rnd} cut off at {len(ids)} tokens")
+            return None
+        return turn, ids
+
+    async def _call_tool(self, traj: Trajectory, toolbox: Toolbox, state: _TrajectoryState, turn: Turn,
+                         parsed) -> tuple[str, list[str]] | None:
+        """Run the turn's tool call: (observation text, image paths it shows), or None when the
+        backend failed (the trajectory has ended). Bad arguments are a format error the policy sees."""
+        c = self.cfg
+        traj.stats["tool_calls"] += 1
+        key = f"{parsed.tool_name}:{sorted(parsed.arguments.items())!r}"
+        traj.stats["repeated_calls"] += key in state.seen_calls
+        state.seen_calls.add(key)
+        new_images: list[str] = []
+        t1 = time.perf_counter()
+        try:
+            tool_result = await toolbox.call(parsed.tool_name, parsed.arguments)
+        except ToolArgumentError as exc:  # the tool never ran: not charged to the budget
+            traj.stats["tool_calls"] -= 1
+            turn.error, turn.detail = "bad_arguments", str(exc)
+            observation = protocol.format_error_observation("bad_arguments", str(exc))
+            state.consecutive_errors += 1
+            traj.stats["format_errors"] += 1
+        except ToolBackendError as exc:
+            turn.tool_seconds = time.perf_counter() - t1
+            traj.stats["tool_seconds"] += turn.tool_seconds
+            self._end(traj, "error", f"tool {parsed.tool_name} failed: {exc}")
+            return None
+        else:
+            state.consecutive_errors = 0
+            body = tool_result.text
+            turn.img_ids = [r.img_id for r in tool_result.images]
+            if c.observation_pixels:
+                fresh = [r for r in tool_result.images if r.local_path not in state.shown]
+                fresh = fresh[: c.max_images_per_observation]
+                if fresh:
+                    body += "\n" + "\n".join(f"{r.img_id}: {TOKENS.image}" for r in fresh)
+                new_images = [r.local_path for r in fresh]
+                state.shown.update(new_images)
+            observation = protocol.tool_response(body)
+        turn.tool_seconds = time.perf_counter() - t1
+        traj.stats["tool_seconds"] += turn.tool_seconds
+        return observation, new_images
+
+    def _observe(self, traj: Trajectory, state: _TrajectoryState, turn: Turn, observation: str,
+                 new_images: list[str], after_stop: bool) -> None:
+        """Append the observation turn to the context; end the trajectory if it reaches the response cap."""
+        c = self.cfg
+        turn.observation = observation
+        obs_ids = self._observation(observation, new_images, after_stop=after_stop)
+        traj.segments.append(Segment("observation", obs_ids, images=new_images))
+        state.images += new_images
+        state.context += obs_ids
+        state.response_len += len(obs_ids)
+        if state.response_len >= c.response_max_tokens:
+            self._end(traj, "too_long", f"response reached {state.response_len} tokens "
+                                        f">= response cap {c.response_max_tokens}")
 
     # -- many trajectories -------------------------------------------------------------------------
     def share_engine_batcher(self) -> None:

@@ -70,8 +70,8 @@ def build_system_prompt(max_tool_calls: int = 10, max_references: int = 2, min_r
 
 def _compact_system_prompt(max_tool_calls: int, max_references: int, min_references: int,
                            tools: Sequence[dict], decision_guide: str | None) -> str:
-    # Same block order as the full prompt (a guide goes right before "# Tools"), so that
-    # experience.guide.patch_system_prompt gives the same text as building with the guide.
+    # Same block order as the full prompt (a guide goes right before "# Tools"), so that a
+    # teacher prompt differs from the student's by the guide block alone.
     parts = [
         "Plan an image for a text-to-image model. Each turn: <think>reasoning</think>, then one "
         '<tool_call>{"name": ..., "arguments": {...}}</tool_call> or the final '

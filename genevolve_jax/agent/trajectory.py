@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Iterable
+from typing import Any
 
 TERMINATIONS = ("answer", "max_rounds", "format_error", "too_long", "error")
 SEGMENT_KINDS = ("prompt", "policy", "observation")
@@ -124,25 +124,3 @@ class Trajectory:
     @classmethod
     def from_json(cls, line: str) -> "Trajectory":
         return cls.from_dict(json.loads(line))
-
-
-def write_jsonl(path: str, trajectories: Iterable[Trajectory]) -> int:
-    n = 0
-    with open(path, "w", encoding="utf-8") as f:
-        for traj in trajectories:
-            f.write(traj.to_json() + "\n")
-            n += 1
-    return n
-
-
-def read_jsonl(path: str) -> list[Trajectory]:
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                out.append(Trajectory.from_json(line))
-            except (ValueError, TypeError, KeyError) as exc:
-                raise ValueError(f"{path}:{lineno}: not a trajectory record ({exc})") from None
-    return out

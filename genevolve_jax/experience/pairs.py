@@ -21,18 +21,19 @@ FAILED_PROGRAM_REASONS = ("empty_program", "invalid_program", "reference_count_o
 GAP_EPS = 1e-9
 
 
-def _get(obj: Any, key: str, default=None):
-    return obj.get(key, default) if isinstance(obj, Mapping) else getattr(obj, key, default)
+def field_of(record: Any, key: str, default=None):
+    """``key`` of a trajectory, turn or reward record, which arrives as its object or as its dict."""
+    return record.get(key, default) if isinstance(record, Mapping) else getattr(record, key, default)
 
 
 def protocol_failure(trajectory: Any = None, reward_reason: str = "") -> str | None:
     """Why a rollout failed the protocol, or None. ``trajectory`` is an agent Trajectory (or its
     dict); ``reward_reason`` is the reward record's reason (e.g. ``empty_program: …``)."""
     if trajectory is not None:
-        term = _get(trajectory, "termination")
+        term = field_of(trajectory, "termination")
         if term in FAILED_TERMINATIONS:
             return f"termination:{term}"
-        if term == "answer" and _get(trajectory, "program") is None:
+        if term == "answer" and field_of(trajectory, "program") is None:
             return "no_program"
     kind = (reward_reason or "").split(":", 1)[0].strip()
     if kind in FAILED_PROGRAM_REASONS:
@@ -52,10 +53,10 @@ class Candidate:
     @classmethod
     def from_rollout(cls, sample_id: str, request: str, trajectory: Any, reward_record: Any) -> "Candidate":
         """From an agent Trajectory and a reward.mix.RewardRecord."""
-        masked = bool(_get(reward_record, "masked", False)) or bool(_get(trajectory, "masked", False))
-        reward = None if masked else _get(reward_record, "reward")
+        masked = bool(field_of(reward_record, "masked", False)) or bool(field_of(trajectory, "masked", False))
+        reward = None if masked else field_of(reward_record, "reward")
         return cls(sample_id, request, None if reward is None else float(reward), trajectory,
-                   protocol_failure(trajectory, _get(reward_record, "reason", "") or ""))
+                   protocol_failure(trajectory, field_of(reward_record, "reason", "") or ""))
 
 
 @dataclasses.dataclass

@@ -19,7 +19,7 @@ import re
 from typing import Any, Mapping, Sequence
 
 from genevolve_jax.experience.bundle import Bundle
-from genevolve_jax.experience.pairs import Pair
+from genevolve_jax.experience.pairs import Pair, field_of
 from genevolve_jax.experience.summariser import Summariser
 
 PROXY_LABEL = "scripted rule summariser (offline proxy, not a model)"
@@ -28,21 +28,17 @@ log = logging.getLogger(__name__)
 _WORD = re.compile(r"[a-z]{5,}")
 
 
-def _get(obj: Any, key: str, default=None):
-    return obj.get(key, default) if isinstance(obj, Mapping) else getattr(obj, key, default)
-
-
 def tool_sequence(trajectory: Any) -> list[str]:
     """Names of the tools a trajectory called, in order."""
-    return [str(_get(t, "tool_name")) for t in (_get(trajectory, "turns", None) or [])
-            if _get(t, "kind") == "tool_call" and _get(t, "tool_name")]
+    return [str(field_of(t, "tool_name")) for t in (field_of(trajectory, "turns", None) or [])
+            if field_of(t, "kind") == "tool_call" and field_of(t, "tool_name")]
 
 
 def skills_consulted(trajectory: Any) -> list[str]:
     out = []
-    for t in _get(trajectory, "turns", None) or []:
-        if _get(t, "kind") == "tool_call" and _get(t, "tool_name") == "query_knowledge":
-            name = (_get(t, "arguments") or {}).get("skill_name")
+    for t in field_of(trajectory, "turns", None) or []:
+        if field_of(t, "kind") == "tool_call" and field_of(t, "tool_name") == "query_knowledge":
+            name = (field_of(t, "arguments") or {}).get("skill_name")
             if isinstance(name, str) and name:
                 out.append(name)
     return out
@@ -51,18 +47,18 @@ def skills_consulted(trajectory: Any) -> list[str]:
 def carries_tool_text(trajectory: Any) -> bool:
     """Whether the final gen_prompt repeats a word of 5+ letters that a tool returned and the
     request did not contain: the program used what the tools found."""
-    program = _get(trajectory, "program") or {}
+    program = field_of(trajectory, "program") or {}
     prompt = str(program.get("gen_prompt", "")).lower() if isinstance(program, Mapping) else ""
-    request = set(_WORD.findall(str(_get(trajectory, "request", "")).lower()))
+    request = set(_WORD.findall(str(field_of(trajectory, "request", "")).lower()))
     found: set[str] = set()
-    for t in _get(trajectory, "turns", None) or []:
-        if _get(t, "kind") == "tool_call" and _get(t, "observation"):
-            found |= set(_WORD.findall(str(_get(t, "observation")).lower()))
+    for t in field_of(trajectory, "turns", None) or []:
+        if field_of(t, "kind") == "tool_call" and field_of(t, "observation"):
+            found |= set(_WORD.findall(str(field_of(t, "observation")).lower()))
     return bool((found - request) & set(_WORD.findall(prompt)))
 
 
 def reference_count(trajectory: Any) -> int:
-    program = _get(trajectory, "program") or {}
+    program = field_of(trajectory, "program") or {}
     refs = program.get("reference_images", []) if isinstance(program, Mapping) else []
     return len(refs) if isinstance(refs, list) else 0
 

@@ -2,7 +2,7 @@
 
 After the step's rewards: best/worst pairs of each group → summariser → memory (≤ 8 inserts a
 step), then retrieval for each request → the decision guide (None below the similarity threshold).
-The trainer runs it on one process and broadcasts the guides and the memory (train/collective.py),
+The trainer runs it on one process and broadcasts the guides and the memory (sharding/collective.py),
 because a summariser that calls a model or an endpoint is not deterministic across hosts.
 """
 from __future__ import annotations

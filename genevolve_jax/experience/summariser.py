@@ -19,13 +19,13 @@ import json
 import logging
 import os
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import httpx
 
 from genevolve_jax.experience.bundle import (GUIDANCE_FIELDS, Bundle, BundleParseError, enforce_no_entities,
                                              parse_bundle_reply)
-from genevolve_jax.experience.pairs import Pair
+from genevolve_jax.experience.pairs import Pair, field_of
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +64,6 @@ Reply with one JSON object and nothing else, in this shape:
 """
 
 
-def _get(obj: Any, key: str, default=None):
-    return obj.get(key, default) if isinstance(obj, Mapping) else getattr(obj, key, default)
-
-
 def _trim(text: str, limit: int) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[:limit].rstrip() + " …"
@@ -79,24 +75,24 @@ def render_transcript(trajectory: Any, max_observation_chars: int = 400) -> str:
     if trajectory is None:
         return "(no transcript)"
     lines = []
-    for turn in _get(trajectory, "turns", None) or []:
-        r, kind = _get(turn, "round", "?"), _get(turn, "kind", "?")
+    for turn in field_of(trajectory, "turns", None) or []:
+        r, kind = field_of(turn, "round", "?"), field_of(turn, "kind", "?")
         if kind == "tool_call":
-            args = json.dumps(_get(turn, "arguments") or {}, ensure_ascii=False, sort_keys=True)
-            lines.append(f"round {r}: call {_get(turn, 'tool_name')} {args}")
-            obs = _get(turn, "observation")
+            args = json.dumps(field_of(turn, "arguments") or {}, ensure_ascii=False, sort_keys=True)
+            lines.append(f"round {r}: call {field_of(turn, 'tool_name')} {args}")
+            obs = field_of(turn, "observation")
             if obs and max_observation_chars:
                 lines.append(f"  result: {_trim(obs, max_observation_chars)}")
-            if _get(turn, "error"):
-                lines.append(f"  error: {_trim(_get(turn, 'error'), 200)}")
+            if field_of(turn, "error"):
+                lines.append(f"  error: {_trim(field_of(turn, 'error'), 200)}")
         elif kind == "answer":
             lines.append(f"round {r}: final answer")
         else:
-            detail = _get(turn, "error") or _get(turn, "detail") or ""
+            detail = field_of(turn, "error") or field_of(turn, "detail") or ""
             lines.append(f"round {r}: {kind}{': ' + _trim(detail, 200) if detail else ''}")
-    program = _get(trajectory, "program")
+    program = field_of(trajectory, "program")
     lines.append("program: " + (json.dumps(program, ensure_ascii=False) if program is not None else "(none)"))
-    term = _get(trajectory, "termination")
+    term = field_of(trajectory, "termination")
     if term:
         lines.append(f"ended by: {term}")
     return "\n".join(lines)

@@ -83,13 +83,13 @@ def parse_mesh_args(items: list[str]) -> dict[str, dict[str, int]]:
 def check_model_dims(cfg, mesh, rules) -> None:
     """Refuse a mesh whose model-parallel axes do not divide the dims the rules shard with them
     (instead of silently replicating them, which would compare the wrong layout)."""
-    from genevolve_jax.sharding import logical as L
+    from genevolve_jax.sharding import logical as logical_rules
     from genevolve_jax.sharding.mesh import MeshError
     t = cfg.text
-    dims = {L.HEADS: ("text num_attention_heads", t.num_attention_heads),
-            L.KV_HEADS: ("text num_key_value_heads", t.num_key_value_heads),
-            L.MLP: ("text intermediate_size", t.intermediate_size),
-            L.VOCAB: ("vocab_size", t.vocab_size), L.EMBED: ("text hidden_size", t.hidden_size)}
+    dims = {logical_rules.HEADS: ("text num_attention_heads", t.num_attention_heads),
+            logical_rules.KV_HEADS: ("text num_key_value_heads", t.num_key_value_heads),
+            logical_rules.MLP: ("text intermediate_size", t.intermediate_size),
+            logical_rules.VOCAB: ("vocab_size", t.vocab_size), logical_rules.EMBED: ("text hidden_size", t.hidden_size)}
     for logical, (field, size) in dims.items():
         target = rules.get(logical)
         axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
@@ -100,11 +100,11 @@ def check_model_dims(cfg, mesh, rules) -> None:
 
 
 def load_model_config(spec: str, layers: int, scan: bool, remat: str, dtype: str):
-    from genevolve_jax.models.qwen3_vl import config as C
+    from genevolve_jax.models.qwen3_vl import config as qwen_config
     if spec in PRESETS:
-        cfg = getattr(C, spec)()
+        cfg = getattr(qwen_config, spec)()
     elif os.path.exists(spec):
-        cfg = C.Qwen3VLConfig.from_pretrained(spec)
+        cfg = qwen_config.Qwen3VLConfig.from_pretrained(spec)
     else:
         raise ValueError(f"--config {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a path")
     if layers:
@@ -135,12 +135,12 @@ def random_batch(cfg, batch_size: int, seq_len: int, seed: int):
 
 
 def _train_config(args):
-    from genevolve_jax.train import config as train_config
-    tcfg = train_config.default_config()
+    from genevolve_jax.train.runtime import step_config
+    tcfg = step_config.default_config()
     tcfg.grad_accum_steps = args.grad_accum
     tcfg.compute_dtype = args.dtype
     tcfg.remat = args.remat
-    return train_config.validate(tcfg)
+    return step_config.validate(tcfg)
 
 
 def sft_loss_for(cfg):
@@ -156,20 +156,20 @@ def abstract_batch(batch: dict, mesh, rules) -> dict:
     import jax
     from jax.sharding import NamedSharding
 
-    from genevolve_jax.sharding import logical as L
-    from genevolve_jax.train.batch_layout import batch_axes
+    from genevolve_jax.sharding import logical as logical_rules
+    from genevolve_jax.train.runtime.batch_layout import batch_axes
     return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(
-        mesh, L.partition_spec(batch_axes(k, v.ndim), rules, mesh, v.shape))) for k, v in batch.items()}
+        mesh, logical_rules.partition_spec(batch_axes(k, v.ndim), rules, mesh, v.shape))) for k, v in batch.items()}
 
 
 def plan_strategy(cfg, tcfg, strategy: str, mesh, batch: dict, target):
     """The plan of one strategy's step: its traced phase and compiled report (nothing allocated)."""
     from genevolve_jax.plan import report_phase
     from genevolve_jax.plan.phases import step_phase
-    from genevolve_jax.sharding import logical as L
-    from genevolve_jax.train.state import is_vision_path
+    from genevolve_jax.sharding import logical as logical_rules
+    from genevolve_jax.train.runtime.state import is_vision_path
 
-    phase = step_phase("sft", cfg, tcfg, sft_loss_for(cfg), mesh, strategy, abstract_batch(batch, mesh, L.rules_for(strategy)),
+    phase = step_phase("sft", cfg, tcfg, sft_loss_for(cfg), mesh, strategy, abstract_batch(batch, mesh, logical_rules.rules_for(strategy)),
                        target, freeze=is_vision_path, desc=f"{len(batch['input_ids'])} × {batch['input_ids'].shape[1]}")
     return phase, report_phase(phase, target, mesh.size, 1.0, "whole device")
 
@@ -193,12 +193,14 @@ def _run_strategy(cfg, tcfg, strategy, mesh, phase, report, batch, args) -> tupl
     from flax import nnx
 
     from genevolve_jax.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
-    from genevolve_jax.train.state import create_train_state, is_vision_path
-    from genevolve_jax.train.step import TrainStep
+    from genevolve_jax.train.runtime.state import create_train_state, is_vision_path
+    from genevolve_jax.train.runtime.step import TrainStep
 
     make = lambda: Qwen3VLForConditionalGeneration(cfg, rngs=nnx.Rngs(args.seed))  # noqa: E731
-    setup, params, opt_state = create_train_state(make, tcfg, mesh, strategy, freeze=is_vision_path)
-    step = TrainStep(setup, sft_loss_for(cfg), compute_dtype=jax.numpy.dtype(args.dtype), grad_accum_steps=args.grad_accum)
+    setup, params, opt_state = create_train_state(make, tcfg, mesh, strategy, total_steps=max(1, args.steps),
+                                                  freeze=is_vision_path)
+    step = TrainStep(setup, sft_loss_for(cfg), compute_dtype=jax.numpy.dtype(args.dtype),
+                     grad_accum_steps=args.grad_accum)
     arrays = step.place_batch(step.split_static(batch)[0])
     compiled = report.fns[0].executable
     rng = jax.random.key(args.seed)
@@ -220,12 +222,12 @@ def compare(args) -> list[dict]:
     import psutil
 
     from genevolve_jax.plan.targets import parse_target, target_devices
-    from genevolve_jax.sharding import logical as L
+    from genevolve_jax.sharding import logical as logical_rules
     from genevolve_jax.sharding.mesh import make_mesh
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     for s in strategies:
-        L.rules_for(s)
+        logical_rules.rules_for(s)
     meshes = parse_mesh_args(args.mesh)
     cfg = load_model_config(args.config, args.layers, args.scan_layers, args.remat, args.dtype)
     tcfg = _train_config(args)
@@ -248,7 +250,7 @@ def compare(args) -> list[dict]:
     for s in strategies:
         sizes = meshes.get(s) or _default_mesh(s, n, cfg)
         mesh = make_mesh(sizes, devices)
-        check_model_dims(cfg, mesh, L.rules_for(s))
+        check_model_dims(cfg, mesh, logical_rules.rules_for(s))
         plans.append((s, mesh))
     batch = random_batch(cfg, args.batch_size, args.seq_len, args.seed)
     rows = []

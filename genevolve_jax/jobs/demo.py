@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from flax import nnx
 
     from genevolve_jax.models import hf_io
-    from genevolve_jax.models.qwen3_vl import config as C
+    from genevolve_jax.models.qwen3_vl import config as qwen_config
     from genevolve_jax.models.qwen3_vl.model import forward, prepare_inputs
 
     if args.repeats < 1:
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     rows: list[tuple[str, str]] = []
     summary: dict = {"dtype": args.dtype, "seed": args.seed}
     ok = True
-    cfg = C.tiny(param_dtype=args.dtype, dtype=args.dtype)
+    cfg = qwen_config.tiny(param_dtype=args.dtype, dtype=args.dtype)
     with console.status("building the tiny model"):
         model = hf_io.model_from_state_dict(cfg, hf_io.random_state_dict(cfg, args.seed))
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

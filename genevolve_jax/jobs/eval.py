@@ -173,8 +173,8 @@ def build_renderer(cfg: ml_collections.ConfigDict, out: Path):
     from genevolve_jax.render.factory import CachedRenderer, build_renderer as build
     from genevolve_jax.render.remote import ContentCache
 
-    cache_dir = cfg.render.cache_dir or str(out / "cache")
-    return CachedRenderer(build(cfg.render), ContentCache(cache_dir))
+    # One content cache for renders and verdicts, as in training (reward.cache_dir).
+    return CachedRenderer(build(cfg.render), ContentCache(cfg.reward.cache_dir or str(out / "cache")))
 
 
 def build_judge(benchmark: str, cfg: ml_collections.ConfigDict, out: Path):

@@ -4,13 +4,14 @@
     genevolve render-server --tiny            # random tiny pipeline on CPU, for demos and tests
 
 Binds 127.0.0.1 unless --host says otherwise; ``--api-key-env NAME`` requires ``Authorization: Bearer
-$NAME`` on every route but /health; request bounds have flags (``--max-side``, ``--max-steps``, ...). See genevolve_jax/render/service.py for the contract.
+$NAME`` on every route but /health; request bounds have flags (``--max-side``, ``--max-steps``, ...).
+See genevolve_jax/serving/render_service.py for the contract.
 """
 from __future__ import annotations
 
 import argparse
 
-from genevolve_jax.render.service import RenderLimits
+from genevolve_jax.serving.render_service import RenderLimits
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -91,8 +92,8 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
     from rich.console import Console
 
-    from genevolve_jax.render.service import create_app
-    from genevolve_jax.server_guards import api_key_from_env
+    from genevolve_jax.serving.render_service import create_app
+    from genevolve_jax.serving.guards import api_key_from_env
 
     try:
         limits, api_key = limits_from_args(args), api_key_from_env(args.api_key_env)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from genevolve_jax.rollout.server_schema import ServeLimits
+from genevolve_jax.serving.policy_schema import ServeLimits
 
 _DEFAULTS = ServeLimits()
 
@@ -55,8 +55,8 @@ def run(args) -> int:
 
     from genevolve_jax.rollout.config import default_engine_config, validate
     from genevolve_jax.rollout.jax_engine import from_checkpoint
-    from genevolve_jax.rollout.server import create_app
-    from genevolve_jax.server_guards import api_key_from_env
+    from genevolve_jax.serving.policy_server import create_app
+    from genevolve_jax.serving.guards import api_key_from_env
 
     cfg = default_engine_config()
     cfg.max_slots, cfg.max_seq_len, cfg.steps_per_sync = args.max_slots, args.max_seq_len, args.steps_per_sync

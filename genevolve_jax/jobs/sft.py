@@ -42,6 +42,10 @@ def load_run_config(args, extra: list[str] | None = None):
     cfg = load_config(args.config, overrides)
     if args.workdir:
         cfg.workdir = args.workdir
+    # Join a multi-host job (SLURM, TPU pod, explicit coordinator) before anything touches a
+    # device; a one-process run (mode "auto" outside SLURM and pods, or "none") does nothing here.
+    from genevolve_jax.sharding import distributed
+    distributed.initialize(cfg.sharding.distributed)
     return cfg
 
 
@@ -50,7 +54,7 @@ def prepare_data(cfg, sft: bool = True, rl: bool = True) -> None:
     need = (sft and not cfg.data.sft.paths) or (rl and not cfg.data.rl.paths)
     if not (need and cfg.synthetic.enabled):
         return
-    from genevolve_jax.train.synthetic import write_synthetic_data
+    from genevolve_jax.data.synthetic import write_synthetic_data
 
     out = write_synthetic_data(os.path.join(cfg.workdir, "data"), num_prompts=cfg.synthetic.num_prompts,
                                num_sft=cfg.synthetic.num_sft, agent_cfg=cfg.agent,
@@ -61,8 +65,8 @@ def prepare_data(cfg, sft: bool = True, rl: bool = True) -> None:
         cfg.data.rl.paths = [out["rl"]]
 
 
-def run_sft_config(cfg, progress: bool = True) -> dict:
-    from genevolve_jax.train.sft import SFTTrainer
+def run_sft_config(cfg, progress: bool | None = None) -> dict:
+    from genevolve_jax.train.sft.trainer import SFTTrainer
 
     prepare_data(cfg, sft=True, rl=False)
     trainer = SFTTrainer(cfg, progress=progress)
@@ -74,7 +78,7 @@ def run_sft_config(cfg, progress: bool = True) -> dict:
 
 def run(args) -> int:
     cfg = load_run_config(args)
-    out = run_sft_config(cfg, progress=not args.no_progress)
+    out = run_sft_config(cfg, progress=False if args.no_progress else None)   # None: logging.progress decides
     losses = out["losses"]
     print(json.dumps({"steps": out["steps"], "first_loss": losses[0] if losses else None,
                       "last_loss": losses[-1] if losses else None, "model": out["model"],

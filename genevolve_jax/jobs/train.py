@@ -24,8 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     accept_dotted_overrides(parser)
 
 
-def run_train_config(cfg, progress: bool = True) -> dict:
-    from genevolve_jax.train.evolve import EvolveTrainer
+def run_train_config(cfg, progress: bool | None = None) -> dict:
+    from genevolve_jax.train.rl.trainer import EvolveTrainer
 
     prepare_data(cfg, sft=False, rl=True)
     trainer = EvolveTrainer(cfg, progress=progress)
@@ -50,7 +50,7 @@ def _report(out: dict) -> None:
 
 def run(args) -> int:
     cfg = load_run_config(args)
-    progress = not args.no_progress
+    progress = False if args.no_progress else None    # None: logging.progress decides
     sft_out = None
     if args.sft and not cfg.model.path:
         sft_out = run_sft_config(cfg, progress=progress)

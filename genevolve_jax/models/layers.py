@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from genevolve_jax.sharding import logical as L
+from genevolve_jax.sharding import logical
 
 default_kernel_init = nnx.initializers.normal(0.02)
 
@@ -22,7 +22,7 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, dim: int, axis_name: str | None, *, eps: float, param_dtype, rngs: nnx.Rngs):
         self.eps = eps
-        self.scale = L.param(rngs, nnx.initializers.ones, (dim,), (axis_name,), param_dtype)
+        self.scale = logical.param(rngs, nnx.initializers.ones, (dim,), (axis_name,), param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = x.dtype
@@ -37,8 +37,8 @@ class LayerNorm(nnx.Module):
 
     def __init__(self, dim: int, axis_name: str | None, *, eps: float = 1e-6, param_dtype, rngs: nnx.Rngs):
         self.eps = eps
-        self.scale = L.param(rngs, nnx.initializers.ones, (dim,), (axis_name,), param_dtype)
-        self.bias = L.param(rngs, nnx.initializers.zeros, (dim,), (axis_name,), param_dtype)
+        self.scale = logical.param(rngs, nnx.initializers.ones, (dim,), (axis_name,), param_dtype)
+        self.bias = logical.param(rngs, nnx.initializers.zeros, (dim,), (axis_name,), param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = x.dtype
@@ -62,9 +62,9 @@ class Dense(nnx.Module):
                  kernel_init=default_kernel_init):
         self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
         self.dtype = dtype
-        self.kernel = L.param(rngs, kernel_init, self.in_shape + self.out_shape,
+        self.kernel = logical.param(rngs, kernel_init, self.in_shape + self.out_shape,
                               tuple(in_axes) + tuple(out_axes), param_dtype)
-        self.bias = (L.param(rngs, nnx.initializers.zeros, self.out_shape, tuple(out_axes), param_dtype)
+        self.bias = (logical.param(rngs, nnx.initializers.zeros, self.out_shape, tuple(out_axes), param_dtype)
                      if use_bias else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -83,7 +83,8 @@ class Embed(nnx.Module):
 
     def __init__(self, num: int, dim: int, *, param_dtype, dtype, rngs: nnx.Rngs):
         self.dtype = dtype
-        self.embedding = L.param(rngs, nnx.initializers.normal(0.02), (num, dim), (L.VOCAB, L.EMBED), param_dtype)
+        self.embedding = logical.param(rngs, nnx.initializers.normal(0.02), (num, dim), (logical.VOCAB, logical.EMBED),
+                                       param_dtype)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.embedding.get_value(), ids, axis=0).astype(self.dtype)

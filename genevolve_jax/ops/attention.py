@@ -319,7 +319,7 @@ def splash_attention(q, k, v, *, causal, q_positions=None, kv_valid_mask=None, q
     ``shard_map`` over the batch and kv-head axes (sequence must be whole per device)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 
-    from genevolve_jax.sharding import logical as L
+    from genevolve_jax.sharding import logical
 
     del q_positions
     b, t, h, d = q.shape
@@ -343,12 +343,12 @@ def splash_attention(q, k, v, *, causal, q_positions=None, kv_valid_mask=None, q
         out = jax.vmap(per_head)(qg, kk, vv, qs, ks)  # [B, KV, G, T, d]
         return out.transpose(0, 3, 1, 2, 4).reshape(lb, lt, lh, d).astype(q.dtype)
 
-    ctx = L.active()
+    ctx = logical.active()
     if ctx is None:
         return local(q, k, v, qs, ks)
     from jax.sharding import PartitionSpec as P
-    batch_axes = L.partition_spec((L.BATCH,), ctx.rules, ctx.mesh, (b,))[0]
-    head_axes = L.partition_spec((L.KV_HEADS,), ctx.rules, ctx.mesh, (kvh,))[0]
+    batch_axes = logical.partition_spec((logical.BATCH,), ctx.rules, ctx.mesh, (b,))[0]
+    head_axes = logical.partition_spec((logical.KV_HEADS,), ctx.rules, ctx.mesh, (kvh,))[0]
     qkv_spec = P(batch_axes, None, head_axes, None)
     seg_spec = P(batch_axes, None)
     return jax.shard_map(local, mesh=ctx.mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, seg_spec, seg_spec),

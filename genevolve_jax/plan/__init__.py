@@ -58,13 +58,13 @@ def report_phase(phase, target, num_devices: int, frac: float, source: str, runs
                  progress=None, memory_bytes: int | None = None):
     """Compile a traced phase and sum its per-device memory. A phase whose resident state alone
     exceeds the budget is not compiled (it cannot fit whatever the step needs)."""
-    from genevolve_jax.plan import abstract as A
+    from genevolve_jax.plan import abstract
     from genevolve_jax.plan.compile import compile_traced
     from genevolve_jax.plan.report import PhaseReport
 
     say = progress or (lambda msg: None)
-    resident = {k: A.bytes_per_device(v) for k, v in phase.resident.items()}
-    bufs = [b for k, v in phase.resident.items() for b in A.buffers(v, k)]
+    resident = {k: abstract.bytes_per_device(v) for k, v in phase.resident.items()}
+    bufs = [b for k, v in phase.resident.items() for b in abstract.buffers(v, k)]
     budget = int((memory_bytes or target.device.memory_bytes) * frac)
     compiled, extra, note = [], {}, ""
     if sum(resident.values()) > budget:
@@ -76,7 +76,7 @@ def report_phase(phase, target, num_devices: int, frac: float, source: str, runs
                                fn.count_jaxpr)
             compiled.append(c)
             extra[fn.name] = fn.extra_input_bytes
-            bufs.append(A.Buffer(f"{fn.name}: compiled temporaries", (), "", c.temp_bytes))
+            bufs.append(abstract.Buffer(f"{fn.name}: compiled temporaries", (), "", c.temp_bytes))
     bufs.sort(key=lambda b: -b.bytes_per_device)
     return PhaseReport(phase.name, phase.batch_desc, resident, phase.gradients_bytes, compiled, extra, bufs[:12],
                        dict(runs or {}), frac, source, note)
@@ -89,7 +89,7 @@ def build_plan(run_cfg, target, phases=PHASES, *, shapes=None, model_config_path
 
     ``strategy`` / ``mesh_sizes`` override the config's sharding (compare-sharding). A phase whose
     resident state alone exceeds the budget is reported without compiling (it cannot fit)."""
-    from genevolve_jax.plan import phases as P
+    from genevolve_jax.plan import phases as phase_functions
     from genevolve_jax.plan.report import Plan
     from genevolve_jax.plan.targets import target_devices
 
@@ -98,7 +98,7 @@ def build_plan(run_cfg, target, phases=PHASES, *, shapes=None, model_config_path
         run_cfg.sharding.strategy = strategy
     if mesh_sizes:
         run_cfg.sharding.mesh = type(run_cfg.sharding.mesh)(dict(mesh_sizes))
-    shapes = shapes or P.Shapes()
+    shapes = shapes or phase_functions.Shapes()
     devices = devices if devices is not None else target_devices(target)
     mesh = mesh_for(run_cfg, devices)
     say = progress or (lambda msg: None)
@@ -106,13 +106,15 @@ def build_plan(run_cfg, target, phases=PHASES, *, shapes=None, model_config_path
     for name in phases:
         say(f"tracing phase {name}")
         from genevolve_jax.plan.engine_phase import engine_phase
-        build = {"sft": P.sft_phase, "rl": P.rl_phase, "engine": engine_phase}[name]
+        build = {"sft": phase_functions.sft_phase, "rl": phase_functions.rl_phase, "engine": engine_phase}[name]
         phase = build(run_cfg, target, mesh, shapes, model_config_path=model_config_path)
         frac, source = mem_fraction(run_cfg, target, name, mem_fraction_override)
-        runs = {"evolve_step": 1, "sft_step": 1, "reference_forward": P.logprob_forwards_per_step(run_cfg),
+        runs = {"evolve_step": 1, "sft_step": 1,
+                "reference_forward": phase_functions.logprob_forwards_per_step(run_cfg),
                 "engine_prefill": 1, "engine_decode_chunk": 1}
         reports.append(report_phase(phase, target, len(devices), frac, source, runs, progress=say))
     return Plan(config=config_name, target=target.spec, device_kind=target.device.kind, num_devices=len(devices),
                 mesh={k: int(v) for k, v in mesh.shape.items()}, strategy=run_cfg.sharding.strategy,
-                attention=P.attention_implementation(target), device_memory_bytes=target.device.memory_bytes,
+                attention=phase_functions.attention_implementation(target),
+                device_memory_bytes=target.device.memory_bytes,
                 peak_flops=target.device.peak_flops, phases=reports)

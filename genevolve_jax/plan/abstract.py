@@ -4,7 +4,7 @@ The model is built under ``nnx.eval_shape`` and split exactly as ``train.state.c
 splits it (trainable / frozen / rest), the optimiser state comes from ``jax.eval_shape(tx.init)``,
 and every leaf becomes a ``jax.ShapeDtypeStruct`` carrying the sharding the run would give it. The
 batches are the trainer's layouts (data/packing.py rows for SFT, the evolve batch of
-train/batch_assembly.py for GRPO + SDL) at the shapes a config asks for.
+train/rl/batch_assembly.py for GRPO + SDL) at the shapes a config asks for.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from genevolve_jax.sharding import logical as L
-from genevolve_jax.train.state import TrainSetup, make_optimizer, opt_state_shardings
+from genevolve_jax.sharding import logical
+from genevolve_jax.train.runtime.state import TrainSetup, make_optimizer, opt_state_shardings
 
 
 @dataclasses.dataclass
@@ -44,13 +44,13 @@ def model_config(run_cfg, section, model_config_path: str = ""):
     ``train.run_setup`` builds it, and the section's activation-checkpoint policy (``<section>.remat``).
 
     ``model_config_path``: an HF config.json (or its folder) instead of the config's preset."""
-    from genevolve_jax.models.qwen3_vl import config as C
-    from genevolve_jax.train.run_setup import build_tokenizer, random_model_config, validate_model
+    from genevolve_jax.models.qwen3_vl import config as qwen_config
+    from genevolve_jax.train.runtime.model_setup import build_tokenizer, random_model_config, validate_model
 
     validate_model(run_cfg.model)
     path = model_config_path or run_cfg.model.path
     if path:
-        cfg = C.Qwen3VLConfig.from_pretrained(path).replace(param_dtype=run_cfg.model.param_dtype,
+        cfg = qwen_config.Qwen3VLConfig.from_pretrained(path).replace(param_dtype=run_cfg.model.param_dtype,
                                                             dtype=run_cfg.model.dtype)
     else:
         tokenizer = build_tokenizer(run_cfg.model) if run_cfg.model.preset == "tiny" else None
@@ -79,16 +79,16 @@ def abstract_train_state(config, train_cfg, mesh: Mesh, strategy: str, *, freeze
     """``create_train_state`` without allocating: the same setup, abstract params and optimiser."""
     from genevolve_jax.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
 
-    rules = L.rules_for(strategy)
+    rules = logical.rules_for(strategy)
     model = nnx.eval_shape(lambda: Qwen3VLForConditionalGeneration(config, rngs=nnx.Rngs(seed)))
     graphdef, train_abs, frozen_abs, rest_abs = _split(model, freeze)
     if jax.tree.leaves(rest_abs):
         raise ValueError("the model has non-parameter state; an abstract plan cannot hold it")
-    train_sh = L.state_shardings(train_abs, mesh, rules)
-    frozen_sh = L.state_shardings(frozen_abs, mesh, rules)
-    tx, schedule = make_optimizer(train_cfg)
+    train_sh = logical.state_shardings(train_abs, mesh, rules)
+    frozen_sh = logical.state_shardings(frozen_abs, mesh, rules)
+    tx, schedule = make_optimizer(train_cfg, total_steps=1)   # its length changes no shape or byte
     params = {"train": with_shardings(train_abs, train_sh), "frozen": with_shardings(frozen_abs, frozen_sh)}
-    with L.use_rules(mesh, rules):
+    with logical.use_rules(mesh, rules):
         opt_abs = jax.eval_shape(tx.init, params["train"])
     opt_sh = opt_state_shardings(opt_abs, train_sh, train_abs, mesh)
     opt_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), opt_abs, opt_sh)
@@ -130,8 +130,8 @@ def abstract_copy(tree, shardings):
 
 # --- batches ----------------------------------------------------------------------------------------
 def _sds(shape, dtype, mesh, rules, name):
-    from genevolve_jax.train.batch_layout import batch_axes
-    spec = L.partition_spec(batch_axes(name, len(shape)), rules, mesh, shape)
+    from genevolve_jax.train.runtime.batch_layout import batch_axes
+    spec = logical.partition_spec(batch_axes(name, len(shape)), rules, mesh, shape)
     return jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype), sharding=NamedSharding(mesh, spec))
 
 
@@ -177,7 +177,7 @@ def evolve_batch(config, rows: int, seq_len: int, mesh: Mesh, rules, *, kl: bool
               "teacher_position_ids": ((rows, 3, seq_len), i32), "teacher_index": (bt, i32),
               "advantages": (bt, f32), "row_weight": ((rows,), f32), "sdl_k": (bt, np.int32),
               **{k: (bt, f32) for k in ("weight_grpo", "weight_token", "weight_seq", "weight_sample", "weight_sdl",
-                                        "bundle")}}   # train/loss_weights.py
+                                        "bundle")}}   # train/rl/loss_weights.py
     if old_logprobs:
         fields["old_logprobs"] = (bt, f32)
     if kl:

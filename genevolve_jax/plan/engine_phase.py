@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from genevolve_jax.plan import abstract as A
+from genevolve_jax.plan import abstract
 
 
 @dataclasses.dataclass
@@ -52,7 +52,7 @@ def abstract_engine(run_cfg, config, devices) -> AbstractEngine:
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     mesh = engine_mesh(ecfg, devices)
     fns = EngineFunctions(graphdef, config, params, ecfg, mesh)
-    params = A.with_shardings(params, fns.param_shardings)
+    params = abstract.with_shardings(params, fns.param_shardings)
     return AbstractEngine(fns, params, rest, fns.abstract_decode_head(params, rest),
                           lambda: EngineFunctions(graphdef, config, params, ecfg, mesh))
 
@@ -65,11 +65,11 @@ def sampling_mode_of(run_cfg) -> str:
 def engine_phase(run_cfg, target, mesh, shapes, *, model_config_path: str = ""):
     """The ``engine`` phase: the engine's layers as a list, whatever ``model.scan_layers`` (the
     trainer's layout, which its state beside the engine keeps)."""
-    from genevolve_jax.plan import phases as P
-    from genevolve_jax.train.config import validate
+    from genevolve_jax.plan import phases
+    from genevolve_jax.train.runtime.step_config import validate
 
     tc = validate(run_cfg.train)
-    config = A.model_config(run_cfg, tc, model_config_path)
+    config = abstract.model_config(run_cfg, tc, model_config_path)
     eng = abstract_engine(run_cfg, config, list(mesh.devices.flat))
     fns, mode = eng.fns, sampling_mode_of(run_cfg)
     grids = tuple(shapes.images.grid(config.vision) for _ in range(shapes.images.per_row))
@@ -80,26 +80,26 @@ def engine_phase(run_cfg, target, mesh, shapes, *, model_config_path: str = ""):
     decode_args = fns.abstract_decode_args(eng.params, eng.rest, eng.head, mode=mode)
 
     def trace(fns, impl=None):
-        with fns.rules(), P.attention_context(target, impl):
+        with fns.rules(), phases.attention_context(target, impl):
             return (fns.prefill.trace(*prefill_args), fns.decode_chunk.trace(*decode_args))
 
     # Attention as the engine picks it on the target ("auto": its cache-reading calls take the XLA
     # path on every backend). FLOPs are counted on dot_generals: where the target has a fused
     # kernel, count on the same functions built afresh (jit caches traces), traced with XLA's.
     traced = trace(fns, "auto")
-    counted = traced if P.attention_implementation(target) == "xla" else trace(eng.build(), "xla")
+    counted = traced if phases.attention_implementation(target) == "xla" else trace(eng.build(), "xla")
     fn_list = []
     for name, t, c, args, cache_at in (("engine_prefill", traced[0], counted[0], prefill_args, 3),
                                        ("engine_decode_chunk", traced[1], counted[1], decode_args, 4)):
         # Inputs that are not resident: everything but the weights, `rest` and the (donated) cache.
         inputs = [a for i, a in enumerate(args[:-2]) if i not in (0, 1, cache_at)]
-        fn_list.append(P.TracedFn(name, t, A.bytes_per_device(inputs), {}, c.jaxpr, fns.mesh.devices.size))
+        fn_list.append(phases.TracedFn(name, t, abstract.bytes_per_device(inputs), {}, c.jaxpr, fns.mesh.devices.size))
     resident = eng.resident()
     if run_cfg.rl.engine == "jax":
-        state = P.rl_state(run_cfg, config, mesh)
-        resident.update({f"trainer {k}": v for k, v in P.rl_resident(run_cfg, state).items()})
+        state = phases.rl_state(run_cfg, config, mesh)
+        resident.update({f"trainer {k}": v for k, v in phases.rl_resident(run_cfg, state).items()})
     img = f", {shapes.images.per_row} image(s) of {shapes.images.side}²" if shapes.images.per_row else ""
     desc = (f"prefill {rows} × {length} tokens{img} over {fns.capacity} cached positions; decode {fns.chunk} steps × {fns.slots} slots over "
             f"{fns.capacity} cached positions; engine mesh {dict(fns.mesh.shape)} on the first "
             f"{fns.mesh.devices.size} device(s), sampler '{mode}'")
-    return P.Phase("engine", None, resident, 0, fn_list, desc)
+    return phases.Phase("engine", None, resident, 0, fn_list, desc)

@@ -18,8 +18,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from genevolve_jax.plan import abstract as A
-from genevolve_jax.sharding import logical as L
+from genevolve_jax.plan import abstract
+from genevolve_jax.sharding import logical
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -31,7 +31,7 @@ class Shapes:
     sft_row_len: int = 0
     rl_rows: int = 0
     rl_seq_len: int = 0
-    images: A.ImageShape = dataclasses.field(default_factory=A.ImageShape)
+    images: abstract.ImageShape = dataclasses.field(default_factory=abstract.ImageShape)
 
     def sft(self, cfg) -> tuple[int, int]:
         s = cfg.data.sft
@@ -60,7 +60,7 @@ class TracedFn:
 @dataclasses.dataclass
 class Phase:
     name: str
-    state: A.AbstractState | None  # None: no train state (the engine's phase)
+    state: abstract.AbstractState | None  # None: no train state (the engine's phase)
     resident: dict[str, Any]    # name -> abstract tree held through the phase (params, opt, ref…)
     gradients_bytes: int        # per device: one gradient per trainable parameter
     fns: list[TracedFn]
@@ -94,10 +94,10 @@ def attention_context(target, impl: str | None = None):
         yield
 
 
-def _trace(step, state: A.AbstractState, batch: dict, target, mesh, impl: str | None = None):
+def _trace(step, state: abstract.AbstractState, batch: dict, target, mesh, impl: str | None = None):
     arrays, static = step.split_static(batch)
-    with attention_context(target, impl), L.use_rules(mesh, state.setup.rules):
-        return step.jitted(arrays, static).trace(state.params, state.opt_state, arrays, A.abstract_rng(mesh))
+    with attention_context(target, impl), logical.use_rules(mesh, state.setup.rules):
+        return step.jitted(arrays, static).trace(state.params, state.opt_state, arrays, abstract.abstract_rng(mesh))
 
 
 def _count_jaxpr(traced, make_fn, args, mesh, rules, target):
@@ -106,12 +106,12 @@ def _count_jaxpr(traced, make_fn, args, mesh, rules, target):
     would hand back the kernel trace) with the XLA attention path (full T × T)."""
     if _attention_impl(target) == "xla":
         return traced.jaxpr
-    with attention_context(target, "xla"), L.use_rules(mesh, rules):
+    with attention_context(target, "xla"), logical.use_rules(mesh, rules):
         return jax.make_jaxpr(make_fn())(*args)
 
 
 def _step_fn_factory(step, batch):
-    from genevolve_jax.train.step import build_step_fn
+    from genevolve_jax.train.runtime.step import build_step_fn
     _, static = step.split_static(batch)
     return lambda: build_step_fn(step.setup, step.loss_fn, compute_dtype=step.compute_dtype,
                                  grad_accum_steps=step.grad_accum_steps, static=static)
@@ -119,42 +119,42 @@ def _step_fn_factory(step, batch):
 
 def _step_args(state, batch, mesh):
     arrays, _ = _split_static(batch)
-    return (state.params, state.opt_state, arrays, A.abstract_rng(mesh))
+    return (state.params, state.opt_state, arrays, abstract.abstract_rng(mesh))
 
 
 def _split_static(batch):
-    from genevolve_jax.train.step import TrainStep
+    from genevolve_jax.train.runtime.step import TrainStep
     return TrainStep.split_static(batch)
 
 
 def step_phase(name: str, config, tc, loss, mesh, strategy: str, batch: dict, target, *, freeze=None,
                compiler_options: dict | None = None, desc: str = "") -> Phase:
     """One train step (``TrainStep`` with ``loss``) of ``config`` on ``batch``, traced abstractly."""
-    from genevolve_jax.train.step import TrainStep
+    from genevolve_jax.train.runtime.step import TrainStep
 
-    state = A.abstract_train_state(config, tc, mesh, strategy, freeze=freeze)
+    state = abstract.abstract_train_state(config, tc, mesh, strategy, freeze=freeze)
     opts = dict(compiler_options or {})
     step = TrainStep(state.setup, loss, compute_dtype=_DTYPES[tc.compute_dtype],
                      grad_accum_steps=tc.grad_accum_steps, compiler_options=opts)
     traced = _trace(step, state, batch, target, mesh)
     count = _count_jaxpr(traced, _step_fn_factory(step, batch), _step_args(state, batch, mesh), mesh,
                          state.setup.rules, target)
-    batch_bytes = A.bytes_per_device({k: v for k, v in batch.items() if hasattr(v, "sharding")})
+    batch_bytes = abstract.bytes_per_device({k: v for k, v in batch.items() if hasattr(v, "sharding")})
     return Phase(name, state, {"params": state.params, "optimizer": state.opt_state},
-                 A.bytes_per_device(state.params["train"]),
+                 abstract.bytes_per_device(state.params["train"]),
                  [TracedFn(f"{name}_step", traced, batch_bytes, opts, count)], desc)
 
 
 def sft_phase(run_cfg, target, mesh, shapes: Shapes, *, model_config_path: str = "") -> Phase:
-    from genevolve_jax.train.config import validate
-    from genevolve_jax.train.run_setup import compiler_options
-    from genevolve_jax.train.state import is_vision_path
+    from genevolve_jax.train.runtime.model_setup import compiler_options
+    from genevolve_jax.train.runtime.state import is_vision_path
+    from genevolve_jax.train.runtime.step_config import validate
 
     tc = validate(run_cfg.sft, prefix="sft")
-    config = A.model_config(run_cfg, tc, model_config_path)
+    config = abstract.model_config(run_cfg, tc, model_config_path)
     rows, row_len = shapes.sft(run_cfg)
-    rules = L.rules_for(run_cfg.sharding.strategy)
-    batch = A.sft_batch(config, rows, row_len, mesh, rules, shapes.images)
+    rules = logical.rules_for(run_cfg.sharding.strategy)
+    batch = abstract.sft_batch(config, rows, row_len, mesh, rules, shapes.images)
     desc = f"{rows} × {row_len} packed" + (f", {shapes.images.per_row} image(s) of {shapes.images.side}² per row"
                                           if shapes.images.per_row else "") + f", {tc.grad_accum_steps} micro-batch(es)"
     return step_phase("sft", config, tc, sft_loss(run_cfg, tc), mesh, run_cfg.sharding.strategy, batch, target,
@@ -169,8 +169,8 @@ def sft_loss(run_cfg, tc):
 
 
 def old_logprob_route(run_cfg) -> str:
-    """"on_policy", "sampler" or "recompute" (train/logprob_forward.py)."""
-    from genevolve_jax.train.logprob_forward import resolve_old_logprobs
+    """"on_policy", "sampler" or "recompute" (train/rl/logprob_forward.py)."""
+    from genevolve_jax.train.rl.logprob_forward import resolve_old_logprobs
     return resolve_old_logprobs(run_cfg.rl.old_logprobs, int(run_cfg.rl.updates_per_batch))
 
 
@@ -180,35 +180,35 @@ def logprob_forwards_per_step(run_cfg) -> int:
     return int(float(run_cfg.loss.grpo.kl_coef) > 0) + int(old_logprob_route(run_cfg) == "recompute")
 
 
-def rl_resident(run_cfg, state: A.AbstractState) -> dict[str, Any]:
+def rl_resident(run_cfg, state: abstract.AbstractState) -> dict[str, Any]:
     """What the trainer holds through an RL run: parameters, optimiser state and, with the KL term
     on, the frozen reference copy of the policy."""
     resident = {"params": state.params, "optimizer": state.opt_state}
     if float(run_cfg.loss.grpo.kl_coef) > 0:
-        resident["reference params"] = A.abstract_copy(state.params, state.setup.param_shardings)
+        resident["reference params"] = abstract.abstract_copy(state.params, state.setup.param_shardings)
     return resident
 
 
-def rl_state(run_cfg, config, mesh) -> A.AbstractState:
+def rl_state(run_cfg, config, mesh) -> abstract.AbstractState:
     """The RL trainer's abstract state (``train`` section: freezing, optimiser)."""
-    from genevolve_jax.train.config import validate
-    from genevolve_jax.train.state import is_vision_path
+    from genevolve_jax.train.runtime.state import is_vision_path
+    from genevolve_jax.train.runtime.step_config import validate
     tc = validate(run_cfg.train)
-    return A.abstract_train_state(config, tc, mesh, run_cfg.sharding.strategy,
+    return abstract.abstract_train_state(config, tc, mesh, run_cfg.sharding.strategy,
                                   freeze=is_vision_path if tc.freeze_vision else None)
 
 
 def rl_phase(run_cfg, target, mesh, shapes: Shapes, *, model_config_path: str = "") -> Phase:
-    from genevolve_jax.train.config import validate
-    from genevolve_jax.train.run_setup import compiler_options
-    from genevolve_jax.train.step import TrainStep
+    from genevolve_jax.train.runtime.model_setup import compiler_options
+    from genevolve_jax.train.runtime.step import TrainStep
+    from genevolve_jax.train.runtime.step_config import validate
 
     tc = validate(run_cfg.train)
-    config = A.model_config(run_cfg, tc, model_config_path)
+    config = abstract.model_config(run_cfg, tc, model_config_path)
     state = rl_state(run_cfg, config, mesh)
     rows, seq_len = shapes.rl(run_cfg)
     kl = float(run_cfg.loss.grpo.kl_coef) > 0
-    batch = A.evolve_batch(config, rows, seq_len, mesh, state.setup.rules, kl=kl,
+    batch = abstract.evolve_batch(config, rows, seq_len, mesh, state.setup.rules, kl=kl,
                            old_logprobs=old_logprob_route(run_cfg) != "on_policy", images=shapes.images,
                            patch_multiple=int(run_cfg.rl.patch_multiple))
     opts = compiler_options(run_cfg.model)
@@ -219,7 +219,7 @@ def rl_phase(run_cfg, target, mesh, shapes: Shapes, *, model_config_path: str = 
     traced = _trace(step, state, batch, target, mesh)
     count = _count_jaxpr(traced, _step_fn_factory(step, batch), _step_args(state, batch, mesh), mesh,
                          state.setup.rules, target)
-    fns = [TracedFn("evolve_step", traced, A.bytes_per_device(batch), opts, count)]
+    fns = [TracedFn("evolve_step", traced, abstract.bytes_per_device(batch), opts, count)]
     resident = rl_resident(run_cfg, state)
     if run_cfg.rl.engine == "jax":
         # The in-process JaxEngine samples from its own copy (the step donates the trainer's), in
@@ -229,19 +229,19 @@ def rl_phase(run_cfg, target, mesh, shapes: Shapes, *, model_config_path: str = 
         resident.update(engine)
     if logprob_forwards_per_step(run_cfg):
         # The trainer's own LogprobForward (micro-batched like the step) over the whole batch.
-        from genevolve_jax.train.logprob_forward import LogprobForward
+        from genevolve_jax.train.rl.logprob_forward import LogprobForward
 
         def make():
             return LogprobForward(state.setup, run_cfg.loss, dtype, micro_batches=tc.grad_accum_steps)
 
         forward = make()
         view = forward.view(batch)
-        with attention_context(target), L.use_rules(mesh, state.setup.rules):
+        with attention_context(target), logical.use_rules(mesh, state.setup.rules):
             traced = forward.jitted(view).trace(state.params, view)
         fresh = make()   # a new function object: jit would hand back the kernel trace
         count = _count_jaxpr(traced, lambda: (lambda p, b: fresh.forward(p, b)), (state.params, view), mesh,
                              state.setup.rules, target)
-        fns.append(TracedFn("reference_forward", traced, A.bytes_per_device(view), opts, count))
+        fns.append(TracedFn("reference_forward", traced, abstract.bytes_per_device(view), opts, count))
     img = f", {shapes.images.per_row} image(s) of {shapes.images.side}² per row" if shapes.images.per_row else ""
     desc = f"{rows} rollouts × {seq_len} tokens{img}, {tc.grad_accum_steps} micro-batch(es)"
-    return Phase("rl", state, resident, A.bytes_per_device(state.params["train"]), fns, desc)
+    return Phase("rl", state, resident, abstract.bytes_per_device(state.params["train"]), fns, desc)

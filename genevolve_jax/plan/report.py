@@ -15,7 +15,7 @@ import dataclasses
 import sys
 from typing import Any
 
-from genevolve_jax.plan import abstract as A
+from genevolve_jax.plan import abstract
 from genevolve_jax.plan.compile import COLLECTIVES, CompiledPlan
 
 PROJECTED_MFU = 0.40
@@ -29,7 +29,7 @@ class PhaseReport:
     gradient_bytes: int
     fns: list[CompiledPlan]
     extra_input_bytes: dict[str, int]
-    largest_buffers: list[A.Buffer]
+    largest_buffers: list[abstract.Buffer]
     runs_per_step: dict[str, int]
     mem_fraction: float = 1.0
     mem_fraction_source: str = ""

@@ -60,8 +60,6 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.throughput = ml_collections.ConfigDict()
     cfg.throughput.max_concurrency = 8
     cfg.throughput.requests_per_minute = 0.0   # 0 = unlimited
-    cfg.cache_dir = ""                         # eval job's render cache; empty = <out>/cache. (Training
-                                               # caches renders with the judge's, reward.cache_dir.)
     return cfg
 
 

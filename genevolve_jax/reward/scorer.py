@@ -171,9 +171,6 @@ class RewardScorer:
             (log.warning if r.masked else log.info)("%s", r.log_line())
         return list(records)
 
-    def score_group_sync(self, samples: Sequence[RewardSample]) -> list[RewardRecord]:
-        return asyncio.run(self.score_group(samples))
-
 
 def summarize(records: Sequence[RewardRecord]) -> dict:
     """Group metrics: mean over unmasked rewards only, masked count and reasons (reason type only)."""

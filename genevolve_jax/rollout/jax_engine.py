@@ -5,7 +5,7 @@ each row with its own write position): a row holds one conversation from slot 0 
 runs the schedule; callers (``generate``, the agent loop, the HTTP server's handlers) only queue
 requests and wait for their futures, so requests from several callers share the device:
 
-- placement (genevolve_jax/rollout/kv_pool.py): a finished request's row is *parked* with the
+- placement (genevolve_jax/rollout/cache_rows.py): a finished request's row is *parked* with the
   tokens it holds. A new request that continues a parked conversation (an agent's next round, which
   resends the whole context) takes that row over and prefills only the appended tokens; one that
   shares a prefix with any row (the K rollouts of one prompt) copies that prefix into a free row;
@@ -40,7 +40,7 @@ Log-probs: see genevolve_jax/rollout/sampling.py. By default the recorded log-pr
 ``log_softmax(logits / temperature)`` (what the trainer recomputes for the importance ratio);
 ``cfg.raw_logprobs = True`` records temperature-1 log-probs instead. Reuse changes no token's
 inputs, only where its keys/values were computed, so outputs agree with fresh prefills to float
-rounding.
+rounding (tests/rollout/test_jax_engine_reuse.py compares a whole phase with reuse on and off).
 
 A request whose prompt plus ``max_new_tokens`` exceeds ``cfg.max_seq_len`` generates up to the
 limit and finishes with "length"; a prompt that alone fills it is aborted with the reason.
@@ -65,11 +65,11 @@ from flax import nnx
 from genevolve_jax.models.qwen3_vl.layer_layout import convert_params, with_layer_layout
 from genevolve_jax.models.qwen3_vl.model import prepare_inputs
 from genevolve_jax.rollout import config as engine_config
+from genevolve_jax.rollout.cache_rows import (DEFER, Placement, RowPool, check_request, image_key, image_runs,
+                                              next_position)
 from genevolve_jax.rollout.engine import GenerationRequest, GenerationResult, RolloutEngine, image_size
 from genevolve_jax.rollout.engine_functions import EngineFunctions, engine_mesh, sampling_mode
 from genevolve_jax.rollout.engine_functions import bucket as bucket_of
-from genevolve_jax.rollout.kv_pool import (DEFER, Placement, RowPool, check_request, image_key, image_runs,
-                                           next_position)
 
 COUNTERS = ("requests", "prefill_batches", "prefill_tokens", "reused_tokens", "decode_tokens", "decode_chunks",
             "evictions", "max_live")
@@ -145,8 +145,7 @@ class JaxEngine(RolloutEngine):
 
     def _reset_cache(self) -> None:
         self._cache = self.fns.new_cache()
-        self.pool = RowPool(self.slots, self.config.image_token_id, reuse=self.cfg.kv_reuse)
-        self.pool.version = self._version
+        self.pool = RowPool(self.slots, self.config.image_token_id, reuse=self.cfg.kv_reuse, version=self._version)
 
     # -- public API --------------------------------------------------------------------------------
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
@@ -488,7 +487,7 @@ class JaxEngine(RolloutEngine):
         for r, p in enumerate(plans):
             job, slot, n = p.job, p.place.slot, len(p.job.request.prompt_ids)
             job.max_new = min(job.request.sampling.max_new_tokens, self.cfg.max_seq_len - n)
-            self.pool.rows[slot].device_length = n
+            self.pool.mark_prefilled(slot, n)
             c["requests"] += 1
             c["prefill_tokens"] += n - p.reused
             c["reused_tokens"] += p.reused
@@ -513,7 +512,7 @@ class JaxEngine(RolloutEngine):
             h["live"][i] = True
             h["tokens"][i], h["temp"][i], h["top_p"][i], h["top_k"][i] = j.pending, s.temperature, s.top_p, s.top_k
             h["seeds"][i], h["counters"][i] = j.seed, len(j.tokens)
-        window = self.fns.decode_window(max(self.pool.rows[i].device_length for i, _ in jobs))
+        window = self.fns.decode_window(max(self.pool.device_length(i) for i, _ in jobs))
         with self._rules():
             toks, lps, self._cache = self.fns.decode_chunk(
                 self._params, self._rest, self._head, h["tokens"], self._cache, h["live"], h["temp"], h["top_p"],
@@ -521,7 +520,7 @@ class JaxEngine(RolloutEngine):
         self._counters["decode_chunks"] += 1
         toks, lps = np.asarray(toks), np.asarray(lps)
         for i, _ in jobs:
-            self.pool.rows[i].device_length += self.chunk
+            self.pool.mark_decoded(i, self.chunk)
             for step in range(self.chunk):
                 if self._active[i] is None:
                     break
@@ -562,8 +561,7 @@ class JaxEngine(RolloutEngine):
             result = GenerationResult([], [], "abort", error=error)
         else:
             # The row holds the prompt and every sampled token but the last (never fed back).
-            held = np.concatenate([self.pool.rows[slot].tokens, np.asarray(job.tokens[:-1], np.int32)])
-            self.pool.finish(slot, held)
+            self.pool.finish(slot, job.tokens[:-1])
             result = GenerationResult(list(job.tokens), list(job.logprobs), reason)
         self._resolve(job, result)
 

@@ -37,7 +37,7 @@ server gets no rollouts, and the run stops only past ``rl.sglang.max_weight_lag_
 (rollout/sglang_weights.py).
 
 What SGLang's ``output_token_logprobs`` mean (temperature, precision, release differences) is
-written down in genevolve_jax/train/run_config.py, next to ``rl.old_logprobs``.
+written down in genevolve_jax/train/rl/config.py, next to ``rl.old_logprobs``.
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ import os
 import random
 import time
 import uuid
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import httpx
 
@@ -234,7 +234,7 @@ class SGLangEngine(RolloutEngine):
 
     @classmethod
     def from_config(cls, cfg, *, model_config=None, weights_dir: str = "") -> "SGLangEngine":
-        """From an ``rl.sglang`` section (train/run_config.py). ``model_config`` (the policy's
+        """From an ``rl.sglang`` section (train/rl/config.py). ``model_config`` (the policy's
         Qwen3VLConfig: image-pad id, export layout) and ``weights_dir`` (a directory every server can
         read; the trainer resolves an empty ``rl.sglang.weights_dir``) are needed for weight sync."""
         return cls(list(cfg.urls), timeout_s=float(cfg.timeout_s), retries=int(cfg.retries),
@@ -433,7 +433,3 @@ class SGLangEngine(RolloutEngine):
         metrics = self.versions.record(step, outcomes)
         self.export.prune(path)
         return {"time/weight_export_s": t1 - t0, "time/weight_reload_s": t2 - t1, **metrics}
-
-    def weight_lag(self) -> Mapping[str, int]:
-        """Steps each server is behind the last pushed weights."""
-        return {u: self.versions.lag(u) for u in self.urls}

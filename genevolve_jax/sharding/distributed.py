@@ -30,6 +30,7 @@ class DistributedPlan:
     num_processes: int | None = None
     process_id: int | None = None
     local_device_ids: tuple[int, ...] | None = None
+    timeout_s: int = 300                 # sharding.distributed.initialization_timeout_s
 
 
 def expand_slurm_nodelist(nodelist: str) -> list[str]:
@@ -74,6 +75,7 @@ def plan_from_env(cfg, env: Mapping[str, str] | None = None) -> DistributedPlan:
     local_ids = _device_ids(cfg.get("local_device_ids", ""))
     if mode == "none":
         return DistributedPlan("none")
+    timeout = int(cfg.initialization_timeout_s)
     explicit_addr = cfg.coordinator_address or env.get("JAX_COORDINATOR_ADDRESS", "")
     if mode == "explicit" or (mode == "auto" and explicit_addr):
         n = cfg.num_processes or (_int_env(env, "JAX_NUM_PROCESSES") if "JAX_NUM_PROCESSES" in env else 0)
@@ -87,7 +89,7 @@ def plan_from_env(cfg, env: Mapping[str, str] | None = None) -> DistributedPlan:
                              "explicit mode")
         if not 0 <= pid < n:
             raise ValueError(f"sharding.distributed.process_id (or JAX_PROCESS_ID) must be in [0, {n}), got {pid}")
-        return DistributedPlan("explicit", explicit_addr, n, pid, local_ids)
+        return DistributedPlan("explicit", explicit_addr, n, pid, local_ids, timeout)
     in_slurm = "SLURM_JOB_ID" in env and "SLURM_PROCID" in env
     if mode == "slurm" or (mode == "auto" and in_slurm):
         for key in ("SLURM_NTASKS", "SLURM_PROCID"):
@@ -100,10 +102,10 @@ def plan_from_env(cfg, env: Mapping[str, str] | None = None) -> DistributedPlan:
         port = _int_env(env, "GENEVOLVE_COORDINATOR_PORT") if "GENEVOLVE_COORDINATOR_PORT" in env else DEFAULT_PORT
         host = expand_slurm_nodelist(nodelist)[0]
         return DistributedPlan("slurm", f"{host}:{port}", _int_env(env, "SLURM_NTASKS"),
-                               _int_env(env, "SLURM_PROCID"), local_ids)
+                               _int_env(env, "SLURM_PROCID"), local_ids, timeout)
     in_tpu_pod = bool(env.get("TPU_WORKER_HOSTNAMES") or env.get("CLOUD_TPU_TASK_ID") or env.get("TPU_NAME"))
     if mode == "tpu" or (mode == "auto" and in_tpu_pod):
-        return DistributedPlan("tpu")
+        return DistributedPlan("tpu", timeout_s=timeout)
     return DistributedPlan("none")
 
 
@@ -116,9 +118,8 @@ def initialize(cfg, env: Mapping[str, str] | None = None) -> DistributedPlan:
     plan = plan_from_env(cfg, env)
     if plan.mode == "none" or _INITIALISED:
         return plan
-    timeout = int(cfg.get("initialization_timeout_s", 300))
     if plan.mode == "tpu":
-        jax.distributed.initialize(initialization_timeout=timeout)
+        jax.distributed.initialize(initialization_timeout=plan.timeout_s)
     else:
         # CPU-only processes need a cross-process collectives backend (harmless on GPU hosts,
         # it only affects the CPU client). Touching devices here would be too early.
@@ -126,6 +127,6 @@ def initialize(cfg, env: Mapping[str, str] | None = None) -> DistributedPlan:
         jax.distributed.initialize(coordinator_address=plan.coordinator_address,
                                    num_processes=plan.num_processes, process_id=plan.process_id,
                                    local_device_ids=plan.local_device_ids,
-                                   initialization_timeout=timeout)
+                                   initialization_timeout=plan.timeout_s)
     _INITIALISED = True
     return plan

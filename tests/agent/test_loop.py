@@ -8,7 +8,7 @@ from genevolve_jax.agent.loop import AgentLoop
 from genevolve_jax.agent.protocol import FINAL_STEP_INSTRUCTION, format_answer, format_tool_call
 from genevolve_jax.agent.tools import ToolBackendError
 from genevolve_jax.agent.tools.backends import OfflineCorpus
-from genevolve_jax.agent.trajectory import TERMINATIONS, read_jsonl, write_jsonl
+from genevolve_jax.agent.trajectory import TERMINATIONS, Trajectory
 from genevolve_jax.processing.chat import render_messages
 from genevolve_jax.processing.tokenizer import default_tokenizer
 from genevolve_jax.rollout.engine import RolloutEngine
@@ -167,24 +167,26 @@ def test_token_bookkeeping_matches_chatml_and_sampler(tok, corpus):
     assert tok.decode(ids, skip_special_tokens=False) + "\n" == render_messages(messages, add_generation_prompt=False)
 
 
-def test_jsonl_roundtrip_and_replay(tok, corpus, tmp_path):
+def test_json_line_roundtrip_and_replay(tok, corpus, tmp_path):
     scripts = {"a": [call("search", queries=["torii gate"]), IMG_CALL, ANSWER], "b": ["oops", IMG_CALL, ANSWER]}
     cfg = cfg_small(max_rounds=4)
     first = AgentLoop(ScriptedEngine(scripts, tok), tok, corpus, cfg).run_sync(list(scripts.items()))
-    path = tmp_path / "trajs.jsonl"
-    assert write_jsonl(str(path), first) == 2
-    loaded = read_jsonl(str(path))
+    path = tmp_path / "trajs.jsonl"                  # one line per trajectory, as `genevolve generate --out` writes
+    path.write_text("".join(t.to_json() + "\n" for t in first), encoding="utf-8")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 2
+    loaded = [Trajectory.from_json(line) for line in lines]
     assert [t.to_dict() for t in loaded] == [json.loads(t.to_json()) for t in first]
     replay = ScriptedEngine({t.traj_id: t.replay_turns() for t in loaded}, tok)
     second = AgentLoop(replay, tok, corpus, cfg).run_sync([(t.traj_id, t.request) for t in loaded])
     for a, b in zip(first, second):
         assert a.token_ids() == b.token_ids() and a.loss_mask() == b.loss_mask()
         assert a.termination == b.termination and a.program == b.program and a.images == b.images
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"traj_id": "x", "request": "r", "segments": [], "turns": [],
-                               "termination": "exploded"}) + "\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl:1: .*termination"):
-        read_jsonl(str(bad))
+    bad = json.dumps({"traj_id": "x", "request": "r", "segments": [], "turns": [], "termination": "exploded"})
+    with pytest.raises(ValueError, match=r"trajectory x: termination must be one of .*'exploded'"):
+        Trajectory.from_json(bad)
+    with pytest.raises(ValueError, match=r"lacks key\(s\) \['termination'\]"):
+        Trajectory.from_json(json.dumps({"traj_id": "x", "request": "r", "segments": [], "turns": []}))
 
 
 def test_pixels_in_observations(tok, corpus):

@@ -9,10 +9,10 @@ import pytest
 from flax import nnx
 
 from genevolve_jax.data.packing import Trajectory, assign_rows, pack, split_microbatches, unpacked_batch
-from genevolve_jax.models.qwen3_vl.config import tiny
 from genevolve_jax.models import hf_io
+from genevolve_jax.models.qwen3_vl.config import tiny
 from genevolve_jax.ops.fused_logprob import token_logprobs
-from genevolve_jax.train.batch_layout import hidden_states_of
+from genevolve_jax.train.runtime.batch_layout import hidden_states_of
 
 FAST = {"xla_backend_optimization_level": 0}
 

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from genevolve_jax.agent.trajectory import Trajectory, Turn
-from genevolve_jax.experience import rule_summariser as R
+from genevolve_jax.experience import rule_summariser
 from genevolve_jax.experience.config import get_config, validate
 from genevolve_jax.experience.guide import render_guide
 from genevolve_jax.experience.pairs import Candidate, select_pairs
@@ -81,7 +81,7 @@ def test_same_plan_keeps_it_and_extra_tools_are_flagged():
     best = searched(request, fact)
     worst = searched(request, fact, skill="aesthetic_drawing")
     worst.program = {"gen_prompt": request, "reference_images": []}       # its program dropped the fact
-    summ = R.RuleSummariser()
+    summ = rule_summariser.RuleSummariser()
     bundle = summ.summarise_all([pair_of(best, worst, 1.0, 0.25)])[0]
     g = bundle.guidance
     assert g["tool_plan"][0] == "Keep the plan: search, then answer."
@@ -92,22 +92,22 @@ def test_same_plan_keeps_it_and_extra_tools_are_flagged():
 def test_tool_text_detection():
     request = "Create a poster of the Red panda."
     t = searched(request, SUBJECTS[2][1])
-    assert R.carries_tool_text(t) and R.tool_sequence(t) == ["search"]
+    assert rule_summariser.carries_tool_text(t) and rule_summariser.tool_sequence(t) == ["search"]
     t.program = {"gen_prompt": request + " Colourful and bright.", "reference_images": []}
-    assert not R.carries_tool_text(t)
-    assert not R.carries_tool_text(direct(request)) and R.reference_count(direct(request)) == 0
+    assert not rule_summariser.carries_tool_text(t)
+    assert not rule_summariser.carries_tool_text(direct(request)) and rule_summariser.reference_count(direct(request)) == 0
 
 
 def test_a_pair_the_rules_cannot_describe_is_dropped_and_counted(monkeypatch):
-    monkeypatch.setattr(R, "rule_bundle_reply", lambda pair: "not json")
-    summ = R.RuleSummariser()
+    monkeypatch.setattr(rule_summariser, "rule_bundle_reply", lambda pair: "not json")
+    summ = rule_summariser.RuleSummariser()
     request = "Create a poster of the Red panda."
     out = summ.summarise_all([pair_of(searched(request, SUBJECTS[2][1]), direct(request))])
     assert out == [None] and summ.stats.dropped == 1 and summ.stats.succeeded == 0
 
 
 def test_config_accepts_rule_and_rejects_unknown():
-    assert isinstance(make_summariser(_cfg("rule")), R.RuleSummariser)
+    assert isinstance(make_summariser(_cfg("rule")), rule_summariser.RuleSummariser)
     cfg = get_config()
     cfg.summariser.backend = "scripted"
     with pytest.raises(ValueError, match="summariser.backend"):

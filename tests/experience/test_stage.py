@@ -6,7 +6,7 @@ import types
 from genevolve_jax.config_loader import load_config
 from genevolve_jax.experience.stage import ExperienceStage
 from genevolve_jax.experience.summariser import Summariser
-from genevolve_jax.train.records import RolloutSample
+from genevolve_jax.train.rl.records import RolloutSample
 
 BUNDLE_REPLY = json.dumps({
     "retrieval_key": {"trigger": "a request for a famous landmark picture", "request_summary": "draw a landmark"},

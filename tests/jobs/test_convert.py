@@ -8,20 +8,20 @@ import pytest
 
 from genevolve_jax import cli
 from genevolve_jax.models import hf_io
-from genevolve_jax.models.qwen3_vl import config as C
-from genevolve_jax.models.qwen3_vl import hf_reference
 from genevolve_jax.models import loading as checkpoint_io
+from genevolve_jax.models.qwen3_vl import config as qwen_config
+from tests.fixtures import hf_qwen3_vl
 
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     """A transformers-saved tiny untied Qwen3-VL, sharded, with a tokenizer-side file next to it."""
-    cfg = C.tiny(tie_word_embeddings=False)
-    model = hf_reference.random_hf_model(cfg, seed=7)
+    cfg = qwen_config.tiny(tie_word_embeddings=False)
+    model = hf_qwen3_vl.random_hf_model(cfg, seed=7)
     path = tmp_path_factory.mktemp("hf")
     model.save_pretrained(path, max_shard_size="100KB")
     (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 123}))
-    return path, hf_reference.state_dict_numpy(model)
+    return path, hf_qwen3_vl.state_dict_numpy(model)
 
 
 def _read_all(path):
@@ -46,7 +46,7 @@ def test_import_then_export_round_trips_every_tensor(hf_dir, tmp_path):
     assert json.loads((out / "tokenizer_config.json").read_text()) == {"model_max_length": 123}
     assert json.loads((out / "generation_config.json").read_text()) == \
         json.loads((src / "generation_config.json").read_text())
-    assert C.Qwen3VLConfig.from_pretrained(out) == C.Qwen3VLConfig.from_pretrained(src)
+    assert qwen_config.Qwen3VLConfig.from_pretrained(out) == qwen_config.Qwen3VLConfig.from_pretrained(src)
 
     # bf16 export: each tensor is the fp32 value rounded to bf16, bit for bit.
     out16 = tmp_path / "out16"

@@ -20,8 +20,8 @@ def test_demo_runs_and_reports_agreement(tmp_path, capsys):
 
 
 def test_demo_inputs_match_the_image_grid():
-    from genevolve_jax.models.qwen3_vl import config as C
-    cfg = C.tiny()
+    from genevolve_jax.models.qwen3_vl import config as qwen_config
+    cfg = qwen_config.tiny()
     ids, mask, pixels, grid = demo.demo_inputs(cfg, seed=3)
     t, h, w = grid[0]
     assert int((ids == cfg.image_token_id).sum()) == t * h * w // 4

@@ -16,7 +16,7 @@ import pytest
 
 from genevolve_jax.cli import main
 from genevolve_jax.config_loader import load_config
-from genevolve_jax.plan import abstract as A
+from genevolve_jax.plan import abstract
 from genevolve_jax.plan.targets import TargetError, parse_target
 from genevolve_jax.sharding.mesh import make_mesh
 
@@ -70,20 +70,21 @@ def test_planned_state_bytes_equal_the_real_shards(strategy, mesh, scan):
     """Per device and per array, the abstract state's shards are the ones create_train_state holds
     (also with the decoder layers stacked for a scanning trainer, ``model.scan_layers``)."""
     from genevolve_jax.processing.tokenizer import default_tokenizer
-    from genevolve_jax.train.run_setup import model_source
-    from genevolve_jax.train.state import bytes_per_device, create_train_state, is_vision_path
+    from genevolve_jax.train.runtime.model_setup import model_source
+    from genevolve_jax.train.runtime.state import bytes_per_device, create_train_state, is_vision_path
 
     rng = np.random.default_rng(abs(hash(strategy)) % 2 ** 32)
     cfg = _tiny_cfg(rng)
     cfg.model.scan_layers = scan
     m = make_mesh(mesh, jax.devices()[:8])
-    config = A.model_config(cfg, cfg.sft)
-    planned = A.abstract_train_state(config, cfg.sft, m, strategy, freeze=is_vision_path)
+    config = abstract.model_config(cfg, cfg.sft)
+    planned = abstract.abstract_train_state(config, cfg.sft, m, strategy, freeze=is_vision_path)
     tok = default_tokenizer()
-    _, params, opt_state = create_train_state(model_source(cfg.model, tok), cfg.sft, m, strategy, freeze=is_vision_path)
+    _, params, opt_state = create_train_state(model_source(cfg.model, tok), cfg.sft, m, strategy, total_steps=1000,
+                                              freeze=is_vision_path)
 
-    assert A.bytes_per_device(planned.params) == bytes_per_device(params)
-    assert A.bytes_per_device(planned.opt_state) == bytes_per_device(opt_state)
+    assert abstract.bytes_per_device(planned.params) == bytes_per_device(params)
+    assert abstract.bytes_per_device(planned.opt_state) == bytes_per_device(opt_state)
     # Array by array: same shapes, dtypes and the shard each device holds.
     for abstract_tree, real_tree in ((planned.params, params), (planned.opt_state, opt_state)):
         a_leaves, r_leaves = jax.tree.leaves(abstract_tree), jax.tree.leaves(real_tree)
@@ -92,7 +93,7 @@ def test_planned_state_bytes_equal_the_real_shards(strategy, mesh, scan):
             assert any(a.shape[:1] == (cfg.model.num_layers,) and a.ndim >= 2 for a in a_leaves)
         for a, r in zip(a_leaves, r_leaves):
             assert (a.shape, a.dtype) == (r.shape, r.dtype)
-            assert A.shard_bytes(a) == max(s.data.nbytes for s in r.addressable_shards)
+            assert abstract.shard_bytes(a) == max(s.data.nbytes for s in r.addressable_shards)
     del params, opt_state
 
 
@@ -113,14 +114,14 @@ def test_8b_on_v5p_64_is_the_analytic_count(libtpu_env):
         import json, math
         import jax
         from genevolve_jax.config_loader import load_config
-        from genevolve_jax.plan import abstract as A
+        from genevolve_jax.plan import abstract
         from genevolve_jax.plan.targets import parse_target, target_devices
         from genevolve_jax.sharding.mesh import make_mesh
-        from genevolve_jax.train.state import is_vision_path
+        from genevolve_jax.train.runtime.state import is_vision_path
         target = parse_target("v5p-64")
         devices = target_devices(target)
         cfg = load_config("tpu_pod")
-        state = A.abstract_train_state(A.model_config(cfg, cfg.train), cfg.train, make_mesh({"fsdp": 32}, devices),
+        state = abstract.abstract_train_state(abstract.model_config(cfg, cfg.train), cfg.train, make_mesh({"fsdp": 32}, devices),
                                        "fsdp", freeze=is_vision_path)
         def counts(tree):
             leaves = jax.tree.leaves(tree)
@@ -129,13 +130,13 @@ def test_8b_on_v5p_64_is_the_analytic_count(libtpu_env):
         print(json.dumps({"devices": [target.num_devices, target.topology],
                           "platforms": sorted({d.platform for d in devices}),
                           "params": counts(state.params), "trained": counts(state.params["train"]),
-                          "param_bytes": A.bytes_per_device(state.params),
-                          "opt_bytes": A.bytes_per_device(state.opt_state)}))
+                          "param_bytes": abstract.bytes_per_device(state.params),
+                          "opt_bytes": abstract.bytes_per_device(state.opt_state)}))
     """)
     assert got["devices"] == [32, "4x4x2"] and got["platforms"] == ["tpu"]
     count, replicated = got["params"]
     cfg = load_config("tpu_pod")
-    assert count == _hf_parameter_count(A.model_config(cfg, cfg.train))
+    assert count == _hf_parameter_count(abstract.model_config(cfg, cfg.train))
     assert 8.0e9 < count < 9.5e9
     # Arrays whose dims 32 does not divide stay whole on every device (q/k norms: a few KiB).
     assert replicated < 1e-4 * count * 4
@@ -200,8 +201,8 @@ def test_small_config_compiles_for_a_tpu_slice(tmp_path, libtpu_env):
 @pytest.mark.parametrize("kl,old", [(True, True), (False, False)])
 def test_planned_evolve_batch_is_the_assembled_layout(kl, old):
     """Field names, shapes and dtypes of the planned evolve batch are the trainer's own assembly."""
-    from genevolve_jax.train.batch_assembly import assemble_evolve_batch
-    from genevolve_jax.train.records import RolloutSample
+    from genevolve_jax.train.rl.batch_assembly import assemble_evolve_batch
+    from genevolve_jax.train.rl.records import RolloutSample
 
     rng = np.random.default_rng(7)
     n = int(rng.integers(5, 40))
@@ -213,8 +214,8 @@ def test_planned_evolve_batch_is_the_assembled_layout(kl, old):
         real["ref_logprobs"] = np.zeros(real["targets"].shape, np.float32)   # the trainer adds it
     cfg = load_config("tiny_cpu")
     m = make_mesh({"fsdp": 4}, jax.devices()[:4])
-    config = A.model_config(cfg, cfg.train)
-    planned = A.evolve_batch(config, 4, 64, m, {"batch": ("data", "fsdp")}, kl=kl, old_logprobs=old)
+    config = abstract.model_config(cfg, cfg.train)
+    planned = abstract.evolve_batch(config, 4, 64, m, {"batch": ("data", "fsdp")}, kl=kl, old_logprobs=old)
     assert set(planned) == set(real)
     for k, v in real.items():
         assert (planned[k].shape, planned[k].dtype) == (v.shape, v.dtype), k

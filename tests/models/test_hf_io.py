@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from genevolve_jax.models import hf_io
-from genevolve_jax.models.qwen3_vl import config as C
+from genevolve_jax.models.qwen3_vl import config as qwen_config
 from genevolve_jax.models.qwen3_vl import keymap
 
 
@@ -134,8 +134,9 @@ def test_parse_size():
 # --- model level: our NNX model ↔ transformers' PyTorch Qwen3-VL -----------------------------------
 from flax import nnx  # noqa: E402
 
-from genevolve_jax.models.qwen3_vl import hf_reference as R  # noqa: E402
+from genevolve_jax.models.qwen3_vl.hf_reference import hf_logits  # noqa: E402
 from genevolve_jax.models.qwen3_vl.model import forward, prepare_inputs  # noqa: E402
+from tests.fixtures import hf_qwen3_vl as R  # noqa: E402
 
 
 def _our_model(cfg, seed):
@@ -163,8 +164,8 @@ def _ours(model, inp):
 
 
 def _theirs(hf_model, cfg, inp):
-    return R.hf_logits(hf_model, cfg, inp["input_ids"], inp["attention_mask"], pixel_values=inp["pixel_values"],
-                       image_grid_thw=inp["image_grid_thw"])
+    return hf_logits(hf_model, cfg, inp["input_ids"], inp["attention_mask"], pixel_values=inp["pixel_values"],
+                     image_grid_thw=inp["image_grid_thw"])
 
 
 def _max_diff(a, b, mask):
@@ -181,7 +182,7 @@ def _hf_load(path, dtype):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_export_loads_in_transformers_with_equal_logits(tmp_path, tied):
-    cfg = C.tiny(tie_word_embeddings=tied)
+    cfg = qwen_config.tiny(tie_word_embeddings=tied)
     model = _our_model(cfg, seed=11 + tied)
     written = hf_io.save_pretrained(model, tmp_path, dtype="float32", max_shard_bytes=150_000)
     assert hf_io.SAFE_INDEX in written
@@ -196,7 +197,7 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path, tied):
 
 
 def test_transformers_saved_sharded_model_imports_with_equal_logits(tmp_path):
-    cfg = C.tiny(tie_word_embeddings=True)
+    cfg = qwen_config.tiny(tie_word_embeddings=True)
     hf = R.random_hf_model(cfg, seed=21)
     hf.save_pretrained(tmp_path, max_shard_size="100KB")
     assert (tmp_path / hf_io.SAFE_INDEX).exists()
@@ -209,7 +210,7 @@ def test_transformers_saved_sharded_model_imports_with_equal_logits(tmp_path):
 
 
 def test_bf16_export_loads_in_transformers_and_in_our_loader(tmp_path):
-    cfg = C.tiny(tie_word_embeddings=False)
+    cfg = qwen_config.tiny(tie_word_embeddings=False)
     model = _our_model(cfg, seed=31)
     hf_io.save_pretrained(model, tmp_path, dtype="bfloat16")
     assert set(hf_io.SafetensorsReader(tmp_path).dtypes().values()) == {np.dtype(ml_dtypes.bfloat16)}
@@ -235,7 +236,7 @@ def _write_checkpoint(path, cfg, sd, max_shard_bytes="1GB", config_json=None):
 
 
 def test_bad_checkpoints_fail_before_the_model_is_built(tmp_path, monkeypatch):
-    cfg = C.tiny()
+    cfg = qwen_config.tiny()
     sd = hf_io.random_state_dict(cfg, seed=41)
 
     def no_build():
@@ -264,12 +265,12 @@ def test_bad_checkpoints_fail_before_the_model_is_built(tmp_path, monkeypatch):
     other = cfg.to_hf_dict()
     other["model_type"] = "qwen2_5_vl"
     _write_checkpoint(tmp_path / "type", cfg, sd, config_json=other)
-    with pytest.raises(C.ConfigError, match=r"config\.json.*model_type.*qwen2_5_vl"):
+    with pytest.raises(qwen_config.ConfigError, match=r"config\.json.*model_type.*qwen2_5_vl"):
         hf_io.load_pretrained(tmp_path / "type")
 
 
 def test_legacy_4_57_config_layout_loads(tmp_path):
-    cfg = C.tiny(tie_word_embeddings=True)
+    cfg = qwen_config.tiny(tie_word_embeddings=True)
     sd = hf_io.random_state_dict(cfg, seed=51)
     legacy = cfg.to_hf_dict()
     rope = legacy["text_config"].pop("rope_parameters")
@@ -290,7 +291,7 @@ def test_legacy_4_57_config_layout_loads(tmp_path):
 
 def test_load_places_each_tensor_on_its_shard(tmp_path):
     from jax.sharding import AxisType, PartitionSpec as P
-    cfg = C.tiny()
+    cfg = qwen_config.tiny()
     sd = hf_io.random_state_dict(cfg, seed=61)
     _write_checkpoint(tmp_path, cfg, sd)
     mesh = jax.make_mesh((1, 4, 2, 1), ("data", "fsdp", "tensor", "sequence"), axis_types=(AxisType.Auto,) * 4)
@@ -314,7 +315,7 @@ def test_variables_loading_does_not_fill_are_initialised(monkeypatch):
             self.table = nnx.Variable(jnp.arange(5.0) * config.text.rope_theta)
 
     monkeypatch.setattr(hf_io, "model_class", lambda: Toy)
-    cfg = C.tiny()
+    cfg = qwen_config.tiny()
     model = hf_io.abstract_model(cfg, seed=4)
     assert isinstance(model.table.get_value(), jax.ShapeDtypeStruct)
     model.w.set_value(jnp.ones((3, 2)))

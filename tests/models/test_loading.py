@@ -7,9 +7,9 @@ from flax import nnx
 from jax.sharding import AxisType, PartitionSpec as P
 
 from genevolve_jax.models import hf_io
-from genevolve_jax.models.qwen3_vl import config as C
-from genevolve_jax.models.qwen3_vl import keymap
 from genevolve_jax.models import loading as ckpt
+from genevolve_jax.models.qwen3_vl import config as qwen_config
+from genevolve_jax.models.qwen3_vl import keymap
 
 
 def _params(model):
@@ -19,7 +19,7 @@ def _params(model):
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    cfg = C.tiny(tie_word_embeddings=False)
+    cfg = qwen_config.tiny(tie_word_embeddings=False)
     model = hf_io.model_from_state_dict(cfg, hf_io.random_state_dict(cfg, seed=3))
     path = ckpt.save_model(tmp_path_factory.mktemp("ck") / "model", model)
     return path, cfg, _params(model)
@@ -58,7 +58,7 @@ def test_overwrite_and_missing_checkpoint_errors(saved, tmp_path):
     with pytest.raises(ckpt.CheckpointNotFound, match=ckpt.CONFIG_FILE):
         ckpt.restore_model(tmp_path)
     (tmp_path / ckpt.CONFIG_FILE).write_text('{"param_dtype": "float32"}')
-    with pytest.raises(C.ConfigError, match="hf_config"):
+    with pytest.raises(qwen_config.ConfigError, match="hf_config"):
         ckpt.restore_model(tmp_path)
 
 
@@ -107,5 +107,5 @@ def test_the_layers_layout_is_saved_and_converted_on_restore(saved, tmp_path):
     assert not ckpt.load_model_config(again).scan_layers
     saved_json["scan_layers"] = "yes"
     (tmp_path / "stacked" / ckpt.CONFIG_FILE).write_text(json.dumps(saved_json))
-    with pytest.raises(C.ConfigError, match="scan_layers"):
+    with pytest.raises(qwen_config.ConfigError, match="scan_layers"):
         ckpt.restore_model(again)

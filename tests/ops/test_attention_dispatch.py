@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from genevolve_jax.ops import attention as A
-from genevolve_jax.sharding import logical as L
+from genevolve_jax.ops import attention
+from genevolve_jax.sharding import logical
 from genevolve_jax.sharding.mesh import make_mesh
 
 
@@ -26,19 +26,19 @@ def _inputs(b=2, t=128, h=4, kv=2, d=16, dtype=jnp.float32, seed=0):
 
 def test_choice_by_backend_and_inputs():
     q, k, _, _, _ = _inputs()
-    assert A.choose_implementation(q, k, backend="cpu") == "xla"
-    assert A.choose_implementation(q, k, backend="tpu") == "splash"
-    assert A.choose_implementation(q, k, backend="gpu") == "xla"  # fp32: cuDNN needs half precision
+    assert attention.choose_implementation(q, k, backend="cpu") == "xla"
+    assert attention.choose_implementation(q, k, backend="tpu") == "splash"
+    assert attention.choose_implementation(q, k, backend="gpu") == "xla"  # fp32: cuDNN needs half precision
     qh, kh = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
-    assert A.choose_implementation(qh, kh, backend="gpu") == "cudnn"
-    assert A.choose_implementation(qh, kh, backend="gpu", q_positions=jnp.zeros((2, 128))) == "xla"
-    assert A.choose_implementation(q[:, :100], k[:, :100], backend="tpu") == "xla"  # not a block multiple
-    with A.use_implementation("xla"):
-        assert A.choose_implementation(qh, kh, backend="gpu") == "xla"
-    with A.use_implementation("cudnn"), pytest.raises(ValueError, match="cuDNN attention needs bf16/fp16"):
-        A.choose_implementation(q, k, backend="gpu")
+    assert attention.choose_implementation(qh, kh, backend="gpu") == "cudnn"
+    assert attention.choose_implementation(qh, kh, backend="gpu", q_positions=jnp.zeros((2, 128))) == "xla"
+    assert attention.choose_implementation(q[:, :100], k[:, :100], backend="tpu") == "xla"  # not a block multiple
+    with attention.use_implementation("xla"):
+        assert attention.choose_implementation(qh, kh, backend="gpu") == "xla"
+    with attention.use_implementation("cudnn"), pytest.raises(ValueError, match="cuDNN attention needs bf16/fp16"):
+        attention.choose_implementation(q, k, backend="gpu")
     with pytest.raises(ValueError, match="attention implementation must be one of"):
-        with A.use_implementation("flash3"):
+        with attention.use_implementation("flash3"):
             pass
 
 
@@ -51,8 +51,8 @@ def test_splash_matches_xla_forward_and_grad():
         out = fn(q, k, v, **kw)
         return jnp.sum(jnp.where(m, out, 0.0) * jnp.cos(jnp.arange(out.size).reshape(out.shape)))
 
-    ref, g_ref = jax.value_and_grad(lambda *a: loss(A.xla_attention, *a), argnums=(0, 1, 2))(q, k, v)
-    splash = lambda *a, **kw: A.splash_attention(*a, interpret=True, **kw)  # noqa: E731
+    ref, g_ref = jax.value_and_grad(lambda *a: loss(attention.xla_attention, *a), argnums=(0, 1, 2))(q, k, v)
+    splash = lambda *a, **kw: attention.splash_attention(*a, interpret=True, **kw)  # noqa: E731
     got, g_got = jax.value_and_grad(lambda *a: loss(splash, *a), argnums=(0, 1, 2))(q, k, v)
     np.testing.assert_allclose(got, ref, rtol=1e-5)
     for a, b in zip(g_got, g_ref):
@@ -62,10 +62,10 @@ def test_splash_matches_xla_forward_and_grad():
 def test_splash_under_a_mesh_runs_per_shard():
     q, k, v, seg, valid = _inputs(b=2)
     kw = dict(causal=True, q_segment_ids=seg, kv_segment_ids=seg, kv_valid_mask=valid)
-    ref = A.xla_attention(q, k, v, **kw)
+    ref = attention.xla_attention(q, k, v, **kw)
     mesh = make_mesh({"data": 2, "tensor": 2}, jax.devices()[:4])
-    with L.use_rules(mesh, "tp"):
-        got = jax.jit(lambda q, k, v: A.splash_attention(q, k, v, interpret=True, **kw))(q, k, v)
+    with logical.use_rules(mesh, "tp"):
+        got = jax.jit(lambda q, k, v: attention.splash_attention(q, k, v, interpret=True, **kw))(q, k, v)
     m = np.asarray(valid)
     np.testing.assert_allclose(np.asarray(got)[m], np.asarray(ref)[m], rtol=1e-5, atol=1e-5)
 
@@ -74,12 +74,12 @@ def test_splash_under_a_mesh_runs_per_shard():
 def test_cudnn_matches_xla_in_bf16():
     q, k, v, seg, valid = _inputs(t=256, d=64, dtype=jnp.bfloat16)
     kw = dict(causal=True, q_segment_ids=seg, kv_segment_ids=seg, kv_valid_mask=valid)
-    ref = np.asarray(A.xla_attention(q, k, v, **kw), np.float32)
-    got = np.asarray(jax.jit(lambda *a: A.cudnn_attention(*a, **kw))(q, k, v), np.float32)
+    ref = np.asarray(attention.xla_attention(q, k, v, **kw), np.float32)
+    got = np.asarray(jax.jit(lambda *a: attention.cudnn_attention(*a, **kw))(q, k, v), np.float32)
     m = np.asarray(valid)
     np.testing.assert_allclose(got[m], ref[m], atol=2e-2)
-    plain = np.asarray(A.cudnn_attention(q, k, v, causal=True), np.float32)
-    np.testing.assert_allclose(plain, np.asarray(A.xla_attention(q, k, v, causal=True), np.float32), atol=2e-2)
+    plain = np.asarray(attention.cudnn_attention(q, k, v, causal=True), np.float32)
+    np.testing.assert_allclose(plain, np.asarray(attention.xla_attention(q, k, v, causal=True), np.float32), atol=2e-2)
 
 
 def _float64_attention(q, k, v, seg, valid):
@@ -102,34 +102,34 @@ def _float64_attention(q, k, v, seg, valid):
 def test_causal_blocks_match_float64_forward_and_grad(t):
     """Long causal rows go in query blocks (ops.attention.causal_block); at every valid query the
     output equals float64 attention, and the gradients equal the unblocked XLA computation's."""
-    block = A.causal_block(t)
+    block = attention.causal_block(t)
     assert block and t % block == 0 and t // block <= 16
     q, k, v, seg, valid = _inputs(t=t, seed=t)
     kw = dict(causal=True, kv_valid_mask=valid, q_segment_ids=seg, kv_segment_ids=seg)
-    out = A.xla_attention(q, k, v, **kw)
+    out = attention.xla_attention(q, k, v, **kw)
     ref = _float64_attention(q, k, v, seg, valid)
     keep = (np.asarray(valid) & (np.asarray(seg) > 0))[:, :, None, None]
     np.testing.assert_allclose(np.where(keep, out, 0), np.where(keep, ref, 0), atol=2e-5)
 
     # The same attention unblocked: queries given explicit positions never take the blocked path.
     def whole(q, k, v):
-        return A.xla_attention(q, k, v, q_positions=jnp.arange(t), **kw)
+        return attention.xla_attention(q, k, v, q_positions=jnp.arange(t), **kw)
 
     weight = jnp.asarray(np.random.default_rng(t).standard_normal(q.shape), jnp.float32) * keep
 
     def loss(fn):
         return lambda q, k, v: jnp.sum(fn(q, k, v) * weight)
 
-    g_blocked = jax.grad(loss(lambda q, k, v: A.xla_attention(q, k, v, **kw)), argnums=(0, 1, 2))(q, k, v)
+    g_blocked = jax.grad(loss(lambda q, k, v: attention.xla_attention(q, k, v, **kw)), argnums=(0, 1, 2))(q, k, v)
     g_whole = jax.grad(loss(whole), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(g_blocked, g_whole):
         np.testing.assert_allclose(a, b, atol=2e-5)
 
 
 def test_short_rows_and_decode_go_whole():
-    assert A.causal_block(128) == 0 and A.causal_block(200) == 0
-    assert A.causal_block(1024) == 128 and A.causal_block(4096) == 256 and A.causal_block(32768) == 2048
-    assert A.causal_block(1000) == 0          # no block of a multiple of 128 divides it
+    assert attention.causal_block(128) == 0 and attention.causal_block(200) == 0
+    assert attention.causal_block(1024) == 128 and attention.causal_block(4096) == 256 and attention.causal_block(32768) == 2048
+    assert attention.causal_block(1000) == 0          # no block of a multiple of 128 divides it
 
 
 @pytest.mark.parametrize("t", [1, 5])
@@ -148,7 +148,7 @@ def test_cached_attention_over_a_heads_first_cache_matches_float64(t):
     positions = start[:, None] + np.arange(t)[None, :]
     valid = rng.random((b, s)) < 0.8
     valid[np.arange(b)[:, None], positions] = True          # a query always sees itself
-    out = A.cached_attention(jnp.asarray(q), jnp.asarray(keys.transpose(0, 2, 1, 3)),
+    out = attention.cached_attention(jnp.asarray(q), jnp.asarray(keys.transpose(0, 2, 1, 3)),
                              jnp.asarray(values.transpose(0, 2, 1, 3)), q_positions=jnp.asarray(positions),
                              kv_valid_mask=jnp.asarray(valid))
     want = np.zeros((b, t, h, d))
@@ -162,5 +162,5 @@ def test_cached_attention_over_a_heads_first_cache_matches_float64(t):
                 want[i, j, head] = (p / p.sum()) @ values[i, seen, c].astype(np.float64)
     np.testing.assert_allclose(np.asarray(out), want, atol=2e-5, err_msg=f"seed {seed}")
     with pytest.raises(ValueError, match="k, v \\[B,KV,S,hd\\]"):   # the model's own [B, S, KV, hd]
-        A.cached_attention(jnp.asarray(q), jnp.asarray(keys),
+        attention.cached_attention(jnp.asarray(q), jnp.asarray(keys),
                            jnp.asarray(values), q_positions=jnp.asarray(positions), kv_valid_mask=jnp.asarray(valid))

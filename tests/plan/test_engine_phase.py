@@ -12,7 +12,7 @@ from flax import nnx
 from genevolve_jax.cli import main
 from genevolve_jax.config_loader import load_config
 from genevolve_jax.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
-from genevolve_jax.plan import abstract as A
+from genevolve_jax.plan import abstract as plan_abstract
 from genevolve_jax.plan.engine_phase import abstract_engine
 from genevolve_jax.rollout.engine_functions import engine_mesh
 from genevolve_jax.rollout.jax_engine import JaxEngine
@@ -45,7 +45,7 @@ def _config(rng, mesh: dict):
 def test_planned_engine_state_and_calls_are_the_engines(mesh):
     rng = np.random.default_rng(sum(mesh.values()) * 7 + len(mesh))
     cfg = _config(rng, mesh)
-    config = A.model_config(cfg, cfg.train)
+    config = plan_abstract.model_config(cfg, cfg.train)
     model = Qwen3VLForConditionalGeneration(config, rngs=nnx.Rngs(int(rng.integers(1000))))
     _, _, rest = nnx.split(model, nnx.Param, ...)
     engine = JaxEngine(model, None, cfg.engine, mesh=engine_mesh(cfg.engine, jax.devices()))
@@ -59,7 +59,7 @@ def test_planned_engine_state_and_calls_are_the_engines(mesh):
             for a, r in zip(a_leaves, r_leaves):
                 assert (a.shape, a.dtype) == (r.shape, r.dtype)
                 assert a.sharding.is_equivalent_to(r.sharding, len(a.shape))
-                assert A.shard_bytes(a) == max(s.data.nbytes for s in r.addressable_shards)
+                assert plan_abstract.shard_bytes(a) == max(s.data.nbytes for s in r.addressable_shards)
         # The KV cache: layers × (k, v) × slots × capacity × kv heads × head dim, in the model's dtype.
         t = config.text
         capacity = cfg.engine.max_seq_len + cfg.engine.steps_per_sync
@@ -120,7 +120,7 @@ def test_plan_engine_phase_reports_cache_and_trainer_state(tmp_path, capsys):
     assert [f["name"] for f in eng["functions"]] == ["engine_prefill", "engine_decode_chunk"]
     assert all(f["temp_bytes"] > 0 and f["flops"] > 0 for f in eng["functions"])
     cfg = load_config("tiny_cpu")
-    config = A.model_config(cfg, cfg.train)
+    config = plan_abstract.model_config(cfg, cfg.train)
     t = config.text
     capacity = seq + cfg.engine.steps_per_sync
     kv_heads_per_device = t.num_key_value_heads // math.gcd(t.num_key_value_heads, 2)

@@ -9,9 +9,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 from transformers.video_utils import VideoMetadata
 
-from genevolve_jax.models.qwen3_vl import config as C
+from genevolve_jax.models.qwen3_vl import config as qwen_config
 from genevolve_jax.processing import chat
-from genevolve_jax.processing import image as I
+from genevolve_jax.processing import image as image_processing
 
 SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
@@ -75,7 +75,7 @@ def test_expansion_equals_transformers_processor_on_a_batch():
     frames = [[0, 12, 24, 36], [0, 5, 10, 15, 20]]           # the second pads its last frame in time
     fps = [24.0, 10.0]
     meta = [VideoMetadata(total_num_frames=40, fps=f, frames_indices=list(ix)) for f, ix in zip(fps, frames)]
-    stamps = [I.frame_timestamps(ix, f) for ix, f in zip(frames, fps)]
+    stamps = [image_processing.frame_timestamps(ix, f) for ix, f in zip(frames, fps)]
     want = _HFProcessor().expand(texts, image_grid, video_grid, meta)
     got = chat.expand_text(texts, image_grid, video_grid, stamps)
     assert got == want
@@ -120,7 +120,7 @@ def test_token_id_expansion_matches_tokenised_text_expansion(tokenizer):
 
 
 def test_expand_ids_for_images_needs_no_text_encoder():
-    cfg = C.tiny()
+    cfg = qwen_config.tiny()
     ids_of = chat.VisionTokenIds.from_config(cfg)
     ids = [5, ids_of.vision_start, ids_of.image_pad, ids_of.vision_end, 7, ids_of.vision_start, ids_of.image_pad,
            ids_of.vision_end]
@@ -139,7 +139,8 @@ def test_mismatches_are_reported_before_any_compute():
         chat.expand_text("<|video_pad|>", video_grid_thw=[[2, 2, 2]], video_timestamps=[[0.5]])
     with pytest.raises(ValueError, match="encode_text"):
         chat.expand_ids([11], ids_of, video_grid_thw=[[1, 2, 2]], video_timestamps=[[0.0]])
-    with pytest.raises(ValueError, match="1 image pad tokens in input_ids but image_grid_thw \\[\\[1, 4, 4\\]\\] gives 4"):
+    with pytest.raises(ValueError,
+                       match="1 image pad tokens in input_ids but image_grid_thw \\[\\[1, 4, 4\\]\\] gives 4"):
         chat.check_placeholder_counts([1, 10, 2], ids_of, image_grid_thw=[[1, 4, 4]])
     with pytest.raises(ValueError, match="merge_size"):
         chat.merged_tokens([1, 3, 4])

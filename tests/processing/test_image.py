@@ -21,10 +21,10 @@ from PIL import Image
 from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as hf_pil
 from transformers.video_utils import VideoMetadata
 
-from genevolve_jax.processing import image as I
+from genevolve_jax.processing import image as image_processing
 
 
-def _hf_image_processor(min_pixels=I.IMAGE_MIN_PIXELS, max_pixels=I.IMAGE_MAX_PIXELS):
+def _hf_image_processor(min_pixels=image_processing.IMAGE_MIN_PIXELS, max_pixels=image_processing.IMAGE_MAX_PIXELS):
     return hf_pil.Qwen2VLImageProcessorPil(size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
                                            patch_size=16, temporal_patch_size=2, merge_size=2,
                                            image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
@@ -47,7 +47,7 @@ def hf_video_module():
 def _assert_same_as_transformers(images, hf=None, cfg=None):
     hf = hf or _hf_image_processor()
     ref = hf(images=[Image.fromarray(i) if isinstance(i, np.ndarray) else i for i in images], return_tensors="np")
-    ours = I.preprocess_images(images, cfg)
+    ours = image_processing.preprocess_images(images, cfg)
     np.testing.assert_array_equal(ours.image_grid_thw, ref["image_grid_thw"])
     assert ours.pixel_values.dtype == ref["pixel_values"].dtype == np.float32
     np.testing.assert_array_equal(ours.pixel_values, ref["pixel_values"])
@@ -67,7 +67,7 @@ def test_images_bit_for_bit(height, width):
     image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
     ours = _assert_same_as_transformers([image])
     t, h, w = ours.image_grid_thw[0]
-    assert t == 1 and h % 2 == 0 and w % 2 == 0 and h * w * 256 >= I.IMAGE_MIN_PIXELS
+    assert t == 1 and h % 2 == 0 and w % 2 == 0 and h * w * 256 >= image_processing.IMAGE_MIN_PIXELS
 
 
 def test_batch_of_differently_sized_and_moded_images_bit_for_bit():
@@ -82,7 +82,7 @@ def test_batch_of_differently_sized_and_moded_images_bit_for_bit():
 def test_max_pixels_shrink_branch_bit_for_bit():
     """A small max_pixels exercises the downscale branch without a 16-megapixel image."""
     rng = np.random.default_rng(1)
-    cfg = I.ImageProcessorConfig(min_pixels=32 * 32, max_pixels=128 * 128)
+    cfg = image_processing.ImageProcessorConfig(min_pixels=32 * 32, max_pixels=128 * 128)
     hf = _hf_image_processor(32 * 32, 128 * 128)
     for size in [(300, 200), (1000, 41), (129, 129)]:
         image = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
@@ -95,9 +95,9 @@ def test_max_pixels_shrink_branch_bit_for_bit():
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(height=st.integers(1, 700), width=st.integers(1, 700), seed=st.integers(0, 2 ** 16))
 def test_hypothesis_sizes_bit_for_bit(height, width, seed):
-    if max(height, width) / min(height, width) > I.MAX_ASPECT_RATIO:
+    if max(height, width) / min(height, width) > image_processing.MAX_ASPECT_RATIO:
         with pytest.raises(ValueError, match="aspect ratio"):
-            I.smart_resize(height, width)
+            image_processing.smart_resize(height, width)
         return
     image = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
     _assert_same_as_transformers([image])
@@ -107,22 +107,22 @@ def test_hypothesis_sizes_bit_for_bit(height, width, seed):
 @settings(max_examples=300, deadline=None)
 def test_smart_resize_equals_transformers(height, width):
     try:
-        want = hf_pil.smart_resize(height, width, factor=32, min_pixels=I.IMAGE_MIN_PIXELS,
-                                   max_pixels=I.IMAGE_MAX_PIXELS)
+        want = hf_pil.smart_resize(height, width, factor=32, min_pixels=image_processing.IMAGE_MIN_PIXELS,
+                                   max_pixels=image_processing.IMAGE_MAX_PIXELS)
     except ValueError:
         with pytest.raises(ValueError):
-            I.smart_resize(height, width)
+            image_processing.smart_resize(height, width)
         return
-    assert I.smart_resize(height, width) == want
-    assert I.image_grid(height, width) == (1, want[0] // 16, want[1] // 16)
+    assert image_processing.smart_resize(height, width) == want
+    assert image_processing.image_grid(height, width) == (1, want[0] // 16, want[1] // 16)
 
 
 def test_patch_rows_are_merge_blocks_of_conv_patches():
     """Row k of pixel_values is the (C, T, P, P) patch at the k-th position of merge-block order."""
     rng = np.random.default_rng(2)
     image = rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)
-    cfg = I.ImageProcessorConfig(min_pixels=64 * 96, max_pixels=64 * 96)
-    patches, grid = I.preprocess_image(image, cfg)
+    cfg = image_processing.ImageProcessorConfig(min_pixels=64 * 96, max_pixels=64 * 96)
+    patches, grid = image_processing.preprocess_image(image, cfg)
     assert tuple(grid) == (1, 4, 6)
     chw = (image.astype(np.float64) / 255 - 0.5) / 0.5
     k = 0
@@ -139,17 +139,17 @@ def test_patch_rows_are_merge_blocks_of_conv_patches():
 
 def test_bad_inputs_name_the_problem():
     with pytest.raises(ValueError, match="aspect ratio"):
-        I.preprocess_images([np.zeros((2, 500, 3), np.uint8)])
+        image_processing.preprocess_images([np.zeros((2, 500, 3), np.uint8)])
     with pytest.raises(ValueError, match="image 1: .*uint8"):
-        I.preprocess_images([np.zeros((40, 40, 3), np.uint8), np.zeros((40, 40, 3), np.float32)])
+        image_processing.preprocess_images([np.zeros((40, 40, 3), np.uint8), np.zeros((40, 40, 3), np.float32)])
     with pytest.raises(ValueError, match="shape"):
-        I.preprocess_images([np.zeros((40, 40, 2), np.uint8)])
+        image_processing.preprocess_images([np.zeros((40, 40, 2), np.uint8)])
     with pytest.raises(ValueError, match="min_pixels"):
-        I.ImageProcessorConfig(min_pixels=100, max_pixels=10)
+        image_processing.ImageProcessorConfig(min_pixels=100, max_pixels=10)
     with pytest.raises(ValueError, match="patch_size"):
-        I.ImageProcessorConfig(patch_size=0)
+        image_processing.ImageProcessorConfig(patch_size=0)
     with pytest.raises(ValueError, match="VideoProcessorConfig.fps"):
-        I.VideoProcessorConfig(fps=0)
+        image_processing.VideoProcessorConfig(fps=0)
 
 
 # --- video -----------------------------------------------------------------------------------------
@@ -176,14 +176,14 @@ def _reference_video(frames: np.ndarray, height: int, width: int, tp=2, p=16, m=
 def test_video_against_float64_reference_and_transformers_pieces(n_frames, height, width, hf_video_module):
     rng = np.random.default_rng(n_frames * 1000 + height)
     frames = rng.integers(0, 256, (n_frames, height, width, 3), dtype=np.uint8)
-    cfg = I.VideoProcessorConfig()
-    patches, grid = I.preprocess_video(list(frames), cfg)
+    cfg = image_processing.VideoProcessorConfig()
+    patches, grid = image_processing.preprocess_video(list(frames), cfg)
     new_h, new_w = hf_video_module.smart_resize(n_frames, height, width, temporal_factor=2, factor=32,
                                                 min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
     assert tuple(grid) == ((n_frames + 1) // 2, new_h // 16, new_w // 16)
     np.testing.assert_allclose(patches, _reference_video(frames, new_h, new_w), atol=2e-6, rtol=0)
     # transformers' own arithmetic on the same resized frames: fused normalise, then its patchify.
-    resized = np.stack([I.resize_bicubic(f, new_h, new_w) for f in frames])
+    resized = np.stack([image_processing.resize_bicubic(f, new_h, new_w) for f in frames])
     video = torch.from_numpy(resized).permute(0, 3, 1, 2)[None].to(torch.float32)
     mean = torch.tensor([0.5] * 3) * (1.0 / (1 / 255))
     std = torch.tensor([0.5] * 3) * (1.0 / (1 / 255))
@@ -199,7 +199,7 @@ def test_video_against_float64_reference_and_transformers_pieces(n_frames, heigh
        cap=st.booleans())
 @settings(max_examples=200, deadline=None)
 def test_video_frame_size_equals_transformers(n, height, width, cap, hf_video_module):
-    cfg = I.VideoProcessorConfig(cap_pixels_per_frame=cap)
+    cfg = image_processing.VideoProcessorConfig(cap_pixels_per_frame=cap)
     max_pixels = cfg.max_pixels
     if cap:  # the formula of transformers' Qwen3VLVideoProcessor.resize
         max_pixels = max(min(768 * 32 * 32, cfg.max_pixels // n), int(cfg.min_pixels * 1.05)) * n
@@ -207,9 +207,9 @@ def test_video_frame_size_equals_transformers(n, height, width, cap, hf_video_mo
         want = hf_video_module.smart_resize(n, height, width, 2, 32, cfg.min_pixels, max_pixels)
     except ValueError:
         with pytest.raises(ValueError):
-            I.video_frame_size(n, height, width, cfg)
+            image_processing.video_frame_size(n, height, width, cfg)
         return
-    assert I.video_frame_size(n, height, width, cfg) == want
+    assert image_processing.video_frame_size(n, height, width, cfg) == want
 
 
 @pytest.mark.parametrize("total,fps", [(100, 30.0), (7, 24.0), (3000, 25.0), (1, 10.0), (50, None)])
@@ -225,11 +225,11 @@ def test_frame_sampling_and_timestamps_equal_transformers(total, fps, hf_video_m
 
     stub = types.SimpleNamespace(fps=2, min_frames=4, max_frames=768)
     want = hf_video_module.Qwen3VLVideoProcessor.sample_frames(stub, VideoMetadata(total_num_frames=total, fps=fps))
-    got = I.sample_frame_indices(total, fps)
+    got = image_processing.sample_frame_indices(total, fps)
     np.testing.assert_array_equal(got, want)
     # The timestamps as the prompt shows them, one per temporal patch: "<1.2 seconds><s>V…</s>".
     video_fps = fps or 24.0
-    ours = I.frame_timestamps(got, video_fps)
+    ours = image_processing.frame_timestamps(got, video_fps)
     meta = VideoMetadata(total_num_frames=total, fps=fps, frames_indices=[int(i) for i in want])
     text = Placeholders().replace_video_token({"video_grid_thw": np.asarray([[len(ours), 2, 2]]),
                                                "video_metadata": [meta]}, 0)
@@ -238,6 +238,6 @@ def test_frame_sampling_and_timestamps_equal_transformers(total, fps, hf_video_m
 
 def test_video_errors():
     with pytest.raises(ValueError, match="video 0: a video needs at least temporal_patch_size=2 frames"):
-        I.preprocess_videos([[np.zeros((64, 64, 3), np.uint8)]])
+        image_processing.preprocess_videos([[np.zeros((64, 64, 3), np.uint8)]])
     with pytest.raises(ValueError, match="frame 1 has size"):
-        I.preprocess_video([np.zeros((64, 64, 3), np.uint8), np.zeros((64, 32, 3), np.uint8)])
+        image_processing.preprocess_video([np.zeros((64, 64, 3), np.uint8), np.zeros((64, 32, 3), np.uint8)])

@@ -10,11 +10,11 @@ from fastapi import FastAPI, Request
 from PIL import Image
 
 from genevolve_jax.render.remote import ContentCache
-from genevolve_jax.render.service import LoopbackServer
 from genevolve_jax.reward.backends import OpenAIChatBackend
 from genevolve_jax.reward.judge_call import JudgeFailed
 from genevolve_jax.reward.kscore import KScoreJudge, KScoreVerdict, KScoreWeights, aggregate_kscore
 from genevolve_jax.reward.program_judge import ProgramJudge
+from tests.fixtures.servers import LoopbackServer
 
 
 @pytest.mark.parametrize("f,v,t,a,expected", [

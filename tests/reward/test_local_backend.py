@@ -4,6 +4,8 @@ The engine here is the ScriptedEngine (the JaxEngine's own decoding is tested in
 these tests check what the backend adds: ChatML prompts with image pads expanded per image, decoding
 of the reply into the judges' parsers, and an aborted generation masking the sample after retries.
 """
+import asyncio
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -93,7 +95,7 @@ def test_local_judge_scores_a_group_through_the_engine(tmp_path, tok):
                 out.append(ScriptedEngine([reply], tok).generate([r])[0])
             return out
 
-    [rec] = _scorer(tmp_path, Routed([], tok), tok).score_group_sync([_sample(tmp_path, 1)])
+    [rec] = asyncio.run(_scorer(tmp_path, Routed([], tok), tok).score_group([_sample(tmp_path, 1)]))
     assert not rec.masked
     assert rec.r_img == pytest.approx(0.6) and rec.r_text == pytest.approx(0.5)
     assert rec.reward == pytest.approx(0.5 * 0.6 + 0.5 * 0.5)
@@ -101,6 +103,6 @@ def test_local_judge_scores_a_group_through_the_engine(tmp_path, tok):
 
 def test_aborting_engine_masks_the_sample_after_retries(tmp_path, tok):
     engine = ScriptedEngine([], tok, default_turn=ABORT)
-    [rec] = _scorer(tmp_path, engine, tok).score_group_sync([_sample(tmp_path, 2)])
+    [rec] = asyncio.run(_scorer(tmp_path, engine, tok).score_group([_sample(tmp_path, 2)]))
     assert rec.masked and rec.reward is None
     assert rec.reason.startswith("judge_failed") and "aborted" in rec.reason

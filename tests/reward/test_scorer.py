@@ -94,7 +94,7 @@ def test_group_rewards_zero_and_masked_samples(tmp_path, files, caplog):
                _sample(3, files, prompt="BROKEN prompt"), _sample(4, files, n_refs=0),
                RewardSample("s5", "a fox", _sample(5, files).program, gt_image=None)]
     with caplog.at_level(logging.INFO, logger="genevolve_jax.reward"):
-        records = scorer.score_group_sync(samples)
+        records = asyncio.run(scorer.score_group(samples))
     ok, empty, judge_failed, render_failed, no_refs, no_gt = records
     assert ok.reward == pytest.approx(0.5 * 0.35 + 0.5 * 0.75) and not ok.masked
     assert ok.r_img == pytest.approx(0.35) and ok.r_text == 0.75 and ok.image_path
@@ -115,10 +115,12 @@ def test_group_rewards_zero_and_masked_samples(tmp_path, files, caplog):
 def test_rerun_pays_nothing_twice(tmp_path, files):
     samples = [_sample(i, files) for i in range(3)]
     r1, b1 = FakeRenderer(), FakeBackend()
-    first = RewardScorer.from_config(_vlm_cfg(tmp_path / "c"), renderer=r1, backend=b1).score_group_sync(samples)
+    scorer = RewardScorer.from_config(_vlm_cfg(tmp_path / "c"), renderer=r1, backend=b1)
+    first = asyncio.run(scorer.score_group(samples))
     assert (r1.calls, b1.calls) == (3, 6)
     r2, b2 = FakeRenderer(), FakeBackend()
-    second = RewardScorer.from_config(_vlm_cfg(tmp_path / "c"), renderer=r2, backend=b2).score_group_sync(samples)
+    scorer = RewardScorer.from_config(_vlm_cfg(tmp_path / "c"), renderer=r2, backend=b2)   # a new run, same cache
+    second = asyncio.run(scorer.score_group(samples))
     assert (r2.calls, b2.calls) == (0, 0)
     assert [r.reward for r in second] == [r.reward for r in first]
     assert all(r.details["render_cached"] and r.details["kscore_cached"] and r.details["program_cached"]
@@ -129,7 +131,7 @@ def test_calls_run_concurrently_within_the_bound(tmp_path, files):
     backend = FakeBackend()
     scorer = RewardScorer.from_config(_vlm_cfg(tmp_path / "c", concurrency=3), renderer=FakeRenderer(),
                                       backend=backend)
-    records = scorer.score_group_sync([_sample(i, files, request=f"fox {i}") for i in range(8)])
+    records = asyncio.run(scorer.score_group([_sample(i, files, request=f"fox {i}") for i in range(8)]))
     assert not any(r.masked for r in records)
     assert backend.peak == 3  # concurrent, never beyond the endpoint limit
     assert backend.calls == 16
@@ -140,7 +142,7 @@ def test_judge_failing_over_http_masks_the_sample(tmp_path, files):
         raise httpx.ConnectError("connection refused", request=request)
     backend = OpenAIChatBackend("http://127.0.0.1:9", "judge", transport=httpx.MockTransport(down))
     scorer = RewardScorer.from_config(_vlm_cfg(tmp_path / "c"), renderer=FakeRenderer(), backend=backend)
-    (rec,) = scorer.score_group_sync([_sample(0, files)])
+    (rec,) = asyncio.run(scorer.score_group([_sample(0, files)]))
     assert rec.masked and rec.reward is None
     assert rec.reason.startswith("judge_failed: ConnectError") and rec.reason.endswith("after 3 tries")
 
@@ -153,7 +155,7 @@ def test_rule_judge_is_the_default_and_every_line_says_proxy(tmp_path, files, ca
     samples = [_sample(0, files), _sample(1, files, prompt=""),
                RewardSample("bad", "x", _sample(2, files).program, task={"meta": {"primary_skills": [3]}})]
     with caplog.at_level(logging.INFO, logger="genevolve_jax.reward"):
-        good, empty, bad = scorer.score_group_sync(samples)
+        good, empty, bad = asyncio.run(scorer.score_group(samples))
     assert good.proxy and good.judge == "rule (proxy)" and renderer.calls == 1
     # hygiene 1 -> R_img 1; notes 1 and skills 1 -> R_text 1
     assert good.reward == pytest.approx(1.0)

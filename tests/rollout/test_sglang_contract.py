@@ -31,9 +31,9 @@ from PIL import Image
 
 from genevolve_jax.reward.backends import ChatMessage, OpenAIChatBackend
 from genevolve_jax.rollout.engine import GenerationRequest, RolloutEngine, SamplingParams
-from genevolve_jax.rollout.sglang_engine import (IMAGE_MISMATCH, SGLANG_DISCONNECT_POLL_S, SGLANG_VERSION,
-                                                 SGLangEngine, collapse_image_pads, parse_response, request_body)
-from tests.fixtures import sglang_responses as R
+from genevolve_jax.rollout.sglang_engine import (IMAGE_MISMATCH, SGLANG_DISCONNECT_POLL_S, SGLANG_VERSION, SGLangEngine,
+                                                 collapse_image_pads, parse_response, request_body)
+from tests.fixtures import sglang_responses
 from tests.fixtures.sglang_cpu import load
 from tests.fixtures.sglang_fake import FakeBehaviour, running_fake_sglang
 
@@ -223,35 +223,37 @@ def test_a_server_processor_with_other_pixel_limits_is_masked_not_trained_on(sgl
     small = sglang_image_processor(sgl, qwen3vl_hf_processor(tok, max_pixels=256 * 256))
     served = server_expansion(sgl, small, tok, sent, images)
     assert len(served) < len(ours)
-    res = parse_response(R.generate_response("r", [5, 6], [-0.1, -0.2], prompt_ids=served), ours, pad)
+    res = parse_response(sglang_responses.generate_response("r", [5, 6], [-0.1, -0.2], prompt_ids=served), ours, pad)
     assert res.finish_reason == "abort" and res.error.startswith(IMAGE_MISMATCH)
     agreeing = sglang_image_processor(sgl, qwen3vl_hf_processor(tok))
     served = server_expansion(sgl, agreeing, tok, sent, images)
-    assert parse_response(R.generate_response("r", [5], [-0.1], prompt_ids=served), ours, pad).token_ids == [5]
+    assert parse_response(sglang_responses.generate_response("r", [5], [-0.1], prompt_ids=served), ours,
+                          pad).token_ids == [5]
 
 
 def test_recorded_response_shapes_are_the_wheels_and_parse(sgl):
     sb, tm = sgl.schedule_batch, sgl.tokenizer_manager.TokenizerManager
-    assert sb.FINISH_MATCHED_TOKEN(matched=151645).to_json() == R.finish_stop_token(151645)
-    assert sb.FINISH_LENGTH(length=7).to_json() == R.finish_length(7)
-    assert sb.FINISH_ABORT("server shutting down").to_json() == R.finish_abort("server shutting down")
+    assert sb.FINISH_MATCHED_TOKEN(matched=151645).to_json() == sglang_responses.finish_stop_token(151645)
+    assert sb.FINISH_LENGTH(length=7).to_json() == sglang_responses.finish_length(7)
+    assert sb.FINISH_ABORT("server shutting down").to_json() == sglang_responses.finish_abort("server shutting down")
     lps, ids = [-0.5, -1.25, -0.0625], [17, 4, 151645]
     # The tokenizer manager's own formatting of output_token_logprobs (no text under skip-tokenizer-init),
     # through JSON as the HTTP layer sends it.
     wheel_entries = json.loads(json.dumps(tm.detokenize_logprob_tokens(None, lps, ids, False)))
-    body = R.generate_response("rid-1", ids, lps, finish=sb.FINISH_MATCHED_TOKEN(matched=151645).to_json(),
+    body = sglang_responses.generate_response("rid-1", ids, lps, finish=sb.FINISH_MATCHED_TOKEN(matched=151645).to_json(),
                                prompt_ids=[1, 2, 3])
     assert body["meta_info"]["output_token_logprobs"] == wheel_entries
     res = parse_response(json.loads(json.dumps(body)))
     assert (res.token_ids, res.logprobs, res.finish_reason) == (ids, lps, "stop")
-    length = R.generate_response("rid-2", ids[:2], lps[:2], finish=sb.FINISH_LENGTH(length=2).to_json(), text="ab")
+    length = sglang_responses.generate_response("rid-2", ids[:2], lps[:2], finish=sb.FINISH_LENGTH(length=2).to_json(),
+                                                text="ab")
     assert parse_response(length).finish_reason == "length"
-    abort = R.generate_response("rid-3", [], [], finish=sb.FINISH_ABORT("bye").to_json())
+    abort = sglang_responses.generate_response("rid-3", [], [], finish=sb.FINISH_ABORT("bye").to_json())
     assert (parse_response(abort).finish_reason, parse_response(abort).error) == ("abort", "bye")
     # Weight reload: our body builds SGLang's request (flush_cache on by default), and the response
     # fields are its output's.
     req = sgl.io_struct.UpdateWeightFromDiskReqInput(model_path="/w/weights_v3", weight_version="3")
     assert req.flush_cache is True and req.abort_all_requests is False
     out = sgl.io_struct.UpdateWeightFromDiskReqOutput(success=False, message="m")
-    assert set(R.reload_response(False, "m")) == {"success", "message", "num_paused_requests"} \
+    assert set(sglang_responses.reload_response(False, "m")) == {"success", "message", "num_paused_requests"} \
         == {f for f in out.__struct_fields__ if f not in ("rid", "http_worker_ipc")}

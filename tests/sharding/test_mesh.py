@@ -5,7 +5,7 @@ import pytest
 from jax.sharding import AxisType, PartitionSpec
 
 from genevolve_jax.sharding import config as sharding_config
-from genevolve_jax.sharding import logical as L
+from genevolve_jax.sharding import logical
 from genevolve_jax.sharding.distributed import expand_slurm_nodelist, plan_from_env
 from genevolve_jax.sharding.mesh import MeshError, check_divisible, make_mesh, mesh_from_config, resolve_axis_sizes
 
@@ -13,7 +13,7 @@ from genevolve_jax.sharding.mesh import MeshError, check_divisible, make_mesh, m
 def test_rest_axis_and_axis_types():
     mesh = make_mesh({"data": 2, "fsdp": -1})
     assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1, "sequence": 1}
-    assert mesh.axis_names == L.MESH_AXES
+    assert mesh.axis_names == logical.MESH_AXES
     assert all(t == AxisType.Auto for t in mesh.axis_types)
     cfg = sharding_config.default_config()
     assert dict(mesh_from_config(cfg).shape)["fsdp"] == len(jax.devices())
@@ -42,20 +42,20 @@ def test_divisibility_of_data_dims():
 
 def test_rules_resolve_and_drop_what_cannot_divide():
     mesh = make_mesh({"fsdp": 4, "tensor": 2})
-    rules = L.rules_for("fsdp_tp")
-    assert L.partition_spec((L.EMBED, L.HEADS, L.HEAD_DIM), rules, mesh, (64, 4, 16)) == \
+    rules = logical.rules_for("fsdp_tp")
+    assert logical.partition_spec((logical.EMBED, logical.HEADS, logical.HEAD_DIM), rules, mesh, (64, 4, 16)) == \
         PartitionSpec("fsdp", "tensor", None)
     # 3 heads cannot split over tensor=2: replicated on that dim, never an error for params
-    assert L.partition_spec((L.EMBED, L.HEADS, L.HEAD_DIM), rules, mesh, (64, 3, 16)) == \
+    assert logical.partition_spec((logical.EMBED, logical.HEADS, logical.HEAD_DIM), rules, mesh, (64, 3, 16)) == \
         PartitionSpec("fsdp", None, None)
     # activations: batch takes fsdp first, so embed is not split under fsdp
-    assert L.partition_spec((L.BATCH, L.SEQ, L.EMBED), rules, mesh, (8, 16, 64)) == \
+    assert logical.partition_spec((logical.BATCH, logical.SEQ, logical.EMBED), rules, mesh, (8, 16, 64)) == \
         PartitionSpec("fsdp", None, None)
-    sp = L.partition_spec((L.BATCH, L.SEQ, L.EMBED), L.rules_for("fsdp_sp"), make_mesh({"fsdp": 2, "sequence": 4}),
+    sp = logical.partition_spec((logical.BATCH, logical.SEQ, logical.EMBED), logical.rules_for("fsdp_sp"), make_mesh({"fsdp": 2, "sequence": 4}),
                           (4, 32, 64))
     assert sp == PartitionSpec("fsdp", "sequence", None)
     with pytest.raises(ValueError, match="unknown sharding strategy 'zero3'"):
-        L.rules_for("zero3")
+        logical.rules_for("zero3")
 
 
 def test_sharding_config_validation():
@@ -100,8 +100,8 @@ def test_distributed_plans_from_environment():
     p = plan_from_env(_dist(), env)
     assert (p.mode, p.coordinator_address, p.num_processes, p.process_id) == ("explicit", "10.0.0.1:1234", 2, 1)
     p = plan_from_env(_dist(mode="explicit", coordinator_address="h:1", num_processes=2, process_id=0,
-                            local_device_ids="0,1"), {})
-    assert p.local_device_ids == (0, 1)
+                            local_device_ids="0,1", initialization_timeout_s=45), {})
+    assert p.local_device_ids == (0, 1) and p.timeout_s == 45
     with pytest.raises(ValueError, match="coordinator_address"):
         plan_from_env(_dist(mode="explicit", num_processes=2, process_id=0), {})
     with pytest.raises(ValueError, match=r"process_id .* must be in \[0, 2\)"):

@@ -21,10 +21,10 @@ COMMON = textwrap.dedent('''
     from genevolve_jax.models.qwen3_vl.config import tiny
     from genevolve_jax.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
     from genevolve_jax.sharding.mesh import make_mesh
-    from genevolve_jax.train import config as train_config
-    from genevolve_jax.train.state import create_train_state, is_vision_path
     from genevolve_jax.train.losses.step_losses import SFTLoss
-    from genevolve_jax.train.step import TrainStep
+    from genevolve_jax.train.runtime import step_config
+    from genevolve_jax.train.runtime.state import create_train_state, is_vision_path
+    from genevolve_jax.train.runtime.step import TrainStep
 
     FAST = {"xla_backend_optimization_level": 0}
 
@@ -44,13 +44,13 @@ COMMON = textwrap.dedent('''
                  for n in rng.integers(5, 17, 12)]
         batch, _ = pack(trajs, 16, num_rows=16)
         batch = {k: v[:8] for k, v in batch.items()}
-        tcfg = train_config.default_config()
+        tcfg = step_config.default_config()
         tcfg.optimizer.learning_rate, tcfg.optimizer.eps = 1e-2, 1e-3
         tcfg.schedule.warmup_ratio = 0.0
         return model, batch, tcfg
 
     def step(model, batch, tcfg, mesh):
-        setup, params, opt = create_train_state(model, tcfg, mesh, "fsdp", freeze=is_vision_path)
+        setup, params, opt = create_train_state(model, tcfg, mesh, "fsdp", total_steps=1000, freeze=is_vision_path)
         new, _, metrics = TrainStep(setup, SFTLoss(chunk_size=128), compiler_options=FAST)(
             params, opt, batch, jax.random.key(0))
         return new["train"], metrics

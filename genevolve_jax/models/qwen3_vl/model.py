@@ -29,7 +29,7 @@ from genevolve_jax.models.qwen3_vl import rope
 from genevolve_jax.models.qwen3_vl.config import Qwen3VLConfig
 from genevolve_jax.models.qwen3_vl.text import DeepstackInputs, KVCache, Qwen3VLTextModel, init_cache
 from genevolve_jax.models.qwen3_vl.vision import Qwen3VLVisionModel, VisionInputs
-from genevolve_jax.sharding import logical as L
+from genevolve_jax.sharding import logical
 
 Grid = tuple[tuple[int, int, int], ...]
 
@@ -148,7 +148,7 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
         self.language_model = Qwen3VLTextModel(config, rngs=rngs)
         t = config.text
         self.lm_head = None if config.tie_word_embeddings else Dense(
-            (t.hidden_size,), (t.vocab_size,), in_axes=(L.EMBED,), out_axes=(L.VOCAB,), use_bias=False,
+            (t.hidden_size,), (t.vocab_size,), in_axes=(logical.EMBED,), out_axes=(logical.VOCAB,), use_bias=False,
             param_dtype=config.jnp_param_dtype, dtype=config.jnp_dtype, rngs=rngs)
 
     # --- pieces --------------------------------------------------------------------------------------
@@ -174,7 +174,7 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
             else:  # images first, then videos, in one feature table per level
                 index = jnp.where(own >= 0, own + levels[0].shape[0], index)
                 levels = [jnp.concatenate([a, b], axis=0) for a, b in zip(levels, deep)]
-        x = L.constrain(x, (L.BATCH, L.SEQ, L.EMBED))
+        x = logical.constrain(x, (logical.BATCH, logical.SEQ, logical.EMBED))
         deepstack = DeepstackInputs(index, levels) if index is not None and levels else None
         return x, deepstack
 
@@ -189,7 +189,7 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
             out = self.language_model.embed_tokens.attend(hidden)
         else:
             out = self.lm_head(hidden)
-        return L.constrain(out, (L.BATCH, L.SEQ, L.VOCAB)) if out.ndim == 3 else out
+        return logical.constrain(out, (logical.BATCH, logical.SEQ, logical.VOCAB)) if out.ndim == 3 else out
 
     # --- full forward --------------------------------------------------------------------------------
     def _as_batch(self, batch_or_ids, attention_mask, kw) -> ModelBatch:
@@ -248,7 +248,7 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
         is_tok = (ids == self.config.image_token_id) & (local < real)
         index = jnp.where(is_tok, local + jnp.arange(ids.shape[0], dtype=jnp.int32)[:, None] * per_row, -1)
         x = scatter_features(self.language_model.embed_tokens(ids), index, feats)
-        x = L.constrain(x, (L.BATCH, L.SEQ, L.EMBED))
+        x = logical.constrain(x, (logical.BATCH, logical.SEQ, logical.EMBED))
         return x, (DeepstackInputs(index, deepstack) if deepstack else None)
 
     def packed_hidden_states(self, input_ids: jax.Array, position_ids: jax.Array, segment_ids: jax.Array | None, *,

@@ -23,10 +23,11 @@ from genevolve_jax.models.layers import Dense, Embed, RMSNorm
 from genevolve_jax.models.qwen3_vl import rope
 from genevolve_jax.models.qwen3_vl.config import Qwen3VLConfig
 from genevolve_jax.ops.attention import attention, cached_attention
-from genevolve_jax.sharding import logical as L
+from genevolve_jax.sharding import logical
 
 
-CACHE_AXES = (L.BATCH, L.KV_HEADS, L.CACHE_SEQ, L.HEAD_DIM)   # logical axes of a cache's k and v
+CACHE_AXES = (logical.BATCH, logical.KV_HEADS, logical.CACHE_SEQ,
+              logical.HEAD_DIM)   # logical axes of a cache's k and v
 
 
 class KVCache(NamedTuple):
@@ -102,8 +103,8 @@ def init_cache(config: Qwen3VLConfig, batch_size: int, max_length: int, dtype=No
     t = config.text
     dtype = dtype or config.jnp_dtype
     shape = (batch_size, t.num_key_value_heads, max_length, t.head_dim)
-    zeros = tuple(L.constrain(jnp.zeros(shape, dtype), CACHE_AXES) for _ in range(t.num_hidden_layers))
-    zeros_v = tuple(L.constrain(jnp.zeros(shape, dtype), CACHE_AXES) for _ in range(t.num_hidden_layers))
+    zeros = tuple(logical.constrain(jnp.zeros(shape, dtype), CACHE_AXES) for _ in range(t.num_hidden_layers))
+    zeros_v = tuple(logical.constrain(jnp.zeros(shape, dtype), CACHE_AXES) for _ in range(t.num_hidden_layers))
     return KVCache(k=zeros, v=zeros_v, valid=jnp.zeros((batch_size, max_length), bool),
                    length=jnp.zeros((), jnp.int32), next_position=jnp.zeros((batch_size,), jnp.int32))
 
@@ -113,16 +114,16 @@ class TextAttention(nnx.Module):
         t = config.text
         pd, dt = config.jnp_param_dtype, config.jnp_dtype
         d, h, kv, hd = t.hidden_size, t.num_attention_heads, t.num_key_value_heads, t.head_dim
-        self.q_proj = Dense((d,), (h, hd), in_axes=(L.EMBED,), out_axes=(L.HEADS, L.HEAD_DIM), use_bias=False,
-                            param_dtype=pd, dtype=dt, rngs=rngs)
-        self.k_proj = Dense((d,), (kv, hd), in_axes=(L.EMBED,), out_axes=(L.KV_HEADS, L.HEAD_DIM),
+        self.q_proj = Dense((d,), (h, hd), in_axes=(logical.EMBED,), out_axes=(logical.HEADS, logical.HEAD_DIM),
                             use_bias=False, param_dtype=pd, dtype=dt, rngs=rngs)
-        self.v_proj = Dense((d,), (kv, hd), in_axes=(L.EMBED,), out_axes=(L.KV_HEADS, L.HEAD_DIM),
+        self.k_proj = Dense((d,), (kv, hd), in_axes=(logical.EMBED,), out_axes=(logical.KV_HEADS, logical.HEAD_DIM),
                             use_bias=False, param_dtype=pd, dtype=dt, rngs=rngs)
-        self.o_proj = Dense((h, hd), (d,), in_axes=(L.HEADS, L.HEAD_DIM), out_axes=(L.EMBED,), use_bias=False,
-                            param_dtype=pd, dtype=dt, rngs=rngs)
-        self.q_norm = RMSNorm(hd, L.HEAD_DIM, eps=t.rms_norm_eps, param_dtype=pd, rngs=rngs)
-        self.k_norm = RMSNorm(hd, L.HEAD_DIM, eps=t.rms_norm_eps, param_dtype=pd, rngs=rngs)
+        self.v_proj = Dense((d,), (kv, hd), in_axes=(logical.EMBED,), out_axes=(logical.KV_HEADS, logical.HEAD_DIM),
+                            use_bias=False, param_dtype=pd, dtype=dt, rngs=rngs)
+        self.o_proj = Dense((h, hd), (d,), in_axes=(logical.HEADS, logical.HEAD_DIM), out_axes=(logical.EMBED,),
+                            use_bias=False, param_dtype=pd, dtype=dt, rngs=rngs)
+        self.q_norm = RMSNorm(hd, logical.HEAD_DIM, eps=t.rms_norm_eps, param_dtype=pd, rngs=rngs)
+        self.k_norm = RMSNorm(hd, logical.HEAD_DIM, eps=t.rms_norm_eps, param_dtype=pd, rngs=rngs)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, kv_valid: jax.Array | None,
                  cache_kv: tuple[jax.Array, jax.Array] | None = None, cache_length: jax.Array | None = None,
@@ -138,27 +139,29 @@ class TextAttention(nnx.Module):
         the first that many slots only (every valid key lies there); the cache is still written
         in place, so a caller never copies it to narrow attention.
         """
-        q = apply_qk(self.q_norm(self.q_proj(x)), cos, sin, (L.BATCH, L.SEQ, L.HEADS, L.HEAD_DIM))
-        k = apply_qk(self.k_norm(self.k_proj(x)), cos, sin, (L.BATCH, L.SEQ, L.KV_HEADS, L.HEAD_DIM))
-        v = L.constrain(self.v_proj(x), (L.BATCH, L.SEQ, L.KV_HEADS, L.HEAD_DIM))
+        q = apply_qk(self.q_norm(self.q_proj(x)), cos, sin, (logical.BATCH, logical.SEQ, logical.HEADS,
+                                                             logical.HEAD_DIM))
+        k = apply_qk(self.k_norm(self.k_proj(x)), cos, sin, (logical.BATCH, logical.SEQ, logical.KV_HEADS,
+                                                             logical.HEAD_DIM))
+        v = logical.constrain(self.v_proj(x), (logical.BATCH, logical.SEQ, logical.KV_HEADS, logical.HEAD_DIM))
         if cache_kv is None:
             out = attention(q, k, v, causal=True, kv_valid_mask=kv_valid, q_segment_ids=segment_ids,
                             kv_segment_ids=segment_ids)
             new_cache = None
         else:
             ck, cv = cache_kv
-            ck = L.constrain(write_kv_slots(ck, k, cache_length), CACHE_AXES)
-            cv = L.constrain(write_kv_slots(cv, v, cache_length), CACHE_AXES)
+            ck = logical.constrain(write_kv_slots(ck, k, cache_length), CACHE_AXES)
+            cv = logical.constrain(write_kv_slots(cv, v, cache_length), CACHE_AXES)
             w = ck.shape[2] if cache_window is None else min(int(cache_window), ck.shape[2])
             out = cached_attention(q, ck[:, :, :w], cv[:, :, :w], q_positions=write_positions(cache_length, x.shape[1]),
                                    kv_valid_mask=cache_valid[:, :w])
             new_cache = (ck, cv)
-        out = L.constrain(out, (L.BATCH, L.SEQ, L.HEADS, L.HEAD_DIM))
+        out = logical.constrain(out, (logical.BATCH, logical.SEQ, logical.HEADS, logical.HEAD_DIM))
         return self.o_proj(out), new_cache
 
 
 def apply_qk(x: jax.Array, cos: jax.Array, sin: jax.Array, axes) -> jax.Array:
-    return L.constrain(rope.apply_rotary(x, cos, sin), axes)
+    return logical.constrain(rope.apply_rotary(x, cos, sin), axes)
 
 
 class TextMLP(nnx.Module):
@@ -167,13 +170,16 @@ class TextMLP(nnx.Module):
     def __init__(self, config: Qwen3VLConfig, *, rngs: nnx.Rngs):
         t = config.text
         kw = dict(use_bias=False, param_dtype=config.jnp_param_dtype, dtype=config.jnp_dtype, rngs=rngs)
-        self.gate_proj = Dense((t.hidden_size,), (t.intermediate_size,), in_axes=(L.EMBED,), out_axes=(L.MLP,), **kw)
-        self.up_proj = Dense((t.hidden_size,), (t.intermediate_size,), in_axes=(L.EMBED,), out_axes=(L.MLP,), **kw)
-        self.down_proj = Dense((t.intermediate_size,), (t.hidden_size,), in_axes=(L.MLP,), out_axes=(L.EMBED,), **kw)
+        self.gate_proj = Dense((t.hidden_size,), (t.intermediate_size,), in_axes=(logical.EMBED,),
+                               out_axes=(logical.MLP,), **kw)
+        self.up_proj = Dense((t.hidden_size,), (t.intermediate_size,), in_axes=(logical.EMBED,), out_axes=(logical.MLP,
+                                                                                                           ), **kw)
+        self.down_proj = Dense((t.intermediate_size,), (t.hidden_size,), in_axes=(logical.MLP,),
+                               out_axes=(logical.EMBED,), **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
-        return self.down_proj(L.constrain(hidden, (L.BATCH, L.SEQ, L.MLP)))
+        return self.down_proj(logical.constrain(hidden, (logical.BATCH, logical.SEQ, logical.MLP)))
 
 
 class TextDecoderLayer(nnx.Module):
@@ -182,8 +188,8 @@ class TextDecoderLayer(nnx.Module):
         pd = config.jnp_param_dtype
         self.self_attn = TextAttention(config, rngs=rngs)
         self.mlp = TextMLP(config, rngs=rngs)
-        self.input_layernorm = RMSNorm(t.hidden_size, L.EMBED, eps=t.rms_norm_eps, param_dtype=pd, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(t.hidden_size, L.EMBED, eps=t.rms_norm_eps, param_dtype=pd,
+        self.input_layernorm = RMSNorm(t.hidden_size, logical.EMBED, eps=t.rms_norm_eps, param_dtype=pd, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(t.hidden_size, logical.EMBED, eps=t.rms_norm_eps, param_dtype=pd,
                                                 rngs=rngs)
 
     def __call__(self, x, cos, sin, kv_valid, cache_kv=None, cache_length=None, cache_valid=None,
@@ -192,7 +198,7 @@ class TextDecoderLayer(nnx.Module):
                                          cache_valid, segment_ids, cache_window)
         x = x + attn
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return L.constrain(x, (L.BATCH, L.SEQ, L.EMBED)), new_cache
+        return logical.constrain(x, (logical.BATCH, logical.SEQ, logical.EMBED)), new_cache
 
 
 class DeepstackInputs(NamedTuple):
@@ -234,7 +240,7 @@ class Qwen3VLTextModel(nnx.Module):
                                   dtype=config.jnp_dtype, rngs=rngs)
         layers = [TextDecoderLayer(config, rngs=rngs) for _ in range(t.num_hidden_layers)]
         self.layers = stack_layers(layers) if config.scan_layers else nnx.List(layers)
-        self.norm = RMSNorm(t.hidden_size, L.EMBED, eps=t.rms_norm_eps, param_dtype=config.jnp_param_dtype,
+        self.norm = RMSNorm(t.hidden_size, logical.EMBED, eps=t.rms_norm_eps, param_dtype=config.jnp_param_dtype,
                             rngs=rngs)
 
     def rope_tables(self, position_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -254,7 +260,7 @@ class Qwen3VLTextModel(nnx.Module):
         segment_ids: [B, T] for packed rows (no cache): attention stays within a segment.
         cache_window (static): with a cache, attend over its first that many slots only.
         """
-        x = L.constrain(inputs_embeds.astype(self.config.jnp_dtype), (L.BATCH, L.SEQ, L.EMBED))
+        x = logical.constrain(inputs_embeds.astype(self.config.jnp_dtype), (logical.BATCH, logical.SEQ, logical.EMBED))
         b, t = x.shape[:2]
         n_layers = self.config.text.num_hidden_layers
         mask = jnp.ones((b, t), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)

@@ -23,7 +23,7 @@ from genevolve_jax.models.layers import Dense, LayerNorm
 from genevolve_jax.models.qwen3_vl.config import Qwen3VLConfig, VisionConfig
 from genevolve_jax.models.qwen3_vl.text import REMAT_POLICIES
 from genevolve_jax.ops.attention import attention
-from genevolve_jax.sharding import logical as L
+from genevolve_jax.sharding import logical
 
 _LN_EPS = 1e-6
 
@@ -153,8 +153,8 @@ class PatchEmbed(nnx.Module):
     """Conv3d with kernel == stride == (T, P, P) is a Dense on the flattened (C, T, P, P) patch."""
 
     def __init__(self, vision: VisionConfig, *, param_dtype, dtype, rngs: nnx.Rngs):
-        self.proj = Dense((vision.patch_dim,), (vision.hidden_size,), in_axes=(L.VIS_IN,),
-                          out_axes=(L.VIS_EMBED,), use_bias=True, param_dtype=param_dtype, dtype=dtype,
+        self.proj = Dense((vision.patch_dim,), (vision.hidden_size,), in_axes=(logical.VIS_IN,),
+                          out_axes=(logical.VIS_EMBED,), use_bias=True, param_dtype=param_dtype, dtype=dtype,
                           rngs=rngs)
 
     def __call__(self, patches: jax.Array) -> jax.Array:
@@ -165,7 +165,7 @@ class PositionTable(nnx.Module):
     """The learned side×side position grid, stored flat [side², hidden]."""
 
     def __init__(self, num: int, dim: int, *, param_dtype, rngs: nnx.Rngs):
-        self.embedding = L.param(rngs, nnx.initializers.normal(0.02), (num, dim), (None, L.VIS_EMBED),
+        self.embedding = logical.param(rngs, nnx.initializers.normal(0.02), (num, dim), (None, logical.VIS_EMBED),
                                  param_dtype)
 
     def __call__(self, indices: jax.Array, weights: jax.Array) -> jax.Array:
@@ -177,9 +177,9 @@ class PositionTable(nnx.Module):
 class VisionAttention(nnx.Module):
     def __init__(self, vision: VisionConfig, *, param_dtype, dtype, rngs: nnx.Rngs):
         d, h, hd = vision.hidden_size, vision.num_heads, vision.head_dim
-        self.qkv = Dense((d,), (3, h, hd), in_axes=(L.VIS_EMBED,), out_axes=(None, L.VIS_HEADS, L.HEAD_DIM),
-                         use_bias=True, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
-        self.proj = Dense((h, hd), (d,), in_axes=(L.VIS_HEADS, L.HEAD_DIM), out_axes=(L.VIS_EMBED,),
+        self.qkv = Dense((d,), (3, h, hd), in_axes=(logical.VIS_EMBED,),
+                         out_axes=(None, logical.VIS_HEADS, logical.HEAD_DIM), use_bias=True, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        self.proj = Dense((h, hd), (d,), in_axes=(logical.VIS_HEADS, logical.HEAD_DIM), out_axes=(logical.VIS_EMBED,),
                           use_bias=True, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array,
@@ -202,10 +202,10 @@ class VisionAttention(nnx.Module):
 class VisionMLP(nnx.Module):
     def __init__(self, vision: VisionConfig, *, param_dtype, dtype, rngs: nnx.Rngs):
         kw = dict(use_bias=True, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
-        self.linear_fc1 = Dense((vision.hidden_size,), (vision.intermediate_size,), in_axes=(L.VIS_EMBED,),
-                                out_axes=(L.VIS_MLP,), **kw)
-        self.linear_fc2 = Dense((vision.intermediate_size,), (vision.hidden_size,), in_axes=(L.VIS_MLP,),
-                                out_axes=(L.VIS_EMBED,), **kw)
+        self.linear_fc1 = Dense((vision.hidden_size,), (vision.intermediate_size,), in_axes=(logical.VIS_EMBED,),
+                                out_axes=(logical.VIS_MLP,), **kw)
+        self.linear_fc2 = Dense((vision.intermediate_size,), (vision.hidden_size,), in_axes=(logical.VIS_MLP,),
+                                out_axes=(logical.VIS_EMBED,), **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # hidden_act = gelu_pytorch_tanh
@@ -215,15 +215,15 @@ class VisionMLP(nnx.Module):
 class VisionBlock(nnx.Module):
     def __init__(self, vision: VisionConfig, *, param_dtype, dtype, rngs: nnx.Rngs):
         kw = dict(param_dtype=param_dtype, rngs=rngs)
-        self.norm1 = LayerNorm(vision.hidden_size, L.VIS_EMBED, eps=_LN_EPS, **kw)
-        self.norm2 = LayerNorm(vision.hidden_size, L.VIS_EMBED, eps=_LN_EPS, **kw)
+        self.norm1 = LayerNorm(vision.hidden_size, logical.VIS_EMBED, eps=_LN_EPS, **kw)
+        self.norm2 = LayerNorm(vision.hidden_size, logical.VIS_EMBED, eps=_LN_EPS, **kw)
         self.attn = VisionAttention(vision, dtype=dtype, **kw)
         self.mlp = VisionMLP(vision, dtype=dtype, **kw)
 
     def __call__(self, x, cos, sin, segment_ids, segment_length=None):
         x = x + self.attn(self.norm1(x), cos, sin, segment_ids, segment_length)
         x = x + self.mlp(self.norm2(x))
-        return L.constrain(x, (L.VIS_TOKENS, L.VIS_EMBED))
+        return logical.constrain(x, (logical.VIS_TOKENS, logical.VIS_EMBED))
 
 
 class PatchMerger(nnx.Module):
@@ -236,12 +236,13 @@ class PatchMerger(nnx.Module):
     def __init__(self, vision: VisionConfig, *, postshuffle: bool, param_dtype, dtype, rngs: nnx.Rngs):
         self.merged = vision.hidden_size * vision.spatial_merge_size ** 2
         self.postshuffle = postshuffle
-        norm_dim, norm_axis = (self.merged, L.VIS_IN) if postshuffle else (vision.hidden_size, L.VIS_EMBED)
+        norm_dim, norm_axis = (self.merged, logical.VIS_IN) if postshuffle else (vision.hidden_size, logical.VIS_EMBED)
         self.norm = LayerNorm(norm_dim, norm_axis, eps=_LN_EPS, param_dtype=param_dtype, rngs=rngs)
         kw = dict(use_bias=True, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
-        self.linear_fc1 = Dense((self.merged,), (self.merged,), in_axes=(L.VIS_IN,), out_axes=(L.VIS_MLP,), **kw)
-        self.linear_fc2 = Dense((self.merged,), (vision.out_hidden_size,), in_axes=(L.VIS_MLP,),
-                                out_axes=(L.EMBED,), **kw)
+        self.linear_fc1 = Dense((self.merged,), (self.merged,), in_axes=(logical.VIS_IN,), out_axes=(logical.VIS_MLP,),
+                                **kw)
+        self.linear_fc2 = Dense((self.merged,), (vision.out_hidden_size,), in_axes=(logical.VIS_MLP,),
+                                out_axes=(logical.EMBED,), **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.postshuffle:
@@ -249,7 +250,7 @@ class PatchMerger(nnx.Module):
         else:
             x = self.norm(x).reshape(-1, self.merged)
         x = self.linear_fc2(jax.nn.gelu(self.linear_fc1(x), approximate=False))
-        return L.constrain(x, (L.VIS_TOKENS, L.EMBED))
+        return logical.constrain(x, (logical.VIS_TOKENS, logical.EMBED))
 
 
 class Qwen3VLVisionModel(nnx.Module):
@@ -290,7 +291,7 @@ class Qwen3VLVisionModel(nnx.Module):
         dtype = self.config.jnp_dtype
         x = self.patch_embed(pixel_values.astype(dtype))
         x = x + self.pos_embed(jnp.asarray(aux.pos_indices), jnp.asarray(aux.pos_weights)).astype(dtype)
-        x = L.constrain(x, (L.VIS_TOKENS, L.VIS_EMBED))
+        x = logical.constrain(x, (logical.VIS_TOKENS, logical.VIS_EMBED))
         cos, sin = vision_rope(jnp.asarray(aux.rope_positions), v.head_dim, v.rope_theta)
         segment_ids = jnp.asarray(aux.segment_ids)
         apply = self._block_apply(segment_length)

@@ -61,7 +61,7 @@ def weighted_sum(x: jax.Array, weight: jax.Array) -> jax.Array:
     """Σ weight·x over positions with a nonzero weight (garbage elsewhere cannot leak in).
 
     The exact-accumulation form of every aggregation: the host computes each token's weight
-    from the whole step's counts (train/loss_weights.py), so the sum over any split of the rows
+    from the whole step's counts (train/rl/loss_weights.py), so the sum over any split of the rows
     into micro-batches is the one-batch loss."""
     w = jnp.asarray(weight, F32)
     return jnp.sum(jnp.where(w != 0, jnp.asarray(x, F32), 0.0) * w)

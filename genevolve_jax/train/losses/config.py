@@ -96,3 +96,8 @@ def validate(cfg: ml_collections.ConfigDict, prefix: str = "") -> ml_collections
     check(is_number(s.token_cap) and s.token_cap > 0, "sdl.token_cap", "> 0", s.token_cap)
     check(is_number(s.topk_frac) and 0 < s.topk_frac <= 1, "sdl.topk_frac", "in (0, 1]", s.topk_frac)
     return cfg
+
+
+def validate_loss(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The ``loss`` section of a run config, with errors naming ``loss.<field>``."""
+    return validate(cfg, prefix="loss")

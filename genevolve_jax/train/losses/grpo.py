@@ -14,9 +14,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from genevolve_jax.train.losses.common import (F32, aggregate, as_mask, check_same_shape, masked,
-                                               masked_mean, sample_mask, weighted_sum,
-                                               constant_weight_mean)
+from genevolve_jax.train.losses.common import (F32, aggregate, as_mask, check_same_shape, masked, masked_mean,
+                                               sample_mask, weighted_sum, constant_weight_mean)
 
 # exp() arguments are kept inside ±LOG_RATIO_LIMIT: a log-ratio beyond it is already garbage, and
 # this keeps float32 finite (the gradient there is zero, as for any clipped token).
@@ -70,21 +69,6 @@ def advantages_from_config(rewards, valid, cfg: ml_collections.ConfigDict,
     g = cfg.grpo
     return group_advantages(rewards, valid, group_size=group_size, eps=g.adv_eps,
                             scale_by_std=g.adv_scale_by_std, std_ddof=g.adv_std_ddof)
-
-
-def trajectory_valid(cfg: ml_collections.ConfigDict, *, error=None, truncated=None,
-                     repeated=None) -> jax.Array:
-    """[B] bool: False for trajectories that the config says to mask (error/truncated/repeated)."""
-    flags = [(cfg.grpo.mask_error, error), (cfg.grpo.mask_truncated, truncated),
-             (cfg.grpo.mask_repeated, repeated)]
-    present = [jnp.asarray(f) for _, f in flags if f is not None]
-    if not present:
-        raise ValueError("trajectory_valid needs at least one of error, truncated, repeated")
-    valid = jnp.ones(present[0].shape, bool)
-    for enabled, flag in flags:
-        if enabled and flag is not None:
-            valid = valid & (jnp.asarray(flag) == 0)
-    return valid
 
 
 def kl_penalty(logprobs: jax.Array, ref_logprobs: jax.Array, estimator: str,
@@ -157,7 +141,7 @@ def grpo_loss(logprobs: jax.Array, old_logprobs: jax.Array, advantages: jax.Arra
 
     logprobs, old_logprobs, ref_logprobs [B, T] (sampled-token log-probs under the policy, the
     rollout policy and the reference); advantages [B] (one per trajectory) or [B, T]; mask [B, T]
-    on the policy's tokens; sample_valid [B] (e.g. :func:`trajectory_valid`); entropy [B, T] is
+    on the policy's tokens; sample_valid [B] (0 drops a whole trajectory); entropy [B, T] is
     only reported. ``cfg`` is the loss config (:func:`default_loss_config`).
     Returns (loss scalar, metrics dict of scalars). The train step uses :func:`grpo_loss_weighted`
     (the same terms with host-computed weights, exact over micro-batches and packed rows).
@@ -196,7 +180,7 @@ def grpo_loss_weighted(logprobs: jax.Array, old_logprobs: jax.Array, advantages:
     """GRPO as a weighted token sum: (Σ w_agg·(pg + β·kl), metrics as weighted sums).
 
     ``advantages`` [B, T] (each token carries its trajectory's); ``weights`` a
-    :class:`~genevolve_jax.train.loss_weights.TokenWeights` view: ``grpo`` (the aggregation's
+    :class:`~genevolve_jax.train.rl.loss_weights.TokenWeights` view: ``grpo`` (the aggregation's
     per-token weight, 0 off the valid policy tokens), ``token`` (1/N on the step's valid policy
     tokens: token means) and ``seq`` (1 on a trajectory's first policy token: trajectory counts).
     Masked trajectories have no row in a packed batch (``samples/masked`` counts them). Every value is a sum, so micro-batches add up to the one-batch numbers exactly."""

@@ -31,9 +31,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from genevolve_jax.train.losses.common import (F32, as_mask, check_same_shape, masked,
-                                               masked_mean, sample_mask, weighted_sum,
-                                               constant_weight_mean)
+from genevolve_jax.train.losses.common import (F32, as_mask, check_same_shape, masked, masked_mean, sample_mask,
+                                               weighted_sum, constant_weight_mean)
 from genevolve_jax.train.losses.grpo import grpo_loss, grpo_loss_weighted
 
 # Largest exp() argument used: beyond it k3 is far above any sane clamp, and float32 stays finite.
@@ -187,7 +186,7 @@ def sdl_loss_weighted(student_logprobs: jax.Array, teacher_logprobs: jax.Array, 
                       segment_ids: jax.Array, weights, cfg: ml_collections.ConfigDict):
     """SDL as a weighted token sum over packed rows: (Σ w_sdl·m^E·ℓ_tok, metrics as sums).
 
-    ``weights`` (train/loss_weights.py): ``sdl_k`` [B, T] the top-token count of each token's
+    ``weights`` (train/rl/loss_weights.py): ``sdl_k`` [B, T] the top-token count of each token's
     segment (0 without a bundle or when masked), ``sdl`` 1/Σk on the candidate tokens (valid
     policy tokens of bundled trajectories), ``seq`` 1 on a trajectory's first policy token and
     ``sample`` 1/(n·N) on every token of the N real trajectories."""

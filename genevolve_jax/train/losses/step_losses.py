@@ -9,7 +9,7 @@
   ``old_logprobs`` or, when the batch carries none (an on-policy step: one optimiser step over the
   rollout batch), the stop-gradient of the step's own log-probs: the ratio is then exactly 1 and
   no forward is spent on it. Its terms are weighted token sums with the normalisers of the whole
-  step computed on the host (train/loss_weights.py), so micro-batches of packed rows add up to
+  step computed on the host (train/rl/loss_weights.py), so micro-batches of packed rows add up to
   the one-batch loss, gradient and metrics exactly.
 """
 from __future__ import annotations
@@ -20,11 +20,11 @@ import jax
 import jax.numpy as jnp
 
 from genevolve_jax.ops.fused_logprob import token_logprobs
-from genevolve_jax.train.batch_layout import hidden_states_of, row_images_of, teacher_view
-from genevolve_jax.train.loss_weights import weights_view
 from genevolve_jax.train.losses.sdl import evolve_loss_weighted
 from genevolve_jax.train.losses.sft import sft_loss_from_hidden
-from genevolve_jax.train.step import LossFunction
+from genevolve_jax.train.rl.loss_weights import weights_view
+from genevolve_jax.train.runtime.batch_layout import hidden_states_of, row_images_of, teacher_view
+from genevolve_jax.train.runtime.step import LossFunction
 
 
 class SFTLoss(LossFunction):
@@ -78,7 +78,7 @@ def teacher_logprobs(model, batch: Mapping[str, Any], loss_cfg, image_features=N
 
 class EvolveLoss(LossFunction):
     """GRPO + λ·SDL as weighted token sums: every normaliser of the step (tokens, trajectories,
-    SDL's top-token counts) is in the batch's weight fields (train/loss_weights.py), so a
+    SDL's top-token counts) is in the batch's weight fields (train/rl/loss_weights.py), so a
     micro-batch returns its share of the one-batch loss, and its metrics are sums or exact
     weighted means. The weight is the micro-batch's share of ``row_weight`` (Σ over the step = 1)."""
 

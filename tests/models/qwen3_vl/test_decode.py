@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from genevolve_jax.models.qwen3_vl import config as C
-from genevolve_jax.models.qwen3_vl import hf_reference as R
+from genevolve_jax.models.qwen3_vl import config as qwen_config
+from genevolve_jax.models.qwen3_vl.hf_reference import hf_logits
 from genevolve_jax.models.qwen3_vl.model import decode_fn, prefill_fn, prepare_inputs
 from genevolve_jax.models.qwen3_vl.text import init_cache, write_kv_slots
+from tests.fixtures import hf_qwen3_vl as R
 
 TOL = 1e-4
 STEPS = 4
@@ -19,7 +20,7 @@ _decode = jax.jit(decode_fn)
 
 @pytest.fixture(scope="module")
 def setup():
-    cfg = C.tiny()
+    cfg = qwen_config.tiny()
     hf = R.random_hf_model(cfg, 4)
     return cfg, hf, R.nnx_model_from_hf(hf, cfg)
 
@@ -55,7 +56,7 @@ def test_prefill_and_decode_steps_equal_the_full_forward(setup):
     # transformers' full forward over prompt + generated tokens; an idle step is a masked slot.
     full_ids = np.concatenate([ids, new.T], axis=1)
     full_mask = np.concatenate([mask, took.T.astype(mask.dtype)], axis=1)
-    want = R.hf_logits(hf, cfg, full_ids, full_mask, pixel_values=pix, image_grid_thw=grid)
+    want = hf_logits(hf, cfg, full_ids, full_mask, pixel_values=pix, image_grid_thw=grid)
     last_real = length - 1 - np.argmax(mask[:, ::-1], axis=1)
     np.testing.assert_allclose(np.asarray(last), want[np.arange(b), last_real], atol=TOL, rtol=0)
     for k in range(STEPS):
@@ -117,7 +118,7 @@ def test_appending_a_chunk_with_an_image_to_a_cached_conversation(setup):
         steps.append(np.asarray(logits))
     full_ids = np.concatenate([first_ids, ids2, new.T], axis=1)
     full_mask = np.concatenate([first_mask, mask2, np.ones((b, 2), int)], axis=1)
-    want = R.hf_logits(hf, cfg, full_ids, full_mask, pixel_values=pix, image_grid_thw=grid)
+    want = hf_logits(hf, cfg, full_ids, full_mask, pixel_values=pix, image_grid_thw=grid)
     np.testing.assert_allclose(np.asarray(last2), want[:, total - 3], atol=TOL, rtol=0)
     for k in range(2):
         np.testing.assert_allclose(steps[k], want[:, total - 2 + k], atol=TOL, rtol=0)

@@ -4,11 +4,11 @@ import pytest
 import torch
 import transformers
 
-from genevolve_jax.models.qwen3_vl import config as C
+from genevolve_jax.models.qwen3_vl import config as qwen_config
 from genevolve_jax.models.qwen3_vl import keymap
 
 
-def _hf_model(cfg: C.Qwen3VLConfig):
+def _hf_model(cfg: qwen_config.Qwen3VLConfig):
     hf_cfg = transformers.Qwen3VLConfig(**{k: v for k, v in cfg.to_hf_dict().items()
                                            if k not in ("architectures", "model_type")})
     torch.manual_seed(0)
@@ -17,7 +17,7 @@ def _hf_model(cfg: C.Qwen3VLConfig):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_key_map_is_a_bijection_over_the_real_state_dict(tied):
-    cfg = C.tiny(tie_word_embeddings=tied)
+    cfg = qwen_config.tiny(tie_word_embeddings=tied)
     sd = {k: v for k, v in _hf_model(cfg).state_dict().items()}
     entries = keymap.key_entries(cfg)
     hf_names = [e.hf for e in entries]
@@ -36,7 +36,7 @@ def test_key_map_is_a_bijection_over_the_real_state_dict(tied):
 
 def test_linear_entries_match_torch_semantics():
     """y = x @ W.T in torch equals contracting x with our input-major kernel."""
-    cfg = C.tiny()
+    cfg = qwen_config.tiny()
     rng = np.random.default_rng(2)
     by_name = {e.hf: e for e in keymap.key_entries(cfg)}
     e = by_name["model.language_model.layers.0.self_attn.o_proj.weight"]
@@ -57,7 +57,7 @@ def test_linear_entries_match_torch_semantics():
 
 
 def test_bad_checkpoints_fail_before_reading_with_the_key_named():
-    cfg = C.tiny()
+    cfg = qwen_config.tiny()
     shapes = {e.hf: e.hf_shape for e in keymap.key_entries(cfg)}
     missing = dict(shapes)
     del missing["model.language_model.layers.1.mlp.up_proj.weight"]
@@ -74,23 +74,23 @@ def test_bad_checkpoints_fail_before_reading_with_the_key_named():
 
 
 def test_config_round_trips_through_transformers_and_rejects_other_models():
-    cfg = C.tiny(tie_word_embeddings=True)
+    cfg = qwen_config.tiny(tie_word_embeddings=True)
     hf_cfg = transformers.Qwen3VLConfig(**{k: v for k, v in cfg.to_hf_dict().items()
                                            if k not in ("architectures", "model_type")})
-    again = C.Qwen3VLConfig.from_hf_dict(hf_cfg.to_dict())
+    again = qwen_config.Qwen3VLConfig.from_hf_dict(hf_cfg.to_dict())
     assert again == cfg
     legacy = cfg.to_hf_dict()
     rope = legacy["text_config"].pop("rope_parameters")
     legacy["text_config"]["rope_theta"] = rope["rope_theta"]
     legacy["text_config"]["rope_scaling"] = {"rope_type": "default", "mrope_section": rope["mrope_section"],
                                              "mrope_interleaved": True}
-    assert C.Qwen3VLConfig.from_hf_dict(legacy) == cfg
-    with pytest.raises(C.ConfigError, match="model_type"):
-        C.Qwen3VLConfig.from_hf_dict({**legacy, "model_type": "qwen2_5_vl"})
+    assert qwen_config.Qwen3VLConfig.from_hf_dict(legacy) == cfg
+    with pytest.raises(qwen_config.ConfigError, match="model_type"):
+        qwen_config.Qwen3VLConfig.from_hf_dict({**legacy, "model_type": "qwen2_5_vl"})
     del legacy["text_config"]["rope_scaling"]
-    with pytest.raises(C.ConfigError, match="mrope_section"):
-        C.Qwen3VLConfig.from_hf_dict(legacy)
+    with pytest.raises(qwen_config.ConfigError, match="mrope_section"):
+        qwen_config.Qwen3VLConfig.from_hf_dict(legacy)
     broken = cfg.to_hf_dict()
     del broken["vision_config"]["depth"]
-    with pytest.raises(C.ConfigError, match="vision_config.depth"):
-        C.Qwen3VLConfig.from_hf_dict(broken)
+    with pytest.raises(qwen_config.ConfigError, match="vision_config.depth"):
+        qwen_config.Qwen3VLConfig.from_hf_dict(broken)

@@ -7,15 +7,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from genevolve_jax.models.qwen3_vl import config as C
-from genevolve_jax.models.qwen3_vl import hf_reference as R
-from genevolve_jax.models.qwen3_vl.model import (Qwen3VLForConditionalGeneration, forward, forward_hidden, prepare_inputs)
+from genevolve_jax.models.qwen3_vl import config as qwen_config
+from genevolve_jax.models.qwen3_vl.hf_reference import hf_logits
+from genevolve_jax.models.qwen3_vl.model import Qwen3VLForConditionalGeneration, forward, forward_hidden, prepare_inputs
+from tests.fixtures import hf_qwen3_vl as R
 
 TOL = 1e-4
 
 
 def _pair(tied: bool, seed: int):
-    cfg = C.tiny(tie_word_embeddings=tied)
+    cfg = qwen_config.tiny(tie_word_embeddings=tied)
     hf = R.random_hf_model(cfg, seed)
     return cfg, hf, R.nnx_model_from_hf(hf, cfg)
 
@@ -40,7 +41,7 @@ def tied():
 
 
 def _compare(hf, cfg, ours, ids, mask=None, **vision):
-    want = R.hf_logits(hf, cfg, ids, mask, **vision)
+    want = hf_logits(hf, cfg, ids, mask, **vision)
     got = _logits(ours, ids, mask, **vision)
     valid = np.ones(ids.shape, bool) if mask is None else mask.astype(bool)
     assert np.abs(want[valid]).max() > 1.0  # logits are not tiny
@@ -140,19 +141,19 @@ def test_bf16_params_and_compute_stay_within_bf16_tolerance(untied):
     grid = np.array([[1, 4, 4]])
     row = R.text_tokens(cfg, 4, rng) + R.placeholder_segment(cfg, grid[0], "image", rng) + R.text_tokens(cfg, 6, rng)
     ids, pix = np.array([row]), R.random_pixels(cfg, grid, rng)
-    ref = R.hf_logits(hf, cfg, ids, pixel_values=pix, image_grid_thw=grid)
+    ref = hf_logits(hf, cfg, ids, pixel_values=pix, image_grid_thw=grid)
     graphdef, state = nnx.split(ours16)
     got = _forward(graphdef, state, prepare_inputs(ours16.config, ids, pixel_values=pix, image_grid_thw=grid))
     assert got.dtype == jnp.bfloat16
     ours_err = np.abs(np.asarray(got, np.float32) - ref).max()
     hf16 = copy.deepcopy(hf).to(torch.bfloat16)
-    hf_err = np.abs(R.hf_logits(hf16, cfg, ids, pixel_values=pix, image_grid_thw=grid) - ref).max()
+    hf_err = np.abs(hf_logits(hf16, cfg, ids, pixel_values=pix, image_grid_thw=grid) - ref).max()
     assert ours_err <= 1.5 * hf_err + 0.02, (ours_err, hf_err)
     assert ours_err <= 0.03 * (ref.max() - ref.min()), (ours_err, ref.max() - ref.min())
 
 
 def test_bad_inputs_fail_on_the_host_naming_the_counts():
-    cfg = C.tiny()
+    cfg = qwen_config.tiny()
     rng = np.random.default_rng(18)
     grid = np.array([[1, 4, 4]])  # 4 merged features
     pix = R.random_pixels(cfg, grid, rng)
@@ -185,7 +186,7 @@ def test_sharded_forward_under_fsdp_tp_equals_unsharded(untied):
     placed by their axis names, activations constrained, and the logits do not change."""
     from jax.sharding import Mesh
 
-    from genevolve_jax.sharding import logical as L
+    from genevolve_jax.sharding import logical
     cfg, _, ours = untied
     rng = np.random.default_rng(19)
     grid = np.array([[1, 4, 4]])
@@ -193,11 +194,11 @@ def test_sharded_forward_under_fsdp_tp_equals_unsharded(untied):
     ids, mask = R.pad_rows(rows, "left")
     batch = prepare_inputs(cfg, ids, mask, pixel_values=R.random_pixels(cfg, grid, rng), image_grid_thw=grid)
     graphdef, state = nnx.split(ours)
-    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2, 1), L.MESH_AXES)
-    shardings = L.state_shardings(state, mesh, "fsdp_tp")
-    q_spec = L.state_partition_specs(state, "fsdp_tp", mesh)["language_model"]["layers"][0]["self_attn"]["q_proj"]
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2, 1), logical.MESH_AXES)
+    shardings = logical.state_shardings(state, mesh, "fsdp_tp")
+    q_spec = logical.state_partition_specs(state, "fsdp_tp", mesh)["language_model"]["layers"][0]["self_attn"]["q_proj"]
     assert tuple(q_spec["kernel"]) == ("fsdp", "tensor", None)
-    with L.use_rules(mesh, "fsdp_tp"):
+    with logical.use_rules(mesh, "fsdp_tp"):
         sharded_state = jax.device_put(state, shardings)
         got = np.asarray(jax.jit(forward)(graphdef, sharded_state, batch))
     np.testing.assert_allclose(got, _logits(ours, ids, mask, pixel_values=batch.pixel_values, image_grid_thw=grid),

@@ -9,7 +9,7 @@ from genevolve_jax.models import hf_io
 from genevolve_jax.models.qwen3_vl import keymap
 from genevolve_jax.models.qwen3_vl.config import tiny
 from genevolve_jax.models.qwen3_vl.model import forward, prepare_inputs
-from genevolve_jax.sharding import logical as L
+from genevolve_jax.sharding import logical
 from genevolve_jax.sharding.mesh import make_mesh
 
 
@@ -72,7 +72,7 @@ def test_keymap_round_trips_through_stacked_layout(models):
 def test_stacked_params_get_a_layers_axis_in_specs(models):
     _, scanned = models
     mesh = make_mesh({"fsdp": 8})
-    specs = L.state_partition_specs(nnx.state(scanned, nnx.Param), "fsdp", mesh)
+    specs = logical.state_partition_specs(nnx.state(scanned, nnx.Param), "fsdp", mesh)
     spec = specs["language_model"]["layers"]["mlp"]["up_proj"]["kernel"]
     assert tuple(spec) == (None, "fsdp", None)  # [layers, embed, mlp]: embed takes fsdp
     assert jax.tree.leaves(specs)

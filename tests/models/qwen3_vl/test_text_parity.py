@@ -8,11 +8,11 @@ import torch
 import transformers
 from flax import nnx
 
-from genevolve_jax.models.qwen3_vl import config as C
-from genevolve_jax.models.qwen3_vl import hf_reference as R
+from genevolve_jax.models.qwen3_vl import config as qwen_config
 from genevolve_jax.models.qwen3_vl import keymap, rope
 from genevolve_jax.models.qwen3_vl.text import DeepstackInputs, Qwen3VLTextModel
 from genevolve_jax.ops.attention import attention
+from tests.fixtures import hf_qwen3_vl as R
 
 TOL = 1e-4
 
@@ -98,7 +98,7 @@ def test_mrope_layout_is_interleaved_thw():
 # --- rope index -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def hf_tiny():
-    return R.random_hf_model(C.tiny(), seed=3)
+    return R.random_hf_model(qwen_config.tiny(), seed=3)
 
 
 def _mixed_rows(cfg, rng):
@@ -122,7 +122,7 @@ def _mixed_rows(cfg, rng):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_rope_index_matches_transformers_on_mixed_padded_rows(hf_tiny, seed):
-    cfg = C.tiny()
+    cfg = qwen_config.tiny()
     rng = np.random.default_rng(seed)
     rows, image_grids, video_grids = _mixed_rows(cfg, rng)
     ids, mask = R.pad_rows(rows, ["left", "right", "left", "right"])
@@ -142,7 +142,7 @@ def test_rope_index_matches_transformers_on_mixed_padded_rows(hf_tiny, seed):
 
 
 def test_rope_index_rejects_runs_that_do_not_match_the_grids():
-    cfg = C.tiny()
+    cfg = qwen_config.tiny()
     ids = np.array([[1, 2] + [cfg.image_token_id] * 5 + [3]])
     with pytest.raises(ValueError, match="5 image placeholder tokens"):
         rope.get_rope_index(ids, image_grid_thw=np.array([[1, 4, 4]]), spatial_merge_size=2,
@@ -165,7 +165,7 @@ def load_text_weights(model: Qwen3VLTextModel, cfg, state_dict):
 
 
 def test_text_decoder_with_deepstack_and_padding_matches_transformers(hf_tiny):
-    cfg = C.tiny()
+    cfg = qwen_config.tiny()
     rng = np.random.default_rng(5)
     ours = nnx.eval_shape(lambda: Qwen3VLTextModel(cfg, rngs=nnx.Rngs(0)))  # every weight is loaded below
     load_text_weights(ours, cfg, R.state_dict_numpy(hf_tiny))

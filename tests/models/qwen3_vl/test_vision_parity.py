@@ -12,22 +12,22 @@ import torch
 import transformers
 from flax import nnx
 
-from genevolve_jax.models.qwen3_vl import config as C
+from genevolve_jax.models.qwen3_vl import config as qwen_config
 from genevolve_jax.models.qwen3_vl import keymap
-from genevolve_jax.models.qwen3_vl import vision as V
+from genevolve_jax.models.qwen3_vl import vision
 
 TOL = 1e-4
 
 
 def _tiny(**vision_overrides):
-    cfg = C.tiny()
+    cfg = qwen_config.tiny()
     if vision_overrides:
         import dataclasses
         cfg = cfg.replace(vision=dataclasses.replace(cfg.vision, **vision_overrides))
     return cfg
 
 
-def _hf_visual(cfg: C.Qwen3VLConfig, seed: int):
+def _hf_visual(cfg: qwen_config.Qwen3VLConfig, seed: int):
     vc = {k: v for k, v in cfg.to_hf_dict()["vision_config"].items() if k != "model_type"}
     # Eager attention: the plain softmax(QKᵀ)V reference (the default would be SDPA).
     hf_cfg = transformers.Qwen3VLVisionConfig(**vc, attn_implementation="eager")
@@ -47,12 +47,12 @@ def _hf_visual(cfg: C.Qwen3VLConfig, seed: int):
     return model
 
 
-def _abstract_visual(cfg: C.Qwen3VLConfig) -> V.Qwen3VLVisionModel:
+def _abstract_visual(cfg: qwen_config.Qwen3VLConfig) -> vision.Qwen3VLVisionModel:
     """The module structure without running initialisers (every value is set by the caller)."""
-    return nnx.eval_shape(lambda: V.Qwen3VLVisionModel(cfg, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: vision.Qwen3VLVisionModel(cfg, rngs=nnx.Rngs(0)))
 
 
-def _random_visual(cfg: C.Qwen3VLConfig, seed: int) -> V.Qwen3VLVisionModel:
+def _random_visual(cfg: qwen_config.Qwen3VLConfig, seed: int) -> vision.Qwen3VLVisionModel:
     """Every parameter drawn at random (norm scales around 1, not 1), no transformers involved."""
     visual = _abstract_visual(cfg)
     rng = np.random.default_rng(seed)
@@ -69,7 +69,7 @@ def _random_visual(cfg: C.Qwen3VLConfig, seed: int) -> V.Qwen3VLVisionModel:
     return visual
 
 
-def _load_visual(visual: V.Qwen3VLVisionModel, cfg: C.Qwen3VLConfig, hf_state: dict) -> None:
+def _load_visual(visual: vision.Qwen3VLVisionModel, cfg: qwen_config.Qwen3VLConfig, hf_state: dict) -> None:
     """Copy ``model.visual.*`` through the lead's declarative key map into the standalone tower."""
     entries = [e for e in keymap.key_entries(cfg) if e.nnx[0] == "visual"]
     names = {e.hf[len("model.visual."):] for e in entries}
@@ -88,7 +88,7 @@ def _jit_forward(visual, pixels, grid):
     """The tower as a hot loop runs it: graph split once, host-side grid inputs, one jitted call."""
     graph, state = nnx.split(visual)
     run = jax.jit(lambda s, p, a: nnx.merge(graph, s).encode(p, a))
-    return run(state, pixels, V.vision_inputs(grid, visual.config.vision))
+    return run(state, pixels, vision.vision_inputs(grid, visual.config.vision))
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +143,7 @@ def test_vision_tower_matches_transformers(pair, case, grid):
     [[2, 4, 4], [1, 2, 8]],     # every frame 16 patches: blockwise attention without a mask
 ])
 def test_call_with_static_grid_matches_transformers(pair, grid):
-    assert (V.uniform_segment_length(grid) is None) == (grid[0] == [1, 4, 6])
+    assert (vision.uniform_segment_length(grid) is None) == (grid[0] == [1, 4, 6])
     _compare(pair, grid, seed=5, via_call=True)
 
 
@@ -168,7 +168,7 @@ def test_bf16_stays_within_bf16_tolerance_of_fp32(pair):
 def test_remat_keeps_values_and_gradients():
     grid = np.array([[1, 4, 4], [2, 2, 4]])
     pixels = np.random.default_rng(4).standard_normal((32, 1536)).astype(np.float32)
-    aux = V.vision_inputs(grid, _tiny().vision)
+    aux = vision.vision_inputs(grid, _tiny().vision)
     results = []
     for remat in ("none", "full"):
         visual = _random_visual(_tiny().replace(remat=remat), 4)
@@ -188,17 +188,17 @@ def test_remat_keeps_values_and_gradients():
 
 def test_sharded_forward_under_a_mesh_matches_unsharded():
     from jax.sharding import Mesh
-    from genevolve_jax.sharding import logical as L
+    from genevolve_jax.sharding import logical
     cfg = _tiny(num_heads=4)
     grid = np.array([[1, 4, 4], [2, 2, 4]])
     visual = _random_visual(cfg, 3)
     pixels = np.random.default_rng(3).standard_normal((32, cfg.vision.patch_dim)).astype(np.float32)
     want, want_deep = _jit_forward(visual, pixels, grid)
-    aux = V.vision_inputs(grid, cfg.vision)
-    mesh = Mesh(np.array(jax.devices()[:8]).reshape(1, 2, 2, 2), L.MESH_AXES)
+    aux = vision.vision_inputs(grid, cfg.vision)
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(1, 2, 2, 2), logical.MESH_AXES)
     graph, state = nnx.split(visual)
-    with L.use_rules(mesh, "fsdp_tp"):
-        state = jax.device_put(state, L.state_shardings(state, mesh, "fsdp_tp"))
+    with logical.use_rules(mesh, "fsdp_tp"):
+        state = jax.device_put(state, logical.state_shardings(state, mesh, "fsdp_tp"))
         got, got_deep = jax.jit(lambda s, p, a: nnx.merge(graph, s).encode(p, a))(state, pixels, aux)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
     for a, b in zip(got_deep, want_deep):
@@ -214,7 +214,7 @@ def test_attention_does_not_cross_images_or_frames():
     pixels = rng.standard_normal((48, cfg.vision.patch_dim)).astype(np.float32)
     graph, state = nnx.split(visual)
     run = jax.jit(lambda s, p, a: nnx.merge(graph, s).encode(p, a))
-    aux = V.vision_inputs(grid, cfg.vision)
+    aux = vision.vision_inputs(grid, cfg.vision)
     base, _ = run(state, pixels, aux)
     changed = pixels.copy()
     changed[16:32] += 1.0                     # first frame of the video
@@ -230,7 +230,7 @@ def test_interpolation_taps_against_a_float64_reference():
     rng = np.random.default_rng(3)
     table = rng.standard_normal((side * side, 5))
     for h, w in [(2, 2), (6, 10), (16, 4), (8, 8)]:
-        aux = V.vision_inputs(np.array([[1, h, w]]), cfg.vision)
+        aux = vision.vision_inputs(np.array([[1, h, w]]), cfg.vision)
         got = (table[aux.pos_indices] * aux.pos_weights[..., None].astype(np.float64)).sum(1)
         grid = table.reshape(side, side, 5)
         want = np.zeros((h, w, 5))
@@ -264,13 +264,13 @@ def test_bad_inputs_are_rejected_with_the_field_named():
 
 
 def test_parameters_carry_logical_axes():
-    from genevolve_jax.sharding import logical as L
+    from genevolve_jax.sharding import logical
     visual = _abstract_visual(_tiny())
     params = nnx.state(visual, nnx.Param)
     leaves = jax_leaves(params)
     assert leaves
     for path, var in leaves:
-        axes = L.logical_axes_of(var)
+        axes = logical.logical_axes_of(var)
         assert axes is not None and len(axes) == var.get_value().ndim, path
 
 

@@ -1,4 +1,4 @@
-"""Exact gradient accumulation of GRPO + SDL over packed rows (train/loss_weights.py).
+"""Exact gradient accumulation of GRPO + SDL over packed rows (train/rl/loss_weights.py).
 
 Random rollouts of unequal lengths, some masked, some with a teacher bundle, are packed by
 ``assemble_evolve_batch``. For every GRPO aggregation, with SDL and the KL term on:
@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 
 from genevolve_jax.data import packing
-from genevolve_jax.train.batch_assembly import assemble_evolve_batch, place_samples
-from genevolve_jax.train.loss_weights import weights_view
 from genevolve_jax.train.losses import evolve_loss
 from genevolve_jax.train.losses.sdl import evolve_loss_weighted, segment_topk_mask, topk_token_mask
-from genevolve_jax.train.records import RolloutSample
+from genevolve_jax.train.rl.batch_assembly import assemble_evolve_batch, place_samples
+from genevolve_jax.train.rl.loss_weights import weights_view
+from genevolve_jax.train.rl.records import RolloutSample
 from tests.train.losses.support import loss_config
 
 VOCAB = 64
@@ -181,10 +181,10 @@ def test_train_step_with_four_micro_batches_equals_one_batch(mode):
     """The real train step (tiny model, EvolveLoss with SDL and KL, π_old from the batch): loss,
     gradient norm, every metric and the update with grad_accum 4 equal those with 1."""
     from genevolve_jax.sharding.mesh import make_mesh
-    from genevolve_jax.train import config as train_config
     from genevolve_jax.train.losses.step_losses import EvolveLoss
-    from genevolve_jax.train.state import create_train_state
-    from genevolve_jax.train.step import TrainStep
+    from genevolve_jax.train.runtime import step_config
+    from genevolve_jax.train.runtime.state import create_train_state
+    from genevolve_jax.train.runtime.step import TrainStep
     from tests.fixtures.toy_task import TOY_VOCAB, toy_model
 
     rng = np.random.default_rng(11)
@@ -195,12 +195,12 @@ def test_train_step_with_four_micro_batches_equals_one_batch(mode):
     batch = assemble_evolve_batch(samples, adv, seq_len=48, row_multiple=4, loss_cfg=cfg)
     batch["ref_logprobs"] = batch["sampler_logprobs"] - 0.05
     mesh = make_mesh({"fsdp": 1}, jax.devices()[:1])
-    tc = train_config.default_config()
+    tc = step_config.default_config()
     tc.optimizer.learning_rate, tc.optimizer.eps, tc.schedule.warmup_ratio = 1e-2, 1e-3, 0.0
     model = toy_model()
     out = {}
     for accum in (1, 4):
-        setup, params, opt = create_train_state(model, train_config.validate(tc), mesh, "fsdp")
+        setup, params, opt = create_train_state(model, step_config.validate(tc), mesh, "fsdp", total_steps=1000)
         step = TrainStep(setup, EvolveLoss(cfg), grad_accum_steps=accum, compiler_options={"xla_backend_optimization_level": 0})
         new, _, mets = step(params, opt, batch, jax.random.key(0))
         out[accum] = (jax.tree.map(np.asarray, jax.device_get(new["train"])), {k: float(v) for k, v in mets.items()})

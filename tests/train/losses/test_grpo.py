@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from genevolve_jax.train.losses import default_loss_config, group_advantages, grpo_loss, trajectory_valid
+from genevolve_jax.train.losses import default_loss_config, group_advantages, grpo_loss
 from tests.train.losses import _reference as ref
 from tests.train.losses.support import (assert_matches_reference, loss_config, near, policy_logprobs, token_mask,
                                         value_and_grad)
@@ -85,20 +85,6 @@ def test_per_token_advantages_and_paper_kl_coefficient():
         grpo_loss(lp, old, adv_row[:, 0], mask, cfg)
     with pytest.raises(ValueError, match="advantages"):
         grpo_loss(lp, old, adv_tok[:, :3], mask, cfg, ref_logprobs=ref_lp)
-
-
-def test_trajectory_flags_follow_config():
-    cfg = default_loss_config()
-    err = np.array([0, 1, 0, 0])
-    trunc = np.array([0, 0, 1, 0])
-    rep = np.array([1, 0, 0, 0])
-    np.testing.assert_array_equal(
-        trajectory_valid(cfg, error=err, truncated=trunc, repeated=rep), [0, 0, 0, 1])
-    cfg.grpo.mask_truncated = False
-    np.testing.assert_array_equal(
-        trajectory_valid(cfg, error=err, truncated=trunc, repeated=rep), [0, 0, 1, 1])
-    with pytest.raises(ValueError):
-        trajectory_valid(cfg)
 
 
 @pytest.mark.parametrize("scale,ddof", [(True, 1), (True, 0), (False, 1)])

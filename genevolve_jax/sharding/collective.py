@@ -1,0 +1,170 @@
+"""What differs between a one-process and a many-process evolve step, in one object.
+
+The step's stages (train/rl/pipeline.py) are written once. Where hosts must cooperate they call a
+:class:`Collective`:
+
+- :meth:`Collective.gather_rollouts`: this host rolled out its share of the step's prompts; every
+  host gets every host's samples, in global group order;
+- :meth:`Collective.on_writer`: run a function on process 0 (the experience stage, a push to
+  shared servers) and give its result to every process;
+- :meth:`Collective.engine_params`: the policy's current weights as a fresh copy on THIS host's
+  devices, in the layout its rollout engine wants.
+
+:class:`SingleProcess` does each of these directly; ``train.multihost.MultiProcess`` does them
+over jax's multi-process collectives. :func:`make_collective` picks one.
+"""
+from __future__ import annotations
+
+import abc
+from typing import Any, Callable, Sequence, TypeVar
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from genevolve_jax.models.qwen3_vl.layer_layout import with_layout_of
+from genevolve_jax.train.rl.records import RolloutSample, StepRollouts
+
+T = TypeVar("T")
+
+
+class Collective(abc.ABC):
+    """The cross-host operations of an evolve step (see the module docstring)."""
+
+    @property
+    @abc.abstractmethod
+    def process_index(self) -> int:
+        """This process's index (0 writes metrics, samples and exports)."""
+
+    @property
+    @abc.abstractmethod
+    def process_count(self) -> int:
+        """How many processes train together."""
+
+    @property
+    def is_writer(self) -> bool:
+        return self.process_index == 0
+
+    def group_ids(self, num_local: int, shard: tuple[int, int]) -> list[int]:
+        """Global prompt indices within the step of this host's local prompts 0..num_local-1: the
+        inverse of the strided host shard of data/rows.py (shard i of n reads i, i+n, …), so sample
+        ids and seeds are those of a one-host run over the same data."""
+        index, count = shard
+        return [g * count + index for g in range(num_local)]
+
+    @abc.abstractmethod
+    def check_prompt_shard(self, shard: tuple[int, int], source: str) -> None:
+        """Refuse a run in which the processes' prompt shards do not cover every prompt once."""
+
+    @abc.abstractmethod
+    def gather_rollouts(self, samples: Sequence[RolloutSample], info: dict, prompts: Sequence[Any],
+                        group_ids: Sequence[int], *, group_size: int, step: int,
+                        embed_rendered: bool = False) -> StepRollouts:
+        """Every host's samples (group-major, identical on every process), the prompts in group
+        order and the merged rollout info. ``embed_rendered``: rendered images travel as bytes
+        (for process 0's sample dumps)."""
+
+    @abc.abstractmethod
+    def on_writer(self, fn: Callable[[], T]) -> T:
+        """``fn()`` run on process 0 only; its (picklable) result on every process."""
+
+    @abc.abstractmethod
+    def on_writer_shared(self, fn: Callable[[], T], adopt: Callable[[T], None]) -> T:
+        """:meth:`on_writer`, for state that ``fn`` changed on process 0 and every process must hold
+        (the experience memory): each other process calls ``adopt(result)``. Returns the result."""
+
+    @abc.abstractmethod
+    def engine_params(self, model: nnx.Module, shardings=None) -> nnx.State:
+        """A fresh copy of ``model``'s ``nnx.Param`` state on this host's devices, laid out by
+        ``shardings`` (a tree of NamedShardings over a mesh of this host's devices, whose layer
+        layout it takes: stacked or a list) or, when None, as it is (one process) / replicated on
+        this host's first device (several). Fresh buffers: the next train step donates the trainer's."""
+
+    @abc.abstractmethod
+    def mesh_devices(self, sharding_cfg) -> list | None:
+        """The devices the run's mesh uses; None: all of them (``sharding.mesh`` over every device)."""
+
+    @abc.abstractmethod
+    def local_model(self, setup, params) -> nnx.Module:
+        """The policy on this host's devices (for an export written by this process)."""
+
+    @abc.abstractmethod
+    def any_process(self, flag: bool) -> bool:
+        """True on every process when ``flag`` is true on at least one (stop for a preemption)."""
+
+    @abc.abstractmethod
+    def all_processes(self, flag: bool) -> bool:
+        """True on every process when ``flag`` is true on all of them (a checkpoint step restores)."""
+
+    @abc.abstractmethod
+    def barrier(self, name: str) -> None:
+        """Wait until every process gets here (after process 0 moved files the others will read)."""
+
+
+def _fresh_copy(tree, shardings=None):
+    """A copy with its own buffers (jit outputs are new), then moved to ``shardings``, which may
+    be on other devices than ``tree`` (an engine on a sub-mesh of the trainer's devices)."""
+    fresh = jax.jit(lambda t: jax.tree.map(jnp.copy, t))(tree)
+    return fresh if shardings is None else jax.device_put(fresh, shardings)
+
+
+class SingleProcess(Collective):
+    """One process holds every device: every operation is local."""
+
+    @property
+    def process_index(self) -> int:
+        return 0
+
+    @property
+    def process_count(self) -> int:
+        return 1
+
+    def check_prompt_shard(self, shard: tuple[int, int], source: str) -> None:
+        if tuple(shard) != (0, 1):
+            raise ValueError(f"{source}: a one-process run reads every prompt, got shard (index, count) = "
+                             f"{tuple(shard)}")
+
+    def gather_rollouts(self, samples, info, prompts, group_ids, *, group_size, step, embed_rendered=False):
+        order = sorted(range(len(prompts)), key=lambda i: group_ids[i])
+        by_group = sorted(samples, key=lambda s: int(s.group))   # stable: rollout k stays k-th
+        return StepRollouts(tuple(by_group), tuple(prompts[i] for i in order), dict(info))
+
+    def on_writer(self, fn):
+        return fn()
+
+    def on_writer_shared(self, fn, adopt):
+        return fn()    # the one process is the writer: its state is already the shared state
+
+    def engine_params(self, model, shardings=None):
+        return _fresh_copy(nnx.state(with_layout_of(model, shardings), nnx.Param), shardings)
+
+    def mesh_devices(self, sharding_cfg):
+        # Every axis fixed and asking for fewer devices than are present (tiny_cpu's one-device
+        # mesh on a machine with 8): the first ones.
+        sizes = [int(sharding_cfg.mesh.get(a, 1)) for a in sharding_cfg.mesh.keys()]
+        if -1 in sizes:
+            return None
+        n = 1
+        for s in sizes:
+            n *= s
+        return jax.devices()[:n] if n < jax.device_count() else None
+
+    def local_model(self, setup, params):
+        return setup.merge(params)
+
+    def any_process(self, flag):
+        return bool(flag)
+
+    def all_processes(self, flag):
+        return bool(flag)
+
+    def barrier(self, name):
+        pass
+
+
+def make_collective() -> Collective:
+    """SingleProcess in a one-process job, else MultiProcess."""
+    if jax.process_count() == 1:
+        return SingleProcess()
+    from genevolve_jax.sharding.multihost import MultiProcess
+    return MultiProcess()

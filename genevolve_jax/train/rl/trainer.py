@@ -1,0 +1,287 @@
+"""`genevolve train`: the self-evolution loop (GRPO + Visual Experience Distillation), METHOD.md §6–7.
+
+:meth:`EvolveTrainer.train_one_step` is the step, read top to bottom as the stages of
+train/rl/pipeline.py over immutable records:
+
+    collect rollouts → mask → group advantages → experience → teacher rows → assemble
+    → sharded update → weight sync
+
+The same code runs on one host and on many: what differs lives in the trainer's
+:class:`~genevolve_jax.sharding.collective.Collective`. Everything is built from one run config
+(configs/); a rollout phase, a prompt source, an experience stage, an engine, a model or a
+tokenizer may be passed in instead (tests drive the real step with toy tasks this way).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from genevolve_jax.data.prompts import PromptSource
+from genevolve_jax.rollout.engine import RolloutEngine
+from genevolve_jax.train.losses.step_losses import EvolveLoss
+from genevolve_jax.train.rl.batch_assembly import (assemble_evolve_batch, batch_row_multiple, choose_row_length,
+                                                   drop_oversized_teachers, row_lengths)
+from genevolve_jax.train.rl.config import validate_evolve_run
+from genevolve_jax.train.rl.logprob_forward import LogprobForward, resolve_old_logprobs
+from genevolve_jax.train.rl.masking import MaskRules, mask_stage
+from genevolve_jax.train.rl.outage import OutagePolicy, health_checks_for_run
+from genevolve_jax.train.rl.pipeline import (RolloutPhase, attach_teacher_prompts, collect_rollouts, experience_guides,
+                                             sample_advantages, step_metrics)
+from genevolve_jax.train.rl.sample_images import ImageBatchSpec
+from genevolve_jax.train.runtime.compile_log import CompileLog
+from genevolve_jax.train.runtime.driver import Driver
+from genevolve_jax.train.runtime.nonfinite import SKIPPED, STAGE
+
+
+@contextlib.contextmanager
+def _timed(times: dict, name: str):
+    t = time.perf_counter()
+    yield
+    times[f"time/{name}_s"] = time.perf_counter() - t
+
+
+class EvolveTrainer(Driver):
+    def __init__(self, cfg, *, workdir: str | None = None,
+                 rollout_phase: RolloutPhase | Callable[["EvolveTrainer"], RolloutPhase] | None = None,
+                 prompt_source: PromptSource | None = None, experience=None, engine: RolloutEngine | None = None,
+                 model=None, tokenizer=None, progress: bool | None = None, num_steps: int | None = None,
+                 devices=None, collective=None):
+        from genevolve_jax.sharding.collective import make_collective
+        from genevolve_jax.train.runtime.model_setup import build_tokenizer
+
+        collective = collective or make_collective()
+        if devices is None:
+            devices = collective.mesh_devices(cfg.sharding)
+        validate_evolve_run(cfg, len(devices) if devices is not None else None)
+        tokenizer = tokenizer if tokenizer is not None else build_tokenizer(cfg.model)
+        super().__init__(cfg, train_cfg=cfg.train, total_steps=int(num_steps or cfg.rl.num_steps),
+                         loss=EvolveLoss(cfg.loss), workdir=workdir or cfg.workdir, checkpoint_dir="checkpoints",
+                         log_dir="", description="evolve", tokenizer=tokenizer, model=model, devices=devices,
+                         progress=progress, collective=collective)
+        self.group_size = int(cfg.rl.group_size)
+        self.pad_id = int(tokenizer.pad_token_id or 0)
+        self.model_config = self.setup.merge(self.params).config
+        self.use_kl = cfg.loss.grpo.kl_coef > 0
+        self.updates_per_batch = int(cfg.rl.updates_per_batch)
+        # π_old: on-policy (the step's own log-probs), the sampler's, or one forward before the update.
+        self.old_logprobs_route = resolve_old_logprobs(cfg.rl.old_logprobs, self.updates_per_batch)
+        self.logprob_forward = LogprobForward(self.setup, cfg.loss, self.compute_dtype,
+                                              micro_batches=int(cfg.train.grad_accum_steps))
+        # Packed rows of rl.max_tokens_per_row; row counts from a few buckets (train/runtime/compile_log.py).
+        self.row_multiple = batch_row_multiple(self.setup.mesh, self.setup.rules, cfg.train.grad_accum_steps)
+        self.compile_log = CompileLog()
+        # The KL reference is the starting policy (SFT output), frozen, sharded like the policy.
+        self.ref_params = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=self.setup.param_shardings)(
+            self.params) if self.use_kl else None
+        self.engine = engine if engine is not None else self._make_engine()
+        self.engine_version = -1 if (cfg.rl.engine == "sglang" and cfg.rl.sglang.sync_at_start) else 0
+        if rollout_phase is None:
+            self.rollout = self._make_rollout_phase()
+        elif isinstance(rollout_phase, RolloutPhase):
+            self.rollout = rollout_phase
+        else:   # a factory of the trainer: the phase needs its engine
+            self.rollout = rollout_phase(self)
+        self.prompts = prompt_source if prompt_source is not None else self._make_prompt_source()
+        self.collective.check_prompt_shard(self.prompts.shard, "data.sharding")
+        self.experience = experience if experience is not None else self._make_experience()
+        self.image_spec = ImageBatchSpec.for_model(self.model_config, self.engine.image_processor,
+                                                   int(cfg.rl.patch_multiple))
+        self.mask_rules = MaskRules.from_config(cfg, self.image_spec)
+        # Services down past their retries: wait for them, recollect, never train a mostly masked group.
+        self.outage = OutagePolicy(cfg.rl.outage, health_checks_for_run(cfg, self.engine))
+        # A guide must not add image placeholders to the teacher row (its images are the student's).
+        self.placeholder_ids = (self.model_config.image_token_id, self.model_config.video_token_id)
+        self.resume_if_any()
+
+    # -- construction of the default pieces ------------------------------------------------------
+    def _make_engine(self) -> RolloutEngine:
+        if self.cfg.rl.engine == "sglang":
+            from genevolve_jax.rollout.sglang_engine import SGLangEngine
+            s = self.cfg.rl.sglang
+            engine = SGLangEngine.from_config(s, model_config=self.model_config,
+                                              weights_dir=s.weights_dir or os.path.join(self.workdir, "sglang_weights"))
+            # Fail here, before any rollout, when no server answers (errors name rl.sglang.urls).
+            engine.wait_healthy(float(s.health_wait_s), field="rl.sglang.urls")
+            return engine
+        from genevolve_jax.rollout.jax_engine import JaxEngine
+        # A fresh copy: the next train step donates the trainer's buffers.
+        fresh = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=self.setup.param_shardings)(self.params)
+        return JaxEngine(self.collective.local_model(self.setup, fresh), self.tokenizer, self.cfg.engine)
+
+    def _make_rollout_phase(self) -> RolloutPhase:
+        from genevolve_jax.agent.loop import AgentLoop
+        from genevolve_jax.agent.tools import make_backend
+        from genevolve_jax.render.factory import build_renderer
+        from genevolve_jax.reward.scorer import RewardScorer
+        from genevolve_jax.train.rl.rollout_phase import AgentRolloutPhase
+
+        loop = AgentLoop(self.engine, self.tokenizer, make_backend(self.cfg.agent.tools), self.cfg.agent,
+                         seed=int(self.cfg.seed))
+        reward_cfg = self.cfg.reward.copy_and_resolve_references()
+        if not reward_cfg.cache_dir:  # keep rendered images on disk: sample dumps copy them
+            reward_cfg.cache_dir = os.path.join(self.workdir, "render_cache")
+        scorer = RewardScorer.from_config(reward_cfg, renderer=build_renderer(self.cfg.render),
+                                          render_throughput=self.cfg.render.throughput)
+        g = self.cfg.loss.grpo
+        return AgentRolloutPhase(loop, scorer, self.group_size, render_seed=int(self.cfg.rl.render_seed),
+                                 mask_truncated=bool(g.mask_truncated), mask_error=bool(g.mask_error))
+
+    def _make_prompt_source(self) -> PromptSource:
+        from genevolve_jax.data.prompts import PoolPrompts
+        return PoolPrompts(self.cfg.data)
+
+    def _make_experience(self):
+        if not self.cfg.experience.enabled or self.cfg.loss.sdl.coef <= 0:
+            return None
+        from genevolve_jax.experience.stage import ExperienceStage
+        from genevolve_jax.experience.summariser import make_summariser
+        from genevolve_jax.train.rl.rollout_phase import policy_generate_fn
+
+        s = self.cfg.experience.summariser
+        many = policy_generate_fn(self.engine, self.tokenizer, s.max_tokens, s.temperature) \
+            if s.backend == "policy" else None
+        return ExperienceStage(self.cfg.experience, summariser=make_summariser(s, generate_many=many))
+
+    # -- one step --------------------------------------------------------------------------------
+    def train_one_step(self) -> dict[str, Any]:
+        cfg, k, times = self.cfg, self.group_size, {}
+        step = self.step + 1
+        metrics: dict[str, Any] = {}
+        if self.engine_version != self.step:   # a restored or fresh state the engine does not hold yet
+            metrics.update(self.sync_weights(self.step))
+
+        prompts = next(self.prompts)
+
+        def collect():   # rollouts, then the mask stage; the outage policy calls it again after a wait
+            with _timed(times, "rollout"):
+                got = collect_rollouts(self.rollout, self.collective, step, prompts, self.prompts.shard,
+                                       group_size=k, embed_rendered=self.logger.should_dump(step))
+            masked = mask_stage(got, self.mask_rules, k)
+            return (got, masked), masked.counts, masked.num_samples
+
+        (rollouts, masked), outage_metrics = self.outage.collect(collect, self.collective.on_writer)
+        metrics.update(outage_metrics)
+        samples = list(masked.samples)
+        # A reward that was NaN/inf is masked by the mask stage and counted by the non-finite guard.
+        bad_rewards = list(masked.nonfinite_reward_ids)
+        with _timed(times, "advantage"):
+            advantages = sample_advantages(samples, len(rollouts.prompts), k, cfg.loss)
+        if self.experience is not None:
+            with _timed(times, "experience"):
+                guides, exp_metrics = experience_guides(self.experience, self.collective, rollouts, samples, k, step)
+                samples, refused = attach_teacher_prompts(samples, guides, self.rollout, self.placeholder_ids)
+            metrics.update(exp_metrics, **refused)
+        with _timed(times, "assemble"):
+            budget = int(cfg.rl.max_tokens_per_row)
+            samples, long_guides = drop_oversized_teachers(samples, budget)
+            length = choose_row_length(samples, row_lengths(budget, int(cfg.rl.row_length_buckets)))
+            batch = assemble_evolve_batch(samples, advantages, seq_len=length, pad_id=self.pad_id,
+                                          row_multiple=self.row_multiple, loss_cfg=cfg.loss,
+                                          image_spec=self.image_spec, images=masked.images,
+                                          old_logprobs=self.old_logprobs_route == "sampler")
+        if long_guides:
+            metrics["experience/guides_dropped_too_long"] = long_guides
+        if bad_rewards:
+            # A judge that returned NaN/inf: this step's rewards cannot be trusted, so its update is
+            # skipped (parameters and optimiser state unchanged) and counted with the sample ids.
+            metrics.update({"loss": float("nan"), "train/update_skipped_reward": 1.0})
+        else:
+            metrics.update(self.update(batch, times))
+            with _timed(times, "weight_sync"):
+                metrics.update(self.sync_weights(step))
+
+        self.step = step
+        self.losses.append(metrics["loss"])
+        self.nonfinite.observe(step, metrics, [s.sample_id for s in samples if s.trains], bad_rewards)
+        metrics.update(self.nonfinite.metrics())
+        metrics.update(step_metrics(samples))
+        metrics.update(masked.metrics())
+        metrics.update({k: v for k, v in rollouts.info.items() if k.startswith("time/")})
+        metrics.update(rollouts.info.get("reward_dims") or {})
+        metrics.update(times)
+        self.logger.log(step, metrics)
+        if self.logger.should_dump(step):
+            self.logger.dump_samples(step, samples, cfg.logging.samples_per_dump)
+        if self.ckpt.should_save(step):
+            self.save()
+        return metrics
+
+    def update(self, batch: dict, times: dict) -> dict[str, float]:
+        """The sharded update: π_old when it needs a forward, the reference log-probs when KL is
+        on, then ``rl.updates_per_batch`` optimiser steps over the batch. Logs the compile
+        seconds these stages spent (``time/compile_s``) and the layouts compiled so far."""
+        self.compile_log.take()      # compiles before the update (the engine's) are not counted here
+        # Each forward is waited for inside its timer: JAX dispatches asynchronously, and without
+        # the wait its time was billed to the train step (the README run's steady steps logged
+        # time/reference_s 0.00 s; waited for, 0.7–1.2 s, and the train step as much less).
+        # The forwards' outputs join a new dict: the assembled batch the caller holds stays as it was.
+        if self.old_logprobs_route == "recompute":
+            with _timed(times, "old_logprobs"):
+                batch = {**batch, "old_logprobs": jax.block_until_ready(self.logprob_forward(self.params, batch))}
+        if self.use_kl:
+            with _timed(times, "reference"):
+                batch = {**batch, "ref_logprobs": jax.block_until_ready(self.logprob_forward(self.ref_params, batch))}
+        with _timed(times, "train_step"):
+            skipped = stage = 0
+            for _ in range(self.updates_per_batch):
+                self.rng, key = jax.random.split(self.rng)
+                self.params, self.opt_state, mets = self.train_step(self.params, self.opt_state, batch, key)
+                # A skipped (non-finite) update among several counts for the step (train/runtime/nonfinite.py).
+                skipped, stage = skipped + mets[SKIPPED], jnp.maximum(stage, mets[STAGE])
+            mets = {name: float(v) for name, v in jax.device_get({**mets, SKIPPED: skipped, STAGE: stage}).items()}
+        mets["rollout/old_logprobs_forward"] = float(self.old_logprobs_route == "recompute")
+        times["time/compile_s"] = self.compile_log.take()
+        mets["compile/train_step"] = float(self.train_step.compiled_layouts)
+        mets["compile/logprob_forward"] = float(self.logprob_forward.compiles)
+        mets["batch/rows"] = float(batch["row_weight"].shape[0])
+        mets["batch/row_tokens"] = float(batch["input_ids"].shape[1])
+        return mets
+
+    def sync_weights(self, step: int) -> dict[str, float]:
+        """The engine samples with the current policy from now on (RolloutEngine.update_weights).
+        Every process joins the reshard to its host; an engine that serves every host (SGLang
+        servers) is pushed to by process 0 alone."""
+        params = self.collective.engine_params(self.setup.merge(self.params), self.engine.weight_shardings)
+        if self.engine.serves_every_host:
+            out = self.collective.on_writer(lambda: self.engine.update_weights(params, step))
+        else:
+            out = self.engine.update_weights(params, step)
+        self.engine_version = step
+        return dict(out or {})
+
+    # -- checkpoints and the end of the run --------------------------------------------------------
+    def meta(self) -> dict:
+        meta = super().meta()
+        meta["data"] = self.prompts.get_state()
+        meta["outage"] = self.outage.state_dict()
+        if self.experience is not None:
+            meta["memory"] = self.experience.state_dict()
+        return meta
+
+    def load_meta(self, meta: dict) -> None:
+        super().load_meta(meta)
+        if "data" in meta:
+            self.prompts.set_state(meta["data"])
+        self.outage.load_state_dict(meta.get("outage", {}))
+        if "memory" in meta and self.experience is not None:
+            self.experience.load_state_dict(meta["memory"])
+        self.engine_version = -1      # the engine holds other weights than the restored ones
+
+    def export(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"rewards": [h.get("reward/mean") for h in self.logger.history]}
+        curve = self.logger.reward_curve()
+        if curve:
+            out["reward_curve"] = curve
+        if self.cfg.rl.export_hf:
+            out["hf_export"] = self.export_hf(os.path.join(self.workdir, "hf_export"), self.cfg.rl.export_dtype)
+        return out
+
+    def close(self) -> None:
+        super().close()
+        self.engine.close()
+

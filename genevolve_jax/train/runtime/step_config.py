@@ -1,0 +1,75 @@
+"""Train-step hyperparameters: optimiser, schedule, precision, remat, accumulation, freezing.
+
+One factory serves two sections: ``sft`` (the SFT cold start) and ``train`` (GRPO). Defaults are the
+paper's SFT cold start (METHOD.md §5): AdamW at lr 1e-5 with a cosine schedule and 2% warmup,
+weight decay 1e-6, bf16 compute, activation checkpointing, LM only (vision tower and projector
+frozen). Values the paper does not report are marked (ours).
+
+What is not here, and why:
+- batch sizes: the rows of one optimiser step are set by the data. SFT takes
+  ``data.sft.rows_per_batch`` packed rows per step (the paper's 32 sequences); GRPO takes
+  ``data.rl.prompts_per_step × rl.group_size`` rollouts per step (8 × 6 = 48 in the paper). A
+  separate "global batch size" could only repeat those numbers, so there is none;
+- the fused log-prob op's vocabulary chunk and temperatures: ``loss.logprob.*``;
+- parameter storage and compute dtypes of the model itself: ``model.param_dtype`` / ``model.dtype``.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from genevolve_jax.config_checks import Checker
+
+REMAT_POLICIES = ("none", "full", "save_dots")
+SCHEDULES = ("cosine", "linear", "constant")
+DTYPES = ("float32", "bfloat16")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    cfg = ml_collections.ConfigDict()
+    cfg.optimizer = ml_collections.ConfigDict({
+        "learning_rate": 1e-5,
+        "weight_decay": 1e-6,
+        "b1": 0.9,              # (ours: AdamW defaults)
+        "b2": 0.999,
+        "eps": 1e-8,
+        "max_grad_norm": 1.0,   # (ours) global-norm clipping; 0 disables it
+        "mu_dtype": "float32",  # first-moment dtype; bf16 halves its memory
+    })
+    cfg.schedule = ml_collections.ConfigDict({
+        "kind": "cosine",
+        "warmup_ratio": 0.02,   # of the run's steps (SFT: epochs × batches; RL: rl.num_steps)
+        "final_lr_ratio": 0.0,  # cosine/linear decay to this fraction of the peak
+    })
+    cfg.grad_accum_steps = 1        # micro-batches per step (scanned); the step's rows split evenly
+    cfg.compute_dtype = "bfloat16"  # params are cast to this for the step's forward and backward
+    cfg.remat = "full"              # activation checkpointing per decoder layer
+    cfg.freeze_vision = True        # SFT trains the LM only
+    cfg.max_consecutive_nonfinite = 5  # (ours) stop after this many skipped non-finite steps in a row
+    return cfg
+
+
+def validate(cfg: ml_collections.ConfigDict, prefix: str = "train") -> ml_collections.ConfigDict:
+    """Reject invalid values naming ``<prefix>.<field>`` (the section is "train" or "sft")."""
+    check = Checker(prefix)
+    o, s = cfg.optimizer, cfg.schedule
+    check.number(o.learning_rate, "optimizer.learning_rate", low=0, low_open=True)
+    check.number(o.weight_decay, "optimizer.weight_decay", low=0)
+    for name in ("b1", "b2"):
+        check.number(o[name], f"optimizer.{name}", low=0, high=1, high_open=True)
+    check.number(o.eps, "optimizer.eps", low=0, low_open=True)
+    check.number(o.max_grad_norm, "optimizer.max_grad_norm", low=0, rule=">= 0 (0 disables)")
+    check.one_of(o.mu_dtype, "optimizer.mu_dtype", DTYPES)
+    check.one_of(s.kind, "schedule.kind", SCHEDULES)
+    check.number(s.warmup_ratio, "schedule.warmup_ratio", low=0, high=1, high_open=True)
+    check.number(s.final_lr_ratio, "schedule.final_lr_ratio", low=0, high=1)
+    check.integer(cfg.grad_accum_steps, "grad_accum_steps", 1, ">= 1")
+    check.one_of(cfg.compute_dtype, "compute_dtype", DTYPES)
+    check.one_of(cfg.remat, "remat", REMAT_POLICIES)
+    check.boolean(cfg.freeze_vision, "freeze_vision")
+    check.integer(cfg.max_consecutive_nonfinite, "max_consecutive_nonfinite", 1, ">= 1")
+    return cfg
+
+
+def validate_sft(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The ``sft`` section: the same fields as ``train``, errors naming ``sft.<field>``."""
+    return validate(cfg, prefix="sft")

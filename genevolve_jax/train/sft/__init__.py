@@ -1,0 +1,1 @@
+"""The SFT loop (`genevolve sft`): the cold start over packed teacher trajectories."""
