@@ -152,7 +152,8 @@ class Throttle:
     bursts, which is what hosted endpoints' limiters tolerate best."""
 
     def __init__(self, max_concurrency: int, requests_per_minute: float = 0.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
         if requests_per_minute < 0:
@@ -160,6 +161,7 @@ class Throttle:
         self.max_concurrency = max_concurrency
         self.interval = 60.0 / requests_per_minute if requests_per_minute else 0.0
         self._clock = clock
+        self._sleep = sleep
         self._sem: asyncio.Semaphore | None = None
         self._lock: asyncio.Lock | None = None
         self._next_start = 0.0
@@ -183,7 +185,7 @@ class Throttle:
                     wait = self._next_start - now
                     self._next_start = max(now, self._next_start) + self.interval
                 if wait > 0:
-                    await asyncio.sleep(wait)
+                    await self._sleep(wait)
         except BaseException:  # cancelled while waiting for its slot: give the slot back
             sem.release()
             raise

@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from genevolve_jax.models.qwen3_vl.text import CACHE_AXES, KVCache, init_cache
 from genevolve_jax.rollout.sampling import sample_tokens
-from genevolve_jax.sharding import logical as L
+from genevolve_jax.sharding import logical
 
 SAMPLING_MODES = ("greedy", "sample", "filter")
 
@@ -72,25 +72,25 @@ class EngineFunctions:
         self.prefill_chunk = min(1 << (self.prefill_tokens.bit_length() - 1), self.max_seq_len)
         self.capacity = self.max_seq_len + self.chunk  # room for a chunk past a row's budget
         self.raw_logprobs = bool(engine_cfg.raw_logprobs)
-        self.param_shardings = L.state_shardings(params, mesh, "sample")
+        self.param_shardings = logical.state_shardings(params, mesh, "sample")
         self.replicated = NamedSharding(mesh, PartitionSpec())
         self.cache_shardings = self._cache_shardings()
         self.prefill, self.decode_chunk = self._build()
 
     def rules(self):
         """The context the functions run under: the model's activation constraints resolve to this mesh."""
-        return L.use_rules(self.mesh, "sample")
+        return logical.use_rules(self.mesh, "sample")
 
     # -- layouts -----------------------------------------------------------------------------------
     def _named(self, axes, shape) -> NamedSharding:
-        return NamedSharding(self.mesh, L.partition_spec(axes, L.rules_for("sample"), self.mesh, shape))
+        return NamedSharding(self.mesh, logical.partition_spec(axes, logical.rules_for("sample"), self.mesh, shape))
 
     def _cache_shardings(self) -> KVCache:
         t = self.config.text
         kv = self._named(CACHE_AXES, (self.slots, t.num_key_value_heads, self.capacity, t.head_dim))
-        per_row = self._named((L.BATCH,), (self.slots,))
+        per_row = self._named((logical.BATCH,), (self.slots,))
         n = t.num_hidden_layers
-        return KVCache(k=(kv,) * n, v=(kv,) * n, valid=self._named((L.BATCH, L.CACHE_SEQ), (self.slots, self.capacity)),
+        return KVCache(k=(kv,) * n, v=(kv,) * n, valid=self._named((logical.BATCH, logical.CACHE_SEQ), (self.slots, self.capacity)),
                        length=per_row, next_position=per_row)
 
     def _fresh_cache(self) -> KVCache:

@@ -230,7 +230,8 @@ class SGLangEngine(RolloutEngine):
         self.export = WeightExport(weights_dir, model_config, dtype=export_dtype) if weights_dir else None
         self.versions = WeightVersions(self.urls, max_weight_lag_steps)
         self.deterministic: dict[str, bool | None] = {}
-        self.stats = {"requests": 0, "retries": 0, "failures": 0, "prompt_mismatches": 0}
+        # ``disconnect_waits``: retries held back to SGLang's disconnect poll (same server, dropped request).
+        self.stats = {"requests": 0, "retries": 0, "failures": 0, "prompt_mismatches": 0, "disconnect_waits": 0}
 
     @classmethod
     def from_config(cls, cfg, *, model_config=None, weights_dir: str = "") -> "SGLangEngine":
@@ -344,6 +345,7 @@ class SGLangEngine(RolloutEngine):
                     delay = self.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random() / 2)
                     if dropped and url == last_url:  # the dropped request may still run there until the poll
                         delay = max(delay, self.disconnect_poll_s)
+                        self.stats["disconnect_waits"] += 1
                     await asyncio.sleep(delay)
                 body = {**base, "rid": self._rid(req, attempt)}
                 self._inflight[url] += 1

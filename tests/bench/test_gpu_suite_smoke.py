@@ -25,6 +25,11 @@ def test_gpu_suite_smoke_runs_every_part(tmp_path):
     assert set(parts) == {"plan", "train", "kl", "sampler", "attention", "logits"}
     assert all(p["ok"] for p in parts.values())
     assert_plan_figures(parts["plan"])
+    # The train part's step, ours against transformers on the same tiny model and image batch:
+    # one finite loss, the same to float32 rounding.
+    ours, theirs = parts["train"]["train_image"]["results"]
+    assert ours["impl"].startswith("ours") and theirs["impl"].startswith("transformers")
+    assert math.isfinite(ours["loss"]) and ours["loss"] == pytest.approx(theirs["loss"], abs=1e-4)
     # bf16 packed-segment attention stays within bf16 rounding of the fp32 reference.
     assert 0 < parts["attention"]["xla"]["max_abs_error_vs_fp32"] < 0.05
     kl = {(r["op"], r["variant"]) for r in parts["kl"]["kl"]["results"]}

@@ -98,7 +98,7 @@ def _float64_attention(q, k, v, seg, valid):
         return np.einsum("bhts,bshd->bthd", p, v)
 
 
-@pytest.mark.parametrize("t", [256, 640, 1536])
+@pytest.mark.parametrize("t", [256, 640])   # 2 and 5 blocks of 128
 def test_causal_blocks_match_float64_forward_and_grad(t):
     """Long causal rows go in query blocks (ops.attention.causal_block); at every valid query the
     output equals float64 attention, and the gradients equal the unblocked XLA computation's."""

@@ -2,7 +2,6 @@
 import asyncio
 import hashlib
 import json
-import time
 
 import numpy as np
 import pytest
@@ -84,22 +83,23 @@ def test_content_cache_json_roundtrip_and_damaged_entry(tmp_path):
 
 def test_throttle_bounds_concurrency_and_spaces_starts():
     async def run(throttle, n):
-        starts = []
-
         async def job():
             async with throttle:
-                starts.append(time.monotonic())
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.01)
         await asyncio.gather(*(job() for _ in range(n)))
-        return starts
 
     t = Throttle(max_concurrency=3)
     asyncio.run(run(t, 10))
     assert t.peak_in_flight == 3 and t.in_flight == 0
-    rpm = Throttle(max_concurrency=10, requests_per_minute=600)  # one start per 0.1 s
-    starts = sorted(asyncio.run(run(rpm, 4)))
-    gaps = np.diff(starts)
-    assert gaps.min() >= 0.09, gaps
+    # A clock that stands still: every start after the first waits one more interval (0.1 s at
+    # 600 rpm), whatever the machine's speed.
+    waits = []
+
+    async def record(seconds):
+        waits.append(seconds)
+    rpm = Throttle(max_concurrency=10, requests_per_minute=600, clock=lambda: 100.0, sleep=record)
+    asyncio.run(run(rpm, 4))
+    assert waits == pytest.approx([0.1, 0.2, 0.3]) and rpm.in_flight == 0
     with pytest.raises(ValueError, match="max_concurrency"):
         Throttle(0)
 

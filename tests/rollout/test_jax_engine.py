@@ -11,7 +11,7 @@ from flax import nnx
 from PIL import Image
 
 from genevolve_jax.models.hf_io import model_from_state_dict, random_state_dict
-from genevolve_jax.models.qwen3_vl import config as C
+from genevolve_jax.models.qwen3_vl import config as qwen_config
 from genevolve_jax.models.qwen3_vl.model import forward, forward_hidden, prepare_inputs
 from genevolve_jax.ops.fused_logprob import token_logprobs
 from genevolve_jax.processing.image import ImageProcessorConfig, preprocess_images
@@ -28,7 +28,7 @@ _hidden = jax.jit(forward_hidden)
 
 def tiny_config(tok):
     sp = special_token_ids(tok)
-    return C.tiny(vocab_size=len(tok)).replace(
+    return qwen_config.tiny(vocab_size=len(tok)).replace(
         image_token_id=sp["<|image_pad|>"], video_token_id=sp["<|video_pad|>"],
         vision_start_token_id=sp["<|vision_start|>"], vision_end_token_id=sp["<|vision_end|>"])
 
@@ -251,8 +251,8 @@ def test_weight_update_changes_outputs_and_bad_inputs_are_named(setup):
         fresh = JaxEngine(other, tok, engine_config(max_slots=2))
         assert fresh.generate([req])[0].token_ids == after.token_ids
         fresh.close()
-        small = model_from_state_dict(C.tiny(vocab_size=len(tok) - 1), random_state_dict(
-            C.tiny(vocab_size=len(tok) - 1), seed=1))
+        small = model_from_state_dict(qwen_config.tiny(vocab_size=len(tok) - 1), random_state_dict(
+            qwen_config.tiny(vocab_size=len(tok) - 1), seed=1))
         with pytest.raises(ValueError, match="embed_tokens.*shape"):
             engine.update_weights(nnx.state(small, nnx.Param))
         bad = engine.generate([GenerationRequest([10**6], req.sampling), GenerationRequest(list(range(20, 120)),

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from genevolve_jax.models.hf_io import model_from_state_dict, random_state_dict
-from genevolve_jax.models.qwen3_vl import config as C
+from genevolve_jax.models.qwen3_vl import config as qwen_config
 from genevolve_jax.processing.image import ImageProcessorConfig
 from genevolve_jax.rollout.config import default_engine_config
 from genevolve_jax.rollout.engine import GenerationRequest, SamplingParams
@@ -95,7 +95,7 @@ def run_phase(engine, prompts, observations, sampling):
 def phase_runs(tmp_path_factory):
     seed = int(np.random.SeedSequence().entropy % 2**31)
     rng = np.random.default_rng(seed)
-    model_cfg = C.tiny()
+    model_cfg = qwen_config.tiny()
     model = model_from_state_dict(model_cfg, random_state_dict(model_cfg, seed=int(rng.integers(0, 1000))))
     image_path = tmp_path_factory.mktemp("reuse") / "a.png"
     Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(image_path)

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from genevolve_jax.rollout.engine import GenerationRequest, SamplingParams
-from genevolve_jax.rollout.sglang_engine import (IMAGE_MISMATCH, PROMPT_MISMATCH, SGLANG_DISCONNECT_POLL_S,
+from genevolve_jax.rollout.sglang_engine import (IMAGE_MISMATCH, PROMPT_MISMATCH,
                                                  SGLangEngine, SGLangError, WeightLagError, collapse_image_pads,
                                                  error_message, image_pad_runs, parse_response, request_body)
 from tests.fixtures.servers import free_port
@@ -120,15 +120,13 @@ def test_image_rollout_masks_a_server_expansion_that_differs(tmp_path):
 def test_retry_after_a_timeout_succeeds_on_the_same_server_with_a_new_rid():
     with running_fake_sglang(FakeBehaviour(slow_first=1, slow_s=8.0)) as (url, log):
         eng = SGLangEngine([url], timeout_s=1.5, retries=2, backoff_s=0.05)
-        t0 = time.monotonic()
         res = eng.generate([GenerationRequest([3, 4, 5], SamplingParams(max_new_tokens=4), request_id="traj-7")])[0]
-        took = time.monotonic() - t0
         assert res.finish_reason == "length" and len(res.token_ids) == 4, res.error
         first, second = (b["rid"] for b in log.generate_bodies)
         assert first != second and first.startswith("traj-7-") and second.startswith("traj-7-")
         assert first in log.live_rids  # the timed-out request still runs there: reusing its rid would be refused
-        # The retry went to the same server only after SGLang's disconnect poll.
-        assert took >= 1.5 + SGLANG_DISCONNECT_POLL_S and eng.stats["retries"] == 1
+        # The retry went to the same server, held back to SGLang's disconnect poll.
+        assert eng.stats["retries"] == 1 and eng.stats["disconnect_waits"] == 1
 
 
 def test_a_server_killed_in_the_middle_of_a_rollout_phase_loses_no_request(tmp_path):

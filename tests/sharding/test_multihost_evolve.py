@@ -16,8 +16,7 @@ import pytest
 from genevolve_jax.sharding import multihost
 from genevolve_jax.sharding.collective import SingleProcess
 from genevolve_jax.train.rl.records import IMAGE_UNREADABLE, RolloutSample
-from tests.fixtures.multiprocess import launch_two_processes
-
+from tests.fixtures.multiprocess import join_processes, launch_two_processes
 
 HEADER = textwrap.dedent('''
     import json, os, sys
@@ -145,16 +144,7 @@ PREEMPTED_WORKER = HEADER + textwrap.dedent('''
 
 
 def _finish(out, procs) -> list[dict]:
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=400)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-4000:]
+    join_processes(procs, timeout_s=400)
     return [json.loads((out / f"record{r}.json").read_text()) for r in range(2)]
 
 
@@ -311,7 +301,11 @@ def test_two_processes_equal_one_then_resume_after_sigterm_to_its_losses(tmp_pat
       save it and exit 0 (process 0 on process 1's signal);
     - the same command resumes both from step 2, and the losses of all four steps are the
       one-process run's."""
-    from tests.fixtures.toy_task import FixedGuideExperience, toy_run_config, toy_trainer
+    from tests.fixtures.toy_task import (
+        FixedGuideExperience,
+        toy_run_config,
+        toy_trainer,
+    )
 
     procs = launch_two_processes(tmp_path, PREEMPTED_WORKER, extra_env={"PHASE": "first"})
     try:  # the one-process reference runs while the workers compile

@@ -2,15 +2,13 @@
 127.0.0.1 (CPU collectives over gloo), planned from SLURM-style environment variables exactly as
 a SLURM job would be, and run the fsdp train step over a mesh spanning both. Loss and updated
 parameters must equal the single-process step."""
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import jax
 import numpy as np
 import pytest
+
+from tests.fixtures.multiprocess import join_processes, launch_two_processes
 
 COMMON = textwrap.dedent('''
     import dataclasses
@@ -57,7 +55,7 @@ COMMON = textwrap.dedent('''
 ''')
 
 WORKER = COMMON + textwrap.dedent('''
-    import sys
+    import os, sys
     from jax.experimental import multihost_utils
     from genevolve_jax.sharding import config as sharding_config, distributed
 
@@ -72,41 +70,15 @@ WORKER = COMMON + textwrap.dedent('''
     loss = float(np.asarray(metrics["loss"]))
     if jax.process_index() == 0:
         leaves = {str(i): np.asarray(x) for i, x in enumerate(jax.tree.leaves(full))}
-        np.savez(sys.argv[1], loss=loss, **leaves)
+        np.savez(os.path.join(sys.argv[1], "result.npz"), loss=loss, **leaves)
     print("done", jax.process_index(), loss)
 ''')
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_fsdp_equal_single_process(tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
+    join_processes(launch_two_processes(tmp_path, WORKER, local_devices=4), timeout_s=540)
     out = tmp_path / "result.npz"
-    port = _free_port()
-    procs = []
-    for rank in range(2):
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_", "TPU_"))}
-        env.update({"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-                    "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2", "SLURM_PROCID": str(rank),
-                    "SLURM_STEP_NODELIST": "127.0.0.1", "GENEVOLVE_COORDINATOR_PORT": str(port)})
-        procs.append(subprocess.Popen([sys.executable, str(script), str(out)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=540)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
 
     ns: dict = {}
     exec(COMMON, ns)

@@ -1,13 +1,15 @@
 """The evolve loop on a toy task (reward = choosing target tokens) with the real pieces: the
 sampler with weight sync, GRPO advantages, teacher rows, the jitted GRPO + λ·SDL step through the
-fused op, checkpoints. Plus the agent path end to end on the embedded defaults, and the config
-checks that must fail before anything compiles."""
+fused op, checkpoints; and the config checks that must fail before anything compiles. (The agent
+path end to end through the CLI: tests/test_config_fields_read.py::test_the_readme_run_writes_every_output.)"""
 
-import json
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from flax import nnx
 
 from genevolve_jax.config_loader import load_config
 from genevolve_jax.ops.fused_logprob import token_kl
@@ -55,22 +57,29 @@ def test_reward_rises_and_lr_zero_does_not(tmp_path):
     assert len(lines) == steps and '"grpo/clip_frac"' in lines[0] and '"time/train_step_s"' in lines[0]
 
 
+@nnx.jit
+def last_hidden(model, ids, length):
+    """[1, 1, D] hidden state at position ``length`` − 1 of ``ids`` [1, T], the rest padding (its
+    own segment 0, after the context: a causal row never sees it). One compile for all contexts."""
+    t = ids.shape[1]
+    batch = {"input_ids": ids, "segment_ids": (jnp.arange(t) < length).astype(jnp.int32)[None],
+             "position_ids": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (1, 3, t))}
+    return jax.lax.dynamic_slice_in_dim(hidden_states_of(model, batch), length - 1, 1, axis=1)
+
+
 def guided_kl(trainer, contexts):
     """Mean forward KL(teacher ‖ student) on the next token of held-out contexts, where the
     teacher sees the guide before the same context."""
     model = trainer.setup.merge(trainer.params)
     kernel = model.lm_head_kernel()
+    width = len(GUIDE) + max(map(len, contexts))
     out = []
     for ctx in contexts:
-        student = np.asarray([ctx], np.int32)
-        teacher = np.asarray([GUIDE + ctx], np.int32)
-
-        def view(ids):
-            n = ids.shape[1]
-            return {"input_ids": ids, "segment_ids": np.ones_like(ids),
-                    "position_ids": np.broadcast_to(np.arange(n, dtype=np.int32), (1, 3, n)).copy()}
-        hs = hidden_states_of(model, view(student))[:, -1:]
-        ht = hidden_states_of(model, view(teacher))[:, -1:]
+        def hidden(ids):
+            padded = np.zeros((1, width), np.int32)
+            padded[0, :len(ids)] = ids
+            return last_hidden(model, padded, len(ids))
+        hs, ht = hidden(ctx), hidden(GUIDE + ctx)
         kl, _ = token_kl(hs, kernel, ht, np.zeros((1, 1), np.int32), kind="forward", chunk_size=32)
         out.append(float(kl[0, 0]))
     return float(np.mean(out))
@@ -145,42 +154,3 @@ def test_bad_configs_fail_before_compile(tmp_path):
         validate_evolve_run(cfg)
     with pytest.raises(ValueError, match="rl.group_size must be >= 2"):
         load_config("tiny_cpu", ["--config.rl.group_size=1"])
-
-
-@pytest.mark.slow
-def test_agent_path_end_to_end_through_the_cli(tmp_path, capsys):
-    """`genevolve train --sft` on the embedded defaults: synthetic data, SFT, the agent loop through
-    the JaxEngine with offline tools, tiny renderer and rule judge, checkpoints, HF export, curve.
-    The trainers scan their layers (``model.scan_layers``, tpu_pod's layout): the SFT model is saved
-    stacked, the engine samples with the layer list it converts to, and the export is per layer."""
-    from genevolve_jax import cli
-
-    work = tmp_path / "run"
-    rc = cli.main(["train", "--config", "tiny_cpu", "--sft", "--workdir", str(work), "--no-progress",
-                   "--config.synthetic.num_prompts=4", "--config.synthetic.num_sft=2",
-                   "--config.sft_run.max_steps=1", "--config.data.sft.rows_per_batch=2",
-                   "--config.data.rl.prompts_per_step=1",
-                   "--config.rl.group_size=2", "--config.rl.num_steps=2", "--config.agent.max_rounds=2",
-                   "--config.agent.round_max_tokens=8", "--config.checkpoint.save_every=1",
-                   "--config.logging.sample_every=1", "--config.engine.max_slots=2",
-                   "--config.agent.loop.engine_batch_size=2", "--config.train.grad_accum_steps=1",
-                   "--config.model.scan_layers=true"])
-    assert rc == 0
-    out = capsys.readouterr().out
-    assert '"checkpoints"' in out and "mean reward" in out
-    lines = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in lines] == [1.0, 2.0]
-    for m in lines:
-        assert m["samples/total"] == 2 and "time/rollout_s" in m and "time/train_step_s" in m
-        assert m["samples/masked"] == sum(v for k, v in m.items() if k.startswith("masked/"))
-    assert sorted(p.name for p in (work / "checkpoints").iterdir() if p.name.isdigit()) == ["1", "2"]
-    assert (work / "hf_export" / "config.json").exists() and (work / "hf_export" / "model.safetensors").exists()
-    assert (work / "reward_curve.png").stat().st_size > 0
-    assert (work / "samples" / "step_000001" / "samples.jsonl").exists()
-    # The SFT output the loop started from, saved stacked; the export holds every layer by name.
-    assert json.loads((work / "model" / "model_config.json").read_text())["scan_layers"] is True
-    from safetensors import safe_open
-    with safe_open(str(work / "hf_export" / "model.safetensors"), "np") as f:
-        names = set(f.keys())
-    assert {"model.language_model.layers.0.mlp.up_proj.weight",
-            "model.language_model.layers.1.mlp.up_proj.weight"} <= names

@@ -28,7 +28,7 @@ import pytest
 
 from genevolve_jax.train.rl.outage import OutagePolicy
 from genevolve_jax.train.runtime.checkpoint import UNRESTORABLE_DIR
-from tests.fixtures.multiprocess import REPO_ROOT
+from tests.fixtures.multiprocess import REPO_ROOT, suite_xla_flags
 
 HANG_GUARD_S = 600      # only stops a process that hangs; never what a test asserts
 STEPS = 3
@@ -50,7 +50,7 @@ def _cmd(workdir):
 
 def _env():
     env = dict(os.environ)                # the session's compilation cache included
-    env.pop("XLA_FLAGS", None)            # one CPU device, as tiny_cpu's mesh asks
+    env["XLA_FLAGS"] = suite_xla_flags(1)  # one CPU device, as tiny_cpu's mesh asks
     return env
 
 
