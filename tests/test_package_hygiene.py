@@ -33,7 +33,8 @@ from tests.private_names import module_name, owned_names, private_reads, python_
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "genevolve_jax"
 TESTS = ROOT / "tests"
-SCRIPTS = [ROOT / "setup.py", *python_files(ROOT / "bench"), *python_files(ROOT / "configs")]
+SCRIPTS = [ROOT / "setup.py", *python_files(ROOT / "bench"), *python_files(ROOT / "configs"),
+           *python_files(ROOT / "launch")]
 SHELL_SCRIPTS = [*sorted((ROOT / "launch").glob("*.sh")), ROOT / ".ci" / "run", ROOT / ".ci" / "transformers_range"]
 
 
@@ -207,7 +208,7 @@ def test_no_test_reads_a_private_attribute():
 
 
 def test_no_script_reads_a_private_name():
-    """(c): bench/, configs/, setup.py and the Python in launch/*.sh."""
+    """(c): bench/, configs/, launch/, setup.py and the Python in launch/*.sh."""
     assert SHELL_SCRIPTS and any(p.parent.name == "bench" for p in SCRIPTS)   # the scan sees them
     package_private = _package_private_names()
     found = []
