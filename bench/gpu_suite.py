@@ -88,8 +88,8 @@ def part_plan(smoke: bool) -> dict:
     target = Target(f"{dev.platform}:1", dev.platform, 1, DeviceSpec(dev.device_kind, int(stats.get("bytes_limit", 0)),
                                                                       0.0, 0.0))
     batch = random_batch(cfg, batch_size, seq, 0)
-    phase = step_phase("sft", cfg, tcfg, sft_loss_for(cfg), mesh, "fsdp", abstract_batch(batch, mesh, logical.rules_for("fsdp")),
-                       target, freeze=is_vision_path)
+    abstract = abstract_batch(batch, mesh, logical.rules_for("fsdp"))
+    phase = step_phase("sft", cfg, tcfg, sft_loss_for(cfg), mesh, "fsdp", abstract, target, freeze=is_vision_path)
     report = report_phase(phase, target, 1, 1.0, "whole device", memory_bytes=1 << 62)
     from flax import nnx
 
@@ -144,7 +144,8 @@ def part_attention(smoke: bool) -> dict:
     out = {}
     impls = ["xla"] + (["cudnn"] if jax.default_backend() == "gpu" else [])
     for impl in impls:
-        fn = jax.jit(lambda q, k, v, impl=impl: (attention.cudnn_attention if impl == "cudnn" else attention.xla_attention)(q, k, v, **kw))
+        attend = attention.cudnn_attention if impl == "cudnn" else attention.xla_attention
+        fn = jax.jit(lambda q, k, v, attend=attend: attend(q, k, v, **kw))
         got = fn(*bf).block_until_ready()
         t0 = time.perf_counter()
         for _ in range(3):

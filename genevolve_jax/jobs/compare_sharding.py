@@ -169,8 +169,9 @@ def plan_strategy(cfg, tcfg, strategy: str, mesh, batch: dict, target):
     from genevolve_jax.sharding import logical as logical_rules
     from genevolve_jax.train.runtime.state import is_vision_path
 
-    phase = step_phase("sft", cfg, tcfg, sft_loss_for(cfg), mesh, strategy, abstract_batch(batch, mesh, logical_rules.rules_for(strategy)),
-                       target, freeze=is_vision_path, desc=f"{len(batch['input_ids'])} × {batch['input_ids'].shape[1]}")
+    abstract = abstract_batch(batch, mesh, logical_rules.rules_for(strategy))
+    phase = step_phase("sft", cfg, tcfg, sft_loss_for(cfg), mesh, strategy, abstract, target,
+                       freeze=is_vision_path, desc=f"{len(batch['input_ids'])} × {batch['input_ids'].shape[1]}")
     return phase, report_phase(phase, target, mesh.size, 1.0, "whole device")
 
 

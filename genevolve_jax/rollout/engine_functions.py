@@ -90,8 +90,8 @@ class EngineFunctions:
         kv = self._named(CACHE_AXES, (self.slots, t.num_key_value_heads, self.capacity, t.head_dim))
         per_row = self._named((logical.BATCH,), (self.slots,))
         n = t.num_hidden_layers
-        return KVCache(k=(kv,) * n, v=(kv,) * n, valid=self._named((logical.BATCH, logical.CACHE_SEQ), (self.slots, self.capacity)),
-                       length=per_row, next_position=per_row)
+        valid = self._named((logical.BATCH, logical.CACHE_SEQ), (self.slots, self.capacity))
+        return KVCache(k=(kv,) * n, v=(kv,) * n, valid=valid, length=per_row, next_position=per_row)
 
     def _fresh_cache(self) -> KVCache:
         cache = init_cache(self.config, self.slots, self.capacity)

@@ -95,7 +95,8 @@ def test_tool_text_detection():
     assert rule_summariser.carries_tool_text(t) and rule_summariser.tool_sequence(t) == ["search"]
     t.program = {"gen_prompt": request + " Colourful and bright.", "reference_images": []}
     assert not rule_summariser.carries_tool_text(t)
-    assert not rule_summariser.carries_tool_text(direct(request)) and rule_summariser.reference_count(direct(request)) == 0
+    assert not rule_summariser.carries_tool_text(direct(request))
+    assert rule_summariser.reference_count(direct(request)) == 0
 
 
 def test_a_pair_the_rules_cannot_describe_is_dropped_and_counted(monkeypatch):

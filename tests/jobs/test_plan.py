@@ -121,8 +121,8 @@ def test_8b_on_v5p_64_is_the_analytic_count(libtpu_env):
         target = parse_target("v5p-64")
         devices = target_devices(target)
         cfg = load_config("tpu_pod")
-        state = abstract.abstract_train_state(abstract.model_config(cfg, cfg.train), cfg.train, make_mesh({"fsdp": 32}, devices),
-                                       "fsdp", freeze=is_vision_path)
+        state = abstract.abstract_train_state(abstract.model_config(cfg, cfg.train), cfg.train,
+                                              make_mesh({"fsdp": 32}, devices), "fsdp", freeze=is_vision_path)
         def counts(tree):
             leaves = jax.tree.leaves(tree)
             return (sum(math.prod(x.shape) for x in leaves),

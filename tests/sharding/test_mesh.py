@@ -51,8 +51,8 @@ def test_rules_resolve_and_drop_what_cannot_divide():
     # activations: batch takes fsdp first, so embed is not split under fsdp
     assert logical.partition_spec((logical.BATCH, logical.SEQ, logical.EMBED), rules, mesh, (8, 16, 64)) == \
         PartitionSpec("fsdp", None, None)
-    sp = logical.partition_spec((logical.BATCH, logical.SEQ, logical.EMBED), logical.rules_for("fsdp_sp"), make_mesh({"fsdp": 2, "sequence": 4}),
-                          (4, 32, 64))
+    sp = logical.partition_spec((logical.BATCH, logical.SEQ, logical.EMBED), logical.rules_for("fsdp_sp"),
+                                make_mesh({"fsdp": 2, "sequence": 4}), (4, 32, 64))
     assert sp == PartitionSpec("fsdp", "sequence", None)
     with pytest.raises(ValueError, match="unknown sharding strategy 'zero3'"):
         logical.rules_for("zero3")

@@ -260,7 +260,8 @@ def test_host_local_engine_params_and_weight_sync(scan):
     cfg.engine.mesh.tensor = 2
     cfg.engine.max_seq_len, cfg.engine.max_slots, cfg.engine.min_prefill_bucket = 64, 2, 16
     model = with_layer_layout(toy_model(), scan_layers=scan)
-    setup, params, _ = create_train_state(model, cfg.train, make_mesh({"fsdp": -1}), "fsdp", total_steps=int(cfg.rl.num_steps))
+    setup, params, _ = create_train_state(model, cfg.train, make_mesh({"fsdp": -1}), "fsdp",
+                                          total_steps=int(cfg.rl.num_steps))
     hosts = multihost.MultiProcess()
     engine = JaxEngine(hosts.local_model(setup, params), None, cfg.engine)
     try:

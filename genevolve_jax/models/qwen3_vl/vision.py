@@ -178,7 +178,8 @@ class VisionAttention(nnx.Module):
     def __init__(self, vision: VisionConfig, *, param_dtype, dtype, rngs: nnx.Rngs):
         d, h, hd = vision.hidden_size, vision.num_heads, vision.head_dim
         self.qkv = Dense((d,), (3, h, hd), in_axes=(logical.VIS_EMBED,),
-                         out_axes=(None, logical.VIS_HEADS, logical.HEAD_DIM), use_bias=True, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+                         out_axes=(None, logical.VIS_HEADS, logical.HEAD_DIM), use_bias=True,
+                         param_dtype=param_dtype, dtype=dtype, rngs=rngs)
         self.proj = Dense((h, hd), (d,), in_axes=(logical.VIS_HEADS, logical.HEAD_DIM), out_axes=(logical.VIS_EMBED,),
                           use_bias=True, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
 

@@ -17,10 +17,10 @@ train/rl/loss_weights.py, computed here from the whole step, make accumulation e
 Images (``agent.observation_pixels``): a sample lists the files behind its image placeholders, in
 order. :func:`~genevolve_jax.train.rl.sample_images.prepare_images` decodes them and checks them
 against the placeholders; the mask stage (train/rl/masking.py) calls it before advantages, so a
-sample whose images are unreadable or do not match is masked before it counts in its group. When any placed sample has images, the
-batch gains per-row image blocks (``row_pixel_values`` [B, P, C·T·P·P] and the host-computed
-vision inputs of its grids, ``row_vision_*``): a row's block holds its segments' images in
-segment order (the model scatters image features into the row's placeholders in that order), and
+sample whose images are unreadable or do not match is masked before it counts in its group. When
+any placed sample has images, the batch gains per-row image blocks (``row_pixel_values``
+[B, P, C·T·P·P] and the host-computed vision inputs of its grids, ``row_vision_*``): a row's block
+holds its segments' images in segment order (the model scatters image features into the row's placeholders in that order), and
 each segment carries the MRoPE position ids of the model's rope index, for student and teacher
 rows. The blocks are batch-major, so gradient accumulation splits them with the rows, and P is
 rounded up to ``rl.patch_multiple`` so that steps reuse compiles. Text-only batches have exactly

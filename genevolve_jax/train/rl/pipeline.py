@@ -4,7 +4,8 @@
     → sharded update → weight sync
 
 The mask stage is train/rl/masking.py, assembly train/rl/batch_assembly.py, the update
-train/rl/logprob_forward.py and train/runtime/step.py; the others are here. :meth:`genevolve_jax.train.rl.trainer.EvolveTrainer.train_one_step` calls them in this order. What
+train/rl/logprob_forward.py and train/runtime/step.py; the others are here.
+:meth:`genevolve_jax.train.rl.trainer.EvolveTrainer.train_one_step` calls them in this order. What
 differs across hosts is the :class:`~genevolve_jax.sharding.collective.Collective` a stage is given,
 never a branch inside it. The stages that touch files, threads or devices (collect, experience,
 update, sync) say so; masking, advantages, teacher rows and assembly are pure functions of their
