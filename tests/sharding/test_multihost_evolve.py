@@ -16,25 +16,16 @@ import pytest
 from genevolve_jax.sharding import multihost
 from genevolve_jax.sharding.collective import SingleProcess
 from genevolve_jax.train.rl.records import IMAGE_UNREADABLE, RolloutSample
-from tests.fixtures.multiprocess import join_processes, launch_two_processes
+from tests.fixtures.multiprocess import WORKER_PRELUDE, join_processes, launch_two_processes
 
-HEADER = textwrap.dedent('''
-    import json, os, sys
-    import numpy as np
-    import jax
-    from jax.experimental import multihost_utils
+HEADER = WORKER_PRELUDE + textwrap.dedent('''
     from jax.sharding import NamedSharding, PartitionSpec
     from PIL import Image
-    from genevolve_jax.sharding import config as sharding_config, distributed
     from genevolve_jax.sharding import multihost
     from genevolve_jax.sharding.mesh import make_mesh
     from genevolve_jax.train.rl.records import RolloutSample
 
-    out_dir = sys.argv[1]
-    cfg = sharding_config.default_config()
-    cfg.distributed.initialization_timeout_s = 120
-    distributed.initialize(cfg.distributed)
-    rank = jax.process_index()
+    out_dir = out
     assert jax.process_count() == 2 and len(jax.local_devices()) == int(os.environ["LOCAL_DEVICES"])
     rng = np.random.default_rng(100 + rank)
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from genevolve_jax.train.runtime.preemption import PreemptionGuard, StepAbandoned
-from tests.fixtures.multiprocess import join_processes, launch_two_processes
+from tests.fixtures.multiprocess import WORKER_PRELUDE, join_processes, launch_two_processes
 
 STEP_LOOP = textwrap.dedent('''
     import json, os, signal, sys, time
@@ -156,19 +156,9 @@ def test_abandonable_work_is_dropped_on_a_signal_and_handlers_are_restored():
     assert not other.requested and other.should_stop(7) and other.stop_step == 7 and other.signal_name is None
 
 
-TWO_PROCESS_WORKER = textwrap.dedent('''
-    import json, os, sys, time
-    import numpy as np
-    import jax
-    from jax.experimental import multihost_utils
-    from genevolve_jax.sharding import config as sharding_config, distributed
+TWO_PROCESS_WORKER = WORKER_PRELUDE + textwrap.dedent('''
     from genevolve_jax.train.runtime.preemption import PreemptionGuard
 
-    out = sys.argv[1]
-    cfg = sharding_config.default_config()
-    cfg.distributed.initialization_timeout_s = 120
-    distributed.initialize(cfg.distributed)
-    rank = jax.process_index()
     guard = PreemptionGuard().install()
     completed = []
     for step in range(1, 200):
