@@ -74,7 +74,9 @@ def test_mask_stage_applies_every_rule_once_and_counts_each_kind():
                                          kind != "phase", "error: down" if kind == "phase" else "", 2,
                                          stats=stats))
     phase_masked = sum(not s.valid for s in samples)
-    rollouts = StepRollouts(tuple(samples), tuple(range(groups)), {"masked_reasons": {"error": phase_masked}})
+    # As the rollout phase reports it: a count per kind that occurred.
+    phase_reasons = {"error": phase_masked} if phase_masked else {}
+    rollouts = StepRollouts(tuple(samples), tuple(range(groups)), {"masked_reasons": phase_reasons})
     out = mask_stage(rollouts, MaskRules(budget, True, None, limit), k)
 
     assert [s.sample_id for s in out.samples] == [s.sample_id for s in samples]     # order kept
