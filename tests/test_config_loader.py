@@ -131,6 +131,8 @@ def test_tpu_pod_samples_in_process_and_reads_its_services_from_the_environment(
 # -- errors name the field --------------------------------------------------------------------------
 @pytest.mark.parametrize("override, message", [
     ("rl.group_size=1", "rl.group_size must be >= 2"),
+    ("rl.sampler_correction='is'", r"rl.sampler_correction must be one of \('none', 'tis'\)"),
+    ("rl.tis_cap=0.5", "rl.tis_cap must be a finite number >= 1"),
     ("sft.grad_accum_steps=0", "sft.grad_accum_steps must be >= 1, got 0"),
     ("train.optimizer.b1=1.5", r"train.optimizer.b1 must be in \[0, 1\)"),
     ("train.remat='some'", "train.remat must be one of"),

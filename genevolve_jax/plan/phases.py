@@ -214,7 +214,8 @@ def rl_phase(run_cfg, target, mesh, shapes: Shapes, *, model_config_path: str = 
     opts = compiler_options(run_cfg.model)
     dtype = _DTYPES[tc.compute_dtype]
     from genevolve_jax.train.losses.step_losses import EvolveLoss
-    step = TrainStep(state.setup, EvolveLoss(run_cfg.loss), compute_dtype=dtype,
+    from genevolve_jax.train.rl.config import tis_cap_of
+    step = TrainStep(state.setup, EvolveLoss(run_cfg.loss, tis_cap=tis_cap_of(run_cfg.rl)), compute_dtype=dtype,
                      grad_accum_steps=tc.grad_accum_steps, compiler_options=opts)
     traced = _trace(step, state, batch, target, mesh)
     count = _count_jaxpr(traced, _step_fn_factory(step, batch), _step_args(state, batch, mesh), mesh,

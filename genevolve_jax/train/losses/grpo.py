@@ -5,10 +5,23 @@ Per policy token, with r = π/π_old and advantage A of its trajectory (METHOD.m
          pg = min(pg, −A·c);
   kl   = k1: log π − log π_ref;  k2: ½(log π − log π_ref)²;
          k3: exp(log π_ref − log π) − (log π_ref − log π) − 1; optionally clamped to [−C, C];
-  loss = aggregate(pg + β·kl) over the loss mask, which covers only the policy's own tokens and
+  loss = aggregate(w·pg + β·kl) over the loss mask, which covers only the policy's own tokens and
          drops trajectories flagged error / truncated / repeated.
+
+w is 1, or with a sampler correction (``rl.sampler_correction = "tis"``) the truncated importance
+weight of the token, as verl ships it (token-level TIS, verl/trainer/ppo/rollout_corr_helper.py):
+  w = min(π_old / π_sampler, C), a constant (no gradient flows through it),
+where π_sampler is the log-prob the rollout engine recorded for the token and C the cap
+(``rl.tis_cap``). The tokens were drawn by the engine, whose kernels (bf16, its own attention and
+sampler) are not the trainer's: w moves the policy-gradient term from the engine's distribution to
+π_old's. Only the policy-gradient term is weighted (verl weights ``pg_losses`` alone, after the
+dual clip); the KL term and SDL are not. A log-ratio outside ±LOG_RATIO_LIMIT is clamped first, so
+a sampler log-prob at SGLang's float32 floor gives w = C, not inf; a NaN one gives a NaN loss,
+which the step's non-finite guard skips and counts (train/runtime/nonfinite.py).
 """
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -89,10 +102,25 @@ def kl_penalty(logprobs: jax.Array, ref_logprobs: jax.Array, estimator: str,
     return kl
 
 
+def truncated_importance_weights(old_logprobs: jax.Array, sampler_logprobs: jax.Array,
+                                 cap: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(w, truncated, ratio) per token: w = min(π_old / π_sampler, ``cap``) under stop-gradient,
+    ``truncated`` 1 where π_old / π_sampler > cap (compared in log space, so a ratio exactly at the
+    cap is not truncated), ``ratio`` the untruncated π_old / π_sampler (log-ratio clamped to
+    ±LOG_RATIO_LIMIT). Inputs are the masked float32 log-probs of :func:`grpo_token_terms`."""
+    log_ratio = jax.lax.stop_gradient(jnp.clip(old_logprobs - sampler_logprobs, -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
+    over = log_ratio > math.log(cap)
+    ratio = jnp.exp(log_ratio)
+    return jnp.where(over, jnp.asarray(cap, F32), ratio), over.astype(F32), ratio
+
+
 def grpo_token_terms(logprobs: jax.Array, old_logprobs: jax.Array, adv: jax.Array, m: jax.Array,
-                     cfg: ml_collections.ConfigDict, ref_logprobs: jax.Array | None = None) -> dict[str, jax.Array]:
+                     cfg: ml_collections.ConfigDict, ref_logprobs: jax.Array | None = None, *,
+                     sampler_logprobs: jax.Array | None = None, tis_cap: float | None = None) -> dict[str, jax.Array]:
     """Per-token GRPO terms over the float mask ``m`` [B, T] (advantages ``adv`` [B, T]): the
-    token loss pg + β·kl and the quantities the metrics report. Masked positions hold constants."""
+    token loss w·pg + β·kl and the quantities the metrics report. Masked positions hold constants.
+    ``tis_cap`` None: w = 1; else w is :func:`truncated_importance_weights` of π_old against
+    ``sampler_logprobs`` (the module docstring)."""
     g = cfg.grpo
     shape = jnp.shape(logprobs)
     lp = masked(logprobs, m)
@@ -111,6 +139,13 @@ def grpo_token_terms(logprobs: jax.Array, old_logprobs: jax.Array, adv: jax.Arra
         dual = (adv < 0) & (pg > bound)
         dual_clipped = dual.astype(F32)
         pg = jnp.where(adv < 0, jnp.minimum(pg, bound), pg)
+    tis = {}
+    if tis_cap is not None:
+        if sampler_logprobs is None:
+            raise ValueError("a sampler correction (tis_cap) needs sampler_logprobs")
+        w, truncated, sampler_ratio = truncated_importance_weights(old, masked(sampler_logprobs, m), float(tis_cap))
+        pg = w * pg
+        tis = {"tis_weight": w, "tis_truncated": truncated, "tis_ratio": sampler_ratio}
 
     token_loss = pg
     kl = jnp.zeros(shape, F32)
@@ -121,7 +156,7 @@ def grpo_token_terms(logprobs: jax.Array, old_logprobs: jax.Array, adv: jax.Arra
         kl = kl_penalty(lp, ref, g.kl_estimator, g.kl_clamp)
         token_loss = pg + g.kl_coef * kl
     return {"token_loss": token_loss, "pg": pg, "kl": kl, "clipped": clipped, "dual_clipped": dual_clipped,
-            "ratio": ratio, "approx_kl_old": 0.5 * (lp - old) ** 2, "adv": adv}
+            "ratio": ratio, "approx_kl_old": 0.5 * (lp - old) ** 2, "adv": adv, **tis}
 
 
 def _check_advantages(advantages, shape) -> jax.Array:
@@ -136,23 +171,26 @@ def _check_advantages(advantages, shape) -> jax.Array:
 def grpo_loss(logprobs: jax.Array, old_logprobs: jax.Array, advantages: jax.Array,
               mask: jax.Array, cfg: ml_collections.ConfigDict, *,
               ref_logprobs: jax.Array | None = None, sample_valid: jax.Array | None = None,
-              entropy: jax.Array | None = None):
+              entropy: jax.Array | None = None, sampler_logprobs: jax.Array | None = None,
+              tis_cap: float | None = None):
     """Clipped GRPO loss and its metrics, aggregated over this batch (``cfg.grpo.aggregation``).
 
     logprobs, old_logprobs, ref_logprobs [B, T] (sampled-token log-probs under the policy, the
     rollout policy and the reference); advantages [B] (one per trajectory) or [B, T]; mask [B, T]
     on the policy's tokens; sample_valid [B] (0 drops a whole trajectory); entropy [B, T] is
-    only reported. ``cfg`` is the loss config (:func:`default_loss_config`).
+    only reported. ``cfg`` is the loss config (:func:`default_loss_config`). ``tis_cap`` (with
+    ``sampler_logprobs`` [B, T], the engine's): truncated importance sampling (module docstring).
     Returns (loss scalar, metrics dict of scalars). The train step uses :func:`grpo_loss_weighted`
     (the same terms with host-computed weights, exact over micro-batches and packed rows).
     """
     g = cfg.grpo
     shape = jnp.shape(logprobs)
     check_same_shape({"old_logprobs": old_logprobs, "mask": mask, "ref_logprobs": ref_logprobs,
-                      "entropy": entropy}, shape)
+                      "entropy": entropy, "sampler_logprobs": sampler_logprobs}, shape)
     adv = _check_advantages(advantages, shape)
     m = sample_mask(mask, sample_valid)
-    t = grpo_token_terms(logprobs, old_logprobs, adv, m, cfg, ref_logprobs)
+    t = grpo_token_terms(logprobs, old_logprobs, adv, m, cfg, ref_logprobs, sampler_logprobs=sampler_logprobs,
+                         tis_cap=tis_cap)
     loss = aggregate(t["token_loss"], m, g.aggregation)
 
     valid_seqs = (m.sum(axis=1) > 0).astype(F32).sum()
@@ -171,22 +209,40 @@ def grpo_loss(logprobs: jax.Array, old_logprobs: jax.Array, advantages: jax.Arra
     }
     if entropy is not None:
         metrics["grpo/entropy"] = masked_mean(entropy, m)
+    if "tis_weight" in t:
+        metrics.update({"tis/weight_mean": masked_mean(t["tis_weight"], m),
+                        "tis/truncated_frac": masked_mean(t["tis_truncated"], m),
+                        "tis/weight_max": tis_weight_max(t, m)})
     return loss, metrics
+
+
+def tis_weight_max(terms: dict, m: jax.Array) -> jax.Array:
+    """``tis/weight_max``: the largest π_old / π_sampler over the mask *before* truncation (verl's
+    ``rollout_is_max``): how far the worst token was, above the cap exactly when some token was
+    truncated (``tis/truncated_frac`` > 0). 0 without a token."""
+    return jax.lax.stop_gradient(jnp.max(jnp.where(m > 0, terms["tis_ratio"], 0.0)))
 
 
 def grpo_loss_weighted(logprobs: jax.Array, old_logprobs: jax.Array, advantages: jax.Array,
                        weights, cfg: ml_collections.ConfigDict, *, ref_logprobs: jax.Array | None = None,
-                       entropy: jax.Array | None = None):
-    """GRPO as a weighted token sum: (Σ w_agg·(pg + β·kl), metrics as weighted sums).
+                       entropy: jax.Array | None = None, sampler_logprobs: jax.Array | None = None,
+                       tis_cap: float | None = None):
+    """GRPO as a weighted token sum: (Σ w_agg·(w·pg + β·kl), metrics as weighted sums).
 
     ``advantages`` [B, T] (each token carries its trajectory's); ``weights`` a
     :class:`~genevolve_jax.train.rl.loss_weights.TokenWeights` view: ``grpo`` (the aggregation's
     per-token weight, 0 off the valid policy tokens), ``token`` (1/N on the step's valid policy
     tokens: token means) and ``seq`` (1 on a trajectory's first policy token: trajectory counts).
-    Masked trajectories have no row in a packed batch (``samples/masked`` counts them). Every value is a sum, so micro-batches add up to the one-batch numbers exactly."""
+    Masked trajectories have no row in a packed batch (``samples/masked`` counts them). Every value is a
+    sum, so micro-batches add up to the one-batch numbers exactly, except ``tis/weight_max``, a
+    maximum (``EvolveLoss.max_metrics``). ``tis_cap``: truncated importance sampling against
+    ``sampler_logprobs`` (module docstring), with ``tis/weight_mean`` (of the truncated weights the
+    loss applies), ``tis/truncated_frac`` and ``tis/weight_max`` (:func:`tis_weight_max`) over the
+    trained policy tokens."""
     w_agg, w_tok = weights["grpo"], weights["token"]
     m = (w_tok != 0).astype(F32)
-    t = grpo_token_terms(logprobs, old_logprobs, advantages, m, cfg, ref_logprobs)
+    t = grpo_token_terms(logprobs, old_logprobs, advantages, m, cfg, ref_logprobs, sampler_logprobs=sampler_logprobs,
+                         tis_cap=tis_cap)
     loss = weighted_sum(t["token_loss"], w_agg)
     metrics = {
         "grpo/loss": jax.lax.stop_gradient(loss),
@@ -200,4 +256,8 @@ def grpo_loss_weighted(logprobs: jax.Array, old_logprobs: jax.Array, advantages:
         metrics[f"grpo/{name}"] = constant_weight_mean(t[term], m, w_tok)
     if entropy is not None:
         metrics["grpo/entropy"] = constant_weight_mean(entropy, m, w_tok)
+    if "tis_weight" in t:
+        metrics.update({"tis/weight_mean": constant_weight_mean(t["tis_weight"], m, w_tok),
+                        "tis/truncated_frac": constant_weight_mean(t["tis_truncated"], m, w_tok),
+                        "tis/weight_max": tis_weight_max(t, m)})
     return loss, metrics

@@ -163,14 +163,15 @@ def sdl_loss(student_logprobs: jax.Array, teacher_logprobs: jax.Array,
 
 def evolve_loss(logprobs, old_logprobs, advantages, mask, cfg: ml_collections.ConfigDict, *,
                 ref_logprobs=None, teacher_logprobs=None, has_bundle=None, sample_valid=None,
-                entropy=None):
+                entropy=None, sampler_logprobs=None, tis_cap=None):
     """L = L_GRPO + λ·L_SDL (λ = cfg.sdl.coef) with both metric sets and "loss" (the total).
 
-    With λ = 0 the SDL term is skipped and the teacher inputs may be None.
+    With λ = 0 the SDL term is skipped and the teacher inputs may be None. ``tis_cap`` weights
+    GRPO's policy-gradient term only (train/losses/grpo.py).
     """
     loss, metrics = grpo_loss(logprobs, old_logprobs, advantages, mask, cfg,
                               ref_logprobs=ref_logprobs, sample_valid=sample_valid,
-                              entropy=entropy)
+                              entropy=entropy, sampler_logprobs=sampler_logprobs, tis_cap=tis_cap)
     if cfg.sdl.coef > 0:
         if teacher_logprobs is None or has_bundle is None:
             raise ValueError("sdl.coef > 0 needs teacher_logprobs and has_bundle")
@@ -214,11 +215,15 @@ def sdl_loss_weighted(student_logprobs: jax.Array, teacher_logprobs: jax.Array, 
 
 
 def evolve_loss_weighted(logprobs, old_logprobs, advantages, segment_ids, weights, cfg: ml_collections.ConfigDict, *,
-                         ref_logprobs=None, teacher_logprobs=None, entropy=None):
+                         ref_logprobs=None, teacher_logprobs=None, entropy=None, sampler_logprobs=None,
+                         tis_cap=None):
     """L = L_GRPO + λ·L_SDL as weighted token sums (exact over micro-batches and packed rows):
-    :func:`grpo_loss_weighted` plus λ·:func:`sdl_loss_weighted`, with "loss" the total."""
+    :func:`grpo_loss_weighted` plus λ·:func:`sdl_loss_weighted`, with "loss" the total.
+    ``tis_cap`` weights GRPO's policy-gradient term only: SDL's ρ already reweights its tokens
+    from π_old to π_S, and verl corrects the policy loss alone."""
     loss, metrics = grpo_loss_weighted(logprobs, old_logprobs, advantages, weights, cfg,
-                                       ref_logprobs=ref_logprobs, entropy=entropy)
+                                       ref_logprobs=ref_logprobs, entropy=entropy,
+                                       sampler_logprobs=sampler_logprobs, tis_cap=tis_cap)
     if cfg.sdl.coef > 0:
         if teacher_logprobs is None:
             raise ValueError("sdl.coef > 0 needs teacher_logprobs")

@@ -8,9 +8,12 @@
   op; images are encoded once and the teacher row reuses them. π_old is the batch's
   ``old_logprobs`` or, when the batch carries none (an on-policy step: one optimiser step over the
   rollout batch), the stop-gradient of the step's own log-probs: the ratio is then exactly 1 and
-  no forward is spent on it. Its terms are weighted token sums with the normalisers of the whole
-  step computed on the host (train/rl/loss_weights.py), so micro-batches of packed rows add up to
-  the one-batch loss, gradient and metrics exactly.
+  no forward is spent on it. With a sampler correction (``tis_cap``), each token's
+  policy-gradient term is weighted by min(π_old / π_sampler, C) (train/losses/grpo.py): on-policy,
+  π_old is that same stop-gradient forward, the pre-update policy, so the weight equals the one a
+  recompute forward would give (tests/train/rl/test_pipeline.py). Its terms are weighted token sums
+  with the normalisers of the whole step computed on the host (train/rl/loss_weights.py), so
+  micro-batches of packed rows add up to the one-batch loss, gradient and metrics exactly.
 """
 from __future__ import annotations
 
@@ -82,11 +85,15 @@ class EvolveLoss(LossFunction):
     micro-batch returns its share of the one-batch loss, and its metrics are sums or exact
     weighted means. The weight is the micro-batch's share of ``row_weight`` (Σ over the step = 1)."""
 
-    max_metrics = ("rollout/logprob_mismatch_max",)
+    max_metrics = ("rollout/logprob_mismatch_max", "tis/weight_max")
 
-    def __init__(self, loss_cfg, *, sdl: bool | None = None):
+    def __init__(self, loss_cfg, *, sdl: bool | None = None, tis_cap: float | None = None):
+        """``tis_cap``: C of the sampler correction (``rl.sampler_correction = "tis"``, the value of
+        train/rl/config.py ``tis_cap_of``), or None for none: GRPO's policy-gradient term of each
+        token is weighted by min(π_old / π_sampler, C), π_sampler the batch's ``sampler_logprobs``."""
         self.cfg = loss_cfg
         self.use_sdl = (loss_cfg.sdl.coef > 0) if sdl is None else bool(sdl)
+        self.tis_cap = None if tis_cap is None else float(tis_cap)
 
     def __call__(self, model, batch, rng):
         del rng
@@ -100,7 +107,8 @@ class EvolveLoss(LossFunction):
         weights = weights_view(batch)
         loss, metrics = evolve_loss_weighted(lp, old, batch["advantages"], batch["segment_ids"], weights, cfg,
                                              ref_logprobs=batch.get("ref_logprobs"), teacher_logprobs=teacher_lp,
-                                             entropy=ent)
+                                             entropy=ent, sampler_logprobs=batch.get("sampler_logprobs"),
+                                             tis_cap=self.tis_cap)
         if "sampler_logprobs" in batch:  # the sampler's health check, at no extra forward
             metrics.update(logprob_mismatch(batch["sampler_logprobs"], lp, weights["token"]))
         metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}

@@ -27,8 +27,23 @@ tokens) in both modes: it is the health check of a sampler and of its weight syn
   releases (e.g. commit 584f55d) returned the log of the top-p *renormalised* probabilities when
   top_p < 1 (``top_p_normalize_probs_torch``), i.e. not the full-vocabulary distribution our ratio
   uses. The meaning thus depends on the release, a server flag and the batch, and the server runs
-  bf16 kernels other than ours: the GPU configs use "recompute" with SGLang, and read the mismatch
-  metric to see what the servers return.
+  bf16 kernels other than ours: π_old never comes from SGLang ("auto" or "recompute"), and the
+  mismatch metric shows what the servers return.
+
+Sampler correction (``rl.sampler_correction``). π_old is the trainer's, but the tokens were drawn by
+the engine: where its kernels differ from the trainer's (SGLang in bf16, any engine after an
+in-flight weight update), its distribution π_sampler is not π_old. "tis" weights each token's
+policy-gradient term by min(π_old / π_sampler, ``rl.tis_cap``) (truncated importance sampling as
+verl ships it, train/losses/grpo.py) and logs ``tis/weight_mean``, ``tis/weight_max`` and
+``tis/truncated_frac``. With "auto" π_old and one update per batch, π_old is the stop-gradient of
+the step's own forward: the pre-update policy, the very log-probs a recompute forward gives (at
+1e-6, tests/train/rl/test_pipeline.py), so the correction costs no forward. It needs π_old from the
+trainer: with ``rl.old_logprobs = "sampler"`` the weight would be 1 on every token, and that
+combination is refused. The correction trusts π_sampler to be the engine's log-prob of the token at
+the training temperature over the whole vocabulary: an SGLang release or flag that returns T = 1 or
+top-p-renormalised log-probs (above) shows as a large ``rollout/logprob_mismatch`` and
+``tis/truncated_frac``. Default "none" (the paper's objective, METHOD.md §6: r = π/π_old alone; the
+default JaxEngine records the trainer's own quantity); the SGLang configs set "tis".
 """
 from __future__ import annotations
 
@@ -40,6 +55,7 @@ from genevolve_jax.train.runtime.checkpoint import EXPORT_DTYPES
 
 ENGINES = ("jax", "sglang")
 OLD_LOGPROBS = ("auto", "sampler", "recompute")
+SAMPLER_CORRECTIONS = ("none", "tis")
 
 # Fields are named in full ("rl.group_size"): these sections are checked from several places.
 _require = Checker()
@@ -71,6 +87,9 @@ def default_rl_config() -> ml_collections.ConfigDict:
                                     # sglang: rollout.sglang_engine.SGLangEngine on rl.sglang.urls
         "old_logprobs": "auto",     # auto | sampler | recompute: where π_old comes from (train/rl/logprob_forward.py)
         "updates_per_batch": 1,     # optimiser steps per rollout batch; > 1 makes the clip bite (π_old recomputed)
+        "sampler_correction": "none",  # none | tis: weight each token's policy-gradient term by
+                                    # min(π_old / π_sampler, tis_cap) (module docstring; none: the paper's)
+        "tis_cap": 2.0,             # C of "tis" (verl's default rollout_is_threshold)
         "sglang": default_sglang_config(),
         "outage": default_outage_config(),  # services down past their retries (train/rl/outage.py)
         "max_tokens_per_row": 32768,  # (ours) rollouts are packed into rows of this many tokens; a longer
@@ -101,10 +120,25 @@ def validate_rl(cfg) -> ml_collections.ConfigDict:
     _require(cfg.old_logprobs in OLD_LOGPROBS, "rl.old_logprobs", f"one of {OLD_LOGPROBS}", cfg.old_logprobs)
     _require(is_int(cfg.updates_per_batch) and cfg.updates_per_batch >= 1, "rl.updates_per_batch", ">= 1",
              cfg.updates_per_batch)
+    _require(cfg.sampler_correction in SAMPLER_CORRECTIONS, "rl.sampler_correction",
+             f"one of {SAMPLER_CORRECTIONS}", cfg.sampler_correction)
+    _require(is_number(cfg.tis_cap) and cfg.tis_cap >= 1, "rl.tis_cap",
+             "a finite number >= 1 (the largest weight π_old / π_sampler a token gets)", cfg.tis_cap)
+    _require(not (cfg.sampler_correction == "tis" and cfg.old_logprobs == "sampler"), "rl.sampler_correction",
+             "'none' when rl.old_logprobs is 'sampler' (π_old would be π_sampler: every weight 1; use 'auto' or "
+             "'recompute')", cfg.sampler_correction)
     if cfg.engine == "sglang":
         validate_sglang(cfg.sglang)
     validate_outage(cfg.outage)
     return cfg
+
+
+def tis_cap_of(cfg) -> float | None:
+    """The cap C that the evolve loss weights tokens with (``EvolveLoss(tis_cap=...)``), None when
+    ``rl.sampler_correction`` is "none". ``cfg`` is the ``rl`` section; the trainer and the plan
+    both build their loss from this."""
+    correction, cap = cfg.sampler_correction, float(cfg.tis_cap)
+    return cap if correction == "tis" else None
 
 
 def validate_sglang(cfg, prefix: str = "rl.sglang") -> ml_collections.ConfigDict:

@@ -5,7 +5,10 @@ be computed before the update.
 - "auto": with one optimiser step per rollout batch (``rl.updates_per_batch`` = 1, however many
   micro-batches) π_old is the current policy: the step uses the stop-gradient of its own
   log-probs (train/losses/step_losses.py) and no forward is spent. With several updates per batch
-  π_old is recomputed once, before the first update.
+  π_old is recomputed once, before the first update. Either way π_old is the pre-update policy
+  under the trainer's kernels, which is what the sampler correction (``rl.sampler_correction``)
+  compares with the engine's log-probs: on-policy its weight min(π_old / π_sampler, C) is a
+  constant of the step's own forward, the same number a recompute would give.
 - "sampler": the log-probs the rollout engine recorded (exact for the JaxEngine; see
   train/rl/config.py for what SGLang returns).
 - "recompute": one jitted forward of the pre-update params over the assembled batch.

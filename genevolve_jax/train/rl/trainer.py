@@ -26,7 +26,7 @@ from genevolve_jax.rollout.engine import RolloutEngine
 from genevolve_jax.train.losses.step_losses import EvolveLoss
 from genevolve_jax.train.rl.batch_assembly import (assemble_evolve_batch, batch_row_multiple, choose_row_length,
                                                    drop_oversized_teachers, row_lengths)
-from genevolve_jax.train.rl.config import validate_evolve_run
+from genevolve_jax.train.rl.config import tis_cap_of, validate_evolve_run
 from genevolve_jax.train.rl.logprob_forward import LogprobForward, resolve_old_logprobs
 from genevolve_jax.train.rl.masking import MaskRules, mask_stage
 from genevolve_jax.train.rl.outage import OutagePolicy, health_checks_for_run
@@ -60,9 +60,9 @@ class EvolveTrainer(Driver):
         validate_evolve_run(cfg, len(devices) if devices is not None else None)
         tokenizer = tokenizer if tokenizer is not None else build_tokenizer(cfg.model)
         super().__init__(cfg, train_cfg=cfg.train, total_steps=int(num_steps or cfg.rl.num_steps),
-                         loss=EvolveLoss(cfg.loss), workdir=workdir or cfg.workdir, checkpoint_dir="checkpoints",
-                         log_dir="", description="evolve", tokenizer=tokenizer, model=model, devices=devices,
-                         progress=progress, collective=collective)
+                         loss=EvolveLoss(cfg.loss, tis_cap=tis_cap_of(cfg.rl)), workdir=workdir or cfg.workdir,
+                         checkpoint_dir="checkpoints", log_dir="", description="evolve", tokenizer=tokenizer,
+                         model=model, devices=devices, progress=progress, collective=collective)
         self.group_size = int(cfg.rl.group_size)
         self.pad_id = int(tokenizer.pad_token_id or 0)
         self.model_config = self.setup.merge(self.params).config

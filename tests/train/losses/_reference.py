@@ -38,8 +38,15 @@ def aggregate(values, mask, mode):
     return sum(per_seq) / len(per_seq) if per_seq else 0.0
 
 
+def tis_weight(old, sampler, cap):
+    """Truncated importance sampling (verl's token TIS): min(π_old / π_sampler, C)."""
+    return min(math.exp(old - sampler), cap)
+
+
 def grpo(lp, old, ref, adv, mask, valid, *, eps_low, eps_high, dual_c, beta, estimator, clamp,
-         agg):
+         agg, sampler=None, tis_cap=None):
+    """With ``tis_cap``: each token's policy-gradient term times :func:`tis_weight` of ``old``
+    against ``sampler`` (held constant: the finite differences move ``lp`` alone)."""
     b, t = mask.shape
     m = np.array([[bool(mask[i, j]) and bool(valid[i]) for j in range(t)] for i in range(b)])
     vals = [[0.0] * t for _ in range(b)]
@@ -52,6 +59,8 @@ def grpo(lp, old, ref, adv, mask, valid, *, eps_low, eps_high, dual_c, beta, est
             loss = max(-a * r, -a * min(max(r, 1 - eps_low), 1 + eps_high))
             if dual_c and a < 0:
                 loss = min(loss, -a * dual_c)
+            if tis_cap is not None:
+                loss *= tis_weight(old[i, j], sampler[i, j], tis_cap)
             if beta:
                 x = ref[i, j] - lp[i, j]
                 kl = {"k1": -x, "k2": 0.5 * x * x, "k3": math.exp(x) - x - 1}[estimator]
