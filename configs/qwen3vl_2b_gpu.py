@@ -3,7 +3,8 @@
 Same services and ports as qwen3vl_8b_gpu: the SGLang policy server on 127.0.0.1:30010 colocated
 on the 8 GPUs (for 2B: TP 1 × DP 8, ``--mem-fraction-static 0.30``, started by
 ``GENEVOLVE_POLICY_MODEL=<HF dir> GENEVOLVE_POLICY_TP=1 GENEVOLVE_POLICY_DP=8 launch/single_host.sh``),
-π_old recomputed, the judge on :30000 and the render service on :8100 elsewhere.
+π_old from the step's own forward with truncated importance sampling against the server's log-probs,
+the judge on :30000 and the render service on :8100 elsewhere.
 """
 import ml_collections
 

@@ -6,8 +6,9 @@ server on 127.0.0.1:30010 (``rl.engine="sglang"``), colocated with the trainer o
 0.55): ``GENEVOLVE_POLICY_MODEL=<HF dir> launch/single_host.sh genevolve train --config
 qwen3vl_8b_gpu ...`` starts it first and waits for its /health. The trainer pushes its starting
 weights at start and its policy after every step (bf16 HF export to <workdir>/sglang_weights,
-/update_weights_from_disk), and recomputes π_old itself (``rl.old_logprobs="recompute"``: what
-SGLang's log-probs mean depends on its release and flags, see train/rl/config.py). The in-process
+/update_weights_from_disk). π_old is the trainer's own (``rl.old_logprobs="auto"``: the step's
+forward, no extra one), and the server's bf16 kernels are corrected for by truncated importance
+sampling (``rl.sampler_correction="tis"``, C = ``rl.tis_cap`` = 2; train/rl/config.py). The in-process
 JaxEngine (``--config.rl.engine=jax``, the ``engine`` section) remains available. A delta on
 configs/base.py.
 
@@ -51,7 +52,15 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.rl.group_size = 6
     cfg.rl.num_steps = 200
     cfg.rl.engine = "sglang"
-    cfg.rl.old_logprobs = "recompute"
+    # π_old: one optimiser step per rollout batch, so π_old is the pre-update policy, which is what
+    # the step's own forward computes: "auto" takes its stop-gradient (train/rl/logprob_forward.py),
+    # equal to a separate recompute forward at 1e-6 (tests/train/rl/test_pipeline.py). "recompute"
+    # spent one more forward over the 48 rollouts × 32,768 tokens per step for that same number
+    # (the plan's reference_forward ran twice a step, now once: the KL reference's). The tokens
+    # are SGLang's, sampled with bf16 kernels that are not the trainer's, so each policy-gradient
+    # term is weighted by min(π_old / π_sampler, 2) (verl's token TIS); tis/* metrics show its size.
+    cfg.rl.old_logprobs = "auto"
+    cfg.rl.sampler_correction = "tis"
     cfg.rl.sglang.urls = ["http://127.0.0.1:30010"]   # the policy server (single_host.sh GENEVOLVE_POLICY_PORT)
     cfg.rl.sglang.export_dtype = "bfloat16"           # = the trainer's bf16 compute weights
     cfg.rl.sglang.health_wait_s = 300.0               # an 8B server takes minutes to come up

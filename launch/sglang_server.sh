@@ -14,8 +14,9 @@
 #     pushes its own weights at start and after every step (bf16 HF export under
 #     rl.sglang.weights_dir, then /update_weights_from_disk), so that directory must be readable by
 #     this server at the same path. Leave SGLANG_RETURN_ORIGINAL_LOGPROB unset: it makes the returned
-#     log-probs temperature-1 ones (the trainer recomputes π_old anyway, rl.old_logprobs=recompute,
-#     and logs the difference as rollout/logprob_mismatch).
+#     log-probs temperature-1 ones. π_old is the trainer's own, but the returned log-probs are the
+#     π_sampler of the truncated importance weights (rl.sampler_correction=tis: min(π_old/π_sampler, 2)),
+#     so T = 1 ones would skew them; rollout/logprob_mismatch and tis/truncated_frac show it.
 #   judge (PORT 30000 = reward.endpoint.base_url): the VLM judge behind /v1/chat/completions; keeps
 #     its tokenizer for the chat template.
 #

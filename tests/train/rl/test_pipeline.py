@@ -123,8 +123,11 @@ def _state(mesh):
 def test_on_policy_pi_old_equals_the_recomputed_one():
     """No π_old in the batch: the step takes the stop-gradient of its own log-probs. Loss, metrics
     and the update equal those of the same step given π_old from a separate forward (1e-6), over
-    two micro-batches, with KL and SDL on."""
+    two micro-batches, with KL, SDL and the sampler correction on (the 8B config's route: "auto"
+    π_old and "tis"), and the tis/* metrics are the float64 formula's of the recomputed π_old
+    against the sampler's log-probs."""
     rng = np.random.default_rng(7)
+    cap = 2.0
     cfg = default_loss_config()
     cfg.logprob.chunk_size = 32
     cfg.logprob.rl_temperature = 0.7
@@ -135,14 +138,18 @@ def test_on_policy_pi_old_equals_the_recomputed_one():
     assert "old_logprobs" not in on_policy and "sampler_logprobs" in on_policy
     mesh = make_mesh({"fsdp": 2}, jax.devices()[:2])
     results, noise = [], 0.05 * rng.random(on_policy["targets"].shape)
+    sampler_noise = rng.normal(0.0, 0.8, on_policy["targets"].shape).astype(np.float32)
     for recompute in (False, True):
         setup, params, opt = _state(mesh)           # the same initial params both times
         batch = dict(on_policy)
         forward = LogprobForward(setup, cfg, jnp.float32)
-        batch["ref_logprobs"] = np.asarray(forward(params, batch)) - noise
+        pre_update = np.asarray(forward(params, batch))
+        batch["ref_logprobs"] = pre_update - noise
+        # An engine whose kernels differ: its log-probs are the trainer's, give or take N(0, 0.8²).
+        batch["sampler_logprobs"] = pre_update + sampler_noise
         if recompute:
-            batch["old_logprobs"] = np.asarray(forward(params, batch))
-        loss = EvolveLoss(cfg)
+            batch["old_logprobs"] = pre_update
+        loss = EvolveLoss(cfg, tis_cap=cap)
 
         def objective(train, frozen, b):
             num, den, _ = loss(setup.merge({"train": train, "frozen": frozen}), b, jax.random.key(0))
@@ -153,9 +160,16 @@ def test_on_policy_pi_old_equals_the_recomputed_one():
         _, _, mets = step(params, opt, batch, jax.random.key(0))
         results.append((jax.tree.map(np.asarray, grads), {k: float(v) for k, v in mets.items()}))
     (g_on, m_on), (g_re, m_re) = results
-    for key in ("loss", "grad_norm", "grpo/loss", "sdl/loss", "grpo/kl"):
+    for key in ("loss", "grad_norm", "grpo/loss", "sdl/loss", "grpo/kl", "tis/weight_mean", "tis/truncated_frac",
+                "tis/weight_max"):
         np.testing.assert_allclose(m_on[key], m_re[key], rtol=1e-6, atol=1e-7, err_msg=key)
-    assert m_on["grpo/ratio_mean"] == pytest.approx(1.0, abs=1e-7) and m_on["sdl/samples"] > 0
+    assert m_on["sdl/samples"] > 0
+    trained = on_policy["weight_token"] > 0
+    ratio = np.exp(-np.float64(sampler_noise[trained]))            # π_old / π_sampler of the trained tokens
+    assert m_on["tis/weight_mean"] == pytest.approx(np.minimum(ratio, cap).mean(), rel=1e-5)
+    assert m_on["tis/truncated_frac"] == pytest.approx((ratio > cap).mean(), abs=1e-6)
+    assert m_on["tis/weight_max"] == pytest.approx(ratio.max(), rel=1e-5)
+    assert 0 < m_on["tis/truncated_frac"] < 0.5
     scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(g_re))
     assert scale > 1e-4
     for a, b in zip(jax.tree.leaves(g_on), jax.tree.leaves(g_re)):
@@ -198,7 +212,9 @@ def test_two_updates_per_batch_recompute_pi_old_and_the_second_ratio_moves(tmp_p
         m1 = one.train_one_step()
     finally:
         one.close()
-    assert m1["rollout/old_logprobs_forward"] == 0.0 and m1["grpo/ratio_mean"] == pytest.approx(1.0, abs=1e-7)
+    # On-policy, π/π_old is 1 by construction (π_old is the stop-gradient of π); what can fail is
+    # the engine's agreement with the trainer, and no forward was spent.
+    assert m1["rollout/old_logprobs_forward"] == 0.0 and "tis/weight_mean" not in m1
     assert m1["rollout/logprob_mismatch"] < 1e-5        # the JaxEngine's log-probs are the trainer's
 
 

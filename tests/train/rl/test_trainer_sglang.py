@@ -1,7 +1,8 @@
 """`genevolve train` with rl.engine="sglang": rollouts over HTTP from a `genevolve serve` app (the same
 native API as SGLang) on 127.0.0.1, weight sync by HF export + /update_weights_from_disk after every
-step, π_old recomputed, the sampler-vs-trainer mismatch as a metric, a server that refuses reloads,
-image rollouts in SGLang's prompt form, and the config checks."""
+step, π_old from the step's own forward with truncated importance sampling against the server's
+log-probs (the GPU configs' route), the sampler-vs-trainer mismatch as a metric, a server that
+refuses reloads, image rollouts in SGLang's prompt form, and the config checks."""
 import dataclasses
 import socket
 
@@ -20,7 +21,7 @@ from genevolve_jax.rollout.jax_engine import JaxEngine
 from genevolve_jax.rollout.sglang_engine import SGLangError
 from genevolve_jax.serving.policy_server import create_app
 from genevolve_jax.train.losses.step_losses import logprob_mismatch
-from genevolve_jax.train.rl.config import default_rl_config, validate_rl
+from genevolve_jax.train.rl.config import default_rl_config, tis_cap_of, validate_rl
 from tests.fixtures.servers import LoopbackServer
 from tests.fixtures.toy_task import toy_model, toy_run_config, toy_trainer
 
@@ -55,7 +56,8 @@ def sglang_config(workdir, urls, **rl):
     cfg.rl.sglang.retries = 1
     cfg.rl.sglang.backoff_s = 0.01
     cfg.rl.sglang.health_wait_s = 5.0
-    cfg.rl.old_logprobs = "recompute"
+    cfg.rl.old_logprobs = "auto"             # as the GPU configs: π_old from the step's own forward,
+    cfg.rl.sampler_correction = "tis"        # and the server's tokens reweighted by min(π_old / π_sampler, 2)
     for k, v in rl.items():
         cfg.rl[k] = v
     return cfg
@@ -81,7 +83,7 @@ def assert_same_weights(a: dict, b: dict) -> None:
 def test_two_steps_roll_out_over_http_and_the_server_follows_the_trainer(toy_server, tmp_path):
     url, engine, served = toy_server
     served.clear()
-    cfg = sglang_config(tmp_path / "run", [url])
+    cfg = sglang_config(tmp_path / "run", [url], tis_cap=1.25)
     trainer = toy_trainer(cfg)
     try:
         start = hf_weights(trainer.setup.merge(trainer.params))
@@ -93,10 +95,12 @@ def test_two_steps_roll_out_over_http_and_the_server_follows_the_trainer(toy_ser
         trained1 = hf_weights(trainer.setup.merge(trainer.params))
         assert_same_weights(server_weights(engine, shell), trained1)
         assert any(not np.array_equal(trained1[k], start[k]) for k in start)  # the step changed the policy
-        # Rolled out by the server on the pushed starting weights: its log-probs are the trainer's.
+        # Rolled out by the server on the pushed starting weights: its log-probs are the trainer's, so
+        # every truncated importance weight is 1, and π_old cost no forward of its own.
         assert m1["rollout/logprob_mismatch"] < 1e-5 and m1["rollout/logprob_mismatch_max"] < 1e-4
-        # π_old recomputed with the params the step starts from: the ratio is 1 on every token.
-        assert abs(m1["grpo/ratio_mean"] - 1) < 1e-5 and m1["grpo/approx_kl_old"] < 1e-10
+        assert m1["rollout/old_logprobs_forward"] == 0.0
+        assert abs(m1["tis/weight_mean"] - 1) < 1e-5 and abs(m1["tis/weight_max"] - 1) < 1e-4
+        assert m1["tis/truncated_frac"] == 0.0
         assert m1["time/weight_export_s"] > 0 and m1["time/weight_reload_s"] > 0
 
         m2 = trainer.train_one_step()
@@ -112,12 +116,16 @@ def test_two_steps_roll_out_over_http_and_the_server_follows_the_trainer(toy_ser
         assert sorted(p.name for p in weights_dir.iterdir()) == ["weights_v2"]  # older versions removed
         assert (weights_dir / "weights_v2" / "config.json").exists()
 
-        # rl.old_logprobs="sampler" keeps the server's log-probs: with the server moved to other
-        # weights behind the trainer's back, the mismatch shows it and π/π_old leaves 1.
-        trainer.old_logprobs_route = "sampler"
+        # The server moved to other weights behind the trainer's back: its tokens come from another
+        # policy. The mismatch shows it, and the correction weighs them by π_old / π_sampler, truncated
+        # at C where the server favoured a token more than the trainer does (measured: the largest
+        # ratio 1.73, so the cap is 1.25 here for truncation to occur; the weights' mean 0.99).
         engine.update_weights(nnx.state(toy_model(seed=3), nnx.Param), 99)
         m3 = trainer.train_one_step()
-        assert m3["rollout/logprob_mismatch"] > 0.05 and m3["grpo/approx_kl_old"] > 1e-3
+        tis = {k: v for k, v in m3.items() if k.startswith("tis/")}
+        assert m3["rollout/logprob_mismatch"] > 0.05
+        assert m3["tis/weight_max"] > cfg.rl.tis_cap and 0 < m3["tis/truncated_frac"] < 1, tis
+        assert 0 < m3["tis/weight_mean"] < cfg.rl.tis_cap and abs(m3["tis/weight_mean"] - 1) > 1e-3, tis
     finally:
         trainer.close()
 
@@ -169,6 +177,10 @@ def rl(**kw):
     (dict(sglang__health_wait_s=-1.0), "rl.sglang.health_wait_s"),
     (dict(sglang__export_dtype="float16"), "rl.sglang.export_dtype"),
     (dict(old_logprobs="trainer"), "rl.old_logprobs"),
+    (dict(sampler_correction="is"), "rl.sampler_correction"),
+    (dict(sampler_correction="tis", old_logprobs="sampler"), "rl.sampler_correction"),
+    (dict(tis_cap=0.5), "rl.tis_cap"),
+    (dict(tis_cap=float("inf")), "rl.tis_cap"),
     (dict(engine="vllm"), "rl.engine"),
 ])
 def test_bad_sglang_settings_fail_naming_the_field(change, field):
@@ -186,14 +198,20 @@ def test_a_key_pasted_into_api_key_env_is_rejected_without_echoing_it():
 def test_other_engines_need_no_urls():
     cfg = default_rl_config()
     assert cfg.engine == "jax" and cfg.old_logprobs == "auto" and list(cfg.sglang.urls) == []
+    # The paper's objective by default: no correction (the JaxEngine records the trainer's log-probs).
+    assert cfg.sampler_correction == "none" and tis_cap_of(cfg) is None and cfg.tis_cap == 2.0
     validate_rl(cfg)
 
 
 @pytest.mark.parametrize("name", ["qwen3vl_8b_gpu", "qwen3vl_2b_gpu"])
 def test_gpu_configs_roll_out_on_sglang_on_their_own_ports(name):
     from urllib.parse import urlsplit
+
+    from genevolve_jax.plan.phases import logprob_forwards_per_step, old_logprob_route
     cfg = load_config(name)
-    assert cfg.rl.engine == "sglang" and cfg.rl.old_logprobs == "recompute"
+    assert cfg.rl.engine == "sglang" and cfg.rl.sampler_correction == "tis" and tis_cap_of(cfg.rl) == 2.0
+    # π_old without a forward of its own: the plan's one reference forward a step is the KL reference's.
+    assert old_logprob_route(cfg) == "on_policy" and logprob_forwards_per_step(cfg) == 1
     validate_rl(cfg.rl)
     policy = {urlsplit(u).port for u in cfg.rl.sglang.urls}
     others = {urlsplit(cfg.reward.endpoint.base_url).port} | {urlsplit(u).port for u in cfg.render.http.urls}
