@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from PIL import Image
 
@@ -52,11 +52,18 @@ class DiffusersRenderer:
     """
 
     def __init__(self, edit_pipeline=None, text_pipeline=None, params: SamplingParams = SamplingParams(),
-                 device: str = "cpu", renderer_id: str = "diffusers", num_threads: int | None = None):
-        if edit_pipeline is None and text_pipeline is None:
+                 device: str = "cpu", renderer_id: str = "diffusers", num_threads: int | None = None,
+                 load_pipelines: Callable[[], tuple[Any, Any]] | None = None):
+        """``load_pipelines`` (instead of the two pipelines): builds (edit, text) at the first render.
+        Why: importing torch and diffusers and building even the tiny pipelines is about 3 s of a
+        2-core CPU, which a run whose policy never answers with a program (a random model, a run
+        stopped before its first render) need not spend before its first step."""
+        if edit_pipeline is None and text_pipeline is None and load_pipelines is None:
             raise ValueError("DiffusersRenderer needs an edit pipeline, a text-to-image pipeline, or both")
         self.edit_pipeline = edit_pipeline
         self.text_pipeline = text_pipeline
+        self._load_pipelines = load_pipelines
+        self._load_lock = threading.Lock()
         self.params = params
         self.device = device
         self.renderer_id = f"{renderer_id}|{params}"
@@ -105,6 +112,7 @@ class DiffusersRenderer:
 
         if not request.prompt or not request.prompt.strip():
             raise RenderError("empty prompt")
+        self._ensure_pipelines()
         width, height = self._size(request, refs)
         s = request.resolved(self.params)
         # A CPU generator makes the noise identical on every device for a given seed.
@@ -135,6 +143,12 @@ class DiffusersRenderer:
                 if self.num_threads:
                     torch.set_num_threads(saved_threads)
         return out.images[0].convert("RGB")
+
+    def _ensure_pipelines(self) -> None:
+        with self._load_lock:     # concurrent first renders build once
+            if self._load_pipelines is not None:
+                self.edit_pipeline, self.text_pipeline = self._load_pipelines()
+                self._load_pipelines = None
 
     def _optional_kwargs(self, pipe, s: dict) -> dict[str, Any]:
         accepted = _call_parameters(pipe)

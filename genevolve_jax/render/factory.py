@@ -19,7 +19,7 @@ def build_renderer(cfg) -> Renderer:
     if cfg.backend == "tiny":
         from genevolve_jax.render.tiny import tiny_renderer
 
-        return tiny_renderer(cfg.tiny.init_seed, cfg.tiny.long_side, cfg.tiny.num_inference_steps)
+        return tiny_renderer(cfg.tiny.init_seed, cfg.tiny.long_side, cfg.tiny.num_inference_steps, deferred=True)
     if cfg.backend == "diffusers":
         from genevolve_jax.render.diffusers_renderer import DiffusersRenderer
 

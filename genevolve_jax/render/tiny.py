@@ -22,8 +22,6 @@ import contextlib
 import threading
 from typing import Iterator
 
-import torch
-
 _SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                    "<|image_pad|>", "<|video_pad|>")
 
@@ -93,6 +91,7 @@ def _edit_pipeline_class():
 
 def build_tiny_components(seed: int = 0) -> dict:
     """The six modules of a tiny Qwen-Image-Edit pipeline, randomly initialised from ``seed``."""
+    import torch
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -146,18 +145,24 @@ def build_tiny_pipelines(seed: int = 0):
 
 
 def tiny_renderer(seed: int = 0, long_side: int = 32, num_inference_steps: int = 2, device: str = "cpu",
-                  dtype: str = "float32"):
+                  dtype: str = "float32", *, deferred: bool = False):
     """A DiffusersRenderer over the tiny pipelines with the paper's CFG settings and tiny sizes,
-    placed on ``device`` in ``dtype`` (the same placement path as a real checkpoint)."""
+    placed on ``device`` in ``dtype`` (the same placement path as a real checkpoint). ``deferred``:
+    the pipelines are built at the first render (a run's renderer), not now (a service's, which
+    must be ready when it says so)."""
     from genevolve_jax.render.base import SamplingParams
     from genevolve_jax.render.diffusers_renderer import DiffusersRenderer, torch_dtype
 
-    edit, text = build_tiny_pipelines(seed)
-    for pipe in (edit, text):  # shared modules: the second call is a no-op
-        pipe.to(device)
-        if dtype != "float32":
-            pipe.to(torch_dtype(dtype))
+    def load():
+        edit, text = build_tiny_pipelines(seed)
+        for pipe in (edit, text):  # shared modules: the second call is a no-op
+            pipe.to(device)
+            if dtype != "float32":
+                pipe.to(torch_dtype(dtype))
+        return edit, text
+
     params = SamplingParams(num_inference_steps=num_inference_steps, long_side=long_side, max_sequence_length=64)
-    return DiffusersRenderer(edit, text, params=params, device=device,
+    pipelines = {"load_pipelines": load} if deferred else dict(zip(("edit_pipeline", "text_pipeline"), load()))
+    return DiffusersRenderer(**pipelines, params=params, device=device,
                              renderer_id=f"tiny-qwen-image-edit:{seed}:{dtype}",
                              num_threads=1 if device == "cpu" else None)

@@ -50,6 +50,35 @@ def test_same_seed_same_pixels_other_seed_other_pixels(renderer, refs):
     assert TINY_CONDITION_AREA < edit_plus.CONDITION_IMAGE_SIZE
 
 
+def test_a_run_renderer_builds_its_pipelines_at_the_first_render_once(renderer, refs, monkeypatch):
+    """build_renderer's tiny renderer (a run's) defers torch, diffusers and the pipelines to its
+    first render: same id and same pixels as the eager one, built once under concurrent renders."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from genevolve_jax.config_loader import load_config
+    from genevolve_jax.render import tiny
+    from genevolve_jax.render.factory import build_renderer
+
+    builds = []
+    build = tiny.build_tiny_pipelines
+    monkeypatch.setattr(tiny, "build_tiny_pipelines", lambda seed: builds.append(seed) or build(seed))
+
+    cfg = load_config("tiny_cpu").render
+    cfg.tiny.init_seed, cfg.tiny.long_side, cfg.tiny.num_inference_steps = 0, 32, 2
+    deferred = build_renderer(cfg)
+    assert deferred.renderer_id == renderer.renderer_id
+    assert deferred.edit_pipeline is None and deferred.text_pipeline is None and builds == []  # nothing built yet
+    requests = [RenderRequest("a red fox on a blue sign", refs, seed=11), RenderRequest("a lighthouse", (), seed=3)]
+    with ThreadPoolExecutor(4) as pool:
+        images = list(pool.map(deferred.render_sync, requests * 2))
+    edit = deferred.edit_pipeline
+    assert edit is not None and deferred.text_pipeline.transformer is edit.transformer   # one build, shared
+    for request, image in zip(requests * 2, images):
+        np.testing.assert_array_equal(np.asarray(image), np.asarray(renderer.render_sync(request)))
+    deferred.render_sync(requests[0])
+    assert builds == [0] and deferred.edit_pipeline is edit                        # built once, for seed 0
+
+
 def test_no_reference_uses_text_to_image_fallback(renderer):
     img = renderer.render_sync(RenderRequest("a lighthouse at dusk", (), seed=3))
     again = renderer.render_sync(RenderRequest("a lighthouse at dusk", (), seed=3))
