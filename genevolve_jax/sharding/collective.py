@@ -11,10 +11,12 @@ The step's stages (train/rl/pipeline.py) are written once. Where hosts must coop
 - :meth:`Collective.sync_engine`: the rollout engine samples with new weights from now on, on every
   process, and every process holds the outcome (SGLang's per-server weight versions);
 - :meth:`Collective.engine_params`: the policy's current weights as a fresh copy on THIS host's
-  devices, in the layout its rollout engine wants.
+  devices, in the layout its rollout engine wants;
+- :meth:`Collective.exchange_metrics`: the bytes that crossed between hosts in the step.
 
-:class:`SingleProcess` does each of these directly; ``train.multihost.MultiProcess`` does them
-over jax's multi-process collectives. :func:`make_collective` picks one.
+:class:`SingleProcess` does each of these directly; ``sharding.multihost.MultiProcess`` does them
+across processes (objects through host memory, parameters over jax's collectives).
+:func:`make_collective` picks one.
 """
 from __future__ import annotations
 

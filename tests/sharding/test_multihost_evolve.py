@@ -24,9 +24,7 @@ HEADER = WORKER_PRELUDE + textwrap.dedent('''
     import hashlib
     from jax.sharding import NamedSharding, PartitionSpec
     from PIL import Image
-    from genevolve_jax.rollout.engine import RolloutEngine
-from genevolve_jax.rollout.sglang_weights import WeightLagError
-from genevolve_jax.sharding import multihost
+    from genevolve_jax.sharding import multihost
     from genevolve_jax.sharding.mesh import make_mesh
     from genevolve_jax.train.rl.records import RolloutSample
 
