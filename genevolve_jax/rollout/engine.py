@@ -113,6 +113,14 @@ class RolloutEngine(abc.ABC):
         engine on this host's own devices, which every process updates for itself."""
         return False
 
+    def weight_sync_state(self) -> Any:
+        """What :meth:`update_weights` learnt that every process must know, for an engine that
+        :attr:`serves_every_host` (one process pushes; the others adopt this): picklable. None: nothing."""
+        return None
+
+    def adopt_weight_sync_state(self, state: Any) -> None:
+        """Take another process's :meth:`weight_sync_state` as this engine's own (after its push)."""
+
     async def agenerate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Async form for the agent loop; runs :meth:`generate` in a worker thread by default so that
         tool calls of other trajectories proceed meanwhile. HTTP engines override it."""

@@ -34,7 +34,8 @@ Weight sync (:meth:`update_weights`): the policy's parameters are exported as an
 the server's cache itself; no ``/flush_cache``, which answers 400 while requests are queued). A
 failed reload is retried against the same export, then again at the next step; meanwhile that
 server gets no rollouts, and the run stops only past ``rl.sglang.max_weight_lag_steps``
-(rollout/sglang_weights.py).
+(rollout/sglang_weights.py). On several hosts process 0 pushes for all, and every process adopts
+its version table (:meth:`weight_sync_state`), so no host sends rollouts to a server behind.
 
 What SGLang's ``output_token_logprobs`` mean (temperature, precision, release differences) is
 written down in genevolve_jax/train/rl/config.py, next to ``rl.old_logprobs``.
@@ -247,6 +248,12 @@ class SGLangEngine(RolloutEngine):
     @property
     def serves_every_host(self) -> bool:
         return True  # rl.sglang.urls lists every host's servers: one process pushes for all
+
+    def weight_sync_state(self) -> dict:
+        return self.versions.state_dict()
+
+    def adopt_weight_sync_state(self, state) -> None:
+        self.versions.load_state_dict(state)
 
     # -- server choice --------------------------------------------------------------------------
     def pick_server(self, avoid: Sequence[str] = ()) -> str:

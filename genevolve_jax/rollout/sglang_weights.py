@@ -12,7 +12,9 @@ error, ``success: false``; SGLang then rolls back to the weights it had) leaves 
 Its lag is ``step - the step it holds`` (for a server that never loaded one of ours: the number of
 steps since the first push it missed). A server that is behind gets no rollouts while another server
 is current, and the run stops with an error naming the server and the steps only when a lag passes
-``rl.sglang.max_weight_lag_steps``.
+``rl.sglang.max_weight_lag_steps``. On several hosts one process pushes, and every other process
+adopts its table (:meth:`WeightVersions.state_dict`, through ``Collective.sync_engine``), so that
+no host sends rollouts to a server that is behind.
 """
 from __future__ import annotations
 
@@ -117,6 +119,20 @@ class WeightVersions:
                                  "rl.sglang.urls) and resume from the last checkpoint.")
         return {"sglang/weight_version_lag": float(max(lags.values(), default=0)),
                 "sglang/servers_behind": float(sum(1 for n in lags.values() if n > 0))}
+
+    def state_dict(self) -> dict:
+        """The table, picklable: what process 0 hands every other process after a push."""
+        return {"latest": self.latest, "servers": {u: dataclasses.asdict(s) for u, s in self.servers.items()}}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Adopt another process's table (its push reached the servers that this process sends to).
+        Refuses a table of other servers: every process must list the same ``rl.sglang.urls``."""
+        servers = dict(state["servers"])
+        if set(servers) != set(self.servers):
+            raise ValueError(f"rl.sglang.urls: process 0 pushes to {sorted(servers)}, this process sends rollouts to "
+                             f"{sorted(self.servers)}; every process must list the same servers")
+        self.latest = state["latest"]
+        self.servers = {u: ServerVersion(**servers[u]) for u in self.servers}
 
     def freshest(self, urls: Sequence[str]) -> list[str]:
         """The servers of ``urls`` with the smallest lag (all current ones when there are any)."""

@@ -6,12 +6,17 @@ The step's stages (train/rl/pipeline.py) are written once. Where hosts must coop
 - :meth:`Collective.gather_rollouts`: this host rolled out its share of the step's prompts; every
   host gets every host's samples, in global group order;
 - :meth:`Collective.on_writer`: run a function on process 0 (the experience stage, a push to
-  shared servers) and give its result to every process;
+  shared servers) and give its result to every process; an exception it raises is raised on every
+  process;
+- :meth:`Collective.sync_engine`: the rollout engine samples with new weights from now on, on every
+  process, and every process holds the outcome (SGLang's per-server weight versions);
 - :meth:`Collective.engine_params`: the policy's current weights as a fresh copy on THIS host's
-  devices, in the layout its rollout engine wants.
+  devices, in the layout its rollout engine wants;
+- :meth:`Collective.exchange_metrics`: the bytes that crossed between hosts in the step.
 
-:class:`SingleProcess` does each of these directly; ``train.multihost.MultiProcess`` does them
-over jax's multi-process collectives. :func:`make_collective` picks one.
+:class:`SingleProcess` does each of these directly; ``sharding.multihost.MultiProcess`` does them
+across processes (objects through host memory, parameters over jax's collectives).
+:func:`make_collective` picks one.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from genevolve_jax.models.qwen3_vl.layer_layout import with_layout_of
+from genevolve_jax.rollout.engine import RolloutEngine
 from genevolve_jax.train.rl.records import RolloutSample, StepRollouts
 
 T = TypeVar("T")
@@ -66,12 +72,33 @@ class Collective(abc.ABC):
 
     @abc.abstractmethod
     def on_writer(self, fn: Callable[[], T]) -> T:
-        """``fn()`` run on process 0 only; its (picklable) result on every process."""
+        """``fn()`` run on process 0 only; its (picklable) result on every process. When ``fn``
+        raises, every process raises: the same exception class with the same message."""
 
     @abc.abstractmethod
     def on_writer_shared(self, fn: Callable[[], T], adopt: Callable[[T], None]) -> T:
         """:meth:`on_writer`, for state that ``fn`` changed on process 0 and every process must hold
         (the experience memory): each other process calls ``adopt(result)``. Returns the result."""
+
+    def sync_engine(self, engine: RolloutEngine, params, step: int) -> dict[str, float]:
+        """``engine.update_weights(params, step)`` where it must run, and its metrics on every
+        process. An engine on this host's devices is updated by every process for itself. An engine
+        that serves every host (SGLang URLs listing every host's servers) is pushed to by process 0
+        alone, and the others adopt its weight-sync state (which server holds which step), so that
+        every process stops sending rollouts to a server that is behind and reports the same lag;
+        when the push raises (WeightLagError, a failed export), every process raises it."""
+        if not engine.serves_every_host:
+            return dict(engine.update_weights(params, step) or {})
+
+        def push():
+            return dict(engine.update_weights(params, step) or {}), engine.weight_sync_state()
+        metrics, _ = self.on_writer_shared(push, adopt=lambda out: engine.adopt_weight_sync_state(out[1]))
+        return metrics
+
+    def exchange_metrics(self) -> dict[str, float]:
+        """What crossed between processes since the last call (``multihost/gathered_bytes``: the
+        pickled bytes of every gather and broadcast); nothing for one process."""
+        return {}
 
     @abc.abstractmethod
     def engine_params(self, model: nnx.Module, shardings=None) -> nnx.State:

@@ -9,18 +9,24 @@ process; where they differ, :class:`MultiProcess` does:
    local prompt g of shard i of n is global prompt ``g·n + i``. So the step's global prompt order,
    the sample ids and the sampling seeds are those of a single-host run over the same data.
 2. :meth:`MultiProcess.gather_rollouts`: every process all-gathers every process's samples
-   (pickled bytes, padded to the longest; images travel as bytes) and orders them by global group;
-   from there on every process holds the identical global list, and masking, advantages, batch
-   assembly and the sharded train step run unchanged.
+   (pickled; images travel as their files' bytes) and orders them by global group; from there on
+   every process holds the identical global list, and masking, advantages, batch assembly and the
+   sharded train step run unchanged. Objects cross hosts through host memory only
+   (:mod:`~genevolve_jax.sharding.host_exchange`: TCP to process 0, no device array), and
+   :meth:`MultiProcess.exchange_metrics` reports the bytes of each step (``multihost/gathered_bytes``).
 3. :meth:`MultiProcess.on_writer`: the experience stage (a summariser that calls a model is not
    deterministic across hosts) and pushes to shared SGLang servers run on process 0; the result is
-   broadcast, which is also the barrier the others wait at.
+   broadcast, which is also the barrier the others wait at. An exception raised there is broadcast
+   in its place and raised again on every process, so none waits for a timeout. After a push to
+   SGLang every process adopts process 0's table of server weight versions
+   (``Collective.sync_engine``).
 4. :meth:`MultiProcess.engine_params`: :func:`host_local_params` turns the fsdp-sharded global
    params into an array tree on this host's devices with one jitted reshard (no host-memory copy),
    in the layout the host's engine wants.
 """
 from __future__ import annotations
 
+import atexit
 import collections
 import dataclasses
 import io
@@ -36,42 +42,87 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from genevolve_jax.sharding.collective import Collective
+from genevolve_jax.sharding.host_exchange import HostExchange
 from genevolve_jax.train.rl.records import IMAGE_UNREADABLE, RolloutSample, StepRollouts
 
 
-# --- objects over collectives -------------------------------------------------------------------
-def _encode(obj: Any) -> np.ndarray:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    if len(data) >= 2 ** 31:
-        raise ValueError(f"cannot send {len(data)} bytes between processes in one piece (limit 2 GiB)")
-    return np.frombuffer(data, np.uint8)
+# --- objects between processes, through host memory --------------------------------------------
+def _bootstrap_broadcast(data: bytes | None) -> bytes:
+    """Process 0's bytes on every process over jax's collectives: used once, to hand the host
+    exchange its address and token (a few hundred bytes); nothing else crosses this way."""
+    source = jax.process_index() == 0
+    sent = np.frombuffer(data, np.uint8) if source else np.zeros(0, np.uint8)
+    n = int(np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(sent.size, np.int32))))
+    out = np.asarray(multihost_utils.broadcast_one_to_all(sent if source else np.zeros(n, np.uint8)))
+    return data if source else out.tobytes()
+
+
+_EXCHANGE: list[HostExchange] = []
+
+
+def host_exchange() -> HostExchange:
+    """This process's :class:`~genevolve_jax.sharding.host_exchange.HostExchange`, set up at the
+    first call (a collective: every process makes its first cross-host call at the same point)."""
+    if not _EXCHANGE:
+        _EXCHANGE.append(HostExchange(jax.process_index(), jax.process_count(), _bootstrap_broadcast))
+        # Closed before jax.distributed's own exit handler (atexit runs the last registered first),
+        # which waits at a barrier for every process: a process that exits on an error closes its
+        # connections, so the others raise at their next exchange and reach that barrier too.
+        atexit.register(_EXCHANGE[0].close)
+    return _EXCHANGE[0]
 
 
 def allgather_objects(obj: Any) -> list[Any]:
-    """Every process's ``obj``, in process order, on every process.
-
-    Why bytes: samples are ragged Python objects (token lists, trajectories, images), and the
-    collectives move arrays of one shape. So each process pickles, the byte counts are gathered
-    first, every buffer is padded to the longest, and one ``process_allgather`` moves them."""
-    data = _encode(obj)
-    sizes = np.asarray(multihost_utils.process_allgather(np.asarray([data.size], np.int32))).reshape(-1)
-    padded = np.zeros(int(sizes.max()), np.uint8)
-    padded[:data.size] = data
-    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
-    return [pickle.loads(rows[p, :int(n)].tobytes()) for p, n in enumerate(sizes)]
+    """Every process's ``obj``, in process order, on every process: pickled, and all-gathered
+    through host memory (the host exchange; no device array at any point)."""
+    return [pickle.loads(b) for b in host_exchange().allgather(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))]
 
 
 def broadcast_object(obj: Any = None) -> Any:
-    """Process 0's ``obj`` on every process (the others pass anything, e.g. None).
+    """Process 0's ``obj`` on every process (the others pass anything, e.g. None), through host memory.
 
     Why: results computed on process 0 alone (the experience stage, a server reload) must be the
-    same on every process. The length goes first so that the receivers can allocate the buffer.
-    A collective, so it is also a barrier."""
-    source = jax.process_index() == 0
-    data = _encode(obj) if source else np.zeros(0, np.uint8)
-    n = int(np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(data.size, np.int32))))
-    out = np.asarray(multihost_utils.broadcast_one_to_all(data if source else np.zeros(n, np.uint8)))
-    return obj if source else pickle.loads(out.tobytes())
+    same on every process. A collective, so it is also a barrier."""
+    if jax.process_index() == 0:
+        host_exchange().broadcast(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+        return obj
+    return pickle.loads(host_exchange().broadcast(None))
+
+
+class WriterActionError(RuntimeError):
+    """Process 0's writer-only action raised an exception that cannot be rebuilt here (its class
+    does not unpickle on this process); the message names its type and repeats its message."""
+
+
+def _outcome(fn: Callable[[], Any]) -> tuple[Any, bytes, BaseException | None]:
+    """``fn()`` on the writer: (result, what the others get, the exception it raised or None).
+    Pickling the result is part of the action: a result that does not pickle fails everywhere."""
+    try:
+        result = fn()
+        return result, pickle.dumps((True, result), protocol=pickle.HIGHEST_PROTOCOL), None
+    except BaseException as exc:       # noqa: BLE001 - re-raised by the caller, after the others hear of it
+        kind = f"{type(exc).__module__}.{type(exc).__qualname__}"
+        try:   # the exception itself when it survives the trip (same class, same message)
+            sent = pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
+            back = pickle.loads(sent)
+            if type(back) is not type(exc) or str(back) != str(exc):
+                sent = None
+        except Exception:               # noqa: BLE001 - a class that does not pickle: type and message go
+            sent = None
+        return None, pickle.dumps((False, (kind, str(exc), sent)), protocol=pickle.HIGHEST_PROTOCOL), exc
+
+
+def _raise_writer_failure(kind: str, message: str, sent: bytes | None) -> None:
+    exc: BaseException | None = None
+    if sent is not None:
+        try:
+            exc = pickle.loads(sent)
+        except Exception:               # noqa: BLE001 - its class is not importable here
+            exc = None
+    if exc is None:
+        raise WriterActionError(f"{kind}: {message}")
+    exc.add_note(f"raised by process 0 in a writer-only action; raised again on process {jax.process_index()}")
+    raise exc
 
 
 # --- samples ---------------------------------------------------------------------------------------
@@ -268,6 +319,9 @@ def _replicated(mesh: Mesh) -> NamedSharding:
 class MultiProcess(Collective):
     """Several processes, each with its own devices, train one global state (module docstring)."""
 
+    def __init__(self):
+        self._reported = 0        # the host exchange's byte count at the last exchange_metrics()
+
     @property
     def process_index(self) -> int:
         return jax.process_index()
@@ -302,7 +356,19 @@ class MultiProcess(Collective):
         return StepRollouts(tuple(merged), tuple(p for _, p in by_group), info)
 
     def on_writer(self, fn: Callable[[], Any]) -> Any:
-        return broadcast_object(fn() if self.is_writer else None)
+        """``fn()`` on process 0, its result on every process. An exception in ``fn`` (or a result
+        that does not pickle) is raised again on every process, same class and message (or a
+        WriterActionError naming both), as soon as process 0 has it: nobody waits for a timeout."""
+        if self.is_writer:
+            result, sent, failure = _outcome(fn)
+            host_exchange().broadcast(sent)
+            if failure is not None:
+                raise failure
+            return result
+        ok, value = pickle.loads(host_exchange().broadcast(None))
+        if not ok:
+            _raise_writer_failure(*value)
+        return value
 
     def on_writer_shared(self, fn: Callable[[], Any], adopt: Callable[[Any], None]) -> Any:
         out = self.on_writer(fn)
@@ -327,14 +393,18 @@ class MultiProcess(Collective):
 
     # Decisions that change what a process does next must come out the same on every process:
     # one boolean all-gather each (a collective: every process calls it, in the same order).
-    def _flags(self, flag: bool) -> np.ndarray:
-        return np.asarray(multihost_utils.process_allgather(np.asarray([1 if flag else 0], np.int32))).reshape(-1)
-
     def any_process(self, flag):
-        return bool(self._flags(flag).max() > 0)
+        return any(allgather_objects(bool(flag)))
 
     def all_processes(self, flag):
-        return bool(self._flags(flag).min() > 0)
+        return all(allgather_objects(bool(flag)))
 
     def barrier(self, name):
-        multihost_utils.sync_global_devices(name)
+        names = allgather_objects(str(name))
+        if len(set(names)) > 1:
+            raise RuntimeError(f"barrier: the processes wait at different barriers, per process {names}")
+
+    def exchange_metrics(self):
+        moved = _EXCHANGE[0].moved_bytes if _EXCHANGE else 0     # local: never sets the exchange up
+        since, self._reported = moved - self._reported, moved
+        return {"multihost/gathered_bytes": float(since)}

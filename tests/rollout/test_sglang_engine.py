@@ -235,6 +235,23 @@ def test_a_server_behind_for_too_long_stops_the_run_naming_it(tmp_path, tiny_par
             eng.update_weights(params, 5)
 
 
+def test_another_process_adopts_the_version_table_and_avoids_the_server_behind():
+    """What every non-writer process does after process 0's push: adopt its table, then pick only
+    current servers and report the same lag; a table of other servers is refused naming the field."""
+    urls = ["http://127.0.0.1:1", "http://127.0.0.1:2", "http://127.0.0.1:3"]
+    writer, other = SGLangEngine(urls, max_weight_lag_steps=5), SGLangEngine(urls, max_weight_lag_steps=5)
+    rng = np.random.default_rng()
+    behind = urls[int(rng.integers(0, 3))]
+    for step in range(1, int(rng.integers(2, 5))):
+        writer.versions.record(step, {u: "refused" if u == behind else "" for u in urls})
+    other.adopt_weight_sync_state(writer.weight_sync_state())
+    assert other.weight_sync_state() == writer.weight_sync_state()
+    assert {u: other.versions.lag(u) for u in urls} == {u: writer.versions.lag(u) for u in urls}
+    assert other.versions.lag(behind) > 0 and behind not in {other.pick_server() for _ in range(30)}
+    with pytest.raises(ValueError, match="rl.sglang.urls: process 0 pushes to"):
+        SGLangEngine(urls[:2]).adopt_weight_sync_state(writer.weight_sync_state())
+
+
 def test_update_weights_without_a_weights_dir_says_how_to_build_the_engine(tiny_params):
     with pytest.raises(ValueError, match="from_config"):
         SGLangEngine(["http://127.0.0.1:1"]).update_weights(tiny_params[1], 1)

@@ -13,12 +13,15 @@ import jax
 import numpy as np
 import pytest
 
+from genevolve_jax.rollout.engine import RolloutEngine
+from genevolve_jax.rollout.sglang_weights import WeightLagError
 from genevolve_jax.sharding import multihost
 from genevolve_jax.sharding.collective import SingleProcess
 from genevolve_jax.train.rl.records import IMAGE_UNREADABLE, RolloutSample
 from tests.fixtures.multiprocess import WORKER_PRELUDE, join_processes, launch_two_processes
 
 HEADER = WORKER_PRELUDE + textwrap.dedent('''
+    import hashlib
     from jax.sharding import NamedSharding, PartitionSpec
     from PIL import Image
     from genevolve_jax.sharding import multihost
@@ -48,13 +51,29 @@ GATHER_WORKER = HEADER + textwrap.dedent('''
         Image.fromarray(pixels).save(path)
         np.save(os.path.join(out_dir, "pixels.npy"), pixels)
         mine = [sample("b0", 1, False, [path]), sample("b1", 1, True, [path + ".missing"]), sample("b2", 1, False)]
-    got, payloads = multihost.gather_samples(multihost.portable_samples(mine), {"rank": rank, "n": len(mine)})
+    # Through host memory only: with every transfer to a device refused, and no array left behind.
+    hosts = multihost.MultiProcess()
+    multihost.host_exchange()    # set up (its one bootstrap broadcast of a few bytes uses jax's collectives)
+    hosts.exchange_metrics()
+    ready = multihost.portable_samples(mine)
+    blob = rng.bytes(int(rng.integers(1, 3 << 20)))           # up to 3 MiB, a different size per process
+    live_before, moved_before = len(jax.live_arrays()), multihost.host_exchange().moved_bytes
+    with jax.transfer_guard("disallow_explicit"):
+        got, payloads = multihost.gather_samples(ready, {"rank": rank, "n": len(mine)})
+        none, payloads2 = multihost.gather_samples(mine if rank == 0 else [], rank)
+        big = {"x": np.random.default_rng(7).integers(0, 9, 100000).tolist(), "s": "é" * 5000} if rank == 0 else None
+        bcast = multihost.broadcast_object(big)
+        blobs = multihost.allgather_objects(blob)
+        agreed = [hosts.any_process(rank == 1), hosts.all_processes(rank == 1), hosts.all_processes(True)]
+        hosts.barrier("gathered")
+    moved = multihost.host_exchange().moved_bytes - moved_before
+    host_memory = {"live_arrays_added": len(jax.live_arrays()) - live_before, "moved": moved,
+                   "metric": hosts.exchange_metrics()["multihost/gathered_bytes"],
+                   "blob_sizes": [len(b) for b in blobs], "agreed": agreed,
+                   "blob_mine_ok": blobs[rank] == blob, "blob_sha": [hashlib.sha256(b).hexdigest() for b in blobs]}
     if rank == 1:
         os.remove(path)          # process 0 must hold the pixels, not the path
     first_image = next(s.images[0] for s in got if s.sample_id == "b0")
-    none, payloads2 = multihost.gather_samples(mine if rank == 0 else [], rank)
-    big = {"x": np.random.default_rng(7).integers(0, 9, 100000).tolist(), "s": "é" * 5000} if rank == 0 else None
-    bcast = multihost.broadcast_object(big)
 
     # -- host_local_params: an array fsdp-sharded over all 4 devices → on each host, a replicated copy
     # on its first device, and a copy split over its 2 devices (columns over "tensor").
@@ -79,10 +98,65 @@ GATHER_WORKER = HEADER + textwrap.dedent('''
               "ids_when_empty": [s.sample_id for s in none], "payloads2": payloads2,
               "bcast_ok": bcast == {"x": np.random.default_rng(7).integers(0, 9, 100000).tolist(), "s": "é" * 5000},
               "local_ok": bool(np.array_equal(np.asarray(local["w"]), value) and local["w"].is_fully_addressable
-                               and np.array_equal(np.asarray(local["b"]), value[0] * 2) and split_ok)}
+                               and np.array_equal(np.asarray(local["b"]), value[0] * 2) and split_ok),
+              "host_memory": host_memory}
 
-    with open(os.path.join(out_dir, f"record{rank}.json"), "w") as f:
-        json.dump(record, f)
+    # -- SGLang on two hosts: each process has its own stand-in server, and rl.sglang.urls lists both.
+    # Process 1's server refuses every reload; process 0 pushes for both (Collective.sync_engine).
+    from flax import nnx
+    from genevolve_jax.models.hf_io import model_from_state_dict, random_state_dict
+    from genevolve_jax.models.qwen3_vl.config import tiny
+    from genevolve_jax.rollout.engine import GenerationRequest, SamplingParams
+    from genevolve_jax.rollout.sglang_engine import SGLangEngine, WeightLagError
+    from tests.fixtures.sglang_fake import FakeBehaviour, running_fake_sglang
+
+    class Unrebuildable(Exception):
+        """Pickles, but cannot be rebuilt from its args: its type and message must travel instead."""
+
+        def __init__(self, what, where):
+            super().__init__(f"{what} at {where}")
+
+    class InjectedFailure(RuntimeError):
+        pass
+
+    def fail(exc):
+        raise exc
+
+    with running_fake_sglang(FakeBehaviour(refuse_reloads=10**6 if rank == 1 else 0)) as (url, server_log):
+        urls = multihost.allgather_objects(url)
+        model_cfg = tiny()
+        params = nnx.state(model_from_state_dict(model_cfg, random_state_dict(model_cfg, seed=3)), nnx.Param) \
+            if rank == 0 else None      # only the writer exports
+        engine = SGLangEngine(urls, timeout_s=30, retries=0, backoff_s=0.01, model_config=model_cfg,
+                              weights_dir=os.path.join(out_dir, "weights"), export_dtype="float32",
+                              max_weight_lag_steps=2)
+        lags = []
+        for step in (1, 2):
+            m = hosts.sync_engine(engine, params, step)
+            lags.append([m["sglang/weight_version_lag"], m["sglang/servers_behind"]])
+        picks = sorted({engine.pick_server() for _ in range(64)})
+        results = engine.generate([GenerationRequest([3, rank, i], SamplingParams(max_new_tokens=2))
+                                   for i in range(8)])
+        hosts.barrier("rolled out")
+        sglang = {"urls": urls, "lags": lags, "picks": picks, "table": engine.weight_sync_state(),
+                  "served": len(server_log.generate_bodies), "finished": [r.finish_reason for r in results]}
+        # Past rl.sglang.max_weight_lag_steps the push raises on process 0: every process raises it.
+        try:
+            hosts.sync_engine(engine, params, 3)
+            sglang["lag_error"] = None
+        except WeightLagError as exc:
+            sglang["lag_error"] = [type(exc).__name__, str(exc)]
+        try:
+            hosts.on_writer(lambda: fail(Unrebuildable("a failed export", "step 3")))
+        except Exception as exc:
+            sglang["unrebuildable"] = [type(exc).__name__, str(exc)]
+        record["sglang"] = sglang
+        with open(os.path.join(out_dir, f"record{rank}.json"), "w") as f:
+            json.dump(record, f)
+        # Last, an exception injected into the writer's action, left uncaught: both processes must
+        # exit non-zero with its message.
+        hosts.on_writer(lambda: fail(InjectedFailure(f"injected into the writer's action {out_dir}")))
+        print("process", rank, "went on after the writer failed")
 ''')
 
 PREEMPTED_WORKER = HEADER + textwrap.dedent('''
@@ -123,6 +197,7 @@ PREEMPTED_WORKER = HEADER + textwrap.dedent('''
     record["rewards"] = [h["reward/mean"] for h in history]
     record["sdl"] = [h["sdl/loss"] for h in history]
     record["retrieved"] = [h["experience/retrieved"] for h in history]
+    record["gathered_bytes"] = [h["multihost/gathered_bytes"] for h in history]
     record["memory"] = trainer.experience.state_dict()
     record["engine_processes"] = sorted(d.process_index for d in trainer.engine.mesh.devices.flat)
     record["checkpoints"] = trainer.ckpt.all_steps()
@@ -139,8 +214,22 @@ def _finish(out, procs) -> list[dict]:
     return [json.loads((out / f"record{r}.json").read_text()) for r in range(2)]
 
 
-def test_gather_and_broadcast_on_ragged_input(tmp_path):
-    r0, r1 = _finish(tmp_path, launch_two_processes(tmp_path, GATHER_WORKER, local_devices=2))
+def test_two_processes_gather_through_host_memory_and_share_sglang_state(tmp_path):
+    """One launch of two processes (2 CPU devices each) checks the collectives:
+
+    - gathers on ragged input (a process whose samples are all masked, a process with none),
+      images crossing hosts, a broadcast, 3 MiB objects, flags and a barrier, all under
+      ``jax.transfer_guard("disallow_explicit")`` (nothing goes to a device) and leaving no array behind;
+      ``multihost/gathered_bytes`` counts the bytes, the same on both processes;
+    - the host-local reshard;
+    - SGLang on two hosts, a stand-in server each, process 1's refusing reloads: both processes
+      hold the same version table, report the same lag, and send it no rollouts; past the lag limit
+      both raise the same WeightLagError; an exception that cannot be rebuilt arrives as its type
+      and message; an exception injected into the writer's action ends both processes non-zero
+      with its message (the join's timeout only stops a hang)."""
+    procs = launch_two_processes(tmp_path, GATHER_WORKER, local_devices=2)
+    logs = join_processes(procs, timeout_s=120, check=False)
+    r0, r1 = [json.loads((tmp_path / f"record{r}.json").read_text()) for r in range(2)]
     for r in (r0, r1):
         # Ordered by global group; within a group, rollout order; process 1's masked samples kept.
         assert r["ids"] == ["a0", "a1", "b0", "b1", "b2", "a2", "a3", "a4"]
@@ -152,6 +241,33 @@ def test_gather_and_broadcast_on_ragged_input(tmp_path):
     assert r0["lens"] == r1["lens"] and len(set(r0["lens"])) > 2
     # The missing image was masked by its owner, so every process assembles the same batch.
     assert r0["reasons"][3] == r1["reasons"][3] and r0["reasons"][3].startswith(IMAGE_UNREADABLE)
+
+    # -- through host memory --------------------------------------------------------------------------
+    h0, h1 = r0["host_memory"], r1["host_memory"]
+    for h in (h0, h1):
+        assert h["live_arrays_added"] == 0 and h["blob_mine_ok"]
+        assert h["agreed"] == [True, False, True]
+        assert h["metric"] == h["moved"] > sum(h["blob_sizes"])     # the blobs and everything else gathered
+    assert h0["blob_sha"] == h1["blob_sha"] and h0["moved"] == h1["moved"]
+
+    # -- SGLang on two hosts ----------------------------------------------------------------------------
+    s0, s1 = r0["sglang"], r1["sglang"]
+    url0, url1 = s0["urls"]
+    assert s1["urls"] == [url0, url1]
+    assert s0["lags"] == s1["lags"] == [[1.0, 1.0], [2.0, 1.0]]      # the same lag, reported on both
+    assert s0["picks"] == s1["picks"] == [url0]                       # neither sends to the server behind
+    assert s0["finished"] == s1["finished"] == ["length"] * 8
+    assert s0["served"] == 16 and s1["served"] == 0                   # both processes' rollouts went to process 0's
+    assert s0["table"] == s1["table"] and s0["table"]["servers"][url1]["held"] is None
+    assert s0["lag_error"][0] == s1["lag_error"][0] == "WeightLagError"
+    assert s0["lag_error"][1] == s1["lag_error"][1] and url1 in s1["lag_error"][1]
+    assert s0["unrebuildable"] == ["Unrebuildable", "a failed export at step 3"]
+    assert s1["unrebuildable"] == ["WriterActionError", "__main__.Unrebuildable: a failed export at step 3"]
+    # The injected failure: both exit non-zero, with its message, and neither went on.
+    for p, log in zip(procs, logs):
+        assert p.returncode != 0, log[-3000:]
+        assert f"InjectedFailure: injected into the writer's action {tmp_path}" in log, log[-3000:]
+        assert "went on after the writer failed" not in log
 
 
 # --- pure pieces, in-process ------------------------------------------------------------------------
@@ -187,6 +303,48 @@ def test_merge_rollout_infos():
     assert got["time/rollout_s"] == 3.5
     assert got["masked_reasons"] == {"error": 3, "too_long": 1}
     assert got["reward_dims"] == pytest.approx({"reward/r_img": (0.2 + 3 * 0.8) / 4, "reward/r_text": 0.5})
+
+
+class _PushEngine(RolloutEngine):
+    """An engine that serves every host and records its pushes (what Collective.sync_engine drives)."""
+
+    def __init__(self, fail: Exception | None = None):
+        self.pushed, self.adopted, self.fail = [], [], fail
+
+    def generate(self, requests):
+        return []
+
+    def update_weights(self, params, step):
+        self.pushed.append(step)
+        if self.fail is not None:
+            raise self.fail
+        return {"sglang/weight_version_lag": float(step % 3)}
+
+    @property
+    def serves_every_host(self):
+        return True
+
+    def weight_sync_state(self):
+        return {"pushed": list(self.pushed)}
+
+    def adopt_weight_sync_state(self, state):
+        self.adopted.append(state)
+
+
+@pytest.mark.parametrize("collective", [SingleProcess(), multihost.MultiProcess()], ids=["single", "multi"])
+def test_a_writer_only_action_raises_its_own_exception_and_a_push_returns_its_metrics(collective):
+    """One process is the writer: a push runs once, adopts nothing, returns the engine's metrics;
+    an exception inside a writer-only action or a push comes out as itself (class and message)."""
+    step = int(np.random.default_rng().integers(1, 100))
+    engine = _PushEngine()
+    assert collective.sync_engine(engine, None, step) == {"sglang/weight_version_lag": float(step % 3)}
+    assert engine.pushed == [step] and engine.adopted == []
+    lagging = _PushEngine(WeightLagError(f"server behind at step {step}"))
+    with pytest.raises(WeightLagError, match=f"^server behind at step {step}$"):
+        collective.sync_engine(lagging, None, step)
+    with pytest.raises(KeyError, match="no such export"):
+        collective.on_writer(lambda: {}["no such export"])
+    assert collective.on_writer_shared(lambda: step, adopt=lambda out: pytest.fail("the writer adopts")) == step
 
 
 def test_a_single_process_reads_every_prompt():
@@ -322,6 +480,7 @@ def test_two_processes_equal_one_then_resume_after_sigterm_to_its_losses(tmp_pat
         np.testing.assert_allclose(r["losses"], [h["loss"] for h in history[:2]], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(r["sdl"], [h["sdl/loss"] for h in history[:2]], rtol=1e-5, atol=1e-6)
         assert r["retrieved"] == [16, 16]            # guides from process 0 reached every sample
+        assert all(b > 1000 for b in r["gathered_bytes"])   # each step's rollouts crossed, and were counted
         assert r["memory"] == memory_at_step_2 == {"updates": 2}  # process 1 holds process 0's memory
     assert first[0]["engine_processes"] == [0] and first[1]["engine_processes"] == [1]  # host-local samplers
     got = np.load(tmp_path / "params_first0.npz")

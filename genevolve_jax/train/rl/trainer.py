@@ -204,6 +204,7 @@ class EvolveTrainer(Driver):
         metrics.update({k: v for k, v in rollouts.info.items() if k.startswith("time/")})
         metrics.update(rollouts.info.get("reward_dims") or {})
         metrics.update(times)
+        metrics.update(self.collective.exchange_metrics())
         self.logger.log(step, metrics)
         if self.logger.should_dump(step):
             self.logger.dump_samples(step, samples, cfg.logging.samples_per_dump)
@@ -245,14 +246,12 @@ class EvolveTrainer(Driver):
     def sync_weights(self, step: int) -> dict[str, float]:
         """The engine samples with the current policy from now on (RolloutEngine.update_weights).
         Every process joins the reshard to its host; an engine that serves every host (SGLang
-        servers) is pushed to by process 0 alone."""
+        servers) is pushed to by process 0 alone, and every process adopts the outcome
+        (Collective.sync_engine)."""
         params = self.collective.engine_params(self.setup.merge(self.params), self.engine.weight_shardings)
-        if self.engine.serves_every_host:
-            out = self.collective.on_writer(lambda: self.engine.update_weights(params, step))
-        else:
-            out = self.engine.update_weights(params, step)
+        out = self.collective.sync_engine(self.engine, params, step)
         self.engine_version = step
-        return dict(out or {})
+        return out
 
     # -- checkpoints and the end of the run --------------------------------------------------------
     def meta(self) -> dict:
