@@ -16,6 +16,7 @@ raised before the model is built or any tensor is read.
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import json
 import math
@@ -45,6 +46,11 @@ _ST_TO_NP = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np
              "BOOL": np.dtype(np.bool_)}
 _NP_TO_ST = {v: k for k, v in _ST_TO_NP.items()}
 EXPORT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+
+
+def safetensors_dtype(dtype) -> str:
+    """The safetensors dtype tag of a numpy dtype (``BF16`` for ml_dtypes' bfloat16)."""
+    return _NP_TO_ST[np.dtype(dtype)]
 
 # Qwen3-VL Instruct's sampling defaults; token ids are the tokenizer's business, not ours.
 DEFAULT_GENERATION_CONFIG = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20,
@@ -256,6 +262,15 @@ def abstract_model(config: Qwen3VLConfig, *, seed: int = 0, mesh=None, rules=Non
     return model
 
 
+@functools.lru_cache(maxsize=8)
+def abstract_split(config: Qwen3VLConfig) -> tuple[Any, nnx.State, nnx.State]:
+    """``nnx.split(abstract_model(config), nnx.Param, ...)``: the graph, the parameters and the rest,
+    as ShapeDtypeStructs without shardings. Cached per config, because tracing the constructor
+    takes seconds (3.9 s for the tiny test model on a loaded 2-core CPU) and a weight transfer
+    asks for it several times. Read-only: callers copy before they change anything."""
+    return nnx.split(abstract_model(config), nnx.Param, ...)
+
+
 def _is_abstract(x) -> bool:
     return isinstance(x, jax.ShapeDtypeStruct)
 
@@ -398,6 +413,52 @@ def _header_bytes(entries: list[tuple[str, str, tuple[int, ...], int]]) -> bytes
     return struct.pack("<Q", len(raw)) + raw
 
 
+def write_safetensors_file(file: str | os.PathLike, planned: list[tuple[str, str, tuple]],
+                           tensors: Iterator[tuple[str, np.ndarray]],
+                           on_tensor: Callable[[str], None] | None = None) -> None:
+    """One safetensors file holding ``planned`` = [(name, safetensors dtype, shape)], in that order:
+    the header first, then each tensor as ``tensors`` yields it (checked against the plan). Written
+    under ``<file>.tmp`` and renamed when complete."""
+    file = os.fspath(file)
+    nbytes = [math.prod(shape) * _ST_TO_NP[st].itemsize for _, st, shape in planned]
+    tmp = file + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(_header_bytes([(k, st, tuple(shape), n) for (k, st, shape), n in zip(planned, nbytes)]))
+            for expected, st, shape in planned:
+                key, array = next(tensors)
+                if key != expected or _NP_TO_ST.get(np.dtype(array.dtype)) != st or tuple(array.shape) != tuple(shape):
+                    raise RuntimeError(f"tensor stream out of plan: got {key!r} {array.dtype} {array.shape}, "
+                                       f"planned {expected!r} {(st, tuple(shape))}")
+                # Raw bytes through a uint8 view: no second copy of the tensor.
+                f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
+                if on_tensor:
+                    on_tensor(key)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, file)
+
+
+def shard_file_names(count: int) -> list[str]:
+    """The weight files of an export in ``count`` files (transformers' names)."""
+    return [SAFE_WEIGHTS] if count == 1 else [f"model-{k + 1:05d}-of-{count:05d}.safetensors" for k in range(count)]
+
+
+def write_safetensors_index(path: str | os.PathLike, weight_map: Mapping[str, str], total_size: int) -> None:
+    with open(os.path.join(os.fspath(path), SAFE_INDEX), "w") as f:
+        json.dump({"metadata": {"total_size": int(total_size)}, "weight_map": dict(weight_map)}, f, indent=2)
+
+
+def remove_other_weight_files(path: str | os.PathLike, written: list[str]) -> None:
+    """Drop weight files of an earlier export into the same directory, so no loader mixes the two."""
+    ours = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
+    for old in os.listdir(path):
+        if ours.fullmatch(old) and old not in written:
+            os.remove(os.path.join(path, old))
+
+
 def write_safetensors_stream(path: str | os.PathLike, tensors: Iterator[tuple[str, np.ndarray]],
                              max_shard_bytes: int | str = "5GB", *, planned: list[tuple[str, str, tuple]] | None = None,
                              on_tensor: Callable[[str], None] | None = None) -> list[str]:
@@ -413,44 +474,30 @@ def write_safetensors_stream(path: str | os.PathLike, tensors: Iterator[tuple[st
         planned = [(k, _NP_TO_ST[np.dtype(v.dtype)], tuple(v.shape)) for k, v in cache.items()]
         tensors = iter(cache.items())
     nbytes = {name: math.prod(shape) * _ST_TO_NP[st].itemsize for name, st, shape in planned}
-    meta = {name: (st, tuple(shape)) for name, st, shape in planned}
+    meta = {name: (name, st, tuple(shape)) for name, st, shape in planned}
     shards = plan_shards([(n, nbytes[n]) for n, _, _ in planned], limit)
-    names = ([SAFE_WEIGHTS] if len(shards) == 1 else
-             [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
+    names = shard_file_names(len(shards))
     for name, shard in zip(names, shards):
-        tmp = os.path.join(path, name + ".tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(_header_bytes([(k, meta[k][0], meta[k][1], nbytes[k]) for k in shard]))
-                for expected in shard:
-                    key, array = next(tensors)
-                    if key != expected or _NP_TO_ST.get(np.dtype(array.dtype)) != meta[key][0] \
-                            or tuple(array.shape) != meta[key][1]:
-                        raise RuntimeError(f"tensor stream out of plan: got {key!r} {array.dtype} {array.shape}, "
-                                           f"planned {expected!r} {meta[expected]}")
-                    # Raw bytes through a uint8 view: no second copy of the tensor.
-                    f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
-                    if on_tensor:
-                        on_tensor(key)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-        os.replace(tmp, os.path.join(path, name))
-    index = os.path.join(path, SAFE_INDEX)
+        write_safetensors_file(os.path.join(path, name), [meta[k] for k in shard], tensors, on_tensor)
     if len(shards) > 1:
-        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
-        with open(index, "w") as f:
-            json.dump({"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map}, f, indent=2)
+        write_safetensors_index(path, {k: name for name, shard in zip(names, shards) for k in shard},
+                                sum(nbytes.values()))
         written = names + [SAFE_INDEX]
     else:
         written = names
-    # Drop weight files of an earlier export into the same directory, so no loader mixes the two.
-    ours = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
-    for old in os.listdir(path):
-        if ours.fullmatch(old) and old not in written:
-            os.remove(os.path.join(path, old))
+    remove_other_weight_files(path, written)
     return written
+
+
+def write_hf_config(path: str | os.PathLike, config: Qwen3VLConfig, dtype: str,
+                    generation_config: dict | None = None) -> list[str]:
+    """config.json (transformers 5.x layout, ``torch_dtype`` = the export dtype) and
+    generation_config.json (``generation_config`` verbatim, else Qwen3-VL's sampling defaults)."""
+    with open(os.path.join(path, CONFIG), "w") as f:
+        json.dump(config.to_hf_dict(torch_dtype=dtype), f, indent=2)
+    with open(os.path.join(path, GENERATION_CONFIG), "w") as f:
+        json.dump(DEFAULT_GENERATION_CONFIG if generation_config is None else generation_config, f, indent=2)
+    return [CONFIG, GENERATION_CONFIG]
 
 
 def save_pretrained(model: nnx.Module, path: str | os.PathLike, *, dtype: str = "bfloat16",
@@ -469,15 +516,40 @@ def save_pretrained(model: nnx.Module, path: str | os.PathLike, *, dtype: str = 
     planned = [(e.hf, _NP_TO_ST[np_dtype], e.hf_shape) for e in keymap.key_entries(config)]
     written = write_safetensors_stream(path, keymap.hf_state_dict(model, config, dtype=np_dtype),
                                        max_shard_bytes, planned=planned, on_tensor=on_tensor)
-    with open(os.path.join(path, CONFIG), "w") as f:
-        json.dump(config.to_hf_dict(torch_dtype=dtype), f, indent=2)
-    with open(os.path.join(path, GENERATION_CONFIG), "w") as f:
-        json.dump(DEFAULT_GENERATION_CONFIG if generation_config is None else generation_config, f, indent=2)
-    return written + [CONFIG, GENERATION_CONFIG]
+    return written + write_hf_config(path, config, dtype, generation_config)
 
 
 PARTIAL_SUFFIX = ".partial"
 REPLACED_SUFFIX = ".replaced"
+
+
+def begin_directory(path: str | os.PathLike) -> str:
+    """Start an atomic write of directory ``path`` (see :func:`atomic_directory`): leftovers of an
+    earlier crash removed, ``<path>.partial`` created empty. Returns the partial directory."""
+    final = os.path.abspath(os.fspath(path))
+    partial, replaced = final + PARTIAL_SUFFIX, final + REPLACED_SUFFIX
+    for stale in (partial, replaced):
+        if os.path.isdir(stale):
+            shutil.rmtree(stale)
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    os.makedirs(partial)
+    return partial
+
+
+def commit_directory(path: str | os.PathLike) -> str:
+    """Finish :func:`begin_directory`: the complete ``<path>.partial`` becomes ``path``."""
+    final = os.path.abspath(os.fspath(path))
+    partial, replaced = final + PARTIAL_SUFFIX, final + REPLACED_SUFFIX
+    if os.path.lexists(final):
+        os.replace(final, replaced)
+    os.replace(partial, final)
+    shutil.rmtree(replaced, ignore_errors=True)
+    return final
+
+
+def abort_directory(path: str | os.PathLike) -> None:
+    """Drop the partial directory of a failed :func:`begin_directory`; ``path`` keeps what it held."""
+    shutil.rmtree(os.path.abspath(os.fspath(path)) + PARTIAL_SUFFIX, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -489,22 +561,13 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[str]:
     swap (POSIX cannot rename a directory over a non-empty one): a crash between the two renames
     leaves ``path`` absent and the previous export whole under ``.replaced``. Leftovers of an
     earlier crash are removed first. On an error the partial directory is removed."""
-    final = os.path.abspath(os.fspath(path))
-    partial, replaced = final + PARTIAL_SUFFIX, final + REPLACED_SUFFIX
-    for stale in (partial, replaced):
-        if os.path.isdir(stale):
-            shutil.rmtree(stale)
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    os.makedirs(partial)
+    partial = begin_directory(path)
     try:
         yield partial
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        abort_directory(path)
         raise
-    if os.path.lexists(final):
-        os.replace(final, replaced)
-    os.replace(partial, final)
-    shutil.rmtree(replaced, ignore_errors=True)
+    commit_directory(path)
 
 
 def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike,
@@ -514,7 +577,9 @@ def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLik
     return write_safetensors_stream(path, iter(state_dict.items()), max_shard_bytes, planned=planned)
 
 
-__all__ = ["SafetensorsReader", "CheckpointError", "read_config", "load_pretrained", "save_pretrained", "atomic_directory",
-           "model_from_state_dict", "random_state_dict",
-           "save_state_dict", "write_safetensors_stream", "parse_size", "plan_shards", "abstract_model",
+__all__ = ["SafetensorsReader", "CheckpointError", "read_config", "load_pretrained", "save_pretrained",
+           "atomic_directory", "begin_directory", "commit_directory", "abort_directory", "model_from_state_dict",
+           "random_state_dict", "save_state_dict", "write_safetensors_stream", "write_safetensors_file",
+           "write_safetensors_index", "write_hf_config", "shard_file_names", "safetensors_dtype",
+           "remove_other_weight_files", "parse_size", "plan_shards", "abstract_model", "abstract_split",
            "read_safetensors_header"]

@@ -121,6 +121,24 @@ class RolloutEngine(abc.ABC):
     def adopt_weight_sync_state(self, state: Any) -> None:
         """Take another process's :meth:`weight_sync_state` as this engine's own (after its push)."""
 
+    @property
+    def weight_export(self):
+        """Where this engine reads new weights from disk (a rollout.sglang_weights.WeightExport:
+        directory per step, dtype, model config): the trainer writes the HF export there, every
+        process its share (Collective.export_hf), and calls :meth:`reload_weights`. None: the
+        engine takes them in memory through :meth:`update_weights`."""
+        return None
+
+    def reload_weights(self, path: str, step: int) -> dict[str, float]:
+        """Load the HF export at ``path`` (written to :attr:`weight_export`) as the weights of
+        ``step``; metrics as :meth:`update_weights`. Only engines with a :attr:`weight_export`."""
+        raise NotImplementedError(f"{type(self).__name__} takes its weights in memory (update_weights)")
+
+    def release_weights(self) -> None:
+        """Drop the weights in use before a sync brings new ones (between rollout phases), so that
+        the devices never hold two copies; the engine samples again after :meth:`update_weights`.
+        Default: nothing (an engine that exports, or keeps nothing on the devices)."""
+
     async def agenerate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Async form for the agent loop; runs :meth:`generate` in a worker thread by default so that
         tool calls of other trajectories proceed meanwhile. HTTP engines override it."""

@@ -47,6 +47,25 @@ def engine_mesh(engine_cfg, devices) -> jax.sharding.Mesh:
     return make_mesh(sizes, devices[:n])
 
 
+def sampling_layout(params, mesh: jax.sharding.Mesh):
+    """The shardings the engine samples with: a tree like ``params`` (the list-layout ``nnx.Param``
+    state, arrays or abstract) of NamedShardings over ``mesh``, by the "sample" rules (weights
+    tensor-parallel only)."""
+    return logical.state_shardings(params, mesh, "sample")
+
+
+def sampling_shardings(model_config, cfg=None, devices=None):
+    """The layout a JaxEngine built with ``cfg`` (the ``engine`` section) samples with, on
+    ``devices`` (default: this host's): a tree of NamedShardings like the model's list-layout
+    ``nnx.Param`` state. Known before the engine exists, so that a trainer can move its weights
+    straight into it (Collective.local_model) instead of building a copy that the engine moves."""
+    from genevolve_jax.models.hf_io import abstract_split
+    from genevolve_jax.rollout import config as engine_config
+    cfg = engine_config.validate(cfg if cfg is not None else engine_config.default_engine_config())
+    mesh = engine_mesh(cfg, jax.local_devices() if devices is None else devices)
+    return sampling_layout(abstract_split(model_config.replace(scan_layers=False))[1], mesh)
+
+
 def bucket(n: int, lo: int, hi: int) -> int:
     """The power of two ≥ ``n``, clipped to [lo, hi]: prefill lengths, row counts and windows."""
     return min(hi, max(lo, 1 << max(0, (n - 1).bit_length())))
@@ -72,7 +91,7 @@ class EngineFunctions:
         self.prefill_chunk = min(1 << (self.prefill_tokens.bit_length() - 1), self.max_seq_len)
         self.capacity = self.max_seq_len + self.chunk  # room for a chunk past a row's budget
         self.raw_logprobs = bool(engine_cfg.raw_logprobs)
-        self.param_shardings = logical.state_shardings(params, mesh, "sample")
+        self.param_shardings = sampling_layout(params, mesh)
         self.replicated = NamedSharding(mesh, PartitionSpec())
         self.cache_shardings = self._cache_shardings()
         self.prefill, self.decode_chunk = self._build()

@@ -124,6 +124,8 @@ class JaxEngine(RolloutEngine):
             self._params = jax.device_put(params, self.fns.param_shardings)
             self._rest = jax.device_put(rest, self.fns.replicated)
         self._head = self.fns.decode_head(self._params, self._rest)
+        # Shapes and dtypes of the weights, for update_weights after release_weights dropped them.
+        self._layout = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self._params)
         self._version = 0         # bumped by every weight update; parked rows of older ones are stale
         self._reset_cache()
         self._rng = np.random.default_rng(self.cfg.seed)
@@ -246,17 +248,20 @@ class JaxEngine(RolloutEngine):
         the old weights); requests in flight continue on the new weights with their existing cache
         and are not parked when they end (call between rollout phases). ``step`` is recorded as
         :attr:`weight_version`."""
-        params = convert_params(params, self._params)
-        want = jax.tree.structure(self._params)
+        params = convert_params(params, self._layout)
+        want = jax.tree.structure(self._layout)
         got = jax.tree.structure(params)
         if want != got:
             raise ValueError(f"update_weights: parameter tree differs from the engine's model ({got} vs {want})")
-        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(self._params), jax.tree.leaves(params)):
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(self._layout), jax.tree.leaves(params)):
             if tuple(a.shape) != tuple(b.shape):
                 raise ValueError(f"update_weights: {jax.tree_util.keystr(path)} has shape {tuple(b.shape)}, "
                                  f"the engine's model has {tuple(a.shape)}")
-        new = jax.tree.map(lambda x, old: jnp.asarray(x).astype(old.dtype), params, self._params)
+        # Params already in the engine's dtype and layout (Collective.engine_params) are kept as
+        # they are: no second copy.
+        new = jax.tree.map(lambda x, old: jnp.asarray(x).astype(old.dtype), params, self._layout)
         with self._device_lock, self._rules():
+            self._params = None   # the old weights go before the head is computed from the new
             self._params = jax.device_put(new, self.fns.param_shardings)
             self._head = self.fns.decode_head(self._params, self._rest)
             # Waited for here, so that the trainer's time/weight_sync_s holds the reshard rather
@@ -266,6 +271,13 @@ class JaxEngine(RolloutEngine):
             self.pool.new_version(self._version)
         self.weight_version = int(step)
         return {}
+
+    def release_weights(self) -> None:
+        """Drop the weights (and the decode head made from them) until :meth:`update_weights`: a
+        trainer's sync then holds one copy of the engine's weights, not two. Call between rollout
+        phases; nothing samples meanwhile."""
+        with self._device_lock:
+            self._params = self._head = None
 
     def flush_cache(self) -> None:
         """Drop every parked conversation (the next requests prefill from scratch)."""

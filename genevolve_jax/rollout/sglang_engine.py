@@ -32,6 +32,8 @@ that does not report it.
 Weight sync (:meth:`update_weights`): the policy's parameters are exported as an HF directory under
 ``weights_dir`` and every server reloads it with ``POST /update_weights_from_disk`` (which flushes
 the server's cache itself; no ``/flush_cache``, which answers 400 while requests are queued). A
+trainer writes that export through its Collective instead (on several hosts every process writes
+its share of the files) and then calls :meth:`reload_weights`. A
 failed reload is retried against the same export, then again at the next step; meanwhile that
 server gets no rollouts, and the run stops only past ``rl.sglang.max_weight_lag_steps``
 (rollout/sglang_weights.py). On several hosts process 0 pushes for all, and every process adopts
@@ -255,6 +257,10 @@ class SGLangEngine(RolloutEngine):
     def adopt_weight_sync_state(self, state) -> None:
         self.versions.load_state_dict(state)
 
+    @property
+    def weight_export(self):
+        return self.export
+
     # -- server choice --------------------------------------------------------------------------
     def pick_server(self, avoid: Sequence[str] = ()) -> str:
         """The server for the next request: healthy (not on probation), holding the newest weights
@@ -422,16 +428,20 @@ class SGLangEngine(RolloutEngine):
         return dict(zip(self.urls, errors))
 
     def update_weights(self, params, step: int) -> dict[str, float]:
-        """Export ``params`` (the policy's nnx.State of nnx.Param) as ``<weights_dir>/weights_v<step>``
-        and reload it on every server (weight_version = str(step)). A server whose reload still fails
-        after the retries keeps its old weights and gets no rollouts until a later step's reload
-        succeeds; raises WeightLagError (naming the server and steps) once it is more than
-        ``max_weight_lag_steps`` behind."""
-        if self.export is None:
-            raise ValueError("SGLangEngine has no weights_dir, so it cannot sync weights; build it with "
-                             "SGLangEngine.from_config(rl.sglang, model_config=..., weights_dir=...)")
+        """Export ``params`` (the policy's nnx.State of nnx.Param, on this process) as
+        ``<weights_dir>/weights_v<step>`` and :meth:`reload_weights` it. A multi-process trainer
+        writes the export from every process instead (Collective.export_hf) and then reloads."""
+        self._require_export()
         t0 = time.perf_counter()
         path = self.export.export(params, step)
+        return {"time/weight_export_s": time.perf_counter() - t0, **self.reload_weights(path, step)}
+
+    def reload_weights(self, path: str, step: int) -> dict[str, float]:
+        """Reload the export at ``path`` on every server (weight_version = str(step)). A server
+        whose reload still fails after the retries keeps its old weights and gets no rollouts until
+        a later step's reload succeeds; raises WeightLagError (naming the server and steps) once it
+        is more than ``max_weight_lag_steps`` behind. Older exports are deleted afterwards."""
+        self._require_export()
         t1 = time.perf_counter()
         outcomes = asyncio.run(self._reload_all(path, step))
         t2 = time.perf_counter()
@@ -441,4 +451,9 @@ class SGLangEngine(RolloutEngine):
                             "until a reload succeeds", url, step, error)
         metrics = self.versions.record(step, outcomes)
         self.export.prune(path)
-        return {"time/weight_export_s": t1 - t0, "time/weight_reload_s": t2 - t1, **metrics}
+        return {"time/weight_reload_s": t2 - t1, **metrics}
+
+    def _require_export(self) -> None:
+        if self.export is None:
+            raise ValueError("SGLangEngine has no weights_dir, so it cannot sync weights; build it with "
+                             "SGLangEngine.from_config(rl.sglang, model_config=..., weights_dir=...)")

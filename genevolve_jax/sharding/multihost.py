@@ -21,8 +21,11 @@ process; where they differ, :class:`MultiProcess` does:
    SGLang every process adopts process 0's table of server weight versions
    (``Collective.sync_engine``).
 4. :meth:`MultiProcess.engine_params`: :func:`host_local_params` turns the fsdp-sharded global
-   params into an array tree on this host's devices with one jitted reshard (no host-memory copy),
-   in the layout the host's engine wants.
+   params into an array tree on this host's devices, one bucket (``rl.sync_bucket_bytes``) per
+   jitted reshard (no host-memory copy), in the layout the host's engine wants.
+5. :meth:`MultiProcess.export_hf`: every process writes the safetensors files of its share of the
+   tensors, which reach it by all-to-all, one bucket per round; process 0 writes the index and the
+   config (models/hf_sharded_export.py says why this, rather than gathering to process 0).
 """
 from __future__ import annotations
 
@@ -36,12 +39,13 @@ import pickle
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from genevolve_jax.sharding.collective import Collective
+from genevolve_jax.sharding import weight_stream
+from genevolve_jax.sharding.collective import Collective, model_in_layout, params_in_layout
 from genevolve_jax.sharding.host_exchange import HostExchange
 from genevolve_jax.train.rl.records import IMAGE_UNREADABLE, RolloutSample, StepRollouts
 
@@ -262,17 +266,42 @@ def _twin_mesh(local_mesh: Mesh) -> Mesh:
 _COPIERS: dict = {}
 
 
-def host_local_params(tree, shardings) -> Any:
+def _place_on_host(pieces, inputs, targets, moved) -> list:
+    """One bucket of :func:`host_local_params`: one jitted program reads the global inputs and
+    writes the pieces in the global twin of each target (replicated across hosts, laid out like
+    the target within each); each host keeps the shards on its local mesh as a local array."""
+    every = set(jax.devices())
+    for x in inputs:
+        if set(x.sharding.device_set) != every:
+            raise ValueError("host_local_params: the arrays must span every device of every process "
+                             f"(got {len(x.sharding.device_set)} of {len(every)})")
+    twins = tuple(NamedSharding(_twin_mesh(sh.mesh), sh.spec) for sh in targets)
+    key = (tuple(pieces), twins)
+    if key not in _COPIERS:
+        _COPIERS[key] = jax.jit(weight_stream.selector(pieces), out_shardings=list(twins))
+    out = _COPIERS[key](list(inputs))
+    mine = []
+    for x, sh in zip(out, targets):
+        keep = set(sh.mesh.devices.flat)
+        mine.append(jax.make_array_from_single_device_arrays(
+            x.shape, sh, [s.data for s in x.addressable_shards if s.device in keep]))
+    moved()   # ``out``, with the copies on this host's devices outside the local mesh, is still alive
+    return mine
+
+
+def host_local_params(tree, shardings, *, bucket_bytes: int | None = None) -> Any:
     """A copy of ``tree`` (global arrays over every device, e.g. fsdp-sharded across processes) on
     THIS process's devices, laid out by ``shardings`` (one NamedSharding over a local mesh, or a
-    matching tree).
+    matching tree), moved at most ``bucket_bytes`` at a time (None: in one program).
 
     Why not ``process_allgather``: it returns numpy, so on GPU/TPU every host pulls the whole model
-    into host memory and then copies it back to its devices. Here one jitted reshard targets a
-    global twin of the local sharding (replicated across hosts, laid out like the local mesh within
-    each), and each host keeps the shards on its local mesh as a local array: device-to-device
-    collectives, no host copy. A collective: every process must call it. The result owns fresh
-    buffers (the next train step may donate ``tree``)."""
+    into host memory and then copies it back to its devices. Here each bucket is one jitted
+    reshard that targets a global twin of the local sharding (replicated across hosts, laid out
+    like the local mesh within each), and each host keeps the shards on its local mesh as a local
+    array: device-to-device collectives, no host copy. Devices of the host outside the local mesh
+    hold a copy of the bucket while it moves (the twin must span every device), so buckets bound
+    that too. A collective: every process must call it. The result owns fresh buffers (the next
+    train step may donate ``tree``)."""
     leaves, treedef = jax.tree.flatten(tree)
     if not leaves:
         return tree
@@ -282,22 +311,9 @@ def host_local_params(tree, shardings) -> Any:
         local = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
         if len(local) != len(leaves):
             raise ValueError(f"host_local_params: {len(local)} shardings for {len(leaves)} arrays")
-    every = set(jax.devices())
-    for x in leaves:
-        if set(x.sharding.device_set) != every:
-            raise ValueError("host_local_params: the arrays must span every device of every process "
-                             f"(got {len(x.sharding.device_set)} of {len(every)})")
-    twins = tuple(NamedSharding(_twin_mesh(sh.mesh), sh.spec) for sh in local)
-    key = (treedef, twins)
-    if key not in _COPIERS:
-        _COPIERS[key] = jax.jit(lambda xs: [jnp.copy(x) for x in xs], out_shardings=list(twins))
-    out = _COPIERS[key](leaves)
-    mine = []
-    for x, sh in zip(out, local):
-        keep = set(sh.mesh.devices.flat)
-        mine.append(jax.make_array_from_single_device_arrays(
-            x.shape, sh, [s.data for s in x.addressable_shards if s.device in keep]))
-    return jax.tree.unflatten(treedef, mine)
+    pieces = [weight_stream.piece(leaves, i) for i in range(len(leaves))]
+    return jax.tree.unflatten(treedef, weight_stream.stream_to_layout(leaves, pieces, local, bucket_bytes,
+                                                                      _place_on_host))
 
 
 def local_mesh(sizes: dict | None = None) -> Mesh:
@@ -376,20 +392,51 @@ class MultiProcess(Collective):
             adopt(out)
         return out
 
-    def engine_params(self, model, shardings=None):
-        from flax import nnx
-
-        from genevolve_jax.models.qwen3_vl.layer_layout import with_layout_of
-        state = nnx.state(with_layout_of(model, shardings), nnx.Param)
-        return host_local_params(state, shardings if shardings is not None else _replicated(local_mesh()))
+    def engine_params(self, model, shardings=None, *, bucket_bytes=None):
+        if shardings is None:
+            return host_local_params(nnx.state(model, nnx.Param), _replicated(local_mesh()), bucket_bytes=bucket_bytes)
+        return params_in_layout(model, shardings, bucket_bytes, _place_on_host)
 
     def mesh_devices(self, sharding_cfg):
         return None   # a multi-process mesh spans every process's devices
 
-    def local_model(self, setup, params):
-        mesh = local_mesh()
-        local = dataclasses.replace(setup, mesh=mesh, rest=host_local_params(setup.rest, _replicated(mesh)))
-        return local.merge(host_local_params(params, _replicated(mesh)))
+    def local_model(self, setup, params, shardings=None, *, bucket_bytes=None):
+        if shardings is None:
+            mesh = local_mesh()
+            shardings = jax.tree.map(lambda _: _replicated(mesh), nnx.state(setup.merge(params), nnx.Param))
+        return model_in_layout(setup, params, shardings, bucket_bytes, _place_on_host)
+
+    def export_hf(self, model, path, *, dtype, bucket_bytes, config=None, write_extra=None):
+        from genevolve_jax.models import hf_io, hf_sharded_export
+        config = config or model.config
+        plan = hf_sharded_export.plan_export(config, self.process_count, dtype=dtype)
+        partial = self.on_writer(lambda: hf_io.begin_directory(path))
+        # Every process writes into the directory process 0 created: it must see it.
+        if not self.all_processes(os.path.isdir(partial)):
+            if self.is_writer:
+                hf_io.abort_directory(path)
+            raise RuntimeError(f"HF export to {os.path.abspath(path)}: process {self.process_index} "
+                               f"{'sees' if os.path.isdir(partial) else 'does not see'} the directory {partial} that "
+                               "process 0 created, and some process does not; every process writes its share of "
+                               "the export, so the path must be on a file system that every host mounts")
+        error = None
+        try:
+            hf_sharded_export.write_share(model, partial, plan, bucket_bytes)
+        except Exception as exc:   # noqa: BLE001 — every process learns of it below, then raises
+            error = exc
+        if self.any_process(error is not None):
+            if self.is_writer:
+                hf_io.abort_directory(path)
+            if error is not None:
+                raise error
+            raise RuntimeError(f"HF export to {os.path.abspath(path)}: another process failed to write its share")
+
+        def finish():
+            hf_sharded_export.write_metadata(partial, plan, config)
+            if write_extra is not None:
+                write_extra(partial)
+            return hf_io.commit_directory(path)
+        return self.on_writer(finish)
 
     # Decisions that change what a process does next must come out the same on every process:
     # one boolean all-gather each (a collective: every process calls it, in the same order).

@@ -132,7 +132,7 @@ GATHER_WORKER = HEADER + textwrap.dedent('''
                               max_weight_lag_steps=2)
         lags = []
         for step in (1, 2):
-            m = hosts.sync_engine(engine, params, step)
+            m = hosts.sync_engine(engine, lambda: engine.update_weights(params, step))
             lags.append([m["sglang/weight_version_lag"], m["sglang/servers_behind"]])
         picks = sorted({engine.pick_server() for _ in range(64)})
         results = engine.generate([GenerationRequest([3, rank, i], SamplingParams(max_new_tokens=2))
@@ -142,7 +142,7 @@ GATHER_WORKER = HEADER + textwrap.dedent('''
                   "served": len(server_log.generate_bodies), "finished": [r.finish_reason for r in results]}
         # Past rl.sglang.max_weight_lag_steps the push raises on process 0: every process raises it.
         try:
-            hosts.sync_engine(engine, params, 3)
+            hosts.sync_engine(engine, lambda: engine.update_weights(params, 3))
             sglang["lag_error"] = None
         except WeightLagError as exc:
             sglang["lag_error"] = [type(exc).__name__, str(exc)]
@@ -337,11 +337,12 @@ def test_a_writer_only_action_raises_its_own_exception_and_a_push_returns_its_me
     an exception inside a writer-only action or a push comes out as itself (class and message)."""
     step = int(np.random.default_rng().integers(1, 100))
     engine = _PushEngine()
-    assert collective.sync_engine(engine, None, step) == {"sglang/weight_version_lag": float(step % 3)}
+    pushed = collective.sync_engine(engine, lambda: engine.update_weights(None, step))
+    assert pushed == {"sglang/weight_version_lag": float(step % 3)}
     assert engine.pushed == [step] and engine.adopted == []
     lagging = _PushEngine(WeightLagError(f"server behind at step {step}"))
     with pytest.raises(WeightLagError, match=f"^server behind at step {step}$"):
-        collective.sync_engine(lagging, None, step)
+        collective.sync_engine(lagging, lambda: lagging.update_weights(None, step))
     with pytest.raises(KeyError, match="no such export"):
         collective.on_writer(lambda: {}["no such export"])
     assert collective.on_writer_shared(lambda: step, adopt=lambda out: pytest.fail("the writer adopts")) == step

@@ -55,13 +55,47 @@ def convert_params(params: nnx.State, template: nnx.State) -> nnx.State:
     return out
 
 
+def path_names(path) -> tuple:
+    """A tree path (``jax.tree_util``'s keys) as plain keys, a Variable's trailing ``.value``
+    dropped: a parameter state and a tree of its shardings name a leaf alike, and the names are
+    the key map's NNX paths (models/qwen3_vl/keymap.py)."""
+    keys = []
+    for k in path:
+        key = getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))
+        keys.append(key)
+    return tuple(keys[:-1] if keys and isinstance(path[-1], jax.tree_util.GetAttrKey) and keys[-1] == "value"
+                 else keys)
+
+
+def leaf_rows(params: nnx.State, template) -> list[tuple[int, int | None]]:
+    """Where each leaf of ``template`` (a tree in the layout of a parameter state: abstract params,
+    their shardings) comes from in ``params``: ``(i, None)``, leaf i of ``params`` as it is, or
+    ``(i, r)``, row r of the stacked leaf i (a list layout read from a stacked one). In
+    ``jax.tree.leaves(template)`` order. Why: a transfer that takes rows one bucket at a time never
+    holds the whole converted list (see sharding/weight_stream.py); raises when ``template`` is
+    stacked and ``params`` a list (that direction stacks, it cannot take rows)."""
+    index = {path_names(p): i for i, (p, _) in enumerate(jax.tree_util.tree_flatten_with_path(params)[0])}
+    out = []
+    for path, _ in jax.tree_util.tree_flatten_with_path(template)[0]:
+        names = path_names(path)
+        if names in index:
+            out.append((index[names], None))
+            continue
+        at = names.index("layers") if "layers" in names else -1
+        stacked = names[:at + 1] + names[at + 2:] if at >= 0 and at + 1 < len(names) else None
+        if stacked is None or not isinstance(names[at + 1], int) or stacked not in index:
+            raise ValueError(f"leaf_rows: {'.'.join(map(str, names))} of the target layout is not in the params "
+                             "(nor a row of a stacked parameter)")
+        out.append((index[stacked], names[at + 1]))
+    return out
+
+
 def with_layer_layout(model: nnx.Module, scan_layers: bool) -> nnx.Module:
     """``model`` with its decoder layers in the asked-for layout (itself when it already is)."""
     if bool(model.config.scan_layers) == bool(scan_layers):
         return model
-    from genevolve_jax.models.hf_io import abstract_model
-    config = model.config.replace(scan_layers=bool(scan_layers))
-    graphdef, template, rest = nnx.split(abstract_model(config), nnx.Param, ...)
+    from genevolve_jax.models.hf_io import abstract_split
+    graphdef, template, rest = abstract_split(model.config.replace(scan_layers=bool(scan_layers)))
     _, params, have_rest = nnx.split(model, nnx.Param, ...)
     if jax.tree.leaves(rest):
         raise ValueError("with_layer_layout: the model holds non-parameter state "
@@ -75,4 +109,4 @@ def with_layout_of(model: nnx.Module, tree) -> nnx.Module:
     return model if tree is None else with_layer_layout(model, scan_layers=is_stacked(tree))
 
 
-__all__ = ["is_stacked", "convert_params", "with_layer_layout", "with_layout_of"]
+__all__ = ["is_stacked", "convert_params", "leaf_rows", "path_names", "with_layer_layout", "with_layout_of"]

@@ -102,6 +102,10 @@ def default_rl_config() -> ml_collections.ConfigDict:
         "render_seed": 0,
         "export_hf": True,          # HF export of the final policy
         "export_dtype": "bfloat16",
+        "sync_bucket_bytes": 1 << 30,  # (ours) weights leave the trainer's layout this many bytes at a time
+                                    # (in the dtype they travel in): a weight sync, an HF export or the
+                                    # engine's construction holds the resident state plus one such bucket
+                                    # (sharding/weight_stream.py); also the SFT run's export
     })
 
 
@@ -117,6 +121,8 @@ def validate_rl(cfg) -> ml_collections.ConfigDict:
     _require(is_int(cfg.patch_multiple) and cfg.patch_multiple >= 1, "rl.patch_multiple", "an int >= 1",
              cfg.patch_multiple)
     _require(cfg.export_dtype in EXPORT_DTYPES, "rl.export_dtype", "float32 or bfloat16", cfg.export_dtype)
+    _require(is_int(cfg.sync_bucket_bytes) and cfg.sync_bucket_bytes >= 1, "rl.sync_bucket_bytes",
+             "a positive byte count", cfg.sync_bucket_bytes)
     _require(cfg.old_logprobs in OLD_LOGPROBS, "rl.old_logprobs", f"one of {OLD_LOGPROBS}", cfg.old_logprobs)
     _require(is_int(cfg.updates_per_batch) and cfg.updates_per_batch >= 1, "rl.updates_per_batch", ">= 1",
              cfg.updates_per_batch)

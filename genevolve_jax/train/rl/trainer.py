@@ -108,10 +108,14 @@ class EvolveTrainer(Driver):
             # Fail here, before any rollout, when no server answers (errors name rl.sglang.urls).
             engine.wait_healthy(float(s.health_wait_s), field="rl.sglang.urls")
             return engine
+        from genevolve_jax.rollout.engine_functions import sampling_shardings
         from genevolve_jax.rollout.jax_engine import JaxEngine
-        # A fresh copy: the next train step donates the trainer's buffers.
-        fresh = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=self.setup.param_shardings)(self.params)
-        return JaxEngine(self.collective.local_model(self.setup, fresh), self.tokenizer, self.cfg.engine)
+        # The weights go to the engine's layout bucket by bucket, as fresh buffers (the next train
+        # step donates the trainer's): the devices never hold a second whole model on the way.
+        shardings = sampling_shardings(self.model_config, self.cfg.engine)
+        model = self.collective.local_model(self.setup, self.params, shardings,
+                                            bucket_bytes=int(self.cfg.rl.sync_bucket_bytes))
+        return JaxEngine(model, self.tokenizer, self.cfg.engine)
 
     def _make_rollout_phase(self) -> RolloutPhase:
         from genevolve_jax.agent.loop import AgentLoop
@@ -245,11 +249,25 @@ class EvolveTrainer(Driver):
 
     def sync_weights(self, step: int) -> dict[str, float]:
         """The engine samples with the current policy from now on (RolloutEngine.update_weights).
-        Every process joins the reshard to its host; an engine that serves every host (SGLang
-        servers) is pushed to by process 0 alone, and every process adopts the outcome
-        (Collective.sync_engine)."""
-        params = self.collective.engine_params(self.setup.merge(self.params), self.engine.weight_shardings)
-        out = self.collective.sync_engine(self.engine, params, step)
+        Weights leave the trainer's layout one ``rl.sync_bucket_bytes`` bucket at a time. An engine
+        that reloads from disk (SGLang servers, which serve every host) gets an HF export that
+        every process writes its share of, then process 0 asks the servers to reload it and every
+        process adopts the outcome (Collective.sync_engine); a host-local engine drops its weights
+        and every process streams the new ones into its layout."""
+        model = self.setup.merge(self.params)
+        bucket = int(self.cfg.rl.sync_bucket_bytes)
+        export = self.engine.weight_export
+        if export is not None:
+            t0 = time.perf_counter()
+            path = self.collective.export_hf(model, export.path(step), dtype=export.dtype, bucket_bytes=bucket,
+                                             config=export.model_config or model.config)
+            seconds = time.perf_counter() - t0
+            out = {"time/weight_export_s": seconds,
+                   **self.collective.sync_engine(self.engine, lambda: self.engine.reload_weights(path, step))}
+        else:
+            self.engine.release_weights()
+            params = self.collective.engine_params(model, self.engine.weight_shardings, bucket_bytes=bucket)
+            out = self.collective.sync_engine(self.engine, lambda: self.engine.update_weights(params, step))
         self.engine_version = step
         return out
 

@@ -12,8 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from genevolve_jax.sharding.collective import Collective, make_collective
-from genevolve_jax.train.runtime.checkpoint import (TrainCheckpointer, abstract_like, export_hf, rng_from_json,
-                                                    rng_to_json)
+from genevolve_jax.train.runtime.checkpoint import TrainCheckpointer, abstract_like, rng_from_json, rng_to_json
 from genevolve_jax.train.runtime.nonfinite import NonFiniteGuard
 from genevolve_jax.train.runtime.observability import RunLogger
 from genevolve_jax.train.runtime.preemption import PreemptionGuard, RunStopped
@@ -104,13 +103,12 @@ class Driver(abc.ABC):
             self.restore()
 
     def export_hf(self, path: str, dtype: str) -> str:
-        """An HF directory of the policy: every process joins the reshard, process 0 writes."""
-        model = self.collective.local_model(self.setup, self.params)
-
-        def write():
-            export_hf(model, path, dtype=dtype, tokenizer=self.tokenizer)
-            return path
-        return self.collective.on_writer(write)
+        """An HF directory of the policy and its tokenizer (Collective.export_hf: every process
+        writes its share, one ``rl.sync_bucket_bytes`` bucket at a time; process 0 the rest)."""
+        tokenizer = self.tokenizer
+        extra = None if tokenizer is None else tokenizer.save_pretrained
+        return self.collective.export_hf(self.setup.merge(self.params), path, dtype=dtype,
+                                         bucket_bytes=int(self.cfg.rl.sync_bucket_bytes), write_extra=extra)
 
     # -- the run ---------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from flax import nnx
 
 from genevolve_jax.models import hf_io
 from genevolve_jax.models.qwen3_vl.config import tiny
-from genevolve_jax.models.qwen3_vl.layer_layout import convert_params, is_stacked, with_layer_layout
+from genevolve_jax.models.qwen3_vl.layer_layout import convert_params, is_stacked, leaf_rows, with_layer_layout
 
 
 @pytest.fixture(scope="module", params=[2, 3])
@@ -58,3 +58,20 @@ def test_params_take_the_templates_layout(pair):
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), sp)
     _assert_same(convert_params(lp, abstract), sp)
     assert convert_params(lp, lp) is lp
+
+
+def test_leaf_rows_name_where_each_listed_leaf_lives_in_the_stack(pair):
+    """A transfer that takes rows (sharding/weight_stream.py) reads each leaf of the list layout from
+    the stacked parameters: the leaf, or the row, that ``leaf_rows`` names holds exactly its values.
+    Shardings name leaves as the state does (a tree of them is a valid template)."""
+    listed, stacked = pair
+    lp, sp = nnx.state(listed, nnx.Param), nnx.state(stacked, nnx.Param)
+    src = jax.tree.leaves(sp)
+    for template in (lp, jax.tree.map(lambda x: jax.sharding.SingleDeviceSharding(jax.devices()[0]), lp)):
+        rows = leaf_rows(sp, template)
+        assert len(rows) == len(jax.tree.leaves(lp)) and any(r is not None for _, r in rows)
+        for (i, r), want in zip(rows, jax.tree.leaves(lp)):
+            np.testing.assert_array_equal(np.asarray(src[i] if r is None else src[i][r]), np.asarray(want))
+    assert leaf_rows(lp, lp) == [(i, None) for i in range(len(jax.tree.leaves(lp)))]
+    with pytest.raises(ValueError, match="not in the params"):
+        leaf_rows(lp, sp)            # stacking takes every row: no row of a list is a stacked leaf
