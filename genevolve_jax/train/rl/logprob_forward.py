@@ -6,8 +6,8 @@ be computed before the update.
   micro-batches) π_old is the current policy: the step uses the stop-gradient of its own
   log-probs (train/losses/step_losses.py) and no forward is spent. With several updates per batch
   π_old is recomputed once, before the first update.
-- "sampler": the log-probs the rollout engine recorded (exact for the JaxEngine; see
-  train/rl/config.py for what SGLang returns).
+- "sampler": the log-probs the rollout engine recorded (the JaxEngine's are the trainer's to 1e-5
+  in fp32 and a mean 1.9e-2 from them in bf16; see train/rl/config.py, also for what SGLang returns).
 - "recompute": one jitted forward of the pre-update params over the assembled batch.
 In every mode the step logs ``rollout/logprob_mismatch`` between the sampler and the trainer.
 """

@@ -111,7 +111,8 @@ class EvolveTrainer(Driver):
         from genevolve_jax.rollout.jax_engine import JaxEngine
         # A fresh copy: the next train step donates the trainer's buffers.
         fresh = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=self.setup.param_shardings)(self.params)
-        return JaxEngine(self.collective.local_model(self.setup, fresh), self.tokenizer, self.cfg.engine)
+        return JaxEngine(self.collective.local_model(self.setup, fresh), self.tokenizer, self.cfg.engine,
+                         weight_dtype=self.compute_dtype)
 
     def _make_rollout_phase(self) -> RolloutPhase:
         from genevolve_jax.agent.loop import AgentLoop
