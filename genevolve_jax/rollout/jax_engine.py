@@ -237,6 +237,13 @@ class JaxEngine(RolloutEngine):
         t, h, w = self._image_grid(image)
         return t * h * w // self.config.vision.spatial_merge_size ** 2
 
+    def image_inputs(self, images: Sequence):
+        """The pixel values and grids (``processing.image.ProcessedImages``) that a prefill feeds the
+        vision tower for a request's ``images`` (paths or PIL images): each decoded by
+        ``processing.image.load_image``, the trainer's decoder, then this engine's image processor."""
+        from genevolve_jax.processing.image import load_image, preprocess_images
+        return preprocess_images([load_image(x) for x in images], self.image_processor)
+
     def _image_grid(self, image) -> tuple[int, int, int]:
         from genevolve_jax.processing.image import image_grid
         width, height = image_size(image)
@@ -462,9 +469,8 @@ class JaxEngine(RolloutEngine):
         try:
             vision = {}
             if plans[0].images:
-                from genevolve_jax.processing.image import preprocess_images
-                processed = preprocess_images([_open_image(x) for x in plans[0].images], self.image_processor)
-                vision = dict(pixel_values=processed[0], image_grid_thw=processed[1])
+                processed = self.image_inputs(plans[0].images)
+                vision = dict(pixel_values=processed.pixel_values, image_grid_thw=processed.image_grid_thw)
             batch = prepare_inputs(self.config, ids, mask, **vision)
         except Exception as exc:  # an image that fails to load or process: these requests only
             for p in plans:
@@ -572,14 +578,6 @@ class JaxEngine(RolloutEngine):
             self.pool.finish(slot, job.tokens[:-1])
             result = GenerationResult(list(job.tokens), list(job.logprobs), reason)
         self._resolve(job, result)
-
-
-def _open_image(image):
-    if isinstance(image, (str, os.PathLike)):
-        from PIL import Image
-        with Image.open(image) as img:
-            return img.convert("RGB")
-    return image
 
 
 # --- construction from files -------------------------------------------------------------------------

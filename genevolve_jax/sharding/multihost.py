@@ -76,10 +76,8 @@ def broadcast_object(obj: Any = None) -> Any:
 
 # --- samples ---------------------------------------------------------------------------------------
 def _load_image(data: bytes):
-    from PIL import Image
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        return im.copy()
+    from genevolve_jax.processing.image import load_image
+    return load_image(io.BytesIO(data))
 
 
 class _ImageBytes:
