@@ -11,7 +11,9 @@ host's 4 chips (``engine.mesh``: the mesh of one host, not of the slice); after 
 trainer moves the new parameters into the engines in memory. π_old: ``rl.old_logprobs = "auto"``:
 with one update per rollout batch the step's own pre-update log-probs are π_old and no forward is
 spent; the JaxEngine records the trainer's quantity (log_softmax(logits / T) over the vocabulary
-in float32), so ``rollout/logprob_mismatch`` stays near float error and is the health check.
+in float32, its weights in the trainer's bf16 and its head accumulated in float32, 4.09 GiB a chip),
+so ``rollout/logprob_mismatch`` reads the bf16 arithmetic of two programs (a mean of 1.9e-2 on a
+random tiny model, tests/rollout/test_engine_bf16_logprobs.py) and is the health check.
 
 Services outside the pod: the render service (Qwen-Image-Edit-2511 through diffusers,
 launch/render_service.sh, on GPU machines) and the VLM judge (any OpenAI-compatible server, e.g.
@@ -50,7 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
     # fsdp × tensor 8 (fsdp takes the rest of the slice: 4 on v5p-64). Planned on v5p-64
     # (BENCHMARKS.md): with fsdp over all 32 chips the unrolled steps kept 91–95 GiB of temporaries
     # for one 32,768-token row per chip (SFT 97.6, RL 143.8 of 95 GiB); with tensor 8 the scanned
-    # RL step keeps 18.4 GiB (peak 71.2 GiB with the engine resident), SFT 18.3 (peak 21.2).
+    # RL step keeps 18.4 GiB (peak 67.1 GiB with the bf16 engine resident), SFT 18.3 (peak 21.2).
     cfg.sharding.strategy = "fsdp_tp"
     cfg.sharding.mesh.fsdp = -1
     cfg.sharding.mesh.tensor = 8

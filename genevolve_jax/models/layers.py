@@ -79,7 +79,7 @@ class Dense(nnx.Module):
 
 
 class Embed(nnx.Module):
-    """Token embedding table [vocab, embed]; ``attend`` gives logits for a tied lm_head."""
+    """Token embedding table [vocab, embed] (a tied model's output head is its transpose)."""
 
     def __init__(self, num: int, dim: int, *, param_dtype, dtype, rngs: nnx.Rngs):
         self.dtype = dtype
@@ -88,6 +88,3 @@ class Embed(nnx.Module):
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.embedding.get_value(), ids, axis=0).astype(self.dtype)
-
-    def attend(self, x: jax.Array) -> jax.Array:
-        return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding.get_value().astype(self.dtype))

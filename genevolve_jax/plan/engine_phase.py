@@ -4,9 +4,10 @@ target.
 
 The engine is host-local: its mesh is ``engine.mesh`` over the first devices of the target (one
 host of a TPU slice, the GPUs of a node). Resident per device: the engine's copy of the weights in
-the sampling layout and its KV cache (``engine.max_slots`` rows × ``engine.max_seq_len`` plus a
-chunk). When the RL run samples with it (``rl.engine = "jax"``), the trainer's state stays on the
-same devices while it samples, so the phase adds it (and the RL phase adds the engine's).
+the sampling layout and the trainer's compute dtype, and its KV cache (``engine.max_slots`` rows ×
+``engine.max_seq_len`` plus a chunk). When the RL run samples with it (``rl.engine = "jax"``), the
+trainer's state stays on the same devices while it samples, so the phase adds it (and the RL phase
+adds the engine's).
 
 Planned calls, the largest the engine makes:
 - ``engine_prefill``: the largest call: a chunk of ``engine.prefill_tokens`` (longer text goes in
@@ -38,7 +39,7 @@ class AbstractEngine:
 
 def abstract_engine(run_cfg, config, devices) -> AbstractEngine:
     """The engine a run of ``run_cfg`` builds on ``devices``, on abstract weights (nothing allocated).
-    Its weights have the trainer's parameter dtype (the trainer hands the engine its own)."""
+    Its weights are in the trainer's compute dtype (``train.compute_dtype``), as the trainer builds it."""
     from flax import nnx
 
     from genevolve_jax.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
@@ -46,15 +47,16 @@ def abstract_engine(run_cfg, config, devices) -> AbstractEngine:
     from genevolve_jax.rollout.engine_functions import EngineFunctions, engine_mesh
 
     ecfg = engine_config.validate(run_cfg.engine)
+    dtype = str(run_cfg.train.compute_dtype)
     # The engine runs the layers one by one over its cache, whatever the trainer's layout.
     config = config.replace(scan_layers=False)
     model = nnx.eval_shape(lambda: Qwen3VLForConditionalGeneration(config, rngs=nnx.Rngs(0)))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     mesh = engine_mesh(ecfg, devices)
-    fns = EngineFunctions(graphdef, config, params, ecfg, mesh)
-    params = abstract.with_shardings(params, fns.param_shardings)
+    fns = EngineFunctions(graphdef, config, params, ecfg, mesh, dtype)
+    params = fns.held(abstract.with_shardings(params, fns.param_shardings))
     return AbstractEngine(fns, params, rest, fns.abstract_decode_head(params, rest),
-                          lambda: EngineFunctions(graphdef, config, params, ecfg, mesh))
+                          lambda: EngineFunctions(graphdef, config, params, ecfg, mesh, dtype))
 
 
 def sampling_mode_of(run_cfg) -> str:

@@ -17,6 +17,7 @@ libraries' bicubic rounding, not in layout or arithmetic.
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 from typing import NamedTuple, Sequence
 
@@ -154,16 +155,42 @@ def smart_resize_video(num_frames: int, height: int, width: int, temporal_factor
     return h_bar, w_bar
 
 
+# --- decoding ---------------------------------------------------------------------------------------
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` in mode RGB as transformers' image processors convert it (``convert_to_rgb``): an
+    image with an alpha band or a ``transparency`` entry (RGBA, LA, PA, a palette or grayscale image
+    with a transparent colour) is composited onto white; any other mode (P, L, I;16, I, F, 1, CMYK,
+    YCbCr, …) goes through PIL's ``convert("RGB")``."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def load_image(source) -> Image.Image:
+    """The one image decoder of a run: a file path, encoded bytes or a PIL image → a loaded RGB PIL
+    image (:func:`to_rgb`). The engine's prefill, batch assembly and the multi-host exchange all
+    decode through it, so that a rollout's image is the same pixels when it is sampled and when it is
+    trained on (``Image.open(...).convert("RGB")`` in the engine once dropped alpha that the trainer
+    composited onto white). No EXIF rotation, as transformers' processor applies none to an image it
+    is given. Raises OSError (unreadable, truncated) or ValueError like PIL."""
+    if isinstance(source, Image.Image):
+        return to_rgb(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        source = io.BytesIO(source)
+    with Image.open(source) as image:
+        image.load()
+        rgb = to_rgb(image)
+        return rgb.copy() if rgb is image else rgb   # not the file's own object: the file closes here
+
+
 # --- pixels ---------------------------------------------------------------------------------------
 def to_rgb_array(image) -> np.ndarray:
     """A PIL image or a uint8 array ([H, W], [H, W, 1|3|4]) as uint8 [H, W, 3]; transparency is
-    composited onto white, as transformers does."""
+    composited onto white, as transformers does (:func:`to_rgb`)."""
     if isinstance(image, Image.Image):
-        if "A" in image.getbands() or image.info.get("transparency") is not None:
-            rgba = image.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return np.array(Image.alpha_composite(white, rgba).convert("RGB"))
-        return np.array(image.convert("RGB"))
+        return np.array(to_rgb(image))
     array = np.asarray(image)
     if array.dtype != np.uint8:
         raise ValueError(f"image arrays must be uint8 [H, W, C] in 0..255, got dtype {array.dtype}; "

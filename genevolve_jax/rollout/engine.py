@@ -107,6 +107,13 @@ class RolloutEngine(abc.ABC):
         return None
 
     @property
+    def weight_dtype(self):
+        """The dtype in which the engine holds floating-point weights, so that the trainer sends
+        them in it (half the bytes in bf16, and no float32 copy on the engine's devices); None: as
+        the trainer holds them."""
+        return None
+
+    @property
     def serves_every_host(self) -> bool:
         """True when one engine object stands for servers that every host's rollouts share (SGLang
         URLs listing every host's servers): then one process pushes weights for all. False for an

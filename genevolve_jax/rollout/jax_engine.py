@@ -38,9 +38,15 @@ tensor 8).
 
 Log-probs: see genevolve_jax/rollout/sampling.py. By default the recorded log-prob is that of
 ``log_softmax(logits / temperature)`` (what the trainer recomputes for the importance ratio);
-``cfg.raw_logprobs = True`` records temperature-1 log-probs instead. Reuse changes no token's
-inputs, only where its keys/values were computed, so outputs agree with fresh prefills to float
-rounding (tests/rollout/test_jax_engine_reuse.py compares a whole phase with reuse on and off).
+``cfg.raw_logprobs = True`` records temperature-1 log-probs instead. The weights are held in the
+trainer's compute dtype and the head accumulates in float32 like the trainer's fused op. In fp32
+the recorded log-probs are the trainer's to 1e-5; in bf16 they differ by the bf16 arithmetic of two
+differently compiled programs (cached decode against packed rows), no longer by the head: mean |Δ|
+1.9e-2 on a random tiny model with LM-like logits, where the trainer's own bf16 forward is 1.1e-2
+from f32 (6.3e-2 while the head rounded the logits to bf16; tests/rollout/test_engine_bf16_logprobs.py).
+Reuse changes no token's inputs, only where its keys/values were computed, so outputs agree with
+fresh prefills to float rounding (tests/rollout/test_jax_engine_reuse.py compares a whole phase with
+reuse on and off).
 
 A request whose prompt plus ``max_new_tokens`` exceeds ``cfg.max_seq_len`` generates up to the
 limit and finishes with "length"; a prompt that alone fills it is aborted with the reason.
@@ -57,7 +63,6 @@ import traceback
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -106,7 +111,10 @@ class JaxEngine(RolloutEngine):
     """``RolloutEngine`` over a Flax Qwen3-VL model; see the module docstring."""
 
     def __init__(self, model: nnx.Module, tokenizer=None, cfg: ml_collections.ConfigDict | None = None, *,
-                 mesh: jax.sharding.Mesh | None = None, image_processor=None):
+                 mesh: jax.sharding.Mesh | None = None, image_processor=None, weight_dtype=None):
+        """``weight_dtype``: the dtype the engine holds its weights in; a trainer passes its compute
+        dtype (``train.compute_dtype``), so the engine samples with the weights its forward uses.
+        None: the model's compute dtype (``model.dtype``). See EngineFunctions."""
         self.cfg = engine_config.validate(cfg if cfg is not None else engine_config.default_engine_config())
         # Decode keeps one KV cache per layer: a trainer's stacked (scanned) layers become a list.
         model = with_layer_layout(model, scan_layers=False)
@@ -119,9 +127,9 @@ class JaxEngine(RolloutEngine):
         self.slots = self.cfg.max_slots
         self.chunk = self.cfg.steps_per_sync
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        self.fns = EngineFunctions(graphdef, self.config, params, self.cfg, mesh)
+        self.fns = EngineFunctions(graphdef, self.config, params, self.cfg, mesh, weight_dtype)
         with self._rules():
-            self._params = jax.device_put(params, self.fns.param_shardings)
+            self._params = jax.device_put(self.fns.held(params), self.fns.param_shardings)
             self._rest = jax.device_put(rest, self.fns.replicated)
         self._head = self.fns.decode_head(self._params, self._rest)
         # Shapes and dtypes of the weights, for update_weights after release_weights dropped them.
@@ -231,6 +239,13 @@ class JaxEngine(RolloutEngine):
         t, h, w = self._image_grid(image)
         return t * h * w // self.config.vision.spatial_merge_size ** 2
 
+    def image_inputs(self, images: Sequence):
+        """The pixel values and grids (``processing.image.ProcessedImages``) that a prefill feeds the
+        vision tower for a request's ``images`` (paths or PIL images): each decoded by
+        ``processing.image.load_image``, the trainer's decoder, then this engine's image processor."""
+        from genevolve_jax.processing.image import load_image, preprocess_images
+        return preprocess_images([load_image(x) for x in images], self.image_processor)
+
     def _image_grid(self, image) -> tuple[int, int, int]:
         from genevolve_jax.processing.image import image_grid
         width, height = image_size(image)
@@ -240,6 +255,10 @@ class JaxEngine(RolloutEngine):
     def weight_shardings(self):
         """The sampling layout of the weights (tensor-parallel over ``engine.mesh``)."""
         return self.fns.param_shardings
+
+    @property
+    def weight_dtype(self):
+        return self.fns.weight_dtype
 
     def update_weights(self, params, step: int = 0) -> dict[str, float]:
         """Replace the weights with ``params`` (an ``nnx.State`` of the model's ``nnx.Param``s, e.g. the
@@ -257,9 +276,7 @@ class JaxEngine(RolloutEngine):
             if tuple(a.shape) != tuple(b.shape):
                 raise ValueError(f"update_weights: {jax.tree_util.keystr(path)} has shape {tuple(b.shape)}, "
                                  f"the engine's model has {tuple(a.shape)}")
-        # Params already in the engine's dtype and layout (Collective.engine_params) are kept as
-        # they are: no second copy.
-        new = jax.tree.map(lambda x, old: jnp.asarray(x).astype(old.dtype), params, self._layout)
+        new = self.fns.held(params)
         with self._device_lock, self._rules():
             self._params = None   # the old weights go before the head is computed from the new
             self._params = jax.device_put(new, self.fns.param_shardings)
@@ -466,9 +483,8 @@ class JaxEngine(RolloutEngine):
         try:
             vision = {}
             if plans[0].images:
-                from genevolve_jax.processing.image import preprocess_images
-                processed = preprocess_images([_open_image(x) for x in plans[0].images], self.image_processor)
-                vision = dict(pixel_values=processed[0], image_grid_thw=processed[1])
+                processed = self.image_inputs(plans[0].images)
+                vision = dict(pixel_values=processed.pixel_values, image_grid_thw=processed.image_grid_thw)
             batch = prepare_inputs(self.config, ids, mask, **vision)
         except Exception as exc:  # an image that fails to load or process: these requests only
             for p in plans:
@@ -576,14 +592,6 @@ class JaxEngine(RolloutEngine):
             self.pool.finish(slot, job.tokens[:-1])
             result = GenerationResult(list(job.tokens), list(job.logprobs), reason)
         self._resolve(job, result)
-
-
-def _open_image(image):
-    if isinstance(image, (str, os.PathLike)):
-        from PIL import Image
-        with Image.open(image) as img:
-            return img.convert("RGB")
-    return image
 
 
 # --- construction from files -------------------------------------------------------------------------

@@ -237,6 +237,8 @@ def open_image(data: bytes, *, max_pixels: int, param: str):
     """RGB PIL image from encoded bytes. The header's width × height is checked against
     ``max_pixels`` before decoding; PIL's own bomb check and truncated files become a 400 too."""
     from PIL import Image
+
+    from genevolve_jax.processing.image import to_rgb
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -248,7 +250,7 @@ def open_image(data: bytes, *, max_pixels: int, param: str):
                 raise RequestError(f"{param}: image of {width}x{height} = {width * height} pixels exceeds the "
                                    f"limit of {max_pixels} pixels", param, code="image_too_large")
             img.load()
-            return img.convert("RGB")
+            return to_rgb(img)   # as every stage decodes: transparency onto white (processing/image.py)
     except RequestError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

@@ -111,7 +111,8 @@ class Collective(abc.ABC):
         return {}
 
     @abc.abstractmethod
-    def engine_params(self, model: nnx.Module, shardings=None, *, bucket_bytes: int | None = None) -> nnx.State:
+    def engine_params(self, model: nnx.Module, shardings=None, *, bucket_bytes: int | None = None,
+                      dtype=None) -> nnx.State:
         """A fresh copy of ``model``'s ``nnx.Param`` state on this host's devices, laid out by
         ``shardings`` (a tree of NamedShardings over a mesh of this host's devices, whose layer
         layout it takes: stacked or a list), moved at most ``bucket_bytes`` at a time (None: at
@@ -156,9 +157,10 @@ def _fresh_copy(tree):
 
 
 def params_in_layout(model: nnx.Module, shardings, bucket_bytes: int | None,
-                     place: weight_stream.Placer) -> nnx.State:
+                     place: weight_stream.Placer, dtype=None) -> nnx.State:
     """``model``'s ``nnx.Param`` state in the layout of ``shardings`` (its layer layout, and a
-    NamedSharding per leaf), moved bucket by bucket by ``place`` (weight_stream.stream_to_layout).
+    NamedSharding per leaf), moved bucket by bucket by ``place`` (weight_stream.stream_to_layout),
+    floating-point leaves in ``dtype`` (None: as they are; weight_stream.float_pieces).
     A stacked trainer feeding a list-layout engine sends rows of its stacked parameters, so the
     list is never built whole in the trainer's layout first."""
     state = nnx.state(model, nnx.Param)
@@ -171,17 +173,18 @@ def params_in_layout(model: nnx.Module, shardings, bucket_bytes: int | None,
         template = abstract_split(model.config.replace(scan_layers=False))[1]
     sources = jax.tree.leaves(state)
     targets = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
-    pieces = [weight_stream.piece(sources, i, row) for i, row in leaf_rows(state, shardings)]
+    pieces = weight_stream.float_pieces(sources, leaf_rows(state, shardings), dtype)
     arrays = weight_stream.stream_to_layout(sources, pieces, targets, bucket_bytes, place)
     return jax.tree.unflatten(jax.tree.structure(template), arrays)
 
 
-def model_in_layout(setup, params, shardings, bucket_bytes: int | None, place: weight_stream.Placer) -> nnx.Module:
-    """The policy with its parameters in ``shardings`` (:func:`params_in_layout`) and its other
-    variables (usually none) replicated on the same mesh."""
+def model_in_layout(setup, params, shardings, bucket_bytes: int | None, place: weight_stream.Placer,
+                    dtype=None) -> nnx.Module:
+    """The policy with its parameters in ``shardings`` (:func:`params_in_layout`, in ``dtype``) and
+    its other variables (usually none) replicated on the same mesh."""
     from genevolve_jax.models.hf_io import abstract_split
     model = setup.merge(params)
-    state = params_in_layout(model, shardings, bucket_bytes, place)
+    state = params_in_layout(model, shardings, bucket_bytes, place, dtype)
     graphdef, _, rest = abstract_split(model.config.replace(scan_layers=is_stacked(shardings)))
     if jax.tree.leaves(setup.rest):
         if is_stacked(shardings) != bool(model.config.scan_layers):
@@ -237,10 +240,10 @@ class SingleProcess(Collective):
     def on_writer_shared(self, fn, adopt):
         return fn()    # the one process is the writer: its state is already the shared state
 
-    def engine_params(self, model, shardings=None, *, bucket_bytes=None):
+    def engine_params(self, model, shardings=None, *, bucket_bytes=None, dtype=None):
         if shardings is None:
             return _fresh_copy(nnx.state(model, nnx.Param))
-        return params_in_layout(model, shardings, bucket_bytes, _place_here)
+        return params_in_layout(model, shardings, bucket_bytes, _place_here, dtype)
 
     def mesh_devices(self, sharding_cfg):
         # Every axis fixed and asking for fewer devices than are present (tiny_cpu's one-device
@@ -253,10 +256,10 @@ class SingleProcess(Collective):
             n *= s
         return jax.devices()[:n] if n < jax.device_count() else None
 
-    def local_model(self, setup, params, shardings=None, *, bucket_bytes=None):
+    def local_model(self, setup, params, shardings=None, *, bucket_bytes=None, dtype=None):
         if shardings is None:
             return setup.merge(params)
-        return model_in_layout(setup, params, shardings, bucket_bytes, _place_here)
+        return model_in_layout(setup, params, shardings, bucket_bytes, _place_here, dtype)
 
     def export_hf(self, model, path, *, dtype, bucket_bytes, config=None, write_extra=None):
         # One process reads each tensor straight from its shards into host memory (save_pretrained

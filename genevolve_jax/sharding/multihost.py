@@ -131,10 +131,8 @@ def _raise_writer_failure(kind: str, message: str, sent: bytes | None) -> None:
 
 # --- samples ---------------------------------------------------------------------------------------
 def _load_image(data: bytes):
-    from PIL import Image
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        return im.copy()
+    from genevolve_jax.processing.image import load_image
+    return load_image(io.BytesIO(data))
 
 
 class _ImageBytes:
@@ -392,19 +390,19 @@ class MultiProcess(Collective):
             adopt(out)
         return out
 
-    def engine_params(self, model, shardings=None, *, bucket_bytes=None):
+    def engine_params(self, model, shardings=None, *, bucket_bytes=None, dtype=None):
         if shardings is None:
             return host_local_params(nnx.state(model, nnx.Param), _replicated(local_mesh()), bucket_bytes=bucket_bytes)
-        return params_in_layout(model, shardings, bucket_bytes, _place_on_host)
+        return params_in_layout(model, shardings, bucket_bytes, _place_on_host, dtype)
 
     def mesh_devices(self, sharding_cfg):
         return None   # a multi-process mesh spans every process's devices
 
-    def local_model(self, setup, params, shardings=None, *, bucket_bytes=None):
+    def local_model(self, setup, params, shardings=None, *, bucket_bytes=None, dtype=None):
         if shardings is None:
             mesh = local_mesh()
             shardings = jax.tree.map(lambda _: _replicated(mesh), nnx.state(setup.merge(params), nnx.Param))
-        return model_in_layout(setup, params, shardings, bucket_bytes, _place_on_host)
+        return model_in_layout(setup, params, shardings, bucket_bytes, _place_on_host, dtype)
 
     def export_hf(self, model, path, *, dtype, bucket_bytes, config=None, write_extra=None):
         from genevolve_jax.models import hf_io, hf_sharded_export

@@ -64,6 +64,15 @@ def piece(sources: Sequence[jax.Array], source: int, row: int | None = None, dty
     return Piece(int(source), None if row is None else int(row), shape, np.dtype(dtype or x.dtype))
 
 
+def float_pieces(sources: Sequence[jax.Array], rows: Sequence[tuple[int, int | None]], dtype=None) -> list[Piece]:
+    """:func:`piece` of each (source, row) of ``rows``, floating-point ones travelling in ``dtype``
+    (None: as they are): an engine that holds bf16 weights gets bf16 buckets, cast on the sender's
+    devices before they move, never a float32 copy cast after."""
+    def travels_in(x):
+        return dtype if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) else None
+    return [piece(sources, i, row, travels_in(sources[i])) for i, row in rows]
+
+
 def plan_buckets(sizes: Sequence[int], bucket_bytes: int | None) -> list[list[int]]:
     """Consecutive indices grouped into buckets of at most ``bucket_bytes``; a larger item alone
     (None: all in one bucket)."""

@@ -184,11 +184,17 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
             return self.language_model.embed_tokens.embedding.get_value().T
         return self.lm_head.kernel.get_value()
 
-    def logits(self, hidden: jax.Array) -> jax.Array:
-        if self.lm_head is None:
-            out = self.language_model.embed_tokens.attend(hidden)
-        else:
-            out = self.lm_head(hidden)
+    def logits(self, hidden: jax.Array, head_kernel: jax.Array | None = None) -> jax.Array:
+        """``hidden @ head`` in float32: both operands in the compute dtype, the products accumulated
+        and returned in float32, as the trainer's fused log-prob op forms its logits
+        (ops/fused_logprob.py). Rounded to bf16, logits in the tens (a trained LM's probable tokens)
+        move by up to 0.06–0.125: the engine's log-probs were a mean 6.3e-2 from the trainer's in
+        tests/rollout/test_engine_bf16_logprobs.py, 1.9e-2 since.
+        ``head_kernel``: a [D, V] copy of :meth:`lm_head_kernel` to use instead (the engine's CPU decode)."""
+        dtype = self.config.jnp_dtype
+        kernel = self.lm_head_kernel() if head_kernel is None else head_kernel
+        out = jnp.einsum("...d,dv->...v", hidden.astype(dtype), kernel.astype(dtype),
+                         preferred_element_type=jnp.float32)
         return logical.constrain(out, (logical.BATCH, logical.SEQ, logical.VOCAB)) if out.ndim == 3 else out
 
     # --- full forward --------------------------------------------------------------------------------
@@ -210,7 +216,7 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
         return hidden
 
     def __call__(self, batch_or_ids, attention_mask=None, **kw) -> jax.Array:
-        """Logits [B, L, V] in the compute dtype. Accepts a ModelBatch or the raw inputs of
+        """Logits [B, L, V] in float32 (:meth:`logits`). Accepts a ModelBatch or the raw inputs of
         :func:`prepare_inputs` (input_ids, attention_mask, pixel_values, image_grid_thw, …)."""
         return self.logits(self.hidden_states(batch_or_ids, attention_mask, **kw))
 
@@ -333,7 +339,7 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
         hidden, cache = self.language_model(x, positions, valid[:, None], cache=cache, cache_window=window)
         cache = cache._replace(next_position=cache.next_position + valid.astype(jnp.int32))
         last = hidden[:, 0]
-        logits = self.logits(last) if head_kernel is None else last @ head_kernel.astype(last.dtype)
+        logits = self.logits(last, head_kernel)
         return _poison_if_overflow(logits, cache), cache
 
 

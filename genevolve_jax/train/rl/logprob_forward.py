@@ -9,8 +9,8 @@ be computed before the update.
   under the trainer's kernels, which is what the sampler correction (``rl.sampler_correction``)
   compares with the engine's log-probs: on-policy its weight min(π_old / π_sampler, C) is a
   constant of the step's own forward, the same number a recompute would give.
-- "sampler": the log-probs the rollout engine recorded (exact for the JaxEngine; see
-  train/rl/config.py for what SGLang returns).
+- "sampler": the log-probs the rollout engine recorded (the JaxEngine's are the trainer's to 1e-5
+  in fp32 and a mean 1.9e-2 from them in bf16; see train/rl/config.py, also for what SGLang returns).
 - "recompute": one jitted forward of the pre-update params over the assembled batch.
 In every mode the step logs ``rollout/logprob_mismatch`` between the sampler and the trainer.
 """

@@ -9,17 +9,15 @@ stages import this module, so the earlier stage never depends on the later one.
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
 
 from genevolve_jax.models.qwen3_vl.config import VisionConfig
 from genevolve_jax.models.qwen3_vl.rope import get_rope_index
 from genevolve_jax.models.qwen3_vl.vision import VisionInputs, vision_inputs
-from genevolve_jax.processing.image import ImageProcessorConfig, preprocess_images
+from genevolve_jax.processing.image import ImageProcessorConfig, load_image, preprocess_images
 from genevolve_jax.train.rl.records import IMAGE_TOKEN_MISMATCH, IMAGE_UNREADABLE, RolloutSample
 
 
@@ -70,15 +68,6 @@ class SampleImages:
     grid: np.ndarray          # [images, 3]
 
 
-def _open_image(image) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image
-    source = io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else image
-    with Image.open(source) as im:
-        im.load()
-        return im.copy()
-
-
 def mrope_positions(ids: Sequence[int], grid: np.ndarray, spec: ImageBatchSpec) -> np.ndarray | None:
     """[3, n] positions from the model's rope index, or None when the placeholders do not match the
     grids (a count or a run that is not whole images, or video placeholders)."""
@@ -107,7 +96,7 @@ def prepare_images(sample: RolloutSample, spec: ImageBatchSpec | None) -> Sample
                          "image_spec=ImageBatchSpec.for_model(model_config, engine.image_processor, "
                          "rl.patch_multiple)")
     try:
-        pixels, grid = preprocess_images([_open_image(x) for x in sample.images], spec.processor)
+        pixels, grid = preprocess_images([load_image(x) for x in sample.images], spec.processor)
     except (OSError, ValueError) as exc:
         return f"{IMAGE_UNREADABLE}: {str(exc)[:200]} ({type(exc).__name__})"
     if mrope_positions(sample.token_ids, grid, spec) is None:

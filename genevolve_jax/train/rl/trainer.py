@@ -110,12 +110,13 @@ class EvolveTrainer(Driver):
             return engine
         from genevolve_jax.rollout.engine_functions import sampling_shardings
         from genevolve_jax.rollout.jax_engine import JaxEngine
-        # The weights go to the engine's layout bucket by bucket, as fresh buffers (the next train
-        # step donates the trainer's): the devices never hold a second whole model on the way.
+        # The weights go to the engine's layout bucket by bucket, in the engine's dtype (the
+        # trainer's compute dtype), as fresh buffers (the next train step donates the trainer's):
+        # the devices never hold a second whole model on the way.
         shardings = sampling_shardings(self.model_config, self.cfg.engine)
         model = self.collective.local_model(self.setup, self.params, shardings,
-                                            bucket_bytes=int(self.cfg.rl.sync_bucket_bytes))
-        return JaxEngine(model, self.tokenizer, self.cfg.engine)
+                                            bucket_bytes=int(self.cfg.rl.sync_bucket_bytes), dtype=self.compute_dtype)
+        return JaxEngine(model, self.tokenizer, self.cfg.engine, weight_dtype=self.compute_dtype)
 
     def _make_rollout_phase(self) -> RolloutPhase:
         from genevolve_jax.agent.loop import AgentLoop
@@ -266,7 +267,8 @@ class EvolveTrainer(Driver):
                    **self.collective.sync_engine(self.engine, lambda: self.engine.reload_weights(path, step))}
         else:
             self.engine.release_weights()
-            params = self.collective.engine_params(model, self.engine.weight_shardings, bucket_bytes=bucket)
+            params = self.collective.engine_params(model, self.engine.weight_shardings, bucket_bytes=bucket,
+                                                   dtype=self.engine.weight_dtype)
             out = self.collective.sync_engine(self.engine, lambda: self.engine.update_weights(params, step))
         self.engine_version = step
         return out
