@@ -89,14 +89,17 @@ def run_grpo(workdir, model_path, prompts_path, lr, steps):
     return before, after, metrics
 
 
+STEPS, CONTROL_STEPS = 4, 2
+
+
 @pytest.mark.slow
 def test_grpo_raises_the_mean_reward_and_lr_zero_does_not(sft_model, tmp_path):
     model_path, prompts_path = sft_model
     # The control needs fewer steps: at lr = 0 the policy never moves, so its steps are draws of
-    # the start policy under the run's seeds, and three of them (24 rollouts) give its mean reward
-    # as well as the learning run's last three do.
-    before, after, metrics = run_grpo(tmp_path / "lr", model_path, prompts_path, 3e-4, steps=5)
-    before0, after0, metrics0 = run_grpo(tmp_path / "lr0", model_path, prompts_path, 0.0, steps=3)
+    # the start policy under the run's seeds; its first equals the learning run's first (asserted
+    # below), and two (16 rollouts) give the mean reward it stays at.
+    before, after, metrics = run_grpo(tmp_path / "lr", model_path, prompts_path, 3e-4, steps=STEPS)
+    before0, after0, metrics0 = run_grpo(tmp_path / "lr0", model_path, prompts_path, 0.0, steps=CONTROL_STEPS)
     rewards = np.array([m["reward/mean"] for m in metrics])
     rewards0 = np.array([m["reward/mean"] for m in metrics0])
     print(f"reward lr=3e-4: {rewards.round(3)}; lr=0: {rewards0.round(3)}; P(search) lr=3e-4: "
@@ -111,12 +114,12 @@ def test_grpo_raises_the_mean_reward_and_lr_zero_does_not(sft_model, tmp_path):
     assert first["reward/max"] == pytest.approx(1.0) and first["reward/mean"] < 0.8, first
     assert first["rollout/logprob_mismatch"] < 1e-4        # sampler and trainer agree before any update
     # Learning: the mean reward of the last three steps rises well above the first step's, and
-    # above the lr = 0 run's over the same steps and seeds, which only resamples the start policy.
-    # Measured: 0.44 → 0.66 (last three of 5) at lr 3e-4; 0.44 0.41 0.31 (mean 0.39) at lr 0.
-    late, late0 = rewards[-3:].mean(), rewards0[-3:].mean()
+    # above the lr = 0 run's (the start policy resampled under the same seeds: its mean over its steps).
+    # Measured (2026-12-07): 0.44 0.62 0.59 0.69 at lr 3e-4 (last three 0.64); 0.44 0.41 (mean 0.42) at lr 0.
+    late, late0 = rewards[-3:].mean(), rewards0.mean()
     assert late - rewards[0] >= 0.15, (rewards, rewards0)
     assert late - late0 >= 0.15 and (late - rewards[0]) - (late0 - rewards0[0]) >= 0.15, (rewards, rewards0)
-    # It got there by searching first more often (measured 0.33 → 0.59); lr = 0 leaves the policy
+    # It got there by searching first more often (measured 0.33 → 0.57); lr = 0 leaves the policy
     # exactly where it was.
     assert np.all(after[:, 0] - before[:, 0] > 0.1), (before, after)
     assert np.abs(after0 - before0).max() < 1e-5, (before0, after0)
