@@ -116,7 +116,8 @@ class Collective(abc.ABC):
         """A fresh copy of ``model``'s ``nnx.Param`` state on this host's devices, laid out by
         ``shardings`` (a tree of NamedShardings over a mesh of this host's devices, whose layer
         layout it takes: stacked or a list), moved at most ``bucket_bytes`` at a time (None: at
-        once); when ``shardings`` is None, as it is (one process) / replicated on this host's first
+        once), floating-point leaves in ``dtype`` (None: as the trainer holds them; cast on the
+        trainer's devices before they move); when ``shardings`` is None, as it is (one process) / replicated on this host's first
         device (several). Fresh buffers: the next train step donates the trainer's."""
 
     @abc.abstractmethod
@@ -124,7 +125,8 @@ class Collective(abc.ABC):
         """The devices the run's mesh uses; None: all of them (``sharding.mesh`` over every device)."""
 
     @abc.abstractmethod
-    def local_model(self, setup, params, shardings=None, *, bucket_bytes: int | None = None) -> nnx.Module:
+    def local_model(self, setup, params, shardings=None, *, bucket_bytes: int | None = None,
+                    dtype=None) -> nnx.Module:
         """The policy on this host's devices: with ``shardings`` (as in :meth:`engine_params`), its
         parameters moved into them bucket by bucket, in their layer layout (a rollout engine's
         model); without, as the trainer holds it (one process) / replicated on this host's first

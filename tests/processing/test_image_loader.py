@@ -15,7 +15,6 @@ from PIL import Image
 from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as hf_pil
 
 from genevolve_jax.models.hf_io import model_from_state_dict, random_state_dict
-from genevolve_jax.models.qwen3_vl import config as qwen_config
 from genevolve_jax.processing.image import ImageProcessorConfig, load_image, preprocess_images
 from genevolve_jax.processing.tokenizer import default_tokenizer, special_token_ids
 from genevolve_jax.rollout.config import default_engine_config
@@ -27,6 +26,7 @@ from genevolve_jax.train.losses.step_losses import policy_logprobs
 from genevolve_jax.train.rl.batch_assembly import assemble_evolve_batch
 from genevolve_jax.train.rl.records import RolloutSample
 from genevolve_jax.train.rl.sample_images import ImageBatchSpec
+from tests.fixtures.engines import two_layer_config
 
 PROCESSOR = ImageProcessorConfig(min_pixels=32 * 32, max_pixels=96 * 96)
 
@@ -94,12 +94,7 @@ def test_decoding_equals_transformers_processor(tmp_path):
 @pytest.fixture(scope="module")
 def engine_and_model():
     tok = default_tokenizer()
-    sp = special_token_ids(tok)
-    cfg = qwen_config.tiny(vocab_size=len(tok))
-    cfg = cfg.replace(text=dataclasses.replace(cfg.text, num_hidden_layers=2),
-                      vision=dataclasses.replace(cfg.vision, depth=1, deepstack_visual_indexes=(0,)),
-                      image_token_id=sp["<|image_pad|>"], video_token_id=sp["<|video_pad|>"],
-                      vision_start_token_id=sp["<|vision_start|>"], vision_end_token_id=sp["<|vision_end|>"])
+    cfg = two_layer_config(tok)
     model = model_from_state_dict(cfg, random_state_dict(cfg, seed=8))
     ecfg = default_engine_config()
     ecfg.max_slots, ecfg.max_seq_len, ecfg.steps_per_sync, ecfg.min_prefill_bucket = 1, 256, 4, 256

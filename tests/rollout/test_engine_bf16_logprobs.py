@@ -23,14 +23,12 @@ What remains is bf16 arithmetic in two differently compiled programs (cached dec
 rows), as large as either's error against f32. On the unmodified random weights the head was a
 small share of the gap: mean 9.47e-3 before, 8.64e-3 after (the trainer's own error 5.8e-3).
 """
-import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from genevolve_jax.models.hf_io import model_from_state_dict, random_state_dict
-from genevolve_jax.models.qwen3_vl import config as qwen_config
 from genevolve_jax.processing.tokenizer import default_tokenizer, special_token_ids
 from genevolve_jax.rollout.config import default_engine_config
 from genevolve_jax.rollout.engine import GenerationRequest, SamplingParams
@@ -42,6 +40,7 @@ from genevolve_jax.train.rl.logprob_forward import LogprobForward
 from genevolve_jax.train.rl.records import RolloutSample
 from genevolve_jax.train.runtime import step_config
 from genevolve_jax.train.runtime.state import create_train_state
+from tests.fixtures.engines import two_layer_config
 
 TEMPERATURE = 0.7
 ROLLOUTS, NEW_TOKENS = 48, 48
@@ -50,12 +49,7 @@ MEAN_BOUND, P99_BOUND, MAX_BOUND = 3.7e-2, 1.6e-1, 3.4e-1
 
 
 def bf16_config(tok):
-    sp = special_token_ids(tok)
-    cfg = qwen_config.tiny(vocab_size=len(tok), param_dtype="float32", dtype="bfloat16")
-    return cfg.replace(text=dataclasses.replace(cfg.text, num_hidden_layers=2),
-                       vision=dataclasses.replace(cfg.vision, deepstack_visual_indexes=(0,)),
-                       image_token_id=sp["<|image_pad|>"], video_token_id=sp["<|video_pad|>"],
-                       vision_start_token_id=sp["<|vision_start|>"], vision_end_token_id=sp["<|vision_end|>"])
+    return two_layer_config(tok, vision_depth=None, param_dtype="float32", dtype="bfloat16")
 
 
 def lm_like_weights(cfg, seed: int) -> dict:

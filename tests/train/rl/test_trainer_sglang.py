@@ -3,7 +3,6 @@ native API as SGLang) on 127.0.0.1, weight sync by HF export + /update_weights_f
 step, π_old from the step's own forward with truncated importance sampling against the server's
 log-probs (the GPU configs' route), the sampler-vs-trainer mismatch as a metric, a server that
 refuses reloads, image rollouts in SGLang's prompt form, and the config checks."""
-import dataclasses
 import socket
 
 import jax
@@ -24,6 +23,7 @@ from genevolve_jax.train.losses.step_losses import logprob_mismatch
 from genevolve_jax.train.rl.config import default_rl_config, tis_cap_of, validate_rl
 from tests.fixtures.servers import LoopbackServer
 from tests.fixtures.toy_task import toy_model, toy_run_config, toy_trainer
+from tests.fixtures.engines import two_layer_config
 
 
 def free_port() -> int:
@@ -298,9 +298,8 @@ def test_image_rollouts_over_sglang_form_prompts_give_the_trainers_logprobs(tmp_
     from PIL import Image
 
     from genevolve_jax.models.hf_io import model_from_state_dict, random_state_dict
-    from genevolve_jax.models.qwen3_vl import config as qwen_config
     from genevolve_jax.processing.image import ImageProcessorConfig
-    from genevolve_jax.processing.tokenizer import default_tokenizer, special_token_ids
+    from genevolve_jax.processing.tokenizer import default_tokenizer
     from genevolve_jax.rollout.engine import GenerationRequest, SamplingParams
     from genevolve_jax.rollout.sglang_engine import SGLangEngine
     from genevolve_jax.train.losses.config import default_loss_config
@@ -310,12 +309,7 @@ def test_image_rollouts_over_sglang_form_prompts_give_the_trainers_logprobs(tmp_
     from genevolve_jax.train.rl.sample_images import ImageBatchSpec
 
     tok = default_tokenizer()
-    sp = special_token_ids(tok)
-    cfg = qwen_config.tiny(vocab_size=len(tok))
-    cfg = cfg.replace(text=dataclasses.replace(cfg.text, num_hidden_layers=2),
-                      vision=dataclasses.replace(cfg.vision, depth=1, deepstack_visual_indexes=(0,)),
-                      image_token_id=sp["<|image_pad|>"], video_token_id=sp["<|video_pad|>"],
-                      vision_start_token_id=sp["<|vision_start|>"], vision_end_token_id=sp["<|vision_end|>"])
+    cfg = two_layer_config(tok)
     model = model_from_state_dict(cfg, random_state_dict(cfg, seed=5))
     processor = ImageProcessorConfig(min_pixels=32 * 32, max_pixels=96 * 96)
     ecfg = default_engine_config()
