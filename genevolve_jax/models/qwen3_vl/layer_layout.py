@@ -59,10 +59,17 @@ def path_names(path) -> tuple:
     """A tree path (``jax.tree_util``'s keys) as plain keys, a Variable's trailing ``.value``
     dropped: a parameter state and a tree of its shardings name a leaf alike, and the names are
     the key map's NNX paths (models/qwen3_vl/keymap.py)."""
+    tu = jax.tree_util
     keys = []
     for k in path:
-        key = getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))
-        keys.append(key)
+        if isinstance(k, (tu.DictKey, tu.FlattenedIndexKey)):
+            keys.append(k.key)
+        elif isinstance(k, tu.SequenceKey):
+            keys.append(k.idx)
+        elif isinstance(k, tu.GetAttrKey):
+            keys.append(k.name)
+        else:
+            raise TypeError(f"path_names: a tree path key of an unknown kind, {k!r}")
     return tuple(keys[:-1] if keys and isinstance(path[-1], jax.tree_util.GetAttrKey) and keys[-1] == "value"
                  else keys)
 
