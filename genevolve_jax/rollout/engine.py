@@ -139,7 +139,10 @@ class RolloutEngine(abc.ABC):
     def reload_weights(self, path: str, step: int) -> dict[str, float]:
         """Load the HF export at ``path`` (written to :attr:`weight_export`) as the weights of
         ``step``; metrics as :meth:`update_weights`. Only engines with a :attr:`weight_export`."""
-        raise NotImplementedError(f"{type(self).__name__} takes its weights in memory (update_weights)")
+        # Not a stub: an engine without a weight_export has no files to reload, and the trainer only
+        # calls this where weight_export is set; a caller that gets here has the wrong route.
+        raise TypeError(f"{type(self).__name__} has no weight_export: it takes its weights in memory "
+                        "(update_weights), not from an HF export on disk")
 
     def release_weights(self) -> None:
         """Drop the weights in use before a sync brings new ones (between rollout phases), so that
