@@ -16,7 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.workdir = "runs/qwen3vl_2b"
     cfg.model.preset = "qwen3vl_2b"
     cfg.sharding.strategy = "fsdp_tp"
-    cfg.sharding.mesh.fsdp = 4
+    cfg.sharding.mesh.fsdp = -1             # what tensor 2 leaves: 4 on one node of 8 GPUs, 8 on two
     cfg.sharding.mesh.tensor = 2
     # The JaxEngine (--config.rl.engine=jax, genevolve serve): tensor-parallel over the 8 GPUs. With
     # slots split over data (data 4 × tensor 2) its ragged cache writes resharded the whole cache:
@@ -24,9 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
     # and 2.1 GiB with tensor 8 (BENCHMARKS.md).
     cfg.engine.mesh.tensor = 8
     cfg.engine.mesh.data = 1
-    # One row per data shard (fsdp 4) per micro-batch. Planned (unrolled layers, as the trainer
-    # runs them, on 8 × H100): SFT 29.6 of 59.7 GiB, RL 30.6 of 43.8 GiB (BENCHMARKS.md); 2 SFT
+    # One row per data shard per micro-batch (grad_accum_steps -1, from qwen3vl_8b_gpu): on 8 GPUs
+    # (fsdp 4) SFT in 8 micro-batches and RL in 12. Planned (unrolled layers, as the trainer runs
+    # them, on 8 × H100): SFT 29.6 of 59.7 GiB, RL 30.6 of 43.8 GiB (BENCHMARKS.md); 2 SFT
     # micro-batches planned 93.5 GiB, 4 RL micro-batches 76.4 GiB.
-    cfg.sft.grad_accum_steps = 8
-    cfg.train.grad_accum_steps = 12
     return cfg

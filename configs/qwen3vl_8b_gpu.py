@@ -16,7 +16,8 @@ Renders with the Qwen-Image-Edit-2511 render service on :8100 (launch/render_ser
 with a VLM behind an OpenAI-compatible endpoint on :30000 (an SGLang-served Qwen3-VL-30B-A3B,
 launch/sglang_server.sh, or GENEVOLVE_JUDGE_MODEL with single_host.sh); both are expected on other
 GPUs (another node, or GENEVOLVE_JUDGE_GPUS), since the trainer and the policy server fill these 8.
-fsdp over 8 GPUs with bf16 compute and activation checkpointing. Paper values throughout: 8 prompts
+fsdp over every GPU of the job (8 on one node; several nodes through launch/slurm_gpu.sh) with bf16
+compute and activation checkpointing. Paper values throughout: 8 prompts
 × 6 rollouts, temperature 0.7, top-p 0.95, lr 1e-6 cosine, ε 0.20/0.28, β 1e-3, λ 2.0, about 200
 steps; SFT lr 1e-5, warmup 0.02, 2 epochs, 32 sequences, cutoff 32768.
 """
@@ -33,19 +34,21 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.model.param_dtype = "float32"
     cfg.model.dtype = "bfloat16"
     cfg.sharding.strategy = "fsdp"
-    cfg.sharding.mesh.fsdp = 8
+    cfg.sharding.mesh.fsdp = -1             # every GPU of the job: 8 on one node, 16 on two (launch/slurm_gpu.sh)
     cfg.sharding.mesh.data = 1
     cfg.sharding.distributed.mode = "auto"
     for section in (cfg.sft, cfg.train):
         section.compute_dtype = "bfloat16"
         section.remat = "full"
-    # Micro-batches so that the paper's batches fit 8 × 80 GB next to the colocated SGLang server
-    # (`genevolve plan --target gpu:h100x8`, BENCHMARKS.md; planned, not measured, layers unrolled as
-    # the trainer runs them): SFT 32 × 32768 in 4 micro-batches (34.2 of 59.7 GiB), RL 48 rollouts
-    # in 6 (38.8 of 43.8 GiB at the trainer's 0.55 share; the reference forward runs in the same
-    # micro-batches). One packed row per device per micro-batch; in one micro-batch neither fits.
-    cfg.sft.grad_accum_steps = 4
-    cfg.train.grad_accum_steps = 6
+    # One packed row per device per micro-batch (-1: the count follows the device count,
+    # train/runtime/step_config.micro_batches), so that the paper's batches fit next to the colocated
+    # SGLang server on 8, 16 or 32 GPUs. On 8 (`genevolve plan --target gpu:h100x8`, BENCHMARKS.md;
+    # planned, not measured, layers unrolled as the trainer runs them): SFT 32 × 32768 in 4
+    # micro-batches (34.2 of 59.7 GiB), RL 48 rollouts in 6 (38.8 of 43.8 GiB at the trainer's 0.55
+    # share; the reference forward runs in the same micro-batches); in one micro-batch neither fits.
+    # On 16: SFT 2, RL 3; on 32: SFT 1, RL 2 (64 rows, 16 of them padding at worst).
+    cfg.sft.grad_accum_steps = -1
+    cfg.train.grad_accum_steps = -1
     cfg.data.rl.prompts_per_step = 8        # × rl.group_size = 48 rollouts per optimiser step
     # rl.max_tokens_per_row stays at base's 32768, the planned row: a rollout that reaches the paper's
     # caps together (prompt 6144 + response 30000) is masked as too_long_for_batch.

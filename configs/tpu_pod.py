@@ -1,8 +1,8 @@
 """Qwen3-VL-8B on a TPU pod slice (e.g. v5p-64: 32 chips on 8 hosts of 4): fsdp × tensor 8 over
 every chip (fsdp -1 takes what tensor leaves: 4 on v5p-64), multi-host init from the TPU
-environment. A delta on configs/qwen3vl_8b_gpu.py (the paper's values). On another slice size, keep
-one packed row per data shard per micro-batch: sft.grad_accum_steps = 32 / fsdp and
-train.grad_accum_steps = rollouts per step / fsdp, and plan it (`genevolve plan --target v5p-N`).
+environment. A delta on configs/qwen3vl_8b_gpu.py (the paper's values). Its micro-batches hold one
+packed row per data shard (grad_accum_steps -1, from the GPU config: 32 / fsdp for SFT, rollouts
+per step / fsdp for RL), so another slice size needs no edit; plan it (`genevolve plan --target v5p-N`).
 
 Rollouts: the in-process JaxEngine on every host (``rl.engine = "jax"``; SGLang, the GPU configs'
 policy server, is a CUDA server). Each host samples its own share of the step's prompts
@@ -58,10 +58,8 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.sharding.mesh.tensor = 8
     cfg.data.sharding = "jax_process"       # each host reads its share of the prompt pool
     cfg.data.rl.prompts_per_step = 32       # × rl.group_size 6 = 192 rollouts per optimiser step
-    # One packed row per data shard (fsdp 4 on v5p-64) per micro-batch: SFT 32 × 32768 in 8
-    # micro-batches, RL 192 rollouts in 48.
-    cfg.sft.grad_accum_steps = 8
-    cfg.train.grad_accum_steps = 48
+    # One packed row per data shard (fsdp 4 on v5p-64) per micro-batch (grad_accum_steps -1, from
+    # the GPU config): SFT 32 × 32768 in 8 micro-batches, RL 192 rollouts in 48.
 
     cfg.rl.engine = "jax"
     cfg.rl.old_logprobs = "auto"

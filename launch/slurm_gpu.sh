@@ -67,13 +67,14 @@ if [[ -n "${GENEVOLVE_POLICY_MODEL:-}" ]]; then
   URLS=()
   for node in $(scontrol show hostnames "${SLURM_JOB_NODELIST}"); do URLS+=("http://${node}:${PORT}"); done
   deadline=$(( SECONDS + ${GENEVOLVE_SERVER_WAIT_S:-1200} ))
+  fast_until=$(( SECONDS + 30 ))   # a server already up, or quick to start, is seen at once
   for url in "${URLS[@]}"; do
     until python3 -c "import sys, urllib.request; sys.exit(urllib.request.urlopen('${url}/health', timeout=5).status != 200)" 2>/dev/null; do
       if ! kill -0 "$SERVERS_PID" 2>/dev/null || (( SECONDS > deadline )); then
         echo "error: SGLang policy server ${url} is not healthy; see sglang-policy-${SLURM_JOB_ID}-*.log" >&2
         exit 1
       fi
-      sleep 10
+      sleep $(( SECONDS < fast_until ? 1 : 10 ))
     done
   done
   QUOTED=$(printf '"%s",' "${URLS[@]}")

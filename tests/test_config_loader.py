@@ -128,12 +128,59 @@ def test_tpu_pod_samples_in_process_and_reads_its_services_from_the_environment(
         load_config("tpu_pod")
 
 
+# -- meshes and micro-batches from the device count --------------------------------------------------
+# (config, devices): the mesh, SFT and RL micro-batches, and the RL batch's rows at worst (every
+# rollout in its own packed row) by hand: one packed row per batch shard (fsdp) per micro-batch.
+# On 8 GPUs and on v5p-64 these are the values the configs had set by hand before.
+DEVICE_COUNTS = [
+    ("qwen3vl_8b_gpu", 8, {"fsdp": 8}, 4, 6, 48),
+    ("qwen3vl_8b_gpu", 16, {"fsdp": 16}, 2, 3, 48),
+    ("qwen3vl_8b_gpu", 32, {"fsdp": 32}, 1, 2, 64),        # 48 rollouts in 2 × 32 rows
+    ("qwen3vl_2b_gpu", 8, {"fsdp": 4, "tensor": 2}, 8, 12, 48),
+    ("qwen3vl_2b_gpu", 16, {"fsdp": 8, "tensor": 2}, 4, 6, 48),
+    ("qwen3vl_2b_gpu", 32, {"fsdp": 16, "tensor": 2}, 2, 3, 48),
+    ("tpu_pod", 32, {"fsdp": 4, "tensor": 8}, 8, 48, 192),
+]
+
+
+@pytest.mark.parametrize("name, devices, mesh, sft, rl, rl_rows", DEVICE_COUNTS)
+def test_multi_node_configs_take_mesh_and_micro_batches_from_the_device_count(name, devices, mesh, sft, rl, rl_rows):
+    from genevolve_jax.sharding.mesh import resolve_axis_sizes
+    from genevolve_jax.train.rl.batch_assembly import bucket_rows
+    from genevolve_jax.train.rl.config import rollouts_per_step
+    from genevolve_jax.train.runtime.model_setup import check_mesh
+    from genevolve_jax.train.runtime.step_config import micro_batches
+
+    cfg = load_config(name)
+    assert resolve_axis_sizes(dict(cfg.sharding.mesh), devices) == {"data": 1, "tensor": 1, "sequence": 1, **mesh}
+    shards = check_mesh(cfg.sharding, n_devices=devices)
+    assert micro_batches(cfg.sft.grad_accum_steps, cfg.data.sft.rows_per_batch, shards) == sft
+    assert micro_batches(cfg.train.grad_accum_steps, rollouts_per_step(cfg), shards) == rl
+    # The trainer's row count for a step whose rollouts each fill a row: rl micro-batches of one row a shard.
+    assert bucket_rows(rollouts_per_step(cfg), rl * shards) == rl_rows == rl * shards
+
+
+def test_a_device_count_the_mesh_cannot_use_fails_naming_the_field():
+    from genevolve_jax.sharding.mesh import MeshError
+    from genevolve_jax.train.rl.config import validate_evolve_run
+
+    with pytest.raises(MeshError, match=r"^sharding.mesh on 7 devices: .*'fsdp'"):
+        validate_evolve_run(load_config("qwen3vl_2b_gpu"), n_devices=7)       # tensor 2 leaves 3.5
+    with pytest.raises(MeshError, match=r"^sharding.mesh on 16 devices: .* multiply to 8 devices"):
+        validate_evolve_run(load_config("qwen3vl_8b_gpu", ["--config.sharding.mesh.fsdp=8"]), n_devices=16)
+    # A count set by hand is kept, and checked: 48 rollouts in 6 micro-batches do not cover 16 devices.
+    cfg = load_config("qwen3vl_8b_gpu", ["--config.train.grad_accum_steps=6"])
+    with pytest.raises(MeshError, match="train.grad_accum_steps = 8 does not divide over the batch mesh axes"):
+        validate_evolve_run(cfg, n_devices=16)
+    assert validate_evolve_run(cfg, n_devices=8) == 8
+
+
 # -- errors name the field --------------------------------------------------------------------------
 @pytest.mark.parametrize("override, message", [
     ("rl.group_size=1", "rl.group_size must be >= 2"),
     ("rl.sampler_correction='is'", r"rl.sampler_correction must be one of \('none', 'tis'\)"),
     ("rl.tis_cap=0.5", "rl.tis_cap must be a finite number >= 1"),
-    ("sft.grad_accum_steps=0", "sft.grad_accum_steps must be >= 1, got 0"),
+    ("sft.grad_accum_steps=0", r"sft.grad_accum_steps must be >= 1, or -1 \(one packed row per batch shard .*, got 0"),
     ("train.optimizer.b1=1.5", r"train.optimizer.b1 must be in \[0, 1\)"),
     ("train.remat='some'", "train.remat must be one of"),
     ("engine.max_slots=0", "engine.max_slots must be a positive integer"),

@@ -54,6 +54,25 @@ def mesh_for(run_cfg, devices, strategy_mesh: dict | None = None):
     return make_mesh(dict(strategy_mesh or run_cfg.sharding.mesh), devices)
 
 
+def resolve_micro_batches(run_cfg, shapes, mesh):
+    """Set ``run_cfg``'s (a copy's) ``grad_accum_steps`` of -1 to their count on ``mesh``, as the
+    trainers do (train/runtime/step_config.micro_batches); the shapes with the RL rows the trainer's
+    largest batch has (its rows are a multiple of micro-batches × batch shards)."""
+    import dataclasses
+    import math
+
+    from genevolve_jax.train.rl.batch_assembly import bucket_rows
+    from genevolve_jax.train.runtime.model_setup import batch_axes
+    from genevolve_jax.train.runtime.step_config import micro_batches
+    shards = math.prod(int(mesh.shape[a]) for a in batch_axes(run_cfg.sharding.strategy) if a in mesh.shape)
+    for section, (rows, _) in ((run_cfg.sft, shapes.sft(run_cfg)), (run_cfg.train, shapes.rl(run_cfg))):
+        section.grad_accum_steps = micro_batches(section.grad_accum_steps, rows, shards)
+    if shapes.rl_rows:
+        return shapes
+    rows = bucket_rows(shapes.rl(run_cfg)[0], int(run_cfg.train.grad_accum_steps) * shards)
+    return dataclasses.replace(shapes, rl_rows=rows)
+
+
 def report_phase(phase, target, num_devices: int, frac: float, source: str, runs: dict | None = None,
                  progress=None, memory_bytes: int | None = None):
     """Compile a traced phase and sum its per-device memory. A phase whose resident state alone
@@ -101,6 +120,7 @@ def build_plan(run_cfg, target, phases=PHASES, *, shapes=None, model_config_path
     shapes = shapes or phase_functions.Shapes()
     devices = devices if devices is not None else target_devices(target)
     mesh = mesh_for(run_cfg, devices)
+    shapes = resolve_micro_batches(run_cfg, shapes, mesh)
     say = progress or (lambda msg: None)
     reports = []
     for name in phases:

@@ -240,3 +240,22 @@ def test_matmul_flops_count_scans_and_gradients():
     assert matmul_flops(jax.make_jaxpr(jax.grad(f))(w, x)) == 3 * n * 2 * b * d * d
     remat = jax.checkpoint(f)
     assert matmul_flops(jax.make_jaxpr(jax.grad(remat))(w, x)) == 4 * n * 2 * b * d * d
+
+
+@pytest.mark.parametrize("devices, sft, rl, rl_rows", [(8, 4, 6, 48), (16, 2, 3, 48), (32, 1, 2, 64)])
+def test_a_plan_takes_micro_batches_and_rows_from_the_target_mesh(devices, sft, rl, rl_rows):
+    """``grad_accum_steps = -1`` (the GPU configs): the plan resolves it on the target's mesh as the
+    trainer does on its devices, one packed row per device per micro-batch, and plans the RL batch at
+    the trainer's row count (48 rollouts on 32 devices: 2 micro-batches of 32 rows)."""
+    from jax.sharding import AbstractMesh
+
+    from genevolve_jax.plan import resolve_micro_batches
+    from genevolve_jax.plan.phases import Shapes
+
+    cfg = load_config("qwen3vl_8b_gpu").copy_and_resolve_references()
+    mesh = AbstractMesh((1, devices, 1, 1), ("data", "fsdp", "tensor", "sequence"))
+    shapes = resolve_micro_batches(cfg, Shapes(), mesh)
+    assert (cfg.sft.grad_accum_steps, cfg.train.grad_accum_steps) == (sft, rl)
+    assert shapes.rl(cfg) == (rl_rows, 32768) and shapes.sft(cfg) == (32, 32768)
+    kept = resolve_micro_batches(cfg, Shapes(rl_rows=96), mesh)     # rows asked for are planned as asked
+    assert kept.rl(cfg)[0] == 96

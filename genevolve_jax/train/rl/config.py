@@ -5,8 +5,9 @@ Defaults are the paper's (METHOD.md §6–7): 8 prompts × 6 rollouts, about 200
 paper does not give are marked (ours).
 
 Rollouts per optimiser step: ``data.rl.prompts_per_step × rl.group_size`` (8 × 6 = 48 in the
-paper), split into ``train.grad_accum_steps`` micro-batches. There is no separate batch-size field
-to keep equal to that product; the product is checked against the mesh in validate_evolve_run.
+paper), split into ``train.grad_accum_steps`` micro-batches (-1: one packed row per batch shard each,
+derived from the mesh). There is no separate batch-size field to keep equal to that product; the
+product is checked against the mesh in validate_evolve_run.
 
 Old log-probs (``rl.old_logprobs``). The GRPO ratio and the SDL weight need π_old at the training
 temperature (``loss.logprob.rl_temperature``) over the whole vocabulary, which is what the trainer's
@@ -57,6 +58,7 @@ import ml_collections
 from genevolve_jax.config_checks import Checker, is_env_name, is_int, is_number, is_url
 from genevolve_jax.train.rl.outage import default_outage_config, validate_outage
 from genevolve_jax.train.runtime.checkpoint import EXPORT_DTYPES
+from genevolve_jax.train.runtime.step_config import PER_SHARD
 
 ENGINES = ("jax", "sglang")
 OLD_LOGPROBS = ("auto", "sampler", "recompute")
@@ -178,9 +180,11 @@ def validate_sglang(cfg, prefix: str = "rl.sglang") -> ml_collections.ConfigDict
     return cfg
 
 
-def validate_evolve_run(cfg, n_devices: int | None = None) -> None:
+def validate_evolve_run(cfg, n_devices: int | None = None) -> int:
     """Cross-section checks of a `genevolve train` config (each section validates itself in
-    config_loader; these need two sections at once). Runs before any model is built."""
+    config_loader; these need two sections at once). Runs before any model is built. Returns the
+    batch shards of the mesh on ``n_devices`` (default: every device), which derive
+    ``train.grad_accum_steps = -1`` (train/runtime/step_config.micro_batches)."""
     from genevolve_jax.train.runtime.model_setup import check_mesh
 
     from genevolve_jax.render.config import require_service as require_render
@@ -201,9 +205,17 @@ def validate_evolve_run(cfg, n_devices: int | None = None) -> None:
     if agent_min != reward_min:
         raise ValueError(f"agent.program.min_references ({agent_min}) must equal reward.program.min_references "
                          f"({reward_min}): the policy is told the reference range that the reward enforces")
-    rows = int(cfg.data.rl.prompts_per_step) * int(cfg.rl.group_size)
-    if rows % cfg.train.grad_accum_steps:
+    rows = rollouts_per_step(cfg)
+    accum = int(cfg.train.grad_accum_steps)
+    if accum == PER_SHARD:      # ceil(rows / shards) micro-batches of one row per shard: any mesh
+        return check_mesh(cfg.sharding, None, n_devices=n_devices)
+    if rows % accum:
         raise ValueError(f"data.rl.prompts_per_step × rl.group_size = {rows} rows must be divisible by "
-                         f"train.grad_accum_steps {cfg.train.grad_accum_steps}")
-    check_mesh(cfg.sharding, rows // cfg.train.grad_accum_steps,
-               "data.rl.prompts_per_step × rl.group_size / train.grad_accum_steps", n_devices)
+                         f"train.grad_accum_steps {accum}")
+    return check_mesh(cfg.sharding, rows // accum,
+                      "data.rl.prompts_per_step × rl.group_size / train.grad_accum_steps", n_devices)
+
+
+def rollouts_per_step(cfg) -> int:
+    """Rollouts per optimiser step (the RL batch's rows at worst: one packed row each)."""
+    return int(cfg.data.rl.prompts_per_step) * int(cfg.rl.group_size)

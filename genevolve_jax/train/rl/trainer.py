@@ -26,7 +26,7 @@ from genevolve_jax.rollout.engine import RolloutEngine
 from genevolve_jax.train.losses.step_losses import EvolveLoss
 from genevolve_jax.train.rl.batch_assembly import (assemble_evolve_batch, batch_row_multiple, choose_row_length,
                                                    drop_oversized_teachers, row_lengths)
-from genevolve_jax.train.rl.config import tis_cap_of, validate_evolve_run
+from genevolve_jax.train.rl.config import rollouts_per_step, tis_cap_of, validate_evolve_run
 from genevolve_jax.train.rl.logprob_forward import LogprobForward, resolve_old_logprobs
 from genevolve_jax.train.rl.masking import MaskRules, mask_stage
 from genevolve_jax.train.rl.outage import OutagePolicy, health_checks_for_run
@@ -36,6 +36,7 @@ from genevolve_jax.train.rl.sample_images import ImageBatchSpec
 from genevolve_jax.train.runtime.compile_log import CompileLog
 from genevolve_jax.train.runtime.driver import Driver
 from genevolve_jax.train.runtime.nonfinite import SKIPPED, STAGE
+from genevolve_jax.train.runtime.step_config import resolve_micro_batches
 
 
 @contextlib.contextmanager
@@ -57,9 +58,11 @@ class EvolveTrainer(Driver):
         collective = collective or make_collective()
         if devices is None:
             devices = collective.mesh_devices(cfg.sharding)
-        validate_evolve_run(cfg, len(devices) if devices is not None else None)
+        shards = validate_evolve_run(cfg, len(devices) if devices is not None else None)
+        # grad_accum_steps -1: one packed row per batch shard per micro-batch, from the mesh.
+        train_cfg = resolve_micro_batches(cfg.train, rollouts_per_step(cfg), shards)
         tokenizer = tokenizer if tokenizer is not None else build_tokenizer(cfg.model)
-        super().__init__(cfg, train_cfg=cfg.train, total_steps=int(num_steps or cfg.rl.num_steps),
+        super().__init__(cfg, train_cfg=train_cfg, total_steps=int(num_steps or cfg.rl.num_steps),
                          loss=EvolveLoss(cfg.loss, tis_cap=tis_cap_of(cfg.rl)), workdir=workdir or cfg.workdir,
                          checkpoint_dir="checkpoints", log_dir="", description="evolve", tokenizer=tokenizer,
                          model=model, devices=devices, progress=progress, collective=collective)
@@ -71,9 +74,9 @@ class EvolveTrainer(Driver):
         # π_old: on-policy (the step's own log-probs), the sampler's, or one forward before the update.
         self.old_logprobs_route = resolve_old_logprobs(cfg.rl.old_logprobs, self.updates_per_batch)
         self.logprob_forward = LogprobForward(self.setup, cfg.loss, self.compute_dtype,
-                                              micro_batches=int(cfg.train.grad_accum_steps))
+                                              micro_batches=int(train_cfg.grad_accum_steps))
         # Packed rows of rl.max_tokens_per_row; row counts from a few buckets (train/runtime/compile_log.py).
-        self.row_multiple = batch_row_multiple(self.setup.mesh, self.setup.rules, cfg.train.grad_accum_steps)
+        self.row_multiple = batch_row_multiple(self.setup.mesh, self.setup.rules, train_cfg.grad_accum_steps)
         self.compile_log = CompileLog()
         # The KL reference is the starting policy (SFT output), frozen, sharded like the policy.
         self.ref_params = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=self.setup.param_shardings)(

@@ -50,6 +50,9 @@ class Driver(abc.ABC):
                                                                      total_steps=self.total_steps, freeze=freeze)
         self.train_step = TrainStep(self.setup, loss, compute_dtype=self.compute_dtype,
                                     grad_accum_steps=tc.grad_accum_steps, compiler_options=compiler_options(cfg.model))
+        if self.collective.is_writer:   # the mesh and micro-batches derived from the device count (-1s)
+            print(f"genevolve: {description} on {mesh.devices.size} devices of {self.collective.process_count} "
+                  f"process(es): mesh {dict(mesh.shape)}, {tc.grad_accum_steps} micro-batch(es) a step", flush=True)
         c = cfg.checkpoint
         self.ckpt = TrainCheckpointer(os.path.join(self.workdir, checkpoint_dir), save_every=c.save_every,
                                       keep=c.keep, async_save=c.async_save, collective=self.collective)

@@ -124,23 +124,30 @@ def model_source(model_cfg, tokenizer, remat: str | None = None):
     return lambda: Qwen3VLForConditionalGeneration(config, rngs=nnx.Rngs(seed))
 
 
-def check_mesh(sharding_cfg, rows: int | None = None, rows_field: str = "rows", n_devices: int | None = None) -> dict:
+def batch_axes(strategy: str) -> tuple[str, ...]:
+    """The mesh axes a batch's rows are split over under ``strategy`` (sharding/logical.py)."""
+    from genevolve_jax.sharding import logical
+    axes = logical.rules_for(strategy).get(logical.BATCH)
+    return () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+
+
+def check_mesh(sharding_cfg, rows: int | None = None, rows_field: str = "rows", n_devices: int | None = None) -> int:
     """Resolve the mesh against the devices present and check that ``rows`` (the global batch)
-    splits over the batch axes; raises MeshError naming the field, before anything compiles."""
+    splits over the batch axes; raises MeshError naming the field, before anything compiles.
+    Returns the number of batch shards (the product of the batch axes)."""
     from genevolve_jax.sharding.config import validate
 
     validate(sharding_cfg)
-    sizes = resolve_axis_sizes(dict(sharding_cfg.mesh), n_devices or jax.device_count())
-    if rows is not None:
-        from genevolve_jax.sharding import logical
-        rules = logical.rules_for(sharding_cfg.strategy)
-        axes = rules.get(logical.BATCH)
-        axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
-        split = 1
-        for a in axes:
-            split *= sizes.get(a, 1)
-        if rows % split:
-            raise MeshError(f"{rows_field} = {rows} does not divide over the batch mesh axes {axes} "
-                            f"(size {split}) of sharding.mesh {sizes} under strategy {sharding_cfg.strategy!r}")
-    return sizes
-
+    n = n_devices or jax.device_count()
+    try:
+        sizes = resolve_axis_sizes(dict(sharding_cfg.mesh), n)
+    except MeshError as e:
+        raise MeshError(f"sharding.mesh on {n} devices: {e}") from e
+    axes = batch_axes(sharding_cfg.strategy)
+    split = 1
+    for a in axes:
+        split *= sizes.get(a, 1)
+    if rows is not None and rows % split:
+        raise MeshError(f"{rows_field} = {rows} does not divide over the batch mesh axes {axes} "
+                        f"(size {split}) of sharding.mesh {sizes} under strategy {sharding_cfg.strategy!r}")
+    return split

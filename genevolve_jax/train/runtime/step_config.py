@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import ml_collections
 
-from genevolve_jax.config_checks import Checker
+from genevolve_jax.config_checks import Checker, is_int
 
 REMAT_POLICIES = ("none", "full", "save_dots")
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16")
+PER_SHARD = -1      # grad_accum_steps: as many micro-batches as one packed row per batch shard takes
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -40,7 +41,9 @@ def default_config() -> ml_collections.ConfigDict:
         "warmup_ratio": 0.02,   # of the run's steps (SFT: epochs × batches; RL: rl.num_steps)
         "final_lr_ratio": 0.0,  # cosine/linear decay to this fraction of the peak
     })
-    cfg.grad_accum_steps = 1        # micro-batches per step (scanned); the step's rows split evenly
+    # Micro-batches per step (scanned); the step's rows split evenly. -1 (PER_SHARD): one packed
+    # row per batch shard per micro-batch, derived from the mesh (micro_batches below).
+    cfg.grad_accum_steps = 1
     cfg.compute_dtype = "bfloat16"  # params are cast to this for the step's forward and backward
     cfg.remat = "full"              # activation checkpointing per decoder layer
     cfg.freeze_vision = True        # SFT trains the LM only
@@ -62,7 +65,8 @@ def validate(cfg: ml_collections.ConfigDict, prefix: str = "train") -> ml_collec
     check.one_of(s.kind, "schedule.kind", SCHEDULES)
     check.number(s.warmup_ratio, "schedule.warmup_ratio", low=0, high=1, high_open=True)
     check.number(s.final_lr_ratio, "schedule.final_lr_ratio", low=0, high=1)
-    check.integer(cfg.grad_accum_steps, "grad_accum_steps", 1, ">= 1")
+    check(is_int(cfg.grad_accum_steps) and (cfg.grad_accum_steps >= 1 or cfg.grad_accum_steps == PER_SHARD),
+          "grad_accum_steps", ">= 1, or -1 (one packed row per batch shard per micro-batch)", cfg.grad_accum_steps)
     check.one_of(cfg.compute_dtype, "compute_dtype", DTYPES)
     check.one_of(cfg.remat, "remat", REMAT_POLICIES)
     check.boolean(cfg.freeze_vision, "freeze_vision")
@@ -73,3 +77,27 @@ def validate(cfg: ml_collections.ConfigDict, prefix: str = "train") -> ml_collec
 def validate_sft(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The ``sft`` section: the same fields as ``train``, errors naming ``sft.<field>``."""
     return validate(cfg, prefix="sft")
+
+
+def micro_batches(grad_accum_steps: int, rows: int, shards: int) -> int:
+    """The micro-batches of a step of ``rows`` rows split over ``shards`` batch shards: the count
+    as set, or at -1 (PER_SHARD) ceil(rows / shards), one packed row per shard per micro-batch.
+
+    The shipped GPU and pod configs use -1: a device then holds one row's activations whatever the
+    device count (what their plans measure), and one config serves 8, 16 or 32 GPUs: 48 rollouts
+    are 6 micro-batches on 8, 3 on 16 and 2 on 32; the RL batch's rows are a multiple of
+    micro-batches × shards (train/rl/batch_assembly.py), so on 32 the second micro-batch's last 16
+    rows are padding at worst."""
+    if int(grad_accum_steps) != PER_SHARD:
+        return int(grad_accum_steps)
+    return -(-int(rows) // int(shards))
+
+
+def resolve_micro_batches(cfg: ml_collections.ConfigDict, rows: int, shards: int) -> ml_collections.ConfigDict:
+    """The section (``sft`` or ``train``) with ``grad_accum_steps`` as :func:`micro_batches` gives
+    it: ``cfg`` itself when it is set, a copy when it is derived (-1)."""
+    if int(cfg.grad_accum_steps) != PER_SHARD:
+        return cfg
+    out = cfg.copy_and_resolve_references()
+    out.grad_accum_steps = micro_batches(PER_SHARD, rows, shards)
+    return out

@@ -31,6 +31,7 @@ class SFTTrainer(Driver):
         from genevolve_jax.data.sft import SFTPipeline
         from genevolve_jax.sharding.collective import make_collective
         from genevolve_jax.train.runtime.model_setup import build_tokenizer, check_mesh
+        from genevolve_jax.train.runtime.step_config import resolve_micro_batches
         from genevolve_jax.train.runtime.step_config import validate as validate_train
         from genevolve_jax.train.sft.config import validate_sft_run
 
@@ -38,9 +39,12 @@ class SFTTrainer(Driver):
         if devices is None:
             devices = collective.mesh_devices(cfg.sharding)
         validate_sft_run(cfg.sft_run)
-        tc = validate_train(cfg.sft)
+        n_devices = len(devices) if devices is not None else None
+        # sft.grad_accum_steps -1: one packed row per batch shard per micro-batch, from the mesh.
+        tc = resolve_micro_batches(validate_train(cfg.sft), cfg.data.sft.rows_per_batch,
+                                   check_mesh(cfg.sharding, n_devices=n_devices))
         check_mesh(cfg.sharding, cfg.data.sft.rows_per_batch // tc.grad_accum_steps,
-                   "data.sft.rows_per_batch / sft.grad_accum_steps", len(devices) if devices is not None else None)
+                   "data.sft.rows_per_batch / sft.grad_accum_steps", n_devices)
         tokenizer = tokenizer if tokenizer is not None else build_tokenizer(cfg.model)
         self.pipeline = SFTPipeline(cfg.data, tokenizer)
         total = cfg.sft_run.max_steps or count_steps(self.pipeline)
