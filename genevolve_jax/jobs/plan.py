@@ -30,7 +30,7 @@ EXIT_DOES_NOT_FIT = 3
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="tiny_cpu", help="run config: a name under configs/ or a .py path")
     p.add_argument("--target", default="", help="cpu:N | tpu:v5p:4x4x4 | v5p-64 | gpu:h100x8 | gpu:h200x8 "
-                                                "(default: cpu with the config's mesh size)")
+                                                "(default: cpu with the config's mesh size, a -1 axis filling 8 devices)")
     p.add_argument("--phase", choices=("sft", "rl", "engine", "all"), default="all",
                    help="engine: the JaxEngine's prefill and decode chunk (with the trainer's state beside "
                         "it when rl.engine is jax)")
@@ -60,10 +60,19 @@ def prepare_jax(target_spec: str) -> None:
         os.environ["XLA_FLAGS"] = cpu_xla_flags(t.num_devices)
 
 
+# Devices a -1 mesh axis ("every device the other axes leave") stands for when no --target is
+# given: one node of 8 GPUs, the hardware the GPU configs are written for.
+DEFAULT_NODE_DEVICES = 8
+
+
 def default_target(cfg) -> str:
-    n = 1
+    """Simulated CPU devices for the config's mesh: its axes' product, where a -1 axis takes what
+    the others leave of one node."""
+    fixed = 1
     for v in cfg.sharding.mesh.values():
-        n *= max(1, int(v))
+        fixed *= max(1, int(v))
+    flexible = any(int(v) == -1 for v in cfg.sharding.mesh.values())
+    n = fixed * max(1, DEFAULT_NODE_DEVICES // fixed) if flexible else fixed
     return f"cpu:{n}"
 
 

@@ -176,6 +176,17 @@ def test_target_parsing():
             parse_target(bad)
 
 
+def test_default_target_is_the_config_mesh_with_minus_one_filling_a_node():
+    from genevolve_jax.jobs.plan import default_target
+    assert default_target(load_config("tiny_cpu")) == "cpu:1"
+    assert default_target(load_config("qwen3vl_8b_gpu")) == "cpu:8"          # fsdp -1
+    assert default_target(load_config("qwen3vl_2b_gpu")) == "cpu:8"          # fsdp -1 × tensor 2
+    cfg = load_config("tpu_pod")                                              # fsdp -1 × tensor 8
+    assert default_target(cfg) == "cpu:8"
+    cfg.sharding.mesh.tensor = 16                                             # more than a node: the fixed axes
+    assert default_target(cfg) == "cpu:16"
+
+
 def test_small_config_compiles_for_a_tpu_slice(tmp_path, libtpu_env):
     """A deviceless compile through libtpu: the tiny config's SFT step on v5p 2x2x1 (4 chips)."""
     out = tmp_path / "tpu.json"
