@@ -86,7 +86,8 @@ class Plan:
             phases.append({
                 "phase": p.phase, "batch": p.batch, "resident_bytes": p.resident_bytes,
                 "gradient_bytes": p.gradient_bytes,
-                "functions": [{**f.to_json(), "peak_bytes": p.peak_of(f), "runs_per_step": p.runs_per_step.get(f.name, 1),
+                "functions": [{**f.to_json(), "peak_bytes": p.peak_of(f),
+                               "runs_per_step": p.runs_per_step.get(f.name, 1),
                                "input_bytes": p.extra_input_bytes[f.name]} for f in p.fns],
                 "peak_bytes": p.peak_bytes, "budget_bytes": self.budget(p), "mem_fraction": p.mem_fraction,
                 "mem_fraction_source": p.mem_fraction_source, "note": p.note,
@@ -151,7 +152,8 @@ def print_plan(plan: Plan, file=None) -> None:
         if p.note:
             t.add_row("note", p.note)
         t.add_row("peak", fmt_bytes(p.peak_bytes))
-        t.add_row(escape(f"budget ({p.mem_fraction:g} × {fmt_bytes(plan.device_memory_bytes)}, {p.mem_fraction_source})"),
+        share = f"{p.mem_fraction:g} × {fmt_bytes(plan.device_memory_bytes)}, {p.mem_fraction_source}"
+        t.add_row(escape(f"budget ({share})"),
                   fmt_bytes(plan.budget(p)))
         t.add_row("headroom", fmt_bytes(plan.budget(p) - p.peak_bytes))
         t.add_row("fits", "[green]yes[/green]" if plan.fits(p) else "[red]NO[/red]")
