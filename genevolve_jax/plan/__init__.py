@@ -2,6 +2,10 @@
 per-device memory, FLOPs and collectives (``genevolve plan``, ``compare-sharding --plan-only``).
 
 :func:`build_plan` is the entry point: run config + target + phases -> :class:`report.Plan`.
+Phases: the train steps (``sft``, ``rl``: plan/phases.py), the JaxEngine's calls (``engine``:
+plan/engine_phase.py) and the weight transfers around them (``sync``, ``export``,
+``engine_build``: plan/transfer_phase.py). A GPU phase is compiled for the memory share the
+trainer gets there (:func:`mem_fraction`), as the trainer's own compile is.
 """
 from __future__ import annotations
 
