@@ -9,8 +9,9 @@ Targets (genevolve_jax/plan/targets.py): ``cpu:N`` simulated devices (XLA_FLAGS 
 before jax starts its CPU client; a process whose jax already runs with fewer devices is told so),
 ``tpu:GEN:TOPOLOGY`` / ``GEN-N`` through libtpu (``pip install 'jax[tpu]==<jax version>'``),
 ``gpu:h100xN`` / ``gpu:h200xN`` / ``gpu:a100xN`` through JAX's CUDA plugin (``pip install
-jax-cuda12-plugin==<jax version> jax-cuda12-pjrt==<jax version>``). Nothing is allocated: the
-state is abstract, the compile deviceless.
+jax-cuda12-plugin==<jax version> jax-cuda12-pjrt==<jax version>``, and for the run's cuDNN attention
+``nvidia-cudnn-cu12>=9.8,<10``; ``--attention xla`` plans the XLA path without it). Nothing is
+allocated: the state is abstract, the compile deviceless.
 
 Exit codes: 0 every phase fits, 3 a phase does not fit (the largest buffers are named), 2 bad
 arguments or a target this machine cannot compile for.
@@ -31,9 +32,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="tiny_cpu", help="run config: a name under configs/ or a .py path")
     p.add_argument("--target", default="", help="cpu:N | tpu:v5p:4x4x4 | v5p-64 | gpu:h100x8 | gpu:h200x8 "
                                                 "(default: cpu with the config's mesh size, a -1 axis filling 8 devices)")
-    p.add_argument("--phase", choices=("sft", "rl", "engine", "all"), default="all",
+    p.add_argument("--phase", choices=("sft", "rl", "engine", "sync", "export", "engine_build", "all"),
+                   default="all",
                    help="engine: the JaxEngine's prefill and decode chunk (with the trainer's state beside "
-                        "it when rl.engine is jax)")
+                        "it when rl.engine is jax); sync: the weights into the engine after a step (with "
+                        "SGLang: the HF export it reloads); export: the final HF export; engine_build: the "
+                        "JaxEngine's construction (rl.engine=jax)")
     p.add_argument("--model-config", default="", help="an HF config.json (or its folder) instead of the preset")
     p.add_argument("--sft-rows", type=int, default=0, help="SFT rows per step (0: data.sft.rows_per_batch)")
     p.add_argument("--sft-row-len", type=int, default=0, help="SFT tokens per row (0: data.sft.row_len/cutoff_len)")
@@ -44,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-side", type=int, default=448)
     p.add_argument("--mem-fraction", type=float, default=None,
                    help="share of each device the trainer may use (default: from the launch/config, see the docs)")
+    p.add_argument("--attention", choices=("auto", "xla"), default="auto",
+                   help="auto: the kernel the run picks on the target (cuDNN on GPU, splash on TPU); xla: the "
+                        "XLA path (a GPU plan without the cuDNN libraries)")
     p.add_argument("--device-memory", default="", help="override the target's memory per device, e.g. 16GiB, 80GB")
     p.add_argument("--output", default="", help="write the plan as JSON here")
     accept_dotted_overrides(p)
@@ -88,6 +95,8 @@ def parse_bytes(text: str) -> int:
 
 
 def run(args) -> int:
+    import dataclasses
+
     from genevolve_jax.config_loader import load_config
     from genevolve_jax.plan.targets import TargetError, parse_target
 
@@ -101,10 +110,11 @@ def run(args) -> int:
         prepare_jax(spec)
         target = parse_target(spec)
         if args.device_memory:
-            import dataclasses
             device = dataclasses.replace(target.device, memory_bytes=parse_bytes(args.device_memory),
                                          kind=f"{target.device.kind}, {args.device_memory}")
             target = dataclasses.replace(target, device=device)
+        if args.attention != "auto":
+            target = dataclasses.replace(target, attention=args.attention)
     except (TargetError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,6 +2,10 @@
 per-device memory, FLOPs and collectives (``genevolve plan``, ``compare-sharding --plan-only``).
 
 :func:`build_plan` is the entry point: run config + target + phases -> :class:`report.Plan`.
+Phases: the train steps (``sft``, ``rl``: plan/phases.py), the JaxEngine's calls (``engine``:
+plan/engine_phase.py) and the weight transfers around them (``sync``, ``export``,
+``engine_build``: plan/transfer_phase.py). A GPU phase is compiled for the memory share the
+trainer gets there (:func:`mem_fraction`), as the trainer's own compile is.
 """
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import os
 import re
 from pathlib import Path
 
-PHASES = ("sft", "rl", "engine")
+PHASES = ("sft", "rl", "engine", "sync", "export", "engine_build")
 LAUNCH_SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "single_host.sh"
 SHIPPED_COLOCATED_FRACTION = 0.55
 
@@ -43,9 +47,11 @@ def mem_fraction(run_cfg, target, phase: str, override: float | None = None) -> 
     env = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")
     if env:
         return float(env), "XLA_PYTHON_CLIENT_MEM_FRACTION"
-    if phase == "rl" and run_cfg.rl.engine == "sglang" and any(_local(u) for u in run_cfg.rl.sglang.urls):
+    # The RL trainer's process holds one allocator through its step, sync and export.
+    if phase in ("rl", "sync", "export", "engine_build") and run_cfg.rl.engine == "sglang" \
+            and any(_local(u) for u in run_cfg.rl.sglang.urls):
         return colocated_fraction()
-    from genevolve_jax.plan.targets import JAX_GPU_DEFAULT_FRACTION
+    from genevolve_jax.train.runtime.model_setup import JAX_GPU_DEFAULT_FRACTION
     return JAX_GPU_DEFAULT_FRACTION, "JAX's default preallocation"
 
 
@@ -85,13 +91,17 @@ def report_phase(phase, target, num_devices: int, frac: float, source: str, runs
     resident = {k: abstract.bytes_per_device(v) for k, v in phase.resident.items()}
     bufs = [b for k, v in phase.resident.items() for b in abstract.buffers(v, k)]
     budget = int((memory_bytes or target.device.memory_bytes) * frac)
+    # The compile gets the share too: XLA:GPU schedules for the memory it is told of, which the
+    # trainer sets from its allocator's share (model_setup.device_compiler_options).
+    from genevolve_jax.train.runtime.model_setup import gpu_memory_options
+    share = gpu_memory_options(frac) if target.platform == "gpu" else {}
     compiled, extra, note = [], {}, ""
     if sum(resident.values()) > budget:
         note = "not compiled: the resident state alone exceeds the budget"
     else:
         for fn in phase.fns:
             say(f"compiling {fn.name} for {target.spec}")
-            c = compile_traced(fn.name, fn.traced, fn.num_devices or num_devices, fn.compiler_options,
+            c = compile_traced(fn.name, fn.traced, fn.num_devices or num_devices, {**fn.compiler_options, **share},
                                fn.count_jaxpr)
             compiled.append(c)
             extra[fn.name] = fn.extra_input_bytes
@@ -118,20 +128,28 @@ def build_plan(run_cfg, target, phases=PHASES, *, shapes=None, model_config_path
     if mesh_sizes:
         run_cfg.sharding.mesh = type(run_cfg.sharding.mesh)(dict(mesh_sizes))
     shapes = shapes or phase_functions.Shapes()
+    phase_functions.check_attention(target)
     devices = devices if devices is not None else target_devices(target)
     mesh = mesh_for(run_cfg, devices)
     shapes = resolve_micro_batches(run_cfg, shapes, mesh)
     say = progress or (lambda msg: None)
     reports = []
+    runs = {"evolve_step": 1, "sft_step": 1, "reference_forward": phase_functions.logprob_forwards_per_step(run_cfg),
+            "engine_prefill": 1, "engine_decode_chunk": 1}
     for name in phases:
         say(f"tracing phase {name}")
         from genevolve_jax.plan.engine_phase import engine_phase
-        build = {"sft": phase_functions.sft_phase, "rl": phase_functions.rl_phase, "engine": engine_phase}[name]
-        phase = build(run_cfg, target, mesh, shapes, model_config_path=model_config_path)
+        from genevolve_jax.plan.transfer_phase import TRANSFER_PHASES, transfer_phase
+        if name in TRANSFER_PHASES:
+            built = transfer_phase(name, run_cfg, target, mesh, shapes, model_config_path=model_config_path)
+            if built is None:   # no such phase in this run (an engine built in-process)
+                continue
+            phase, transfer_runs = built
+            runs.update(transfer_runs)
+        else:
+            build = {"sft": phase_functions.sft_phase, "rl": phase_functions.rl_phase, "engine": engine_phase}[name]
+            phase = build(run_cfg, target, mesh, shapes, model_config_path=model_config_path)
         frac, source = mem_fraction(run_cfg, target, name, mem_fraction_override)
-        runs = {"evolve_step": 1, "sft_step": 1,
-                "reference_forward": phase_functions.logprob_forwards_per_step(run_cfg),
-                "engine_prefill": 1, "engine_decode_chunk": 1}
         reports.append(report_phase(phase, target, len(devices), frac, source, runs, progress=say))
     return Plan(config=config_name, target=target.spec, device_kind=target.device.kind, num_devices=len(devices),
                 mesh={k: int(v) for k, v in mesh.shape.items()}, strategy=run_cfg.sharding.strategy,

@@ -100,12 +100,38 @@ def _computation_multiplicities(hlo: str) -> tuple[dict[str, list[str]], dict[st
     return comps, mult
 
 
+def _top_level(text: str) -> list[str]:
+    """The elements of a tuple type ``(a, (b, c), d)``; ``[text]`` when it is not a tuple."""
+    text = text.strip()
+    if not text.startswith("("):
+        return [text]
+    parts, depth, start = [], 0, 1
+    for i, ch in enumerate(text):
+        if ch in "({[":
+            depth += 1
+        elif ch in ")}]":
+            depth -= 1
+        if (ch == "," and depth == 1) or depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+        if depth == 0:
+            break
+    return parts
+
+
+def _async_result(shape: str) -> str:
+    """The result part of an async collective's ``-start`` type: ``(operands, results, context…)``
+    (all-gather, all-to-all, collective-permute); all-reduce-start's type is its result alone."""
+    parts = _top_level(shape)
+    return parts[1] if len(parts) > 1 else shape
+
+
 def collective_bytes(hlo: str) -> dict[str, int]:
     """Bytes per collective kind for one execution of the HLO module (per device).
 
     A collective's bytes are its result's bytes (an all-gather counts the gathered array). Ops in
     a while body count once per trip when XLA knows the trip count (scans do); async pairs count
-    once (``-start``, not ``-done``).
+    once, the result in ``-start``'s (operands, results) type (not the ``-done``).
     """
     comps, mult = _computation_multiplicities(hlo)
     out = {k: 0 for k in COLLECTIVES}
@@ -119,7 +145,10 @@ def collective_bytes(hlo: str) -> dict[str, int]:
             for kind in COLLECTIVES:
                 m = re.search(r"\s" + kind + r"(-start)?\(", lhs_rhs)
                 if m:
-                    out[kind] += mult[c] * _shape_bytes(lhs_rhs[:m.start()])
+                    shape = lhs_rhs[:m.start()]
+                    if m.group(1) and kind != "all-reduce":
+                        shape = _async_result(shape)
+                    out[kind] += mult[c] * _shape_bytes(shape)
                     break
     return out
 

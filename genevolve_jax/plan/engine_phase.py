@@ -47,6 +47,9 @@ def abstract_engine(run_cfg, config, devices) -> AbstractEngine:
     from genevolve_jax.rollout.engine_functions import EngineFunctions, engine_mesh
 
     ecfg = engine_config.validate(run_cfg.engine)
+    # An engine is host-local: its mesh is over one process's devices (a target's first host).
+    first = min(d.process_index for d in devices)
+    devices = sorted((d for d in devices if d.process_index == first), key=lambda d: d.id)
     dtype = str(run_cfg.train.compute_dtype)
     # The engine runs the layers one by one over its cache, whatever the trainer's layout.
     config = config.replace(scan_layers=False)
@@ -101,7 +104,8 @@ def engine_phase(run_cfg, target, mesh, shapes, *, model_config_path: str = ""):
         state = phases.rl_state(run_cfg, config, mesh)
         resident.update({f"trainer {k}": v for k, v in phases.rl_resident(run_cfg, state).items()})
     img = f", {shapes.images.per_row} image(s) of {shapes.images.side}²" if shapes.images.per_row else ""
-    desc = (f"prefill {rows} × {length} tokens{img} over {fns.capacity} cached positions; decode {fns.chunk} steps × {fns.slots} slots over "
+    desc = (f"prefill {rows} × {length} tokens{img} over {fns.capacity} cached positions; "
+            f"decode {fns.chunk} steps × {fns.slots} slots over "
             f"{fns.capacity} cached positions; engine mesh {dict(fns.mesh.shape)} on the first "
             f"{fns.mesh.devices.size} device(s), sampler '{mode}'")
     return phases.Phase("engine", None, resident, 0, fn_list, desc)

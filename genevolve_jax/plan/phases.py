@@ -7,7 +7,8 @@
 
 Each phase returns the abstract state it keeps resident and its traced functions; nothing is
 allocated. Attention is traced for the target's backend (``ops.attention.compile_for``), so a TPU
-plan compiles splash attention and a GPU plan cuDNN's when the cuDNN libraries are importable.
+plan compiles splash attention and a GPU plan cuDNN's (the cuDNN libraries must be importable:
+:func:`check_attention`; ``Target.attention = "xla"`` plans the XLA path instead).
 """
 from __future__ import annotations
 
@@ -68,10 +69,12 @@ class Phase:
 
 
 def _attention_impl(target) -> str:
+    if target.attention:
+        return target.attention
     if target.platform == "tpu":
         return "splash"
     if target.platform == "gpu":
-        return "cudnn" if cudnn_available() else "xla"
+        return "cudnn"
     return "xla"
 
 
@@ -79,6 +82,23 @@ def cudnn_available() -> bool:
     """cuDNN fused attention compiles only with the cuDNN libraries present (nvidia-cudnn-cu12)."""
     import importlib.util
     return importlib.util.find_spec("nvidia.cudnn") is not None if importlib.util.find_spec("nvidia") else False
+
+
+CUDNN_INSTALL = "pip install 'nvidia-cudnn-cu12>=9.8,<10'"
+
+
+def check_attention(target) -> None:
+    """A GPU plan compiles the run's cuDNN attention, or says what it needs. Without the cuDNN
+    libraries it used to fall back to the XLA path silently: a program the run never executes,
+    whose [T, T] probabilities at 32,768-token rows made the 8B step compile for more than 16
+    CPU-minutes and planned 85 GiB of temporaries for two layers (9.7 GiB with cuDNN)."""
+    from genevolve_jax.plan.targets import TargetError
+    if _attention_impl(target) == "cudnn" and not cudnn_available():
+        raise TargetError(f"target {target.spec}: the run attends with cuDNN's fused kernel, and a deviceless "
+                          f"compile builds it only with the cuDNN libraries installed (no GPU needed): "
+                          f"{CUDNN_INSTALL} (about 700 MB). --attention xla plans the XLA path instead, "
+                          f"which is not the run's program (its [T, T] scores make long rows slow to compile "
+                          f"and far larger than the run's)")
 
 
 def attention_implementation(target) -> str:
@@ -233,7 +253,8 @@ def rl_phase(run_cfg, target, mesh, shapes: Shapes, *, model_config_path: str = 
         from genevolve_jax.train.rl.logprob_forward import LogprobForward
 
         def make():
-            return LogprobForward(state.setup, run_cfg.loss, dtype, micro_batches=tc.grad_accum_steps)
+            return LogprobForward(state.setup, run_cfg.loss, dtype, micro_batches=tc.grad_accum_steps,
+                                  compiler_options=opts)
 
         forward = make()
         view = forward.view(batch)

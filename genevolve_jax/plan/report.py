@@ -19,6 +19,7 @@ from genevolve_jax.plan import abstract
 from genevolve_jax.plan.compile import COLLECTIVES, CompiledPlan
 
 PROJECTED_MFU = 0.40
+MAX_FNS_SHOWN = 3
 
 
 @dataclasses.dataclass
@@ -85,7 +86,8 @@ class Plan:
             phases.append({
                 "phase": p.phase, "batch": p.batch, "resident_bytes": p.resident_bytes,
                 "gradient_bytes": p.gradient_bytes,
-                "functions": [{**f.to_json(), "peak_bytes": p.peak_of(f), "runs_per_step": p.runs_per_step.get(f.name, 1),
+                "functions": [{**f.to_json(), "peak_bytes": p.peak_of(f),
+                               "runs_per_step": p.runs_per_step.get(f.name, 1),
                                "input_bytes": p.extra_input_bytes[f.name]} for f in p.fns],
                 "peak_bytes": p.peak_bytes, "budget_bytes": self.budget(p), "mem_fraction": p.mem_fraction,
                 "mem_fraction_source": p.mem_fraction_source, "note": p.note,
@@ -136,15 +138,22 @@ def print_plan(plan: Plan, file=None) -> None:
         for name, b in p.resident_bytes.items():
             t.add_row(escape(name), fmt_bytes(b))
         t.add_row("gradients (inside the step)", fmt_bytes(p.gradient_bytes))
-        for f in p.fns:
+        # A transfer compiles a program per kind of bucket: show the largest few.
+        shown = sorted(p.fns, key=p.peak_of, reverse=True)[:MAX_FNS_SHOWN] if len(p.fns) > MAX_FNS_SHOWN else p.fns
+        for f in shown:
             t.add_row(f"{f.name}: inputs (batch)", fmt_bytes(p.extra_input_bytes[f.name]))
             t.add_row(f"{f.name}: compiled temporaries", fmt_bytes(f.temp_bytes))
             t.add_row(f"{f.name}: peak", fmt_bytes(p.peak_of(f)))
             t.add_row(f"{f.name}: compile", f"{f.lower_s + f.compile_s:.1f} s")
+        if len(shown) < len(p.fns):
+            rest = [f for f in p.fns if f not in shown]
+            t.add_row(f"{len(rest)} more program(s): peaks up to", fmt_bytes(max(p.peak_of(f) for f in rest)))
+            t.add_row("all programs: compile", f"{sum(f.lower_s + f.compile_s for f in p.fns):.1f} s")
         if p.note:
             t.add_row("note", p.note)
         t.add_row("peak", fmt_bytes(p.peak_bytes))
-        t.add_row(escape(f"budget ({p.mem_fraction:g} × {fmt_bytes(plan.device_memory_bytes)}, {p.mem_fraction_source})"),
+        share = f"{p.mem_fraction:g} × {fmt_bytes(plan.device_memory_bytes)}, {p.mem_fraction_source}"
+        t.add_row(escape(f"budget ({share})"),
                   fmt_bytes(plan.budget(p)))
         t.add_row("headroom", fmt_bytes(plan.budget(p) - p.peak_bytes))
         t.add_row("fits", "[green]yes[/green]" if plan.fits(p) else "[red]NO[/red]")

@@ -60,8 +60,6 @@ TPUS: dict[str, tuple[DeviceSpec, int]] = {
     "v5e": (DeviceSpec("TPU v5e", 16 * GIB, 197e12, 0.819e12), 1),
     "v6e": (DeviceSpec("TPU v6e", 32 * GIB, 918e12, 1.64e12), 1),
 }
-# JAX preallocates this share of a GPU unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise.
-JAX_GPU_DEFAULT_FRACTION = 0.75
 
 
 class TargetError(ValueError):
@@ -76,6 +74,7 @@ class Target:
     device: DeviceSpec
     topology: str = ""        # TPU "4x4x2", GPU "1x1x8"
     generation: str = ""      # TPU "v5p", GPU "h100"
+    attention: str = ""       # "": the kernel the run picks on this hardware; "xla": the XLA path
 
     @property
     def attention_backend(self) -> str:

@@ -230,7 +230,20 @@ def _twin_mesh(local_mesh: Mesh) -> Mesh:
     key = (local_mesh.devices.shape, local_mesh.axis_names, tuple(d.id for d in local_mesh.devices.flat))
     if key in _TWINS:
         return _TWINS[key]
-    local = _sorted_local()
+    layout = twin_layout(local_mesh, _sorted_local())
+    # Every process must build the same global mesh: check that they all arrange alike.
+    seen = allgather_objects(layout.tolist())
+    if any(x != seen[0] for x in seen):
+        raise ValueError("host_local_params: the processes' local meshes arrange their devices differently")
+    twin = twin_mesh(layout, jax.devices(), local_mesh.axis_names)
+    _TWINS[key] = twin
+    return twin
+
+
+def twin_layout(local_mesh: Mesh, local: Sequence) -> np.ndarray:
+    """[replicas, *local_mesh.shape]: replica 0 is ``local_mesh``'s devices by position among
+    ``local`` (its process's devices, sorted by id); the process's other devices form further
+    replicas of the same arrangement."""
     position = {d.id: i for i, d in enumerate(local)}
     try:
         ordinals = np.vectorize(lambda d: position[d.id], otypes=[np.int64])(local_mesh.devices)
@@ -240,25 +253,26 @@ def _twin_mesh(local_mesh: Mesh) -> Mesh:
         raise ValueError(f"host_local_params: a local mesh of {ordinals.size} devices does not tile this "
                          f"process's {len(local)} devices")
     others = [i for i in range(len(local)) if i not in set(ordinals.flat)]
-    layout = np.stack([ordinals] + [np.asarray(others[k:k + ordinals.size]).reshape(ordinals.shape)
-                                    for k in range(0, len(others), ordinals.size)])
-    # Every process must build the same global mesh: check that they all arrange alike.
-    seen = allgather_objects(layout.tolist())
-    if any(x != seen[0] for x in seen):
-        raise ValueError("host_local_params: the processes' local meshes arrange their devices differently")
+    return np.stack([ordinals] + [np.asarray(others[k:k + ordinals.size]).reshape(ordinals.shape)
+                                  for k in range(0, len(others), ordinals.size)])
+
+
+def twin_mesh(layout: np.ndarray, devices: Sequence, axis_names: Sequence[str]) -> Mesh:
+    """The global mesh ("hosts", "replicas", *axis_names) over ``devices`` (every process's, real or
+    a deviceless target's): ``layout[r]`` arranges, by position among a process's devices sorted
+    by id, the devices of replica r of the local mesh (replica 0: the local mesh itself)."""
     by_process = collections.defaultdict(list)
-    for d in jax.devices():
+    for d in devices:
         by_process[d.process_index].append(d)
-    grid = np.empty((jax.process_count(),) + layout.shape, dtype=object)
-    for p in range(jax.process_count()):
+    counts = {p: len(v) for p, v in by_process.items()}
+    if len(set(counts.values())) != 1 or sorted(counts) != list(range(len(counts))):
+        raise ValueError(f"host_local_params: every process must hold as many devices, got {counts}")
+    grid = np.empty((len(by_process),) + layout.shape, dtype=object)
+    for p in range(len(by_process)):
         devs = sorted(by_process[p], key=lambda d: d.id)
-        if len(devs) != len(local):
-            raise ValueError(f"host_local_params: process {p} has {len(devs)} devices, this one {len(local)}")
         grid[p] = np.vectorize(lambda i: devs[i], otypes=[object])(layout)
-    names = ("hosts", "replicas") + tuple(local_mesh.axis_names)
-    twin = Mesh(grid, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))
-    _TWINS[key] = twin
-    return twin
+    names = ("hosts", "replicas") + tuple(axis_names)
+    return Mesh(grid, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))
 
 
 _COPIERS: dict = {}

@@ -33,6 +33,10 @@ ENTRY %main (x: f32[8,4]) -> f32[8,4] {
   %rs = bf16[2,4]{1,0} reduce-scatter(bf16[8,4]{1,0} %y), channel_id=3, dimensions={0}, to_apply=%add
   %cps = (f32[4]{0}, f32[4]{0}) collective-permute-start(f32[4]{0} %z), channel_id=4
   %cpd = f32[4]{0} collective-permute-done(%cps)
+  %a2a = ((u16[16,6]{1,0}), u16[16,6]{1,0}) all-to-all-start(u16[16,6]{1,0} %q), channel_id=5, dimensions={0}
+  %a2d = u16[16,6]{1,0} all-to-all-done(%a2a)
+  %ags = ((bf16[2]{0}, f32[3]{0}), (bf16[16]{0}, f32[24]{0})) all-gather-start(bf16[2]{0} %u, f32[3]{0} %v)
+  %ars = (f32[5]{0}, f32[7]{0}) all-reduce-start(f32[5]{0} %e, f32[7]{0} %f), to_apply=%add
   ROOT %r = f32[8,4]{1,0} get-tuple-element(%w), index=1
 }
 """
@@ -40,11 +44,12 @@ ENTRY %main (x: f32[8,4]) -> f32[8,4] {
 
 def test_collective_bytes_weights_loops_by_trip_count():
     got = collective_bytes(HLO)
-    assert got["all-gather"] == 5 * 16 * 4 * 4
-    assert got["all-reduce"] == 5 * 8 * 4 * 4
+    # An async -start's type holds its operands, its results (and context): the results count.
+    assert got["all-gather"] == 5 * 16 * 4 * 4 + 16 * 2 + 24 * 4
+    assert got["all-reduce"] == 5 * 8 * 4 * 4 + (5 + 7) * 4   # all-reduce-start: its results alone
     assert got["reduce-scatter"] == 2 * 4 * 2
-    assert got["collective-permute"] == 2 * 4 * 4  # the -start tuple, not the -done
-    assert got["all-to-all"] == 0
+    assert got["collective-permute"] == 4 * 4
+    assert got["all-to-all"] == 16 * 6 * 2
 
 
 def test_mesh_argument_parsing():

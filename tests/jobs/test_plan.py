@@ -1,5 +1,6 @@
 """`genevolve plan`: planned bytes against the bytes a real run holds, the 8B model's count on a TPU
-slice, an infeasible plan, and a deviceless TPU compile of a small config."""
+slice, an infeasible plan, a deviceless TPU compile of a small config, and a deviceless GPU compile
+(cuDNN attention, the weight sync and the export) of a scaled-down GPU config."""
 import fcntl
 import importlib.metadata
 import importlib.util
@@ -48,6 +49,36 @@ def libtpu_env():
     return env
 
 
+# A deviceless GPU compile: JAX's CUDA plugin of the installed jax (about 180 MB, no CUDA libraries)
+# and the cuDNN libraries that its fused attention compiles against (about 700 MB; the plugin's own
+# requirement range). Measured on the 2-core box, 2026-12-07: downloaded and installed (pip install
+# --no-compile --no-deps --target) in 13.5 s wall, 12.2 s CPU, 1.6 GB on disk (cuDNN 9.28), once
+# per machine; the test then costs about 30 s of CPU.
+CUDA_PACKAGES = (f"jax-cuda12-plugin=={jax.__version__}", f"jax-cuda12-pjrt=={jax.__version__}",
+                 "nvidia-cudnn-cu12>=9.8,<10")
+
+
+@pytest.fixture(scope="module")
+def cuda_env():
+    """The environment of a subprocess that compiles for GPUs that are not here: the CUDA plugin and
+    cuDNN installed into a cache directory on first use (like libtpu above), on that subprocess's
+    PYTHONPATH only, with JAX_PLATFORMS=cpu (the plugin is compiled for, never run)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, env.get("PYTHONPATH")]))
+    target = Path(os.environ.get("GENEVOLVE_CUDA_PLUGIN_DIR") or
+                  Path.home() / ".cache" / "genevolve" / f"cuda-plugin-{jax.__version__}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{target}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "jax_plugins").is_dir():
+            partial = Path(f"{target}.partial")
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-compile", "--no-deps", "--target",
+                            str(partial), *CUDA_PACKAGES], check=True, timeout=1800)
+            os.replace(partial, target)
+    env["PYTHONPATH"] = os.pathsep.join([str(target), env["PYTHONPATH"]])
+    return env
+
+
 def run_with_libtpu(env, code: str, timeout: int = 900) -> dict:
     """Run ``code`` (which prints one JSON line last) in a Python that finds libtpu."""
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
@@ -63,7 +94,8 @@ def _tiny_cfg(rng):
     return cfg
 
 
-@pytest.mark.parametrize("strategy,mesh,scan", [("fsdp", {"fsdp": 8}, False), ("fsdp_tp", {"fsdp": 4, "tensor": 2}, False),
+@pytest.mark.parametrize("strategy,mesh,scan", [("fsdp", {"fsdp": 8}, False),
+                                                ("fsdp_tp", {"fsdp": 4, "tensor": 2}, False),
                                                 ("tp", {"data": 4, "tensor": 2}, False), ("dp", {"data": 8}, False),
                                                 ("fsdp_tp", {"fsdp": 4, "tensor": 2}, True)])
 def test_planned_state_bytes_equal_the_real_shards(strategy, mesh, scan):
@@ -270,3 +302,59 @@ def test_a_plan_takes_micro_batches_and_rows_from_the_target_mesh(devices, sft, 
     assert shapes.rl(cfg) == (rl_rows, 32768) and shapes.sft(cfg) == (32, 32768)
     kept = resolve_micro_batches(cfg, Shapes(rl_rows=96), mesh)     # rows asked for are planned as asked
     assert kept.rl(cfg)[0] == 96
+
+
+# The 2B GPU config scaled down (2 layers of width 512, one vision block), with its own sharding
+# (fsdp 4 × tensor 2), bf16 compute and remat: small enough to compile in seconds.
+SCALED_2B = ["--config.model.num_layers=2", "--config.model.hidden_size=512", "--config.model.vision_depth=1"]
+
+
+@pytest.mark.slow
+def test_scaled_gpu_config_compiles_for_h100s(tmp_path, cuda_env):
+    """A deviceless compile through the CUDA plugin with the run's cuDNN attention: the evolve step
+    of a scaled-down qwen3vl_2b_gpu on 8 H100s. Then, on two nodes
+    (h100x16), the weight sync into the JaxEngine (one program per kind of bucket, into the twin
+    of one host's engine mesh) and the HF export's all-to-all rounds: every weight moves once."""
+    out = tmp_path / "rl.json"
+    bucket = 50_000_000
+    args = ["plan", "--config", "qwen3vl_2b_gpu", *SCALED_2B, "--target", "gpu:h100x8", "--phase", "rl",
+            "--rl-rows", "8", "--rl-seq-len", "256", "--config.train.grad_accum_steps=1",
+            "--config.loss.grpo.kl_coef=0", "--output", str(out)]   # no KL: no reference forward to compile
+    two_nodes = [o.replace("--config.", "", 1) for o in SCALED_2B] + [
+        "sharding.mesh.fsdp=8", "rl.engine=jax", f"rl.sync_bucket_bytes={bucket}"]
+    got = run_with_libtpu(cuda_env, f"""
+        import json
+        from genevolve_jax.cli import main
+        from genevolve_jax.config_loader import load_config
+        from genevolve_jax.plan import build_plan
+        from genevolve_jax.plan.targets import parse_target
+        rc = main({args!r})
+        cfg = load_config("qwen3vl_2b_gpu", ["--config." + o for o in {two_nodes!r}])
+        plan = build_plan(cfg, parse_target("gpu:h100x16"), ("sync", "export"))
+        print(json.dumps({{"rc": rc, "two_nodes": plan.to_json()}}))
+    """)
+    assert got["rc"] == 0
+    plan = json.loads(out.read_text())
+    assert plan["attention"] == "cudnn" and plan["device_kind"].startswith("H100") and plan["num_devices"] == 8
+    (phase,) = plan["phases"]
+    assert [f["name"] for f in phase["functions"]] == ["evolve_step"]
+    assert all(f["temp_bytes"] > 0 and f["flops"] > 0 for f in phase["functions"]) and phase["fits"]
+
+    cfg = load_config("qwen3vl_2b_gpu", SCALED_2B)
+    config = abstract.model_config(cfg, cfg.train)
+    sync, export = got["two_nodes"]["phases"]
+    assert (sync["phase"], export["phase"]) == ("sync", "export") and sync["fits"] and export["fits"]
+    # Each weight lands once, in the engine's shards (tensor 8 over one node's 8 GPUs): the bytes
+    # the bucket programs write per device add up to the engine's weights per device.
+    moved = sum(f["output_bytes"] * f["runs_per_step"] for f in sync["functions"])
+    assert moved == pytest.approx(sync["resident_bytes"]["engine params"], rel=1e-4)
+    # No program writes more than a bucket (or one larger weight alone: the embedding) per node.
+    largest = max(bucket, config.text.vocab_size * config.text.hidden_size * 2)
+    assert max(f["output_bytes"] for f in sync["functions"]) <= largest / 8 * 1.001
+    # The export's rounds bring each node the bf16 tensors it writes: the devices receive at least
+    # the model's bf16 bytes over 16 devices, and in each round at most a bucket (or the one
+    # larger weight) per node over its 8 devices (the node with less to write pads to the other).
+    received = export["collective_bytes"]["all-to-all"]
+    rounds = sum(f["runs_per_step"] for f in export["functions"])
+    exported = _hf_parameter_count(config) * 2
+    assert exported / 16 <= received <= rounds * largest / 8 * 1.001

@@ -102,7 +102,8 @@ def test_engine_mesh_larger_than_the_devices_is_refused():
 
 def test_plan_engine_phase_reports_cache_and_trainer_state(tmp_path, capsys):
     """tiny_cpu samples with the JaxEngine: its phase holds the engine's weights and KV cache and the
-    trainer's state; the RL phase holds the engine's too. Both engine calls compile."""
+    trainer's state; the RL phase holds the engine's too. Both engine calls compile, and so do the
+    weight sync's and the engine construction's bucket programs."""
     out = tmp_path / "plan.json"
     rng = np.random.default_rng(5)
     slots, seq = int(rng.choice([8, 16])), int(rng.choice([256, 512]))
@@ -115,7 +116,7 @@ def test_plan_engine_phase_reports_cache_and_trainer_state(tmp_path, capsys):
     assert "phase engine" in capsys.readouterr().out
     plan = json.loads(out.read_text())
     phases = {p["phase"]: p for p in plan["phases"]}
-    assert set(phases) == {"sft", "rl", "engine"}
+    assert set(phases) == {"sft", "rl", "engine", "sync", "export", "engine_build"}
     eng = phases["engine"]
     assert [f["name"] for f in eng["functions"]] == ["engine_prefill", "engine_decode_chunk"]
     assert all(f["temp_bytes"] > 0 and f["flops"] > 0 for f in eng["functions"])
@@ -136,3 +137,11 @@ def test_plan_engine_phase_reports_cache_and_trainer_state(tmp_path, capsys):
     head = 2 * t.hidden_size * t.vocab_size * slots * cfg.engine.steps_per_sync / 2
     assert head <= decode["flops"] < 20 * head
     assert eng["peak_bytes"] <= eng["budget_bytes"]
+    # One process: the HF export reads each tensor into host memory (no device program); the sync
+    # and the engine's construction run the bucket programs (the model is one 1 GiB bucket), the
+    # sync beside the engine's KV cache, the construction before it exists.
+    export, sync, build = phases["export"], phases["sync"], phases["engine_build"]
+    assert export["functions"] == [] and export["peak_bytes"] == sum(export["resident_bytes"].values())
+    assert [f["runs_per_step"] for f in sync["functions"]] == [1] == [f["runs_per_step"] for f in build["functions"]]
+    assert sync["resident_bytes"]["engine KV cache"] == cache and "engine KV cache" not in build["resident_bytes"]
+    assert sync["peak_bytes"] > build["peak_bytes"]

@@ -43,9 +43,10 @@ class LogprobForward:
     budget next to the step's state. A batch whose rows do not split into ``micro_batches`` (the
     trainer's always do: row counts are multiples of grad_accum) goes whole."""
 
-    def __init__(self, setup, loss_cfg, compute_dtype, micro_batches: int = 1):
+    def __init__(self, setup, loss_cfg, compute_dtype, micro_batches: int = 1, compiler_options=None):
         self.setup, self.loss_cfg, self.compute_dtype = setup, loss_cfg, compute_dtype
         self.micro_batches = int(micro_batches)
+        self.compiler_options = dict(compiler_options or {})   # as the train step's (XLA's memory limit)
         self._compiled: dict = {}
 
     def forward(self, params, batch):
@@ -72,7 +73,7 @@ class LogprobForward:
                                                                view["targets"].shape))
             self._compiled[key] = jax.jit(self.forward, in_shardings=(s.param_shardings,
                                                                        batch_shardings(view, s.mesh, s.rules)),
-                                          out_shardings=out)
+                                          out_shardings=out, compiler_options=self.compiler_options or None)
         return self._compiled[key]
 
     def __call__(self, params, batch: Mapping[str, np.ndarray]) -> jax.Array:

@@ -74,7 +74,8 @@ class EvolveTrainer(Driver):
         # π_old: on-policy (the step's own log-probs), the sampler's, or one forward before the update.
         self.old_logprobs_route = resolve_old_logprobs(cfg.rl.old_logprobs, self.updates_per_batch)
         self.logprob_forward = LogprobForward(self.setup, cfg.loss, self.compute_dtype,
-                                              micro_batches=int(train_cfg.grad_accum_steps))
+                                              micro_batches=int(train_cfg.grad_accum_steps),
+                                              compiler_options=self.train_step.compiler_options)
         # Packed rows of rl.max_tokens_per_row; row counts from a few buckets (train/runtime/compile_log.py).
         self.row_multiple = batch_row_multiple(self.setup.mesh, self.setup.rules, train_cfg.grad_accum_steps)
         self.compile_log = CompileLog()

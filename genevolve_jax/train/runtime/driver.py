@@ -32,7 +32,7 @@ class Driver(abc.ABC):
                  log_dir: str, description: str, tokenizer=None, model=None, devices=None,
                  progress: bool | None = None, collective: Collective | None = None):
         from genevolve_jax.sharding.mesh import mesh_from_config
-        from genevolve_jax.train.runtime.model_setup import compiler_options, model_source
+        from genevolve_jax.train.runtime.model_setup import compiler_options, device_compiler_options, model_source
         from genevolve_jax.train.runtime.state import create_train_state, is_vision_path
 
         self.cfg = cfg
@@ -49,7 +49,8 @@ class Driver(abc.ABC):
         self.setup, self.params, self.opt_state = create_train_state(source, tc, mesh, cfg.sharding.strategy,
                                                                      total_steps=self.total_steps, freeze=freeze)
         self.train_step = TrainStep(self.setup, loss, compute_dtype=self.compute_dtype,
-                                    grad_accum_steps=tc.grad_accum_steps, compiler_options=compiler_options(cfg.model))
+                                    grad_accum_steps=tc.grad_accum_steps,
+                                    compiler_options={**compiler_options(cfg.model), **device_compiler_options()})
         if self.collective.is_writer:   # the mesh and micro-batches derived from the device count (-1s)
             print(f"genevolve: {description} on {mesh.devices.size} devices of {self.collective.process_count} "
                   f"process(es): mesh {dict(mesh.shape)}, {tc.grad_accum_steps} micro-batch(es) a step", flush=True)

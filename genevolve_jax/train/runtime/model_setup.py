@@ -15,6 +15,13 @@ from genevolve_jax.sharding.mesh import MeshError, resolve_axis_sizes
 PRESETS = ("tiny", "qwen3vl_2b", "qwen3vl_8b")
 # Quick CPU compiles for the embedded defaults; real runs leave XLA's defaults alone.
 FAST_CPU = {"xla_backend_optimization_level": 0}
+# XLA:GPU schedules and rematerialises a program to fit 80 % of the device's memory, less the
+# program's inputs and outputs, times xla_gpu_memory_limit_slop_factor / 100 (95 by default),
+# whatever share JAX's allocator was given (XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 by default). A
+# trainer given 0.55 of each GPU beside its SGLang server was compiled as if it had 0.76.
+XLA_GPU_MEMORY_BASE = 0.80
+XLA_GPU_DEFAULT_SLOP = 95
+JAX_GPU_DEFAULT_FRACTION = 0.75
 
 
 def default_model_config() -> ml_collections.ConfigDict:
@@ -54,6 +61,21 @@ def validate_model(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def compiler_options(model_cfg) -> dict:
     return dict(FAST_CPU) if model_cfg.fast_compile else {}
+
+
+def gpu_memory_options(fraction: float) -> dict:
+    """XLA:GPU options whose memory limit is ``fraction`` of the device (95 % of it, as XLA keeps of
+    its own 80 % by default): a program compiled under them is scheduled for the allocator's share."""
+    return {"xla_gpu_memory_limit_slop_factor": max(1, round(XLA_GPU_DEFAULT_SLOP * fraction / XLA_GPU_MEMORY_BASE))}
+
+
+def device_compiler_options() -> dict:
+    """What the trainer's jitted steps add on this process's backend: on GPU, the allocator's share
+    (XLA_PYTHON_CLIENT_MEM_FRACTION) as XLA's memory limit (``genevolve plan`` compiles with the
+    same options for the share it plans)."""
+    if jax.default_backend() != "gpu":
+        return {}
+    return gpu_memory_options(float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION") or JAX_GPU_DEFAULT_FRACTION))
 
 
 def build_tokenizer(model_cfg):
