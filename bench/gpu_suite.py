@@ -16,16 +16,27 @@ Parts (each in its own process, so one part's memory or failure does not leak in
              fp32 XLA reference (on CPU cuDNN does not exist: the XLA path in bf16 is measured);
   logits     the 2B random model's bf16 logits against transformers' bf16 logits (bench/forward.py).
 Writes one JSON file (``--output``) and prints the BENCHMARKS.md rows (``--rows``, a Markdown file).
+
+``--smoke`` runs the same commands (each script's ``main`` with the same arguments, each part's
+JSON collected the same way) one after another in this process: on tiny shapes the imports of
+jax, torch and transformers cost more than the parts, and a process per part paid them six times.
+A part that raises or exits non-zero is still reported as failed, with its traceback; the
+per-part ``--timeout`` then does not apply (the caller's own timeout stops a hang).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
+import io
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
+import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PARTS = ("plan", "train", "kl", "sampler", "attention", "logits")
@@ -43,10 +54,11 @@ def external_commands(smoke: bool, tmp: str) -> dict[str, list[list[str]]]:
             # The image run only: its step runs the text path too (the GPU suite times both).
             "train": [[py, _script("train_step.py"), "--shape", "tiny", "--batch", "1", "--seq", "64", "--steps", "1",
                        "--image", "32", "--json", os.path.join(tmp, "train_image.json")]],
-            "kl": [[py, _script("kl_kernel.py"), "--shape", "2", "64", "64", "4096", "--chunk", "1024", "--repeats", "1",
-                    "--json", os.path.join(tmp, "kl.json")]],
+            "kl": [[py, _script("kl_kernel.py"), "--shape", "2", "64", "64", "4096", "--chunk", "1024",
+                    "--repeats", "1", "--json", os.path.join(tmp, "kl.json")]],
+            # One batch size (of several rows): each runs the same code, and each compiles an engine.
             "sampler": [[py, _script("sampler.py"), "--shape", "tiny", "--prompt-len", "16", "--new-tokens", "8",
-                         "--batches", "1", "4", "--dtype", "float32", "--matmul-floor", "--repeats", "1"]],
+                         "--batches", "2", "--dtype", "float32", "--matmul-floor", "--repeats", "1"]],
             "logits": [[py, _script("forward.py"), "--shape", "tiny", "--batch", "1", "--seq", "32", "--repeats", "1",
                         "--dtype", "float32", "--json", os.path.join(tmp, "logits.json")]],
         }
@@ -79,8 +91,12 @@ def part_plan(smoke: bool) -> dict:
     from genevolve_jax.train.runtime.step import TrainStep
 
     dev = jax.devices()[0]
-    preset, batch_size, seq, dtype = ("tiny", 2, 64, "float32") if smoke else ("qwen3vl_2b", 4, 2048, "bfloat16")
-    cfg = load_model_config(preset, 0, False, "full", dtype)
+    # Arrays an earlier part left alive (the smoke run's parts share this process) are not this step's.
+    before = {id(x) for x in jax.live_arrays()}
+    # Smoke: the tiny model cut to one decoder layer (the plan and the step trace every layer alike).
+    preset, layers, batch_size, seq, dtype = (("tiny", 1, 2, 64, "float32") if smoke
+                                              else ("qwen3vl_2b", 0, 4, 2048, "bfloat16"))
+    cfg = load_model_config(preset, layers, False, "full", dtype)
     tcfg = step_config.default_config()
     tcfg.compute_dtype, tcfg.remat = dtype, "full"
     mesh = make_mesh({"fsdp": 1}, [dev])
@@ -110,7 +126,7 @@ def part_plan(smoke: bool) -> dict:
         # No allocator statistics (CPU): the bytes of the arrays alive at once after the step (its
         # state, batch and outputs), a lower bound of its peak that the plan must cover. The RSS
         # high-water mark is no measure of a tiny step: the compile before it sets the mark.
-        measured = sum(x.nbytes for x in jax.live_arrays())
+        measured = sum(x.nbytes for x in jax.live_arrays() if id(x) not in before)
         source = "bytes of the live arrays after the step (CPU: no allocator peak; a lower bound)"
     return {"model": preset, "batch": f"{batch_size}x{seq}", "dtype": dtype, "remat": "full",
             "planned_peak_bytes": report.peak_bytes, "planned_temp_bytes": report.fns[0].temp_bytes,
@@ -165,58 +181,100 @@ LOCAL_PARTS = {"plan": part_plan, "attention": part_attention}
 
 # --- the driver --------------------------------------------------------------------------------------
 def _device() -> str:
-    out = subprocess.run([sys.executable, "-c", "import jax; d = jax.devices(); print(f'{d[0].device_kind} x{len(d)}')"],
-                         capture_output=True, text=True, timeout=120)
+    probe = "import jax; d = jax.devices(); print(f'{d[0].device_kind} x{len(d)}')"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     return out.stdout.strip() or "unknown"
 
 
+def _cpu_s() -> float:
+    """CPU seconds of this process and of its reaped children."""
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
+def run_in_process(cmd: list[str]) -> tuple[int, str, str]:
+    """``cmd`` (``[python, script, *args]``) run as ``script``'s ``main(args)`` in this process:
+    (exit status, stdout, stderr), a raise or ``SystemExit`` turned into the status a process exits with."""
+    script, argv = cmd[1], cmd[2:]
+    spec = importlib.util.spec_from_file_location(f"gpu_suite_{os.path.basename(script)[:-3]}", script)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            code = module.main(argv) or 0
+        except SystemExit as e:             # sys.exit(status) or argparse's error: as a process exits
+            if e.code is not None and not isinstance(e.code, int):
+                print(e.code, file=sys.stderr)
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        except Exception:
+            traceback.print_exc()
+            code = 1
+    return code, out.getvalue(), err.getvalue()
+
+
+def run_command(cmd: list[str], in_process: bool, env: dict, timeout_s: float) -> tuple[int, str, str]:
+    """One command of a part, in a process of its own (the GPU run) or in this one (the smoke run)."""
+    if in_process:
+        return run_in_process(cmd)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+    except subprocess.TimeoutExpired:
+        return 1, "", f"timed out after {timeout_s} s"
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def collect_outputs(cmds: list[list[str]]) -> dict:
+    """What a part's commands wrote: each ``--json`` file under its name, a ``--part-output`` merged in."""
+    entry: dict = {}
+    for cmd in cmds:
+        if "--json" in cmd:
+            path = cmd[cmd.index("--json") + 1]
+            if os.path.exists(path):
+                with open(path) as f:
+                    entry[os.path.basename(path)[:-5]] = json.load(f)
+        if "--part-output" in cmd and os.path.exists(cmd[cmd.index("--part-output") + 1]):
+            with open(cmd[cmd.index("--part-output") + 1]) as f:
+                entry.update(json.load(f))
+    return entry
+
+
 def run_suite(smoke: bool, tmp: str, parts=PARTS, timeout_s: float = 300) -> dict:
-    env = dict(os.environ)
     if smoke:
         # One CPU device, as the suite has one GPU (a parent's simulated device count would make
-        # the bench scripts shard a one-row batch over several devices).
-        env["JAX_PLATFORMS"] = "cpu"
-        env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                                    if not f.startswith("--xla_force_host_platform_device_count"))
+        # the bench scripts shard a one-row batch over several devices). Set here, before any part
+        # imports jax in this process.
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        os.environ["XLA_FLAGS"] = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                                           if not f.startswith("--xla_force_host_platform_device_count"))
+    env = dict(os.environ)
     results = {"smoke": smoke, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "host": platform.node(), "parts": {}}
     commands = external_commands(smoke, tmp)
     for name in parts:
-        t0 = time.perf_counter()
-        entry: dict = {}
+        t0, cpu0 = time.perf_counter(), _cpu_s()
         if name in LOCAL_PARTS:
             out_file = os.path.join(tmp, f"{name}.json")
             cmds = [[sys.executable, os.path.abspath(__file__), "--part", name, "--part-output", out_file]
                     + (["--smoke"] if smoke else [])]
         else:
             cmds = commands[name]
-        logs = []
-        ok = True
+        logs, errors = [], []
         for cmd in cmds:
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
-                logs.append(proc.stdout[-3000:])
-                if proc.returncode != 0:
-                    ok = False
-                    entry["error"] = proc.stderr[-2000:]
-            except subprocess.TimeoutExpired:
-                ok = False
-                entry["error"] = f"timed out after {timeout_s} s"
-        for cmd in cmds:
-            if "--json" in cmd:
-                path = cmd[cmd.index("--json") + 1]
-                if os.path.exists(path):
-                    with open(path) as f:
-                        entry[os.path.basename(path)[:-5]] = json.load(f)
-            if "--part-output" in cmd and os.path.exists(cmd[cmd.index("--part-output") + 1]):
-                with open(cmd[cmd.index("--part-output") + 1]) as f:
-                    entry.update(json.load(f))
+            code, stdout, stderr = run_command(cmd, smoke, env, timeout_s)
+            logs.append(stdout[-3000:])
+            if code != 0:
+                errors.append(stderr[-2000:] or f"exit status {code}")
+        entry = collect_outputs(cmds)
+        if errors:
+            entry["error"] = errors[-1]
         if name == "sampler":
             entry["stdout"] = "\n".join(logs)[-2000:]
-        entry["ok"] = ok
-        entry["wall_s"] = time.perf_counter() - t0
+        entry["ok"] = not errors
+        entry["wall_s"], entry["cpu_s"] = time.perf_counter() - t0, _cpu_s() - cpu0
         results["parts"][name] = entry
-        print(f"gpu_suite: {name}: {'ok' if ok else 'FAILED'} in {entry['wall_s']:.1f} s", flush=True)
+        print(f"gpu_suite: {name}: {'ok' if entry['ok'] else 'FAILED'} in {entry['wall_s']:.1f} s "
+              f"({entry['cpu_s']:.1f} CPU-s)", flush=True)
     return results
 
 
@@ -248,7 +306,8 @@ def markdown_rows(results: dict) -> str:
                              f"{a[impl]['max_abs_error_vs_fp32']:.3g} |")
     for r in p.get("logits", {}).get("logits", {}).get("results", []):
         if "max_abs_logit_diff_vs_transformers" in r:
-            lines.append(f"| logits | max abs logit diff vs transformers | {r['max_abs_logit_diff_vs_transformers']:.3g} |")
+            diff = r["max_abs_logit_diff_vs_transformers"]
+            lines.append(f"| logits | max abs logit diff vs transformers | {diff:.3g} |")
     return "\n".join(lines) + "\n"
 
 
@@ -258,15 +317,16 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     ap.add_argument("--output", default="gpu_suite.json")
     ap.add_argument("--rows", default="", help="also write the BENCHMARKS.md rows (Markdown) here")
-    ap.add_argument("--timeout", type=float, default=300, help="seconds per part")
+    ap.add_argument("--timeout", type=float, default=300, help="seconds per part (the GPU run's processes)")
     ap.add_argument("--part", choices=sorted(LOCAL_PARTS), help=argparse.SUPPRESS)
     ap.add_argument("--part-output", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.part:
         if args.smoke:
             os.environ["JAX_PLATFORMS"] = "cpu"
+        result = LOCAL_PARTS[args.part](args.smoke)   # a part that raises leaves no file behind
         with open(args.part_output, "w") as f:
-            json.dump(LOCAL_PARTS[args.part](args.smoke), f, indent=2)
+            json.dump(result, f, indent=2)
         return 0
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     bad = set(parts) - set(PARTS)

@@ -103,7 +103,7 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", choices=["tiny", "mid", "2b"], default="2b")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
@@ -117,7 +117,7 @@ def main() -> None:
                     help="also time a decode step of the matmuls alone, in XLA and in torch (fp32 only)")
     ap.add_argument("--torch-threads", type=int, default=0,
                     help="torch intra-op threads (0: torch's default); 1 avoids thread-sync stalls on a loaded CPU")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     import jax
     if args.matmul_floor and (args.dtype != "float32" or jax.default_backend() != "cpu"):

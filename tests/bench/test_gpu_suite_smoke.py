@@ -1,5 +1,7 @@
 """`bench/gpu_suite.py --smoke`: every part of the GPU suite runs its code path on CPU (so the script
-cannot rot before a GPU shows up), and its JSON and BENCHMARKS rows hold the figures it claims."""
+cannot rot before a GPU shows up), and its JSON and BENCHMARKS rows hold the figures it claims.
+The smoke run calls each part's script in one process (the GPU run starts a process per part): a
+part that raises still fails the run, with its traceback in the JSON."""
 import json
 import math
 import os
@@ -32,6 +34,10 @@ def test_gpu_suite_smoke_runs_every_part(tmp_path):
     assert math.isfinite(ours["loss"]) and ours["loss"] == pytest.approx(theirs["loss"], abs=1e-4)
     # bf16 packed-segment attention stays within bf16 rounding of the fp32 reference.
     assert 0 < parts["attention"]["xla"]["max_abs_error_vs_fp32"] < 0.05
+    # The logits part: the same random weights and tokens through ours and transformers, fp32.
+    logits = parts["logits"]["logits"]["results"]
+    assert logits[0]["impl"] == "ours (logits)" and logits[-1]["impl"].startswith("transformers")
+    assert 0 <= logits[0]["max_abs_logit_diff_vs_transformers"] < 1e-4
     kl = {(r["op"], r["variant"]) for r in parts["kl"]["kl"]["results"]}
     assert kl == {("logprob", "fused"), ("logprob", "naive"), ("kl", "fused"), ("kl", "naive")}
     assert "tok" in parts["sampler"]["stdout"].lower()
