@@ -2,11 +2,13 @@
 masked; π_old by the cheapest correct route (the step's own log-probs when on-policy, equal to a
 recompute; a recompute when several updates share a batch)."""
 import dataclasses
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 from PIL import Image
 
@@ -22,7 +24,7 @@ from genevolve_jax.train.rl.pipeline import sample_advantages
 from genevolve_jax.train.rl.records import RolloutSample
 from genevolve_jax.train.rl.sample_images import ImageBatchSpec
 from genevolve_jax.train.runtime import step_config
-from genevolve_jax.train.runtime.state import create_train_state
+from genevolve_jax.train.runtime.state import create_train_state, opt_state_shardings
 from genevolve_jax.train.runtime.step import TrainStep
 from tests.fixtures.toy_task import TOY_VOCAB, toy_model, toy_run_config, toy_trainer
 
@@ -120,12 +122,37 @@ def _state(mesh):
     return create_train_state(toy_model(), step_config.validate(c), mesh, "fsdp", total_steps=10)
 
 
+class Recorded(NamedTuple):
+    grads: Any
+    count: jax.Array
+
+
+def gradient_recorder() -> optax.GradientTransformation:
+    """An optimiser that keeps the step's gradient (Σ over micro-batches of ∇loss_sum / Σ weight,
+    what AdamW would be given) as its state and changes no parameter."""
+    def init(params):
+        return Recorded(jax.tree.map(jnp.zeros_like, params), jnp.zeros([], jnp.int32))
+
+    def update(grads, state, params=None):
+        return jax.tree.map(jnp.zeros_like, grads), Recorded(grads, state.count + 1)
+    return optax.GradientTransformation(init, update)
+
+
+def recording_setup(setup, params):
+    """``setup`` with the gradient recorder as its optimiser, and the recorder's first state."""
+    tx = gradient_recorder()
+    shapes = jax.eval_shape(tx.init, params["train"])
+    shardings = opt_state_shardings(shapes, setup.param_shardings["train"], params["train"], setup.mesh)
+    return (dataclasses.replace(setup, tx=tx, opt_shardings=shardings),
+            jax.jit(tx.init, out_shardings=shardings)(params["train"]))
+
+
 def test_on_policy_pi_old_equals_the_recomputed_one():
     """No π_old in the batch: the step takes the stop-gradient of its own log-probs. Loss, metrics
-    and the update equal those of the same step given π_old from a separate forward (1e-6), over
-    two micro-batches, with KL, SDL and the sampler correction on (the 8B config's route: "auto"
-    π_old and "tis"), and the tis/* metrics are the float64 formula's of the recomputed π_old
-    against the sampler's log-probs."""
+    and the gradient the optimiser gets equal those of the same step given π_old from a separate
+    forward (1e-6), over two micro-batches, with KL, SDL and the sampler correction on (the 8B
+    config's route: "auto" π_old and "tis"), and the tis/* metrics are the float64 formula's of the
+    recomputed π_old against the sampler's log-probs."""
     rng = np.random.default_rng(7)
     cap = 2.0
     cfg = default_loss_config()
@@ -137,28 +164,24 @@ def test_on_policy_pi_old_equals_the_recomputed_one():
     on_policy = assemble_evolve_batch(samples, adv, seq_len=32, row_multiple=4, loss_cfg=cfg, old_logprobs=False)
     assert "old_logprobs" not in on_policy and "sampler_logprobs" in on_policy
     mesh = make_mesh({"fsdp": 2}, jax.devices()[:2])
-    results, noise = [], 0.05 * rng.random(on_policy["targets"].shape)
+    noise = 0.05 * rng.random(on_policy["targets"].shape)
     sampler_noise = rng.normal(0.0, 0.8, on_policy["targets"].shape).astype(np.float32)
+    setup, params, _ = _state(mesh)                  # the same params for both routes (nothing donated)
+    setup, recorder_state = recording_setup(setup, params)
+    pre_update = np.asarray(LogprobForward(setup, cfg, jnp.float32)(params, on_policy))
+    results = []
     for recompute in (False, True):
-        setup, params, opt = _state(mesh)           # the same initial params both times
         batch = dict(on_policy)
-        forward = LogprobForward(setup, cfg, jnp.float32)
-        pre_update = np.asarray(forward(params, batch))
         batch["ref_logprobs"] = pre_update - noise
         # An engine whose kernels differ: its log-probs are the trainer's, give or take N(0, 0.8²).
         batch["sampler_logprobs"] = pre_update + sampler_noise
         if recompute:
             batch["old_logprobs"] = pre_update
-        loss = EvolveLoss(cfg, tis_cap=cap)
-
-        def objective(train, frozen, b):
-            num, den, _ = loss(setup.merge({"train": train, "frozen": frozen}), b, jax.random.key(0))
-            return num / den
-        grads = jax.jit(jax.grad(objective))(params["train"], params["frozen"],
-                                             {k: jnp.asarray(v) for k, v in batch.items()})
-        step = TrainStep(setup, loss, grad_accum_steps=2, compiler_options=FAST)
-        _, _, mets = step(params, opt, batch, jax.random.key(0))
-        results.append((jax.tree.map(np.asarray, grads), {k: float(v) for k, v in mets.items()}))
+        step = TrainStep(setup, EvolveLoss(cfg, tis_cap=cap), grad_accum_steps=2, donate=False,
+                         compiler_options=FAST)
+        new_params, recorded, mets = step(params, recorder_state, batch, jax.random.key(0))
+        assert int(recorded.count) == 1 and float(mets["grad_norm"]) > 0
+        results.append((jax.tree.map(np.asarray, recorded.grads), {k: float(v) for k, v in mets.items()}))
     (g_on, m_on), (g_re, m_re) = results
     for key in ("loss", "grad_norm", "grpo/loss", "sdl/loss", "grpo/kl", "tis/weight_mean", "tis/truncated_frac",
                 "tis/weight_max"):
@@ -172,6 +195,9 @@ def test_on_policy_pi_old_equals_the_recomputed_one():
     assert 0 < m_on["tis/truncated_frac"] < 0.5
     scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(g_re))
     assert scale > 1e-4
+    # The recorded gradient is the step's: its global norm is the grad_norm metric.
+    np.testing.assert_allclose(np.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in jax.tree.leaves(g_re))),
+                               m_re["grad_norm"], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g_on), jax.tree.leaves(g_re)):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * scale)
 
@@ -206,16 +232,8 @@ def test_two_updates_per_batch_recompute_pi_old_and_the_second_ratio_moves(tmp_p
         trainer.close()
     assert m["rollout/old_logprobs_forward"] == 1.0
     assert abs(m["grpo/ratio_mean"] - 1.0) > 1e-4 and m["grpo/approx_kl_old"] > 1e-8   # the second update's
-    one = toy_trainer(toy_run_config(tmp_path / "one", steps=1, lr=3e-2))
-    try:
-        assert one.old_logprobs_route == "on_policy"
-        m1 = one.train_one_step()
-    finally:
-        one.close()
-    # On-policy, π/π_old is 1 by construction (π_old is the stop-gradient of π); what can fail is
-    # the engine's agreement with the trainer, and no forward was spent.
-    assert m1["rollout/old_logprobs_forward"] == 0.0 and "tis/weight_mean" not in m1
-    assert m1["rollout/logprob_mismatch"] < 1e-5        # the JaxEngine's log-probs are the trainer's
+    # One update per batch (on-policy: no π_old forward, the engine's log-probs the trainer's) is
+    # asserted on the toy trainer of test_trainer.py::test_reward_rises_and_lr_zero_does_not.
 
 
 def test_row_length_is_the_shortest_bucket_holding_the_longest_rollout():

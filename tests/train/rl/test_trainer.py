@@ -49,9 +49,12 @@ def test_reward_rises_and_lr_zero_does_not(tmp_path):
     assert gain > gain0 + 0.15, (learn, still)
     assert abs(gain0) < 0.15, still
     # Sampler/trainer agreement: on the first step the engine's log-probs are the trainer's. (π/π_old
-    # is 1 by construction here: on-policy, π_old is the stop-gradient of the step's own π.)
+    # is 1 by construction here: on-policy, π_old is the stop-gradient of the step's own π, and no
+    # forward is spent on it; with the JaxEngine there is no sampler correction.)
+    assert trainer.old_logprobs_route == "on_policy"
     first = trainer.logger.history[0]
     assert first["rollout/logprob_mismatch"] < 1e-5 and first["rollout/logprob_mismatch_max"] < 1e-4
+    assert first["rollout/old_logprobs_forward"] == 0.0 and "tis/weight_mean" not in first
     # Same seeds: the first step (before any update) samples the same tokens in both runs.
     assert learn[0] == pytest.approx(still[0])
     lines = (tmp_path / "lr" / "metrics.jsonl").read_text().splitlines()
@@ -128,7 +131,8 @@ def test_teacher_index_aligns_teacher_tokens_with_student_targets():
         seg = slice(offset, offset + n)
         np.testing.assert_allclose(b["sampler_logprobs"][0, seg][m[seg]],
                                    [x for x, k in zip(s.logprobs[1:], s.loss_mask[1:]) if k])
-        assert (b["bundle"][0, seg] == float(s.has_bundle)).all() and (b["advantages"][0, seg][m[seg]] == [0.1, 0.2, 0.3][i]).all()
+        assert (b["bundle"][0, seg] == float(s.has_bundle)).all()
+        assert (b["advantages"][0, seg][m[seg]] == [0.1, 0.2, 0.3][i]).all()
         offset += n
     assert b["loss_mask"][1:].sum() == 0 and b["weight_grpo"][1:].sum() == 0
 

@@ -57,6 +57,19 @@ def model():
     return build_model(small_config())
 
 
+def reference_batch():
+    return text_batch(rows=8, seed=3)
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    """The single-device float32 step (no accumulation) on :func:`reference_batch`: the parameters
+    before and after it, and its metrics. The strategies, accumulation and bf16 tests compare against
+    this one step, so that it compiles once for the module."""
+    _, old, new, _, metrics = run_step(model, "fsdp", {"fsdp": 1}, reference_batch(), devices=jax.devices()[:1])
+    return host(old), host(new), metrics
+
+
 def run_step(model, strategy, sizes, batch, devices=None, accum=1, freeze=is_vision_path, dtype=jnp.float32,
              cfg=None):
     mesh = make_mesh(sizes, devices)
@@ -77,10 +90,9 @@ def assert_trees_close(a, b, atol):
 
 
 @pytest.mark.slow
-def test_strategies_match_single_device(model):
-    batch = text_batch()
-    _, old, ref_params, _, ref_m = run_step(model, "fsdp", {"fsdp": 1}, batch, devices=jax.devices()[:1])
-    ref_params, old = host(ref_params), host(old)
+def test_strategies_match_single_device(model, reference):
+    batch = reference_batch()
+    old, ref_params, ref_m = reference
     moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(ref_params["train"]),
                                                             jax.tree.leaves(old["train"])))
     assert moved > 1e-3, "the step must move parameters for the comparison to mean anything"
@@ -106,14 +118,12 @@ def test_fsdp_shards_params_and_optimizer(model):
     assert bytes_per_device(p_dp) == total_params
 
 
-def test_grad_accumulation_equals_big_batch(model):
-    batch = text_batch(rows=8, seed=3)
-    one = jax.devices()[:1]
-    _, _, p1, _, m1 = run_step(model, "fsdp", {"fsdp": 1}, batch, devices=one, accum=1)
-    _, _, p4, _, m4 = run_step(model, "fsdp", {"fsdp": 1}, batch, devices=one, accum=4)
+def test_grad_accumulation_equals_big_batch(model, reference):
+    _, p1, m1 = reference                                   # the same batch in one micro-batch
+    _, _, p4, _, m4 = run_step(model, "fsdp", {"fsdp": 1}, reference_batch(), devices=jax.devices()[:1], accum=4)
     np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-6)
     np.testing.assert_allclose(m4["weight"], m1["weight"])
-    assert_trees_close(host(p4), host(p1), atol=1e-6)
+    assert_trees_close(host(p4), p1, atol=1e-6)
 
 
 def _image_batch(cfg, seed=4):
@@ -180,11 +190,10 @@ def test_remat_policies_give_equal_grads():
             np.testing.assert_allclose(s[i], leaf, atol=1e-6, err_msg=jax.tree_util.keystr(path))
 
 
-def test_bf16_compute_keeps_fp32_master_weights(model):
-    batch = text_batch(rows=2, length=24, seed=6)
-    one = jax.devices()[:1]
-    _, _, p32, _, m32 = run_step(model, "fsdp", {"fsdp": 1}, batch, devices=one)
-    _, _, p16, _, m16 = run_step(model, "fsdp", {"fsdp": 1}, batch, devices=one, dtype=jnp.bfloat16)
+def test_bf16_compute_keeps_fp32_master_weights(model, reference):
+    _, _, m32 = reference                                   # the same batch in float32
+    _, _, p16, _, m16 = run_step(model, "fsdp", {"fsdp": 1}, reference_batch(), devices=jax.devices()[:1],
+                                 dtype=jnp.bfloat16)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(p16))
     np.testing.assert_allclose(m16["loss"], m32["loss"], rtol=2e-2)
 
@@ -211,7 +220,9 @@ def test_sft_loss_honours_the_loss_config(model):
     batch = text_batch(rows=4, length=24, seed=int(rng.integers(100)))
     mesh = make_mesh({"fsdp": 1}, jax.devices()[:1])
     setup, params, opt = create_train_state(model, train_cfg(), mesh, "fsdp", total_steps=10, freeze=is_vision_path)
-    logits = np.asarray(model.logits(hidden_states_of(model, {k: jnp.asarray(v) for k, v in batch.items()})),
+    # One compiled forward (op by op, the model's ~90 small programs compile one each).
+    full_logits = nnx.jit(lambda m, b: m.logits(hidden_states_of(m, b)))
+    logits = np.asarray(full_logits(model, {k: jnp.asarray(v) for k, v in batch.items()}),
                         np.float64) / cfg.logprob.sft_temperature
     logp = logits - logits.max(-1, keepdims=True)
     logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
