@@ -31,7 +31,8 @@ EXIT_DOES_NOT_FIT = 3
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="tiny_cpu", help="run config: a name under configs/ or a .py path")
     p.add_argument("--target", default="", help="cpu:N | tpu:v5p:4x4x4 | v5p-64 | gpu:h100x8 | gpu:h200x8 "
-                                                "(default: cpu with the config's mesh size, a -1 axis filling 8 devices)")
+                                                "(default: cpu with the config's mesh size, "
+                                                "a -1 axis filling 8 devices)")
     p.add_argument("--phase", choices=("sft", "rl", "engine", "sync", "export", "engine_build", "all"),
                    default="all",
                    help="engine: the JaxEngine's prefill and decode chunk (with the trainer's state beside "
