@@ -43,8 +43,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 << 30))
 
 # Python's bytecode likewise. The README installs with `pip install --no-compile`, so no .pyc comes
-# with the packages, and where PYTHONDONTWRITEBYTECODE is set (CI's machines set it) none is ever
-# written: every process would compile jax, flax, transformers and this package from source again,
+# with the packages, and where PYTHONDONTWRITEBYTECODE is set (this project's machines set it) none is
+# ever written: every process would compile jax, flax, transformers and this package from source again,
 # 4 to 5 CPU-seconds each (measured on one `genevolve train` process: 17.0 → 13.1 CPU-s), and the
 # suite starts a few dozen such processes. The bytecode then goes to a session folder
 # (PYTHONPYCACHEPREFIX), removed at the end, so nothing is written next to the sources or into
