@@ -3,8 +3,8 @@
 the real agent loop, offline tools, JaxEngine and the offline rule judge, which gives 1.0 to a
 gen_prompt that carries a fact only a search finds and 0.25 to one without it. GRPO (tiny_cpu's
 settings: lr 3e-4 cosine over the run, temperature 0.7, KL β = 1e-3) must raise the mean reward
-by a margin that the same run with lr = 0, same seeds, does not reach, by moving the policy's
-first decision towards searching."""
+above the start policy's under the same seeds (what the run draws at lr = 0), by moving the
+policy's first decision towards searching."""
 import json
 
 import jax
@@ -15,6 +15,7 @@ from flax import nnx
 
 from genevolve_jax.config_loader import apply_overrides, load_config
 from genevolve_jax.jobs.sft import run_sft_config
+from genevolve_jax.train.rl.pipeline import step_metrics
 from genevolve_jax.train.rl.trainer import EvolveTrainer
 from genevolve_jax.train.runtime.batch_layout import hidden_states_of
 
@@ -74,52 +75,56 @@ def next_token_probs(model, ids):
     return jax.nn.softmax(hidden_states_of(model, batch)[0, -1] @ model.lm_head_kernel())
 
 
-def run_grpo(workdir, model_path, prompts_path, lr, steps):
-    cfg = task_config(workdir, **{"model.path": model_path})
-    cfg.data.rl.paths = [prompts_path]
-    cfg.train.optimizer.learning_rate = lr     # set after validation: lr = 0 is the control run
-    requests = [json.loads(line)["question"] for line in open(prompts_path)]
-    trainer = EvolveTrainer(cfg, progress=False, num_steps=steps)
-    try:
-        before = decision_probs(trainer, requests)
-        metrics = [trainer.train_one_step() for _ in range(steps)]
-        after = decision_probs(trainer, requests)
-    finally:
-        trainer.close()
-    return before, after, metrics
+def start_policy_rewards(trainer, prompts, steps):
+    """The mean reward of the start policy's rollouts under the seeds of each of ``steps``: what a
+    run with lr = 0 would score at those steps (its policy never moves), without its updates."""
+    out = []
+    for step in steps:
+        samples, _ = trainer.rollout.collect(step, prompts)
+        out.append(step_metrics(samples)["reward/mean"])
+    return np.asarray(out)
 
 
-STEPS, CONTROL_STEPS = 4, 2
+STEPS = 4
 
 
 @pytest.mark.slow
-def test_grpo_raises_the_mean_reward_and_lr_zero_does_not(sft_model, tmp_path):
+def test_grpo_raises_the_mean_reward_above_the_start_policy_under_the_same_seeds(sft_model, tmp_path):
     model_path, prompts_path = sft_model
-    # The control needs fewer steps: at lr = 0 the policy never moves, so its steps are draws of
-    # the start policy under the run's seeds; its first equals the learning run's first (asserted
-    # below), and two (16 rollouts) give the mean reward it stays at.
-    before, after, metrics = run_grpo(tmp_path / "lr", model_path, prompts_path, 3e-4, steps=STEPS)
-    before0, after0, metrics0 = run_grpo(tmp_path / "lr0", model_path, prompts_path, 0.0, steps=CONTROL_STEPS)
+    cfg = task_config(tmp_path, **{"model.path": model_path})
+    cfg.data.rl.paths = [prompts_path]
+    prompts = [json.loads(line) for line in open(prompts_path)]
+    trainer = EvolveTrainer(cfg, progress=False, num_steps=STEPS)
+    try:
+        before = decision_probs(trainer, [p["question"] for p in prompts])
+        # The control: the start policy resampled under the seeds of the run's steps 2-4, which
+        # is what the same run at lr = 0 draws (its step 1 is the learning run's own step 1).
+        control = start_policy_rewards(trainer, prompts, range(2, STEPS + 1))
+        unchanged = decision_probs(trainer, [p["question"] for p in prompts])
+        metrics = [trainer.train_one_step() for _ in range(STEPS)]
+        after = decision_probs(trainer, [p["question"] for p in prompts])
+    finally:
+        trainer.close()
     rewards = np.array([m["reward/mean"] for m in metrics])
-    rewards0 = np.array([m["reward/mean"] for m in metrics0])
-    print(f"reward lr=3e-4: {rewards.round(3)}; lr=0: {rewards0.round(3)}; P(search) lr=3e-4: "
-          f"{before[:, 0].round(3)} -> {after[:, 0].round(3)}; lr=0: {before0[:, 0].round(3)} -> {after0[:, 0].round(3)}")
+    rewards0 = np.concatenate([rewards[:1], control])
+    print(f"reward lr=3e-4: {rewards.round(3)}; start policy: {rewards0.round(3)}; P(search): "
+          f"{before[:, 0].round(3)} -> {after[:, 0].round(3)}")
     # The cold start learnt both behaviours: each first decision has real probability.
     assert np.all(before[:, 0] > 0.15) and np.all(before[:, 1] > 0.15), before
-    # Same seeds, same start: the first step's rollouts are identical in both runs, well-formed,
-    # and the rule judge tells searching (1.0) from answering at once (0.25).
-    assert rewards[0] == pytest.approx(rewards0[0])
+    # Collecting rollouts does not move the policy.
+    np.testing.assert_array_equal(unchanged, before)
+    # The first step's rollouts are well-formed, and the rule judge tells searching (1.0) from
+    # answering at once (0.25).
     first = metrics[0]
     assert first["termination/answer"] >= 6, first
     assert first["reward/max"] == pytest.approx(1.0) and first["reward/mean"] < 0.8, first
     assert first["rollout/logprob_mismatch"] < 1e-4        # sampler and trainer agree before any update
     # Learning: the mean reward of the last three steps rises well above the first step's, and
-    # above the lr = 0 run's (the start policy resampled under the same seeds: its mean over its steps).
-    # Measured (2026-12-07): 0.44 0.62 0.59 0.69 at lr 3e-4 (last three 0.64); 0.44 0.41 (mean 0.42) at lr 0.
-    late, late0 = rewards[-3:].mean(), rewards0.mean()
+    # above the start policy's under the same steps' seeds.
+    # Measured (2026-12-07): 0.44 0.62 0.59 0.69 at lr 3e-4 (last three 0.64); the start policy
+    # under the seeds of steps 1-4: 0.44 0.41 0.31 0.47 (steps 2-4: 0.40).
+    late, late0 = rewards[-3:].mean(), rewards0[-3:].mean()
     assert late - rewards[0] >= 0.15, (rewards, rewards0)
-    assert late - late0 >= 0.15 and (late - rewards[0]) - (late0 - rewards0[0]) >= 0.15, (rewards, rewards0)
-    # It got there by searching first more often (measured 0.33 → 0.57); lr = 0 leaves the policy
-    # exactly where it was.
+    assert late - late0 >= 0.15, (rewards, rewards0)
+    # It got there by searching first more often (measured 0.33 → 0.57).
     assert np.all(after[:, 0] - before[:, 0] > 0.1), (before, after)
-    assert np.abs(after0 - before0).max() < 1e-5, (before0, after0)
