@@ -38,7 +38,10 @@ TINY = ("--config.model.preset=tiny", "--config.model.num_layers=1", "--config.m
         "--config.agent.response_max_tokens=16", "--config.agent.prompt_max_tokens=256",
         "--config.reward.judge_kind=rule", "--config.render.backend=tiny",
         "--config.experience.summariser.backend=rule", "--config.logging.tensorboard=False",
-        "--config.loss.grpo.kl_coef=0", "--config.loss.sdl.coef=0")
+        "--config.loss.grpo.kl_coef=0", "--config.loss.sdl.coef=0",
+        # float32 without rematerialisation: a simpler program to compile for a step that trains masked rows
+        # (the bf16 and remat paths have tests of their own: tests/train/runtime/test_step.py).
+        "--config.train.compute_dtype=float32", "--config.train.remat=none")
 
 
 def job_environment(tmp_path, policy_port: int) -> dict:

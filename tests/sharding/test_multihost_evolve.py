@@ -1,8 +1,8 @@
-"""Multi-host `genevolve train`: two real processes (jax.distributed on 127.0.0.1, CPU collectives
-over gloo, one device each) split each step's prompts, roll out through host-local samplers,
-gather the samples, run the experience stage on process 0 and train one fsdp-sharded state. The
-same global prompts on one process with two devices must give the same rewards, losses and
-params. One two-process run shows it and is then preempted (a real SIGTERM to one process) and
+"""Multi-host `genevolve train`: two real processes (jax.distributed on 127.0.0.1, planned from
+SLURM-style variables as a SLURM job is, CPU collectives over gloo, two devices each) split each
+step's prompts, roll out through host-local samplers, gather the samples, run the experience
+stage on process 0 and train one state sharded (fsdp) over all four devices. The same global
+prompts on one process with four devices must give the same rewards, losses and params. One two-process run shows it and is then preempted (a real SIGTERM to one process) and
 resumed to the same losses as the one-process run. The same job also checks the collectives
 themselves on ragged input (a process whose samples are all masked, a process with none), images
 crossing hosts, and the host-local reshard."""
@@ -29,6 +29,7 @@ HEADER = WORKER_PRELUDE + textwrap.dedent('''
     from genevolve_jax.train.rl.records import RolloutSample
 
     out_dir = out
+    assert plan.mode == "slurm", plan
     assert jax.process_count() == 2 and len(jax.local_devices()) == int(os.environ["LOCAL_DEVICES"])
     rng = np.random.default_rng(100 + rank)
 
@@ -172,7 +173,7 @@ PREEMPTED_WORKER = HEADER + textwrap.dedent('''
                                          FixedGuideExperience, TokenChoicePhase, toy_model, toy_run_config)
     phase = os.environ["PHASE"]
     cfg = toy_run_config(os.path.join(out_dir, "run"), lr=1e-2, sdl=2.0, kl=1e-3, steps=4, save_every=100,
-                         mesh={"fsdp": 2})
+                         mesh={"fsdp": 4})
     cfg.loss.sdl.topk_frac = 1.0
 
     class Phase(TokenChoicePhase):
@@ -199,7 +200,7 @@ PREEMPTED_WORKER = HEADER + textwrap.dedent('''
     record["retrieved"] = [h["experience/retrieved"] for h in history]
     record["gathered_bytes"] = [h["multihost/gathered_bytes"] for h in history]
     record["memory"] = trainer.experience.state_dict()
-    record["engine_processes"] = sorted(d.process_index for d in trainer.engine.mesh.devices.flat)
+    record["engine_processes"] = sorted({d.process_index for d in trainer.engine.mesh.devices.flat})
     record["checkpoints"] = trainer.ckpt.all_steps()
     full = multihost_utils.process_allgather(trainer.params, tiled=True)
     trainer.close()
@@ -443,11 +444,12 @@ def _scaled(x, rng):
 
 @pytest.mark.slow
 def test_two_processes_equal_one_then_resume_after_sigterm_to_its_losses(tmp_path):
-    """One toy evolve run over two processes against the same run on one process with two devices:
+    """One toy evolve run over two processes of two devices each, fsdp over all four, against the
+    same run on one process with four devices:
 
     - steps 1 and 2 give the same rewards, losses and SDL losses, guides from process 0 reach
       every sample, process 1 holds process 0's experience memory, each host samples on its own
-      device, and the trained params after step 2 are the one-process run's;
+      devices, and the trained params after step 2 are the one-process run's;
     - a real SIGTERM to process 1 in the middle of step 2: both processes finish that step, agree,
       save it and exit 0 (process 0 on process 1's signal);
     - the same command resumes both from step 2, and the losses of all four steps are the
@@ -458,12 +460,12 @@ def test_two_processes_equal_one_then_resume_after_sigterm_to_its_losses(tmp_pat
         toy_trainer,
     )
 
-    procs = launch_two_processes(tmp_path, PREEMPTED_WORKER, extra_env={"PHASE": "first"})
+    procs = launch_two_processes(tmp_path, PREEMPTED_WORKER, local_devices=2, extra_env={"PHASE": "first"})
     try:  # the one-process reference runs while the workers compile
         cfg = toy_run_config(str(tmp_path / "single"), lr=1e-2, sdl=2.0, kl=1e-3, steps=4, save_every=100,
-                             mesh={"fsdp": 2})
+                             mesh={"fsdp": 4})
         cfg.loss.sdl.topk_frac = 1.0
-        trainer = toy_trainer(cfg, experience=FixedGuideExperience(), devices=jax.devices()[:2])
+        trainer = toy_trainer(cfg, experience=FixedGuideExperience(), devices=jax.devices()[:4])
         try:
             start = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(trainer.params))]
             history = [trainer.train_one_step() for _ in range(2)]
@@ -500,7 +502,8 @@ def test_two_processes_equal_one_then_resume_after_sigterm_to_its_losses(tmp_pat
     # -- ... and resumed by the same command to the one-process losses -----------------------------
     for rank in range(2):
         (tmp_path / f"record{rank}.json").unlink()
-    resumed = _finish(tmp_path, launch_two_processes(tmp_path, PREEMPTED_WORKER, extra_env={"PHASE": "resume"}))
+    resumed = _finish(tmp_path, launch_two_processes(tmp_path, PREEMPTED_WORKER, local_devices=2,
+                                                      extra_env={"PHASE": "resume"}))
     for r in resumed:
         assert r["start_step"] == 2 and r["stopped"] is None and 4 in r["checkpoints"]
         np.testing.assert_allclose(r["losses"], [h["loss"] for h in history], rtol=1e-5, atol=1e-6)
