@@ -1,9 +1,9 @@
 """Shared test setup.
 
 Eight simulated CPU devices are requested before jax is imported anywhere, so that sharding tests can
-build real meshes on a machine with one CPU, and XLA's CPU code generation runs at -O0, which cuts
-the suite's compile time by about 30% (see ``suite_xla_flags`` in tests/fixtures/multiprocess.py;
-the subprocesses that tests start get the same flags). Tests that need an accelerator are marked
+build real meshes on a machine with one CPU, and XLA's CPU code generation runs at -O0 with its
+elemental emitters, which cuts the suite's compile time by about half (see ``suite_xla_flags`` in
+tests/fixtures/multiprocess.py; the subprocesses that tests start get the same flags). Tests that need an accelerator are marked
 ``gpu`` and skip on CPU.
 
 One persistent JAX compilation cache serves the whole session: the pytest-xdist workers and every
