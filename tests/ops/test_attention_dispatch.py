@@ -106,7 +106,8 @@ def test_causal_blocks_match_float64_forward_and_grad(t):
     assert block and t % block == 0 and t // block <= 16
     q, k, v, seg, valid = _inputs(t=t, seed=t)
     kw = dict(causal=True, kv_valid_mask=valid, q_segment_ids=seg, kv_segment_ids=seg)
-    out = attention.xla_attention(q, k, v, **kw)
+    # Jitted, as the model runs it: eagerly, each op of each block's distinct shape would compile alone.
+    out = jax.jit(lambda q, k, v: attention.xla_attention(q, k, v, **kw))(q, k, v)
     ref = _float64_attention(q, k, v, seg, valid)
     keep = (np.asarray(valid) & (np.asarray(seg) > 0))[:, :, None, None]
     np.testing.assert_allclose(np.where(keep, out, 0), np.where(keep, ref, 0), atol=2e-5)
@@ -120,8 +121,9 @@ def test_causal_blocks_match_float64_forward_and_grad(t):
     def loss(fn):
         return lambda q, k, v: jnp.sum(fn(q, k, v) * weight)
 
-    g_blocked = jax.grad(loss(lambda q, k, v: attention.xla_attention(q, k, v, **kw)), argnums=(0, 1, 2))(q, k, v)
-    g_whole = jax.grad(loss(whole), argnums=(0, 1, 2))(q, k, v)
+    g_blocked = jax.jit(jax.grad(loss(lambda q, k, v: attention.xla_attention(q, k, v, **kw)),
+                                 argnums=(0, 1, 2)))(q, k, v)
+    g_whole = jax.jit(jax.grad(loss(whole), argnums=(0, 1, 2)))(q, k, v)
     for a, b in zip(g_blocked, g_whole):
         np.testing.assert_allclose(a, b, atol=2e-5)
 

@@ -54,7 +54,7 @@ json_value = st.recursive(leaf, lambda c: st.lists(c, max_size=4) | st.dictionar
 @pytest.fixture(scope="module")
 def serve_url():
     tok = default_tokenizer()
-    engine = tiny_engine(tok, seed=4, max_slots=4, max_seq_len=128)
+    engine = tiny_engine(tok, seed=4, max_slots=4, max_seq_len=128, min_bucket=128)
     limits = ServeLimits(max_new_tokens=6, max_images=2, max_image_pixels=64 * 64, max_body_bytes=1 << 20)
     with LoopbackServer(create_app(engine, tok, model_name="tiny", limits=limits)).running() as url:
         yield url, tok

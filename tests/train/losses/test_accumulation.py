@@ -168,10 +168,12 @@ def test_segment_topk_matches_per_row_topk():
     k = np.zeros((1, t), np.int32)
     for i in range(len(lengths)):
         k[0, seg[0] == i + 1] = ks[i]
-    got = np.asarray(segment_topk_mask(lp_s, lp_e, mask, seg, k))
+    # Jitted: eagerly, each op of each segment's length compiled alone (about a hundred programs).
+    got = np.asarray(jax.jit(segment_topk_mask)(lp_s, lp_e, mask, seg, k))
+    per_row = jax.jit(topk_token_mask, static_argnames="frac")
     for i, n in enumerate(lengths):
         on = seg[0] == i + 1
-        want = np.asarray(topk_token_mask(lp_s[:, on], lp_e[:, on], mask[:, on], np.array([i != 2]), frac))
+        want = np.asarray(per_row(lp_s[:, on], lp_e[:, on], mask[:, on], np.array([i != 2]), frac=frac))
         np.testing.assert_array_equal(got[:, on], want)
     assert got[0, seg[0] == 0].sum() == 0
 
@@ -199,9 +201,12 @@ def test_train_step_with_four_micro_batches_equals_one_batch(mode):
     tc.optimizer.learning_rate, tc.optimizer.eps, tc.schedule.warmup_ratio = 1e-2, 1e-3, 0.0
     model = toy_model()
     out = {}
+    # One initial state for both steps (each step donates its own copy): the init compiles once.
+    setup, params0, opt0 = create_train_state(model, step_config.validate(tc), mesh, "fsdp", total_steps=1000)
     for accum in (1, 4):
-        setup, params, opt = create_train_state(model, step_config.validate(tc), mesh, "fsdp", total_steps=1000)
-        step = TrainStep(setup, EvolveLoss(cfg), grad_accum_steps=accum, compiler_options={"xla_backend_optimization_level": 0})
+        params, opt = jax.tree.map(jnp.copy, (params0, opt0))
+        step = TrainStep(setup, EvolveLoss(cfg), grad_accum_steps=accum,
+                         compiler_options={"xla_backend_optimization_level": 0})
         new, _, mets = step(params, opt, batch, jax.random.key(0))
         out[accum] = (jax.tree.map(np.asarray, jax.device_get(new["train"])), {k: float(v) for k, v in mets.items()})
     (p1, m1), (p4, m4) = out[1], out[4]
