@@ -96,9 +96,12 @@ def load_model_config(directory: str | os.PathLike, **overrides) -> Qwen3VLConfi
 
 def save_model(directory: str | os.PathLike, model: nnx.Module, *, config: Qwen3VLConfig | None = None,
                overwrite: bool = False) -> str:
-    """Params (orbax) + config (json) into ``directory``; returns its absolute path."""
+    """Params (orbax) + config (json) into ``directory``; returns its absolute path. A model with
+    LoRA adapters is saved merged (W + s·A·B), as the plain model it equals."""
+    from genevolve_jax.models.lora import merged_model
     directory = _abs(directory)
-    config = config or model.config
+    model = merged_model(model)
+    config = (config or model.config).replace(lora=None)
     params_dir = os.path.join(directory, PARAMS_DIR)
     if os.path.exists(params_dir) and not overwrite:
         raise FileExistsError(f"{params_dir} exists; pass overwrite=True to replace the checkpoint")
@@ -114,17 +117,20 @@ def save_model(directory: str | os.PathLike, model: nnx.Module, *, config: Qwen3
 
 def restore_model(directory: str | os.PathLike, *, param_dtype: str | None = None, dtype: str | None = None,
                   mesh=None, rules=None, seed: int = 0, remat: str | None = None,
-                  scan_layers: bool | None = None) -> nnx.Module:
+                  scan_layers: bool | None = None, lora=None) -> nnx.Module:
     """Rebuild the model from a :func:`save_model` directory, optionally in another dtype or layout
     (``remat``: the activation-checkpoint policy a training run wants; ``scan_layers``: the decoder
-    layers stacked or as a list, None keeps the saved layout)."""
+    layers stacked or as a list, None keeps the saved layout). ``lora`` (a LoRAConfig): fresh
+    adapters on the restored base."""
     from genevolve_jax.models.hf_io import abstract_model, materialise_rest
+    from genevolve_jax.models.layers import LoRAParam
     from genevolve_jax.models.qwen3_vl.layer_layout import with_layer_layout
     directory = _abs(directory)
     config = load_model_config(directory, param_dtype=param_dtype,
-                               dtype=dtype or param_dtype, remat=remat)
+                               dtype=dtype or param_dtype, remat=remat, lora=lora)
     model = abstract_model(config, seed=seed, mesh=mesh, rules=rules)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    # Adapters are not in a model checkpoint: they stay abstract here and materialise_rest draws them.
+    graphdef, params, rest = nnx.split(model, nnx.All(nnx.Param, nnx.Not(LoRAParam)), ...)
     if mesh is None:
         # Name the target placement instead of letting orbax fall back to the saving run's devices.
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -164,18 +170,20 @@ def copy_hf_assets(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> li
 
 # --- either kind of directory ------------------------------------------------------------------
 def load_model(path: str | os.PathLike, *, param_dtype: str | None = None, dtype: str | None = None,
-               remat: str | None = None, scan_layers: bool | None = None) -> nnx.Module:
+               remat: str | None = None, scan_layers: bool | None = None, lora=None) -> nnx.Module:
     """An orbax model checkpoint (model_config.json + params/) or a Hugging Face directory (config.json).
     ``remat`` (a train section's ``remat``) sets the activation-checkpoint policy; None keeps "none".
     ``scan_layers``: the decoder layers stacked for ``lax.scan`` or as a list; None keeps a
-    checkpoint's saved layout (a Hugging Face directory loads as a list)."""
+    checkpoint's saved layout (a Hugging Face directory loads as a list). ``lora`` (a
+    config.LoRAConfig, or None): fresh adapters on top of the loaded base."""
     path = os.fspath(path)
     if os.path.exists(os.path.join(path, CONFIG_FILE)):
-        return restore_model(path, param_dtype=param_dtype, dtype=dtype, remat=remat, scan_layers=scan_layers)
+        return restore_model(path, param_dtype=param_dtype, dtype=dtype, remat=remat, scan_layers=scan_layers,
+                             lora=lora)
     if os.path.exists(os.path.join(path, "config.json")):
         from genevolve_jax.models.hf_io import load_pretrained
         return load_pretrained(path, param_dtype=param_dtype, dtype=dtype, remat=remat,
-                               scan_layers=bool(scan_layers))
+                               scan_layers=bool(scan_layers), lora=lora)
     raise FileNotFoundError(f"{path} is neither a model checkpoint ({CONFIG_FILE}) nor a Hugging Face "
                             "directory (config.json)")
 

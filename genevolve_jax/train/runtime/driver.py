@@ -32,7 +32,9 @@ class Driver(abc.ABC):
                  log_dir: str, description: str, tokenizer=None, model=None, devices=None,
                  progress: bool | None = None, collective: Collective | None = None):
         from genevolve_jax.sharding.mesh import mesh_from_config
-        from genevolve_jax.train.runtime.model_setup import compiler_options, device_compiler_options, model_source
+        from genevolve_jax.models.lora import freeze_filter, has_adapters
+        from genevolve_jax.train.runtime.model_setup import (compiler_options, device_compiler_options, lora_config,
+                                                             model_source)
         from genevolve_jax.train.runtime.state import create_train_state, is_vision_path
 
         self.cfg = cfg
@@ -45,7 +47,9 @@ class Driver(abc.ABC):
         tc = train_cfg
         mesh = mesh_from_config(cfg.sharding, devices)
         source = model if model is not None else model_source(cfg.model, tokenizer, remat=tc.remat)
-        freeze = is_vision_path if tc.freeze_vision else None
+        # With LoRA only the adapters train: the base is frozen (no gradient, no optimiser state).
+        self.lora_on = has_adapters(model) if model is not None else lora_config(cfg.model) is not None
+        freeze = freeze_filter(self.lora_on, is_vision_path if tc.freeze_vision else None)
         self.setup, self.params, self.opt_state = create_train_state(source, tc, mesh, cfg.sharding.strategy,
                                                                      total_steps=self.total_steps, freeze=freeze)
         self.train_step = TrainStep(self.setup, loss, compute_dtype=self.compute_dtype,
