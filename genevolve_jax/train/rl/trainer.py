@@ -68,7 +68,8 @@ class EvolveTrainer(Driver):
                          model=model, devices=devices, progress=progress, collective=collective)
         self.group_size = int(cfg.rl.group_size)
         self.pad_id = int(tokenizer.pad_token_id or 0)
-        self.model_config = self.setup.merge(self.params).config
+        # The policy's config as engines and exports hold it (LoRA adapters merged: no lora).
+        self.model_config = self.setup.merge(self.params).config.replace(lora=None)
         self.use_kl = cfg.loss.grpo.kl_coef > 0
         self.updates_per_batch = int(cfg.rl.updates_per_batch)
         # π_old: on-policy (the step's own log-probs), the sampler's, or one forward before the update.
@@ -79,9 +80,10 @@ class EvolveTrainer(Driver):
         # Packed rows of rl.max_tokens_per_row; row counts from a few buckets (train/runtime/compile_log.py).
         self.row_multiple = batch_row_multiple(self.setup.mesh, self.setup.rules, train_cfg.grad_accum_steps)
         self.compile_log = CompileLog()
-        # The KL reference is the starting policy (SFT output), frozen, sharded like the policy.
+        # The KL reference is the starting policy (SFT output), frozen, sharded like the policy: a
+        # copy of it, or with LoRA the base itself with the adapters off (reference_params).
         self.ref_params = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=self.setup.param_shardings)(
-            self.params) if self.use_kl else None
+            self.params) if self.use_kl and not self.lora_on else None
         self.engine = engine if engine is not None else self._make_engine()
         self.engine_version = -1 if (cfg.rl.engine == "sglang" and cfg.rl.sglang.sync_at_start) else 0
         if rollout_phase is None:
@@ -235,7 +237,8 @@ class EvolveTrainer(Driver):
                 batch = {**batch, "old_logprobs": jax.block_until_ready(self.logprob_forward(self.params, batch))}
         if self.use_kl:
             with _timed(times, "reference"):
-                batch = {**batch, "ref_logprobs": jax.block_until_ready(self.logprob_forward(self.ref_params, batch))}
+                ref = self.reference_params()
+                batch = {**batch, "ref_logprobs": jax.block_until_ready(self.logprob_forward(ref, batch))}
         with _timed(times, "train_step"):
             skipped = stage = 0
             for _ in range(self.updates_per_batch):
@@ -252,6 +255,14 @@ class EvolveTrainer(Driver):
         mets["batch/row_tokens"] = float(batch["input_ids"].shape[1])
         return mets
 
+    def reference_params(self) -> dict:
+        """The KL reference's params: the frozen copy, or with LoRA the current base (the same
+        buffers; the step donates and returns them each update) with zero adapters."""
+        if not self.lora_on:
+            return self.ref_params
+        from genevolve_jax.models.lora import adapters_off
+        return {"train": adapters_off(self.params["train"]), "frozen": self.params["frozen"]}
+
     def sync_weights(self, step: int) -> dict[str, float]:
         """The engine samples with the current policy from now on (RolloutEngine.update_weights).
         Weights leave the trainer's layout one ``rl.sync_bucket_bytes`` bucket at a time. An engine
@@ -259,7 +270,7 @@ class EvolveTrainer(Driver):
         every process writes its share of, then process 0 asks the servers to reload it and every
         process adopts the outcome (Collective.sync_engine); a host-local engine drops its weights
         and every process streams the new ones into its layout."""
-        model = self.setup.merge(self.params)
+        model = self.policy_model()
         bucket = int(self.cfg.rl.sync_bucket_bytes)
         export = self.engine.weight_export
         if export is not None:

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from genevolve_jax.sharding.collective import Collective, make_collective
-from genevolve_jax.train.runtime.checkpoint import TrainCheckpointer, abstract_like, rng_from_json, rng_to_json
+from genevolve_jax.train.runtime.checkpoint import (CheckpointError, TrainCheckpointer, abstract_like, rng_from_json,
+                                                    rng_to_json)
 from genevolve_jax.train.runtime.nonfinite import NonFiniteGuard
 from genevolve_jax.train.runtime.observability import RunLogger
 from genevolve_jax.train.runtime.preemption import PreemptionGuard, RunStopped
@@ -84,23 +85,43 @@ class Driver(abc.ABC):
 
     def meta(self) -> dict:
         """JSON-able state saved with every checkpoint next to params and optimiser state."""
-        return {"rng": rng_to_json(self.rng), "losses": list(self.losses), "history": self.logger.history[-10000:],
+        meta = {"rng": rng_to_json(self.rng), "losses": list(self.losses), "history": self.logger.history[-10000:],
                 "nonfinite": self.nonfinite.state_dict()}
+        if self.lora_on:
+            meta["lora_base"] = self.lora_base()
+        return meta
 
     def load_meta(self, meta: dict) -> None:
+        if self.lora_on and meta.get("lora_base") != self.lora_base():
+            raise CheckpointError(f"checkpoint adapters under {self.ckpt.directory} were trained on the base "
+                                  f"{meta.get('lora_base')}, this run's is {self.lora_base()} "
+                                  "(model.path / preset / seed)")
         self.rng = rng_from_json(meta["rng"])
         self.nonfinite.load_state_dict(meta.get("nonfinite", {}))
         self.losses = list(meta.get("losses", []))
         self.logger.history = list(meta.get("history", []))
 
     # -- checkpoints -----------------------------------------------------------------------------
+    def lora_base(self) -> dict:
+        """What the adapters of a LoRA checkpoint sit on: the run's model source (a checkpoint path,
+        or a preset and seed), which rebuilds the frozen base exactly."""
+        m = self.cfg.model
+        return {"path": os.path.abspath(m.path) if m.path else "", "preset": "" if m.path else m.preset,
+                "seed": 0 if m.path else int(m.seed), "param_dtype": m.param_dtype}
+
+    def checkpointed(self, tree: dict) -> dict:
+        """The part of a ``{"train", "frozen"}`` tree a checkpoint holds: with LoRA the adapters
+        only (the frozen base comes from the model source, :meth:`lora_base`), else both."""
+        return {"train": tree["train"]} if self.lora_on else tree
+
     def save(self, force: bool = False) -> None:
-        self.ckpt.save(self.step, self.params, self.opt_state, self.meta(), force=force)
+        self.ckpt.save(self.step, self.checkpointed(self.params), self.opt_state, self.meta(), force=force)
 
     def restore(self, step: int | None = None) -> int:
-        r = self.ckpt.restore(abstract_like(self.params, self.setup.param_shardings),
-                              abstract_like(self.opt_state, self.setup.opt_shardings), step)
-        self.params, self.opt_state, self.step = r.params, r.opt_state, r.step
+        params = abstract_like(self.checkpointed(self.params), self.checkpointed(self.setup.param_shardings))
+        r = self.ckpt.restore(params, abstract_like(self.opt_state, self.setup.opt_shardings), step)
+        self.params = {**self.params, **r.params}
+        self.opt_state, self.step = r.opt_state, r.step
         self.load_meta(r.meta)
         for skipped in r.skipped:   # newer steps that did not restore (train/runtime/checkpoint.py)
             print(f"genevolve: {skipped.log_line()}; resumed from step {r.step}", flush=True)
@@ -110,12 +131,17 @@ class Driver(abc.ABC):
         if self.cfg.checkpoint.resume and self.ckpt.latest_step() is not None:
             self.restore()
 
+    def policy_model(self):
+        """The policy as engines and exports see it: a plain model, LoRA adapters merged in."""
+        from genevolve_jax.models.lora import merged_model
+        return merged_model(self.setup.merge(self.params))
+
     def export_hf(self, path: str, dtype: str) -> str:
         """An HF directory of the policy and its tokenizer (Collective.export_hf: every process
         writes its share, one ``rl.sync_bucket_bytes`` bucket at a time; process 0 the rest)."""
         tokenizer = self.tokenizer
         extra = None if tokenizer is None else tokenizer.save_pretrained
-        return self.collective.export_hf(self.setup.merge(self.params), path, dtype=dtype,
+        return self.collective.export_hf(self.policy_model(), path, dtype=dtype,
                                          bucket_bytes=int(self.cfg.rl.sync_bucket_bytes), write_extra=extra)
 
     # -- the run ---------------------------------------------------------------------------------
