@@ -20,7 +20,7 @@ from flax import nnx
 from genevolve_jax.models.layers import Dense, LoRAParam
 
 __all__ = ["LoRAParam", "adapted_projections", "init_adapters", "kernel_delta", "merged_base_state",
-           "merged_model", "adapters_off", "freeze_filter", "has_adapters"]
+           "merged_model", "with_fresh_adapters", "adapters_off", "freeze_filter", "has_adapters"]
 
 
 def adapted_projections(model: nnx.Module) -> Iterator[tuple[tuple, Dense]]:
@@ -79,6 +79,17 @@ def merged_model(model: nnx.Module) -> nnx.Module:
     if not has_adapters(model):
         return model
     return nnx.merge(base_graphdef(model.config), merged_base_state(model))
+
+
+def with_fresh_adapters(model: nnx.Module, lora, *, seed: int = 0, mesh=None, rules=None) -> nnx.Module:
+    """The policy ``model`` makes (its adapters merged, if any) as the base of new adapters ``lora``
+    (a config.LoRAConfig): A drawn from ``seed``, B zero."""
+    from genevolve_jax.models.hf_io import abstract_model, materialise_rest
+    base = merged_model(model)
+    config = base.config.replace(lora=lora)
+    graphdef, _, rest = nnx.split(abstract_model(config, seed=seed, mesh=mesh, rules=rules),
+                                  nnx.All(nnx.Param, nnx.Not(LoRAParam)), ...)
+    return materialise_rest(nnx.merge(graphdef, nnx.state(base, nnx.Param), rest), config, seed=seed)
 
 
 def adapters_off(train_params: nnx.State) -> nnx.State:
