@@ -313,6 +313,8 @@ class EvolveTrainer(Driver):
             out["reward_curve"] = curve
         if self.cfg.rl.export_hf:
             out["hf_export"] = self.export_hf(os.path.join(self.workdir, "hf_export"), self.cfg.rl.export_dtype)
+            if self.lora_on:   # the adapters alone too, on the run's base (model.path)
+                out["hf_adapter"] = self.export_adapter(os.path.join(self.workdir, "hf_adapter"))
         return out
 
     def close(self) -> None:

@@ -136,6 +136,18 @@ class Driver(abc.ABC):
         from genevolve_jax.models.lora import merged_model
         return merged_model(self.setup.merge(self.params))
 
+    def export_adapter(self, path: str) -> str:
+        """The LoRA adapters as a PEFT folder (models/peft_io.py) on the run's base: gathered to
+        every host (they are small), written by process 0."""
+        from jax.experimental import multihost_utils
+
+        from genevolve_jax.models import peft_io
+        train = multihost_utils.process_allgather(self.params["train"], tiled=True)
+        model = self.setup.merge({"train": train, "frozen": self.params["frozen"]})
+        base = self.lora_base()["path"]
+        self.collective.on_writer(lambda: peft_io.save_adapter(model, path, base_model=base))
+        return os.path.abspath(path)
+
     def export_hf(self, path: str, dtype: str) -> str:
         """An HF directory of the policy and its tokenizer (Collective.export_hf: every process
         writes its share, one ``rl.sync_bucket_bytes`` bucket at a time; process 0 the rest)."""

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from genevolve_jax.models import peft_io
 from genevolve_jax.models.layers import LoRAParam
 from genevolve_jax.models.qwen3_vl.config import LoRAConfig
 from tests.fixtures.toy_task import toy_model, toy_run_config, toy_trainer
@@ -56,6 +57,12 @@ def test_reference_is_the_base_and_the_engine_samples_the_trainers_policy(run):
     for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(base)):
         np.testing.assert_array_equal(a, b)
     assert max(float(np.abs(x).max()) for x in jax.tree.leaves(host(trainer.params["train"]))) > 0
+    # The PEFT export of the run's adapters reads back into fresh ones as they are.
+    out = trainer.export_adapter(os.path.join(cfg.workdir, "hf_adapter"))
+    fresh = toy_model(lora=LoRAConfig(4, 8.0))
+    peft_io.load_adapter(fresh, out)
+    for a, b in zip(jax.tree.leaves(host(nnx.state(fresh, LoRAParam))), jax.tree.leaves(host(trainer.params["train"]))):
+        np.testing.assert_array_equal(a, b)
     # The reference the step used: the live base buffers, adapters zero.
     ref = trainer.reference_params()
     assert ref["frozen"] is trainer.params["frozen"]
