@@ -1,6 +1,7 @@
 """The train step with LoRA: only adapters train and hold optimiser state, the base (held in bf16)
 stays bit for bit, adapters stay float32, and a sharded step (fsdp × tensor on 8 simulated
-devices) agrees with the one-device step, as compare-sharding checks for full fine-tuning."""
+devices; fsdp × sequence) agrees with the one-device step, as compare-sharding checks for full
+fine-tuning."""
 import dataclasses
 
 import jax
@@ -52,10 +53,10 @@ def host(tree):
     return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
 
 
-def run(model, sizes, devices=None):
-    """STEPS steps; (initial host params, final host params, final opt state, per-step metrics)."""
+def run(model, sizes, devices=None, strategy="fsdp_tp"):
+    """STEPS steps; (setup, initial host params, final params, final opt state, per-step metrics)."""
     mesh = make_mesh(sizes, devices)
-    setup, params, opt = create_train_state(model, train_cfg(), mesh, "fsdp_tp", total_steps=10,
+    setup, params, opt = create_train_state(model, train_cfg(), mesh, strategy, total_steps=10,
                                             freeze=freeze_filter(True, is_vision_path))
     step = TrainStep(setup, SFTLoss(chunk_size=128), compute_dtype=jnp.float32, compiler_options=FAST)
     first, metrics = host(params), []
@@ -96,13 +97,16 @@ def test_only_adapters_train_and_the_base_stays_bit_for_bit(one_device):
     assert all(np.isfinite(m["loss"]) and m["grad_norm"] > 0 for m in metrics)
 
 
-def test_fsdp_tp_step_agrees_with_one_device(model, one_device):
+@pytest.mark.parametrize("strategy,sizes", [("fsdp_tp", {"fsdp": 4, "tensor": 2}),
+                                            ("fsdp_sp", {"fsdp": 2, "sequence": 4})])
+def test_sharded_step_agrees_with_one_device(model, one_device, strategy, sizes):
     _, _, ref_params, _, ref_metrics = one_device
-    setup, _, params, _, metrics = run(model, {"fsdp": 4, "tensor": 2})
+    setup, _, params, _, metrics = run(model, sizes, strategy=strategy)
     q_a = setup.param_shardings["train"]["language_model"]["layers"][0]["self_attn"]["q_proj"]["lora_a"]
     q_b = setup.param_shardings["train"]["language_model"]["layers"][0]["self_attn"]["q_proj"]["lora_b"]
     assert tuple(q_a.spec) == ("fsdp", None)              # A like the kernel's input dim
-    assert tuple(q_b.spec) == (None, "tensor", None)     # B like its output (heads) dims
+    # B like the kernel's output (heads) dims: split over tensor where there is one
+    assert tuple(q_b.spec) == (None, "tensor" if "tensor" in sizes else None, None)
     for m, r in zip(metrics, ref_metrics):
         np.testing.assert_allclose(m["loss"], r["loss"], rtol=1e-5)
         np.testing.assert_allclose(m["grad_norm"], r["grad_norm"], rtol=1e-5)
