@@ -101,6 +101,31 @@ def test_the_launch_scripts_lora_targets_are_sglangs_and_ours():
     assert targets == peft_io.adapter_config(LoRAConfig(RANK, ALPHA))["target_modules"]
 
 
+def test_adapter_sync_bodies_are_sglangs(tmp_path):
+    """What SGLangEngine.load_adapter sends (recorded by the stand-in server) builds the wheel's
+    Load/UnloadLoRAAdapterReqInput, and a /generate body naming the adapter passes its schema gate."""
+    from genevolve_jax.rollout.engine import GenerationRequest, SamplingParams
+    from genevolve_jax.rollout.sglang_engine import SGLangEngine
+    from tests.fixtures.sglang_cpu import load
+    from tests.fixtures.sglang_fake import running_fake_sglang
+    sgl = load()
+    with running_fake_sglang() as (url, log):
+        engine = SGLangEngine([url], weights_dir=str(tmp_path))
+        for step in (1, 2):
+            path = engine.export.adapter_path(step)
+            os.makedirs(path)
+            open(os.path.join(path, peft_io.ADAPTER_CONFIG), "w").write("{}")
+            engine.load_adapter(path, step)
+        engine.generate([GenerationRequest([1, 2, 3], SamplingParams(max_new_tokens=2, temperature=1.0, seed=1))])
+    for body in log.adapter_loads:
+        assert sgl.io_struct.LoadLoRAAdapterReqInput(**body).lora_name == body["lora_name"]
+    assert sgl.io_struct.UnloadLoRAAdapterReqInput(lora_name=log.adapter_unloads[0]).lora_name == "policy_v1"
+    body = log.generate_bodies[0]
+    assert body["lora_path"] == "policy_v2"
+    assert sgl.contract.generate_contract_error(body) is None
+    assert sgl.io_struct.GenerateReqInput(**body).lora_path == "policy_v2"
+
+
 def get_module_name_ok(sgl, module: str) -> bool:
     """sglang resolves the module's name to one of its fused targets."""
     fused = {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}

@@ -270,6 +270,8 @@ class EvolveTrainer(Driver):
         every process writes its share of, then process 0 asks the servers to reload it and every
         process adopts the outcome (Collective.sync_engine); a host-local engine drops its weights
         and every process streams the new ones into its layout."""
+        if self.lora_on and self.engine.adapter_sync:
+            return self.sync_adapters(step)
         model = self.policy_model()
         bucket = int(self.cfg.rl.sync_bucket_bytes)
         export = self.engine.weight_export
@@ -285,6 +287,26 @@ class EvolveTrainer(Driver):
             params = self.collective.engine_params(model, self.engine.weight_shardings, bucket_bytes=bucket,
                                                    dtype=self.engine.weight_dtype)
             out = self.collective.sync_engine(self.engine, lambda: self.engine.update_weights(params, step))
+        self.engine_version = step
+        return out
+
+    def sync_adapters(self, step: int) -> dict[str, float]:
+        """LoRA with an engine that takes adapters (SGLang servers): the base, once, when the engine
+        may hold other weights (a fresh or restored run: the servers loaded their own model), then
+        each step's adapters as a PEFT folder of a few MB (Driver.export_adapter) loaded under a
+        name of their own (RolloutEngine.load_adapter). No full model per step."""
+        from genevolve_jax.models.lora import adapters_off, merged_model
+        export, out = self.engine.weight_export, {}
+        if self.engine_version < 0:
+            base = merged_model(self.setup.merge({"train": adapters_off(self.params["train"]),
+                                                  "frozen": self.params["frozen"]}))
+            path = self.collective.export_hf(base, export.path(step), dtype=export.dtype,
+                                             bucket_bytes=int(self.cfg.rl.sync_bucket_bytes), config=self.model_config)
+            out.update(self.collective.sync_engine(self.engine, lambda: self.engine.reload_weights(path, step)))
+        t0 = time.perf_counter()
+        path = self.export_adapter(export.adapter_path(step), dtype=export.dtype)   # rl.sglang.export_dtype
+        out["time/adapter_export_s"] = time.perf_counter() - t0
+        out.update(self.collective.sync_engine(self.engine, lambda: self.engine.load_adapter(path, step)))
         self.engine_version = step
         return out
 

@@ -136,16 +136,17 @@ class Driver(abc.ABC):
         from genevolve_jax.models.lora import merged_model
         return merged_model(self.setup.merge(self.params))
 
-    def export_adapter(self, path: str) -> str:
-        """The LoRA adapters as a PEFT folder (models/peft_io.py) on the run's base: gathered to
-        every host (they are small), written by process 0."""
+    def export_adapter(self, path: str, dtype: str = "float32") -> str:
+        """The LoRA adapters as a PEFT folder (models/peft_io.py) on the run's base, tensors in
+        ``dtype``: gathered to every host (they are small), written by process 0."""
         from jax.experimental import multihost_utils
 
         from genevolve_jax.models import peft_io
         train = multihost_utils.process_allgather(self.params["train"], tiled=True)
         model = self.setup.merge({"train": train, "frozen": self.params["frozen"]})
         base = self.lora_base()["path"]
-        self.collective.on_writer(lambda: peft_io.save_adapter(model, path, base_model=base))
+        np_dtype = DTYPES[dtype]
+        self.collective.on_writer(lambda: peft_io.save_adapter(model, path, base_model=base, dtype=np_dtype))
         return os.path.abspath(path)
 
     def export_hf(self, path: str, dtype: str) -> str:
