@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from genevolve_jax.data.prompts import PromptSource
+from genevolve_jax.models.qwen3_vl.config import TEXT_LORA_TARGETS
 from genevolve_jax.rollout.engine import RolloutEngine
 from genevolve_jax.train.losses.step_losses import EvolveLoss
 from genevolve_jax.train.rl.batch_assembly import (assemble_evolve_batch, batch_row_multiple, choose_row_length,
@@ -86,6 +87,11 @@ class EvolveTrainer(Driver):
             self.params) if self.use_kl and not self.lora_on else None
         self.engine = engine if engine is not None else self._make_engine()
         self.engine_version = -1 if (cfg.rl.engine == "sglang" and cfg.rl.sglang.sync_at_start) else 0
+        # Adapters alone reach an engine that takes them when they sit where SGLang's Qwen3-VL
+        # applies LoRA (the language model); vision-block adapters go merged, in full exports.
+        lora = self.setup.merge(self.params).config.lora
+        self.sync_adapters_only = (self.lora_on and self.engine.adapter_sync
+                                   and set(lora.targets) <= set(TEXT_LORA_TARGETS))
         if rollout_phase is None:
             self.rollout = self._make_rollout_phase()
         elif isinstance(rollout_phase, RolloutPhase):
@@ -270,7 +276,7 @@ class EvolveTrainer(Driver):
         every process writes its share of, then process 0 asks the servers to reload it and every
         process adopts the outcome (Collective.sync_engine); a host-local engine drops its weights
         and every process streams the new ones into its layout."""
-        if self.lora_on and self.engine.adapter_sync:
+        if self.sync_adapters_only:
             return self.sync_adapters(step)
         model = self.policy_model()
         bucket = int(self.cfg.rl.sync_bucket_bytes)
