@@ -49,9 +49,12 @@ SGLANG_CONTRACT = ["pybase64==1.5.1", "msgspec==0.23.0", "pyzmq==27.3.0", "aioht
                    "apache-tvm-ffi==0.1.11", "sentencepiece==0.2.3", "compressed-tensors==0.20.1", "gguf==0.19.0",
                    "partial-json-parser==0.2.1.1.post7", "einops==0.8.2", "orjson==3.13.0", "ipython==9.19.1"]
 RENDER = TORCH + ["diffusers>=0.36", "accelerate>=1.0"] + SERVE
+# peft: the oracle of the LoRA export (tests/models/test_peft_io.py). peft 0.22.0 into an environment
+# with the test extra adds accelerate 1.16.0 and nothing else (torch and transformers unchanged; pip
+# install --dry-run, 2026-12-07).
 # TRANSFORMERS is repeated here (it is in CORE too) to show where the test extra's range comes from.
 TEST = TORCH + SERVE + [TRANSFORMERS, "pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "diffusers>=0.36",
-                        "matplotlib>=3.8", "pyarrow>=14", "openai>=1.0"] + WANDB + SGLANG_CONTRACT
+                        "matplotlib>=3.8", "pyarrow>=14", "openai>=1.0", "peft>=0.22"] + WANDB + SGLANG_CONTRACT
 EVAL = ["pyarrow>=14", "matplotlib>=3.8"]
 
 setup(

@@ -32,6 +32,12 @@
 # adds that flag (batch-invariant kernels: replayable rollouts, slower decoding). The trainer reads
 # /server_info at start and logs every server that runs without it.
 #
+# LoRA: LORA_RANK=R (the run's model.lora.rank) starts the policy server with adapters enabled:
+# --enable-lora --max-lora-rank R --lora-target-modules (the text decoder's seven projections; SGLang
+# fuses q/k/v and gate/up itself) --max-loras-per-batch MAX_LORAS (default 2: the current policy
+# version and the one before it while its last requests finish). Adapters then arrive as PEFT folders
+# (`genevolve export-hf` of a LoRA checkpoint) through /load_lora_adapter.
+#
 # Images: the server's Qwen3-VL processor must give every image as many tokens as the trainer's
 # (genevolve_jax/processing/image.py: min_pixels 65536, max_pixels 16777216, the values Qwen3-VL
 # checkpoints ship in preprocessor_config.json). Keep MODEL_DIR's preprocessor_config.json as shipped;
@@ -48,6 +54,13 @@ case "$ROLE" in
 esac
 PORT=${4:-$DEFAULT_PORT}
 shift $(( $# < 4 ? $# : 4 ))
+LORA_TARGETS=(q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)
+case "${LORA_RANK:-0}" in
+  0) ;;
+  *[!0-9]*) echo "sglang_server.sh: LORA_RANK must be a positive integer, got '$LORA_RANK'" >&2; exit 2 ;;
+  *) ROLE_ARGS+=(--enable-lora --max-lora-rank "$LORA_RANK" --lora-target-modules "${LORA_TARGETS[@]}"
+                 --max-loras-per-batch "${MAX_LORAS:-2}") ;;
+esac
 case "${DETERMINISTIC:-0}" in
   1) ROLE_ARGS+=(--enable-deterministic-inference) ;;
   0) ;;

@@ -2,9 +2,14 @@
 
 import-hf HF_DIR CKPT_DIR   reads config.json + safetensors tensor by tensor into the NNX model and
                             saves params + config with orbax; tokenizer/processor/generation files
-                            ride along in CKPT_DIR/hf_assets.
+                            ride along in CKPT_DIR/hf_assets. ``--adapter DIR``: a PEFT LoRA adapter
+                            of that base, loaded into the model's adapters (a run with the same
+                            model.lora rank/alpha/targets trains them on).
 export-hf CKPT_DIR HF_DIR   restores the checkpoint and streams it out as safetensors shards that
                             transformers (and SGLang) load, with config.json and generation_config.json.
+                            A checkpoint with LoRA adapters is written as a PEFT adapter folder
+                            (adapter_config.json + adapter_model.safetensors), or with ``--merge`` as
+                            the merged model.
 """
 from __future__ import annotations
 
@@ -51,6 +56,9 @@ def add_import_hf_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=_DTYPES, default=None,
                         help="parameter dtype to store (default: the dtype config.json declares)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
+    parser.add_argument("--adapter", default="",
+                        help="a PEFT LoRA adapter folder of HF_DIR (adapter_config.json + adapter_model.safetensors) "
+                             "to load into the checkpoint's adapters")
 
 
 def run_import_hf(args: argparse.Namespace) -> int:
@@ -61,7 +69,7 @@ def run_import_hf(args: argparse.Namespace) -> int:
 
 
 def _import_hf(args: argparse.Namespace) -> int:
-    from genevolve_jax.models import hf_io
+    from genevolve_jax.models import hf_io, peft_io
     from genevolve_jax.models.qwen3_vl import keymap
     from genevolve_jax.models import loading as checkpoint_io
 
@@ -70,15 +78,20 @@ def _import_hf(args: argparse.Namespace) -> int:
     if os.path.exists(existing) and not args.overwrite:  # before minutes of loading, not after
         raise FileExistsError(f"{existing} exists; pass --overwrite to replace the checkpoint")
     param_dtype = args.dtype or hf_io.checkpoint_dtype(args.hf_dir) or "float32"
-    config = hf_io.read_config(args.hf_dir, param_dtype=param_dtype, dtype=param_dtype)
+    lora = peft_io.read_adapter_config(args.adapter) if args.adapter else None   # a bad adapter fails first
+    config = hf_io.read_config(args.hf_dir, param_dtype=param_dtype, dtype=param_dtype, lora=lora)
     n = len(keymap.key_entries(config))
     with _tensor_progress(f"import {args.hf_dir}", n) as advance:
-        model = hf_io.load_pretrained(args.hf_dir, param_dtype=param_dtype, on_tensor=advance)
+        model = hf_io.load_pretrained(args.hf_dir, param_dtype=param_dtype, on_tensor=advance, lora=lora)
+    if lora is not None:
+        peft_io.load_adapter(model, args.adapter)
     path = checkpoint_io.save_model(args.ckpt_dir, model, config=config, overwrite=args.overwrite)
     assets_dir = os.path.join(path, checkpoint_io.ASSETS_DIR)
     if os.path.isdir(assets_dir):  # an overwritten checkpoint keeps no side files of the old model
         shutil.rmtree(assets_dir)
     assets = checkpoint_io.copy_hf_assets(args.hf_dir, assets_dir)
+    if lora is not None:
+        console.print(f"with the LoRA adapter of {args.adapter} (rank {lora.rank}, alpha {lora.alpha:g})")
     console.print(f"saved {n} tensors ({param_dtype}) to {path}"
                   f"{' with ' + ', '.join(assets) if assets else ''} in {time.perf_counter() - start:.1f}s")
     return 0
@@ -90,6 +103,11 @@ def add_export_hf_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=_DTYPES, default="bfloat16", help="tensor dtype in the export")
     parser.add_argument("--max-shard-size", default="5GB",
                         help="largest shard (tensor bytes), e.g. 5GB, 500MB, 2GiB or a byte count")
+    parser.add_argument("--merge", action="store_true",
+                        help="a checkpoint with LoRA adapters: write the merged model (W + s·B·A) instead of a "
+                             "PEFT adapter folder")
+    parser.add_argument("--base-model", default="",
+                        help="the base model a PEFT adapter folder names (base_model_name_or_path)")
 
 
 def run_export_hf(args: argparse.Namespace) -> int:
@@ -100,13 +118,22 @@ def run_export_hf(args: argparse.Namespace) -> int:
 
 
 def _export_hf(args: argparse.Namespace) -> int:
-    from genevolve_jax.models import hf_io
+    from genevolve_jax.models import hf_io, peft_io
+    from genevolve_jax.models.lora import merged_model
     from genevolve_jax.models.qwen3_vl import keymap
     from genevolve_jax.models import loading as checkpoint_io
 
     start = time.perf_counter()
     max_bytes = hf_io.parse_size(args.max_shard_size)  # a bad size fails before the restore
     model = checkpoint_io.restore_model(args.ckpt_dir)
+    if model.config.lora is not None and not args.merge:
+        with hf_io.atomic_directory(args.hf_dir) as partial:
+            peft_io.save_adapter(model, partial, base_model=args.base_model)
+        n = len(peft_io.adapter_entries(model.config))
+        console.print(f"exported the LoRA adapters of {n} projections (rank {model.config.lora.rank}) as a PEFT "
+                      f"folder to {args.hf_dir} in {time.perf_counter() - start:.1f}s")
+        return 0
+    model = merged_model(model)
     config = model.config
     assets_dir = os.path.join(os.path.abspath(args.ckpt_dir), checkpoint_io.ASSETS_DIR)
     generation = None

@@ -304,7 +304,7 @@ def materialise_rest(model: nnx.Module, config: Qwen3VLConfig, *, seed: int = 0)
 def load_pretrained(path: str | os.PathLike, *, param_dtype: str | None = None, dtype: str | None = None,
                     seed: int = 0, rngs: nnx.Rngs | None = None, mesh=None, rules=None, abstract: bool = True,
                     on_tensor: Callable[[str], None] | None = None, remat: str | None = None,
-                    scan_layers: bool = False) -> nnx.Module:
+                    scan_layers: bool = False, lora=None) -> nnx.Module:
     """A Qwen3-VL directory → ``Qwen3VLForConditionalGeneration``.
 
     ``param_dtype`` defaults to the dtype config.json declares (float32 when unknown), ``dtype`` (compute)
@@ -312,12 +312,13 @@ def load_pretrained(path: str | os.PathLike, *, param_dtype: str | None = None, 
     parameter is allocated as its tensor arrives; ``rngs`` or ``abstract=False`` builds it concretely
     first. With ``mesh`` (+ ``rules``: a strategy name or rules table, default fsdp) every tensor is
     placed on its shard directly. ``scan_layers``: the decoder layers stacked (row i of each stacked
-    parameter filled from ``layers.{i}``) instead of a list.
+    parameter filled from ``layers.{i}``) instead of a list. ``lora`` (a LoRAConfig): fresh
+    adapters on the loaded base (they are not in the directory; materialise_rest draws them).
     """
     path = os.fspath(path)
     param_dtype = param_dtype or checkpoint_dtype(path) or "float32"
     config = read_config(path, param_dtype=param_dtype, dtype=dtype or param_dtype, scan_layers=bool(scan_layers),
-                         **({"remat": remat} if remat else {}))
+                         lora=lora, **({"remat": remat} if remat else {}))
     reader = SafetensorsReader(path)
     # Names and shapes against the config before anything is built or read.
     keymap.check_hf_keys(config, reader.shapes(), source=reader.source)

@@ -17,6 +17,14 @@ from genevolve_jax.sharding import logical
 default_kernel_init = nnx.initializers.normal(0.02)
 
 
+class LoRAParam(nnx.Param):
+    """A low-rank adapter matrix. A Param subclass, so code that takes every Param still sees it,
+    and the trainer's filters can tell adapters (trained) from the base (frozen) by type."""
+
+
+LORA_PARAM_DTYPE = jnp.float32   # adapters stay float32 whatever the base is held in
+
+
 class RMSNorm(nnx.Module):
     """y = x / rms(x) * scale, statistics in float32 (Qwen3 RMSNorm; ``scale`` is HF ``weight``)."""
 
@@ -59,13 +67,23 @@ class Dense(nnx.Module):
 
     def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], *, in_axes: Sequence[str | None],
                  out_axes: Sequence[str | None], use_bias: bool, param_dtype, dtype, rngs: nnx.Rngs,
-                 kernel_init=default_kernel_init):
+                 kernel_init=default_kernel_init, lora=None):
         self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
         self.dtype = dtype
         self.kernel = logical.param(rngs, kernel_init, self.in_shape + self.out_shape,
                               tuple(in_axes) + tuple(out_axes), param_dtype)
         self.bias = (logical.param(rngs, nnx.initializers.zeros, self.out_shape, tuple(out_axes), param_dtype)
                      if use_bias else None)
+        # ``lora`` (a config.LoRAConfig): y += scale·(x·A)·B with A [in..., r] sharded like the
+        # kernel's input dims and B [r, out...] like its output dims. Both start at zero without
+        # drawing from ``rngs`` (so the base weights of a seed are the same with or without
+        # adapters); models/lora.py:init_adapters then draws A, and B stays zero: the model is the base.
+        self.lora = lora
+        if lora is not None:
+            self.lora_a = LoRAParam(jnp.zeros(self.in_shape + (lora.rank,), LORA_PARAM_DTYPE),
+                                    logical_axes=tuple(in_axes) + (logical.LORA_RANK,))
+            self.lora_b = LoRAParam(jnp.zeros((lora.rank,) + self.out_shape, LORA_PARAM_DTYPE),
+                                    logical_axes=(logical.LORA_RANK,) + tuple(out_axes))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         n_in = len(self.in_shape)
@@ -73,9 +91,21 @@ class Dense(nnx.Module):
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
         y = jax.lax.dot_general(x.astype(self.dtype), kernel, (contract, ((), ())),
                                 preferred_element_type=self.dtype)
+        if self.lora is not None:
+            y = y + self.adapter_delta(x)
         if self.bias is not None:
             y = y + self.bias.get_value().astype(self.dtype)
         return y
+
+    def adapter_delta(self, x: jax.Array) -> jax.Array:
+        """scale·(x·A)·B in the compute dtype: exactly zero while B is zero."""
+        n_in = len(self.in_shape)
+        a = self.lora_a.get_value().astype(self.dtype)
+        b = self.lora_b.get_value().astype(self.dtype)
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        xa = jax.lax.dot_general(x.astype(self.dtype), a, (contract, ((), ())), preferred_element_type=self.dtype)
+        delta = jax.lax.dot_general(xa, b, (((xa.ndim - 1,), (0,)), ((), ())), preferred_element_type=self.dtype)
+        return delta * jnp.asarray(self.lora.scale, self.dtype)
 
 
 class Embed(nnx.Module):

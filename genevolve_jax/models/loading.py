@@ -6,7 +6,8 @@ here: :func:`load_model` and :func:`load_tokenizer` take either kind of director
 Layout of a model checkpoint directory::
 
     CKPT/model_config.json   our config (HF config.json dict + how we hold it: param_dtype, dtype,
-                             and the decoder layers' layout, scan_layers: stacked or a list)
+                             the decoder layers' layout, scan_layers: stacked or a list, and the
+                             LoRA adapters' rank/alpha/targets when it holds adapters)
     CKPT/params/             orbax StandardCheckpointer tree of the model's nnx.Param values
     CKPT/hf_assets/          optional: tokenizer / processor / generation files carried from HF
 
@@ -27,7 +28,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from genevolve_jax.models.qwen3_vl.config import ConfigError, Qwen3VLConfig
+from genevolve_jax.models.qwen3_vl.config import ConfigError, LoRAConfig, Qwen3VLConfig
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
@@ -67,8 +68,10 @@ def restore_pytree(directory: str | os.PathLike, abstract_tree: Any) -> Any:
 
 # --- model + config ------------------------------------------------------------------------------------
 def config_to_json(config: Qwen3VLConfig) -> dict[str, Any]:
+    lora = config.lora
     return {"hf_config": config.to_hf_dict(), "param_dtype": config.param_dtype, "dtype": config.dtype,
-            "scan_layers": bool(config.scan_layers)}
+            "scan_layers": bool(config.scan_layers),
+            "lora": None if lora is None else {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets)}}
 
 
 def config_from_json(d: dict[str, Any], *, source: str = CONFIG_FILE, **overrides) -> Qwen3VLConfig:
@@ -81,6 +84,9 @@ def config_from_json(d: dict[str, Any], *, source: str = CONFIG_FILE, **override
         raise ConfigError(f"{source}: 'scan_layers' must be true or false, got {kw['scan_layers']!r}")
     kw.update({k: v for k, v in overrides.items() if v is not None})
     try:
+        if d.get("lora") and "lora" not in kw:
+            kw["lora"] = LoRAConfig(rank=int(d["lora"]["rank"]), alpha=float(d["lora"]["alpha"]),
+                                    targets=tuple(d["lora"]["targets"]))
         return Qwen3VLConfig.from_hf_dict(d["hf_config"], **kw)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
@@ -95,10 +101,15 @@ def load_model_config(directory: str | os.PathLike, **overrides) -> Qwen3VLConfi
 
 
 def save_model(directory: str | os.PathLike, model: nnx.Module, *, config: Qwen3VLConfig | None = None,
-               overwrite: bool = False) -> str:
-    """Params (orbax) + config (json) into ``directory``; returns its absolute path."""
+               overwrite: bool = False, merge: bool = False) -> str:
+    """Params (orbax) + config (json) into ``directory``; returns its absolute path. LoRA adapters
+    are saved as they are (``export-hf`` writes them in PEFT's format), or with ``merge`` folded
+    into the base (W + s·A·B): the plain model they make."""
+    from genevolve_jax.models.lora import merged_model
     directory = _abs(directory)
-    config = config or model.config
+    if merge:
+        model = merged_model(model)
+    config = (config or model.config).replace(lora=model.config.lora)
     params_dir = os.path.join(directory, PARAMS_DIR)
     if os.path.exists(params_dir) and not overwrite:
         raise FileExistsError(f"{params_dir} exists; pass overwrite=True to replace the checkpoint")
@@ -114,17 +125,27 @@ def save_model(directory: str | os.PathLike, model: nnx.Module, *, config: Qwen3
 
 def restore_model(directory: str | os.PathLike, *, param_dtype: str | None = None, dtype: str | None = None,
                   mesh=None, rules=None, seed: int = 0, remat: str | None = None,
-                  scan_layers: bool | None = None) -> nnx.Module:
+                  scan_layers: bool | None = None, lora=None) -> nnx.Module:
     """Rebuild the model from a :func:`save_model` directory, optionally in another dtype or layout
     (``remat``: the activation-checkpoint policy a training run wants; ``scan_layers``: the decoder
-    layers stacked or as a list, None keeps the saved layout)."""
+    layers stacked or as a list, None keeps the saved layout). ``lora`` (a LoRAConfig): adapters
+    to train: the saved ones when the checkpoint holds adapters of that config (training goes on),
+    else fresh ones on the saved policy (saved adapters of another config merged into it first)."""
     from genevolve_jax.models.hf_io import abstract_model, materialise_rest
+    from genevolve_jax.models.layers import LoRAParam
+    from genevolve_jax.models.lora import with_fresh_adapters
     from genevolve_jax.models.qwen3_vl.layer_layout import with_layer_layout
     directory = _abs(directory)
-    config = load_model_config(directory, param_dtype=param_dtype,
-                               dtype=dtype or param_dtype, remat=remat)
+    saved = load_model_config(directory, param_dtype=param_dtype, dtype=dtype or param_dtype, remat=remat)
+    if lora is not None and saved.lora is not None and saved.lora != lora:
+        model = restore_model(directory, param_dtype=param_dtype, dtype=dtype, mesh=mesh, rules=rules, seed=seed,
+                              remat=remat, scan_layers=scan_layers)
+        return with_fresh_adapters(model, lora, seed=seed, mesh=mesh, rules=rules)
+    config = saved if lora is None else saved.replace(lora=lora)
     model = abstract_model(config, seed=seed, mesh=mesh, rules=rules)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    # Adapters the checkpoint lacks stay abstract here and materialise_rest draws them.
+    graphdef, params, rest = nnx.split(model, nnx.All(nnx.Param, nnx.Not(LoRAParam)) if saved.lora is None
+                                       else nnx.Param, ...)
     if mesh is None:
         # Name the target placement instead of letting orbax fall back to the saving run's devices.
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -164,18 +185,20 @@ def copy_hf_assets(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> li
 
 # --- either kind of directory ------------------------------------------------------------------
 def load_model(path: str | os.PathLike, *, param_dtype: str | None = None, dtype: str | None = None,
-               remat: str | None = None, scan_layers: bool | None = None) -> nnx.Module:
+               remat: str | None = None, scan_layers: bool | None = None, lora=None) -> nnx.Module:
     """An orbax model checkpoint (model_config.json + params/) or a Hugging Face directory (config.json).
     ``remat`` (a train section's ``remat``) sets the activation-checkpoint policy; None keeps "none".
     ``scan_layers``: the decoder layers stacked for ``lax.scan`` or as a list; None keeps a
-    checkpoint's saved layout (a Hugging Face directory loads as a list)."""
+    checkpoint's saved layout (a Hugging Face directory loads as a list). ``lora`` (a
+    config.LoRAConfig, or None): fresh adapters on top of the loaded base."""
     path = os.fspath(path)
     if os.path.exists(os.path.join(path, CONFIG_FILE)):
-        return restore_model(path, param_dtype=param_dtype, dtype=dtype, remat=remat, scan_layers=scan_layers)
+        return restore_model(path, param_dtype=param_dtype, dtype=dtype, remat=remat, scan_layers=scan_layers,
+                             lora=lora)
     if os.path.exists(os.path.join(path, "config.json")):
         from genevolve_jax.models.hf_io import load_pretrained
         return load_pretrained(path, param_dtype=param_dtype, dtype=dtype, remat=remat,
-                               scan_layers=bool(scan_layers))
+                               scan_layers=bool(scan_layers), lora=lora)
     raise FileNotFoundError(f"{path} is neither a model checkpoint ({CONFIG_FILE}) nor a Hugging Face "
                             "directory (config.json)")
 

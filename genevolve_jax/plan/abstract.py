@@ -41,11 +41,13 @@ class Buffer:
 def model_config(run_cfg, section, model_config_path: str = ""):
     """The Qwen3VLConfig a run of ``run_cfg`` trains: the preset (or ``model.path``'s config) with
     ``model.param_dtype`` / ``model.dtype`` and the layers' layout (``model.scan_layers``) as
-    ``train.run_setup`` builds it, and the section's activation-checkpoint policy (``<section>.remat``).
+    ``train.run_setup`` builds it, the section's activation-checkpoint policy (``<section>.remat``)
+    and the LoRA adapters of ``model.lora``.
 
     ``model_config_path``: an HF config.json (or its folder) instead of the config's preset."""
     from genevolve_jax.models.qwen3_vl import config as qwen_config
-    from genevolve_jax.train.runtime.model_setup import build_tokenizer, random_model_config, validate_model
+    from genevolve_jax.train.runtime.model_setup import (build_tokenizer, lora_config, random_model_config,
+                                                         validate_model)
 
     validate_model(run_cfg.model)
     path = model_config_path or run_cfg.model.path
@@ -55,7 +57,8 @@ def model_config(run_cfg, section, model_config_path: str = ""):
     else:
         tokenizer = build_tokenizer(run_cfg.model) if run_cfg.model.preset == "tiny" else None
         cfg = random_model_config(run_cfg.model, tokenizer)
-    return cfg.replace(remat=section.remat, scan_layers=bool(run_cfg.model.scan_layers))
+    return cfg.replace(remat=section.remat, scan_layers=bool(run_cfg.model.scan_layers),
+                       lora=lora_config(run_cfg.model))
 
 
 def _split(model, freeze: Callable | None):

@@ -52,7 +52,7 @@ def abstract_engine(run_cfg, config, devices) -> AbstractEngine:
     devices = sorted((d for d in devices if d.process_index == first), key=lambda d: d.id)
     dtype = str(run_cfg.train.compute_dtype)
     # The engine runs the layers one by one over its cache, whatever the trainer's layout.
-    config = config.replace(scan_layers=False)
+    config = config.replace(scan_layers=False, lora=None)   # the plain model: LoRA adapters arrive merged
     model = nnx.eval_shape(lambda: Qwen3VLForConditionalGeneration(config, rngs=nnx.Rngs(0)))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     mesh = engine_mesh(ecfg, devices)

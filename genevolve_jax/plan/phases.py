@@ -19,7 +19,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from flax import nnx
+
+from genevolve_jax.models.layers import LoRAParam
+from genevolve_jax.models.lora import freeze_filter
 from genevolve_jax.plan import abstract
+from genevolve_jax.plan.report import fmt_bytes
 from genevolve_jax.sharding import logical
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -178,7 +183,7 @@ def sft_phase(run_cfg, target, mesh, shapes: Shapes, *, model_config_path: str =
     desc = f"{rows} × {row_len} packed" + (f", {shapes.images.per_row} image(s) of {shapes.images.side}² per row"
                                           if shapes.images.per_row else "") + f", {tc.grad_accum_steps} micro-batch(es)"
     return step_phase("sft", config, tc, sft_loss(run_cfg, tc), mesh, run_cfg.sharding.strategy, batch, target,
-                      freeze=is_vision_path if tc.freeze_vision else None,
+                      freeze=freeze_filter(config.lora is not None, is_vision_path if tc.freeze_vision else None),
                       compiler_options=compiler_options(run_cfg.model), desc=desc)
 
 
@@ -202,11 +207,27 @@ def logprob_forwards_per_step(run_cfg) -> int:
 
 def rl_resident(run_cfg, state: abstract.AbstractState) -> dict[str, Any]:
     """What the trainer holds through an RL run: parameters, optimiser state and, with the KL term
-    on, the frozen reference copy of the policy."""
+    on, the frozen reference copy of the policy (none with LoRA: the reference is the base with
+    the adapters off, :func:`reference_bytes_saved`)."""
     resident = {"params": state.params, "optimizer": state.opt_state}
-    if float(run_cfg.loss.grpo.kl_coef) > 0:
+    if float(run_cfg.loss.grpo.kl_coef) > 0 and not lora_on(state):
         resident["reference params"] = abstract.abstract_copy(state.params, state.setup.param_shardings)
     return resident
+
+
+def lora_on(state: abstract.AbstractState) -> bool:
+    """Whether the state trains LoRA adapters (its trained parameters are adapters)."""
+    return any(isinstance(v, LoRAParam) for v in
+               jax.tree.leaves(state.params["train"], is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def reference_bytes_saved(run_cfg, state: abstract.AbstractState) -> int:
+    """Bytes a device does not hold for the KL reference because LoRA's reference is the base
+    itself: the copy of the base parameters a full fine-tuning run keeps (0 without LoRA or KL)."""
+    if float(run_cfg.loss.grpo.kl_coef) <= 0 or not lora_on(state):
+        return 0
+    variables = jax.tree.leaves(state.params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return abstract.bytes_per_device([v.get_value() for v in variables if not isinstance(v, LoRAParam)])
 
 
 def rl_state(run_cfg, config, mesh) -> abstract.AbstractState:
@@ -215,7 +236,8 @@ def rl_state(run_cfg, config, mesh) -> abstract.AbstractState:
     from genevolve_jax.train.runtime.step_config import validate
     tc = validate(run_cfg.train)
     return abstract.abstract_train_state(config, tc, mesh, run_cfg.sharding.strategy,
-                                  freeze=is_vision_path if tc.freeze_vision else None)
+                                         freeze=freeze_filter(config.lora is not None,
+                                                              is_vision_path if tc.freeze_vision else None))
 
 
 def rl_phase(run_cfg, target, mesh, shapes: Shapes, *, model_config_path: str = "") -> Phase:
@@ -266,4 +288,8 @@ def rl_phase(run_cfg, target, mesh, shapes: Shapes, *, model_config_path: str = 
         fns.append(TracedFn("reference_forward", traced, abstract.bytes_per_device(view), opts, count))
     img = f", {shapes.images.per_row} image(s) of {shapes.images.side}² per row" if shapes.images.per_row else ""
     desc = f"{rows} rollouts × {seq_len} tokens{img}, {tc.grad_accum_steps} micro-batch(es)"
+    saved = reference_bytes_saved(run_cfg, state)
+    if saved:
+        desc += (f", LoRA rank {config.lora.rank}: KL reference = the base with adapters off "
+                 f"({fmt_bytes(saved)} a device not copied)")
     return Phase("rl", state, resident, abstract.bytes_per_device(state.params["train"]), fns, desc)

@@ -144,6 +144,17 @@ class RolloutEngine(abc.ABC):
         raise TypeError(f"{type(self).__name__} has no weight_export: it takes its weights in memory "
                         "(update_weights), not from an HF export on disk")
 
+    @property
+    def adapter_sync(self) -> bool:
+        """True when the engine takes LoRA adapters on top of a base it already holds
+        (:meth:`load_adapter`), so that a LoRA trainer sends adapters, not whole models."""
+        return False
+
+    def load_adapter(self, path: str, step: int) -> dict[str, float]:
+        """Sample with the PEFT adapter folder at ``path`` (on the base the engine holds) as the
+        weights of ``step``; metrics as :meth:`update_weights`. Only engines with :attr:`adapter_sync`."""
+        raise TypeError(f"{type(self).__name__} takes no LoRA adapters: the trainer sends it merged weights")
+
     def release_weights(self) -> None:
         """Drop the weights in use before a sync brings new ones (between rollout phases), so that
         the devices never hold two copies; the engine samples again after :meth:`update_weights`.

@@ -232,6 +232,9 @@ class SGLangEngine(RolloutEngine):
         self._down_until = {u: 0.0 for u in self.urls}
         self.export = WeightExport(weights_dir, model_config, dtype=export_dtype) if weights_dir else None
         self.versions = WeightVersions(self.urls, max_weight_lag_steps)
+        # LoRA: the adapter each server loaded last, named in the lora_path of its requests (absent:
+        # the server samples its own weights). Only a loaded version is ever named.
+        self.adapters: dict[str, str] = {}
         self.deterministic: dict[str, bool | None] = {}
         # ``disconnect_waits``: retries held back to SGLang's disconnect poll (same server, dropped request).
         self.stats = {"requests": 0, "retries": 0, "failures": 0, "prompt_mismatches": 0, "disconnect_waits": 0}
@@ -252,10 +255,16 @@ class SGLangEngine(RolloutEngine):
         return True  # rl.sglang.urls lists every host's servers: one process pushes for all
 
     def weight_sync_state(self) -> dict:
-        return self.versions.state_dict()
+        return {**self.versions.state_dict(), "adapters": dict(self.adapters)}
 
     def adopt_weight_sync_state(self, state) -> None:
+        state = dict(state)
+        self.adapters = dict(state.pop("adapters", {}))
         self.versions.load_state_dict(state)
+
+    @property
+    def adapter_sync(self) -> bool:
+        return self.export is not None   # the adapter folders go where the servers read exports
 
     @property
     def weight_export(self):
@@ -361,6 +370,8 @@ class SGLangEngine(RolloutEngine):
                         self.stats["disconnect_waits"] += 1
                     await asyncio.sleep(delay)
                 body = {**base, "rid": self._rid(req, attempt)}
+                if url in self.adapters:
+                    body["lora_path"] = self.adapters[url]
                 self._inflight[url] += 1
                 dropped = False
                 try:
@@ -404,13 +415,16 @@ class SGLangEngine(RolloutEngine):
     async def _reload_one(self, client: httpx.AsyncClient, url: str, path: str, step: int) -> str:
         """Reload ``path`` on ``url``, retried with backoff; "" when loaded, else the last error."""
         body = {"model_path": path, "weight_version": str(step)}  # flush_cache defaults to true
+        return await self._post_retried(client, url, "/update_weights_from_disk", body)
+
+    async def _post_retried(self, client: httpx.AsyncClient, url: str, route: str, body: dict) -> str:
+        """POST ``body`` to ``url + route``, retried with backoff; "" on success, else the last error."""
         error = ""
         for attempt in range(self.retries + 1):
             if attempt:
                 await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
             try:
-                r = await client.post(url + "/update_weights_from_disk", json=body, timeout=self.timeout_s,
-                                      headers=self._headers)
+                r = await client.post(url + route, json=body, timeout=self.timeout_s, headers=self._headers)
                 try:
                     data = r.json()
                 except ValueError:
@@ -420,7 +434,7 @@ class SGLangEngine(RolloutEngine):
                 error = f"HTTP {r.status_code}: {error_message(data)}"
             except httpx.HTTPError as exc:
                 error = f"{type(exc).__name__}: {exc}"
-        return error or "reload failed"
+        return error or f"{route} failed"
 
     async def _reload_all(self, path: str, step: int) -> dict[str, str]:
         async with httpx.AsyncClient() as client:
@@ -452,6 +466,42 @@ class SGLangEngine(RolloutEngine):
         metrics = self.versions.record(step, outcomes)
         self.export.prune(path)
         return {"time/weight_reload_s": t2 - t1, **metrics}
+
+    def load_adapter(self, path: str, step: int) -> dict[str, float]:
+        """Load the PEFT folder ``path`` on every server as adapter ``policy_v<step>``
+        (/load_lora_adapter). A server that loaded it names it in the lora_path of every later
+        request and unloads its previous version (the synchronous trainer has no request in
+        flight at a sync). One whose load failed keeps its version and falls behind as after a failed
+        reload: no rollouts while another server is current, WeightLagError past the allowed lag."""
+        self._require_export()
+        name = f"policy_v{int(step)}"
+        t0 = time.perf_counter()
+        outcomes = asyncio.run(self._all(lambda c, u: self._post_retried(
+            c, u, "/load_lora_adapter", {"lora_name": name, "lora_path": path})))
+        superseded = {}
+        for url, error in outcomes.items():
+            if error:
+                log.warning("SGLang server %s did not load the adapter of step %d (%s); it gets no rollouts "
+                            "until a load succeeds", url, step, error)
+            else:
+                if url in self.adapters:
+                    superseded[url] = self.adapters[url]
+                self.adapters[url] = name
+        unloaded = asyncio.run(self._all(lambda c, u: self._post_retried(
+            c, u, "/unload_lora_adapter", {"lora_name": superseded[u]}), list(superseded)))
+        for url, error in unloaded.items():
+            if error:
+                log.warning("SGLang server %s kept adapter %s (%s)", url, superseded[url], error)
+        metrics = self.versions.record(step, outcomes)
+        self.export.prune(path)
+        return {"time/adapter_load_s": time.perf_counter() - t0, **metrics}
+
+    async def _all(self, post, urls: Sequence[str] | None = None) -> dict[str, str]:
+        """``post(client, url)`` on every server (or ``urls``) at once: {url: error or ""}."""
+        urls = self.urls if urls is None else list(urls)
+        async with httpx.AsyncClient() as client:
+            errors = await asyncio.gather(*(post(client, u) for u in urls))
+        return dict(zip(urls, errors))
 
     def _require_export(self) -> None:
         if self.export is None:

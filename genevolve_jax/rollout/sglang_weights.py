@@ -24,7 +24,7 @@ import re
 import shutil
 from typing import Mapping, Sequence
 
-_VERSION_DIR = re.compile(r"weights_v(\d+)")
+_VERSION_DIR = re.compile(r"(weights|adapter)_v(\d+)")
 
 
 class WeightLagError(RuntimeError):
@@ -43,6 +43,10 @@ class WeightExport:
     def path(self, step: int) -> str:
         return os.path.join(self.weights_dir, f"weights_v{int(step)}")
 
+    def adapter_path(self, step: int) -> str:
+        """Where the trainer writes the LoRA adapter (PEFT folder) of ``step``."""
+        return os.path.join(self.weights_dir, f"adapter_v{int(step)}")
+
     def export(self, params, step: int) -> str:
         """Write ``params`` (nnx.State of nnx.Param, or an nnx model) for ``step``; returns the path."""
         from genevolve_jax.models.hf_io import atomic_directory, save_pretrained
@@ -55,7 +59,8 @@ class WeightExport:
         return final
 
     def prune(self, keep: str) -> None:
-        """Delete every other ``weights_v*`` directory (and leftovers of interrupted exports)."""
+        """Delete every other ``weights_v*`` / ``adapter_v*`` directory (and leftovers of interrupted
+        exports): a server holds what it loaded, so only the newest folder can still be read."""
         if not os.path.isdir(self.weights_dir):
             return
         keep = os.path.abspath(keep)

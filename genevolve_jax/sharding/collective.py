@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from genevolve_jax.models.lora import merged_model
 from genevolve_jax.models.qwen3_vl.layer_layout import is_stacked, leaf_rows, with_layout_of
 from genevolve_jax.rollout.engine import RolloutEngine
 from genevolve_jax.sharding import weight_stream
@@ -183,9 +184,10 @@ def params_in_layout(model: nnx.Module, shardings, bucket_bytes: int | None,
 def model_in_layout(setup, params, shardings, bucket_bytes: int | None, place: weight_stream.Placer,
                     dtype=None) -> nnx.Module:
     """The policy with its parameters in ``shardings`` (:func:`params_in_layout`, in ``dtype``) and
-    its other variables (usually none) replicated on the same mesh."""
+    its other variables (usually none) replicated on the same mesh. LoRA adapters are merged
+    into the base first (models/lora.py): engines and exports hold the plain model they make."""
     from genevolve_jax.models.hf_io import abstract_split
-    model = setup.merge(params)
+    model = merged_model(setup.merge(params))
     state = params_in_layout(model, shardings, bucket_bytes, place, dtype)
     graphdef, _, rest = abstract_split(model.config.replace(scan_layers=is_stacked(shardings)))
     if jax.tree.leaves(setup.rest):
@@ -260,7 +262,7 @@ class SingleProcess(Collective):
 
     def local_model(self, setup, params, shardings=None, *, bucket_bytes=None, dtype=None):
         if shardings is None:
-            return setup.merge(params)
+            return merged_model(setup.merge(params))
         return model_in_layout(setup, params, shardings, bucket_bytes, _place_here, dtype)
 
     def export_hf(self, model, path, *, dtype, bucket_bytes, config=None, write_extra=None):

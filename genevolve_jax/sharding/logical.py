@@ -38,10 +38,11 @@ VIS_EMBED = "vis_embed"    # vision hidden size
 VIS_HEADS = "vis_heads"
 VIS_MLP = "vis_mlp"
 VIS_IN = "vis_in"          # flattened patch (C·T·P·P) and merged-patch input features
+LORA_RANK = "lora_rank"    # an adapter's rank dim: replicated under every strategy (r is small)
 NONE = None                # replicated dimension
 
 ALL_LOGICAL_AXES = (BATCH, SEQ, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB, LAYERS, CACHE_SEQ,
-                    VIS_TOKENS, VIS_EMBED, VIS_HEADS, VIS_MLP, VIS_IN)
+                    VIS_TOKENS, VIS_EMBED, VIS_HEADS, VIS_MLP, VIS_IN, LORA_RANK)
 
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 

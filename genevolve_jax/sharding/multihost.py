@@ -44,6 +44,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from genevolve_jax.models.layers import LoRAParam
 from genevolve_jax.sharding import weight_stream
 from genevolve_jax.sharding.collective import Collective, model_in_layout, params_in_layout
 from genevolve_jax.sharding.host_exchange import HostExchange
@@ -415,7 +416,9 @@ class MultiProcess(Collective):
     def local_model(self, setup, params, shardings=None, *, bucket_bytes=None, dtype=None):
         if shardings is None:
             mesh = local_mesh()
-            shardings = jax.tree.map(lambda _: _replicated(mesh), nnx.state(setup.merge(params), nnx.Param))
+            # The policy's parameters without adapters: the tree of the merged model it will be.
+            base = nnx.state(setup.merge(params), nnx.All(nnx.Param, nnx.Not(LoRAParam)))
+            shardings = jax.tree.map(lambda _: _replicated(mesh), base)
         return model_in_layout(setup, params, shardings, bucket_bytes, _place_on_host, dtype)
 
     def export_hf(self, model, path, *, dtype, bucket_bytes, config=None, write_extra=None):

@@ -59,6 +59,34 @@ class VisionConfig:
         return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
 
 
+# LoRA targets: the text decoder's projections by their HF/PEFT module names, and the vision
+# blocks' (not the patch embedding or the mergers) under a "vision." prefix.
+TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+VISION_LORA_TARGETS = ("vision.qkv", "vision.proj", "vision.linear_fc1", "vision.linear_fc2")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters W + (alpha / rank)·A·B on the named projections (not in config.json)."""
+    rank: int
+    alpha: float
+    targets: tuple[str, ...] = TEXT_LORA_TARGETS
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ConfigError(f"lora rank must be a positive integer, got {self.rank!r}")
+        if not self.alpha > 0:
+            raise ConfigError(f"lora alpha must be > 0, got {self.alpha!r}")
+        unknown = sorted(set(self.targets) - set(TEXT_LORA_TARGETS + VISION_LORA_TARGETS))
+        if unknown or not self.targets:
+            raise ConfigError(f"lora targets {unknown or '(none)'}: choose from "
+                              f"{list(TEXT_LORA_TARGETS + VISION_LORA_TARGETS)}")
+
+    @property
+    def scale(self) -> float:
+        return float(self.alpha) / self.rank
+
+
 @dataclasses.dataclass(frozen=True)
 class Qwen3VLConfig:
     text: TextConfig
@@ -76,6 +104,9 @@ class Qwen3VLConfig:
     # body (compile time independent of depth), and the activation-checkpoint policy per layer.
     scan_layers: bool = False
     remat: str = "none"  # "none" | "full" | "save_dots"
+    # Not in config.json either: adapters on top of the (then frozen) base; None = no adapters, and
+    # the parameter tree is exactly the base model's.
+    lora: LoRAConfig | None = None
 
     def __post_init__(self):
         for name in ("param_dtype", "dtype"):
@@ -100,6 +131,10 @@ class Qwen3VLConfig:
             raise ConfigError(f"vision_config.deepstack_visual_indexes {bad} outside [0, depth={v.depth})")
         if len(v.deepstack_visual_indexes) > t.num_hidden_layers:
             raise ConfigError("more deepstack_visual_indexes than text decoder layers")
+
+    def lora_for(self, target: str) -> LoRAConfig | None:
+        """The adapter config of the projection named ``target`` (TEXT/VISION_LORA_TARGETS), or None."""
+        return self.lora if self.lora is not None and target in self.lora.targets else None
 
     @property
     def jnp_param_dtype(self):

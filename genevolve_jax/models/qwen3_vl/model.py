@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx, struct
 
 from genevolve_jax.models.layers import Dense
+from genevolve_jax.models.lora import init_adapters
 from genevolve_jax.models.qwen3_vl import rope
 from genevolve_jax.models.qwen3_vl.config import Qwen3VLConfig
 from genevolve_jax.models.qwen3_vl.text import DeepstackInputs, KVCache, Qwen3VLTextModel, init_cache
@@ -150,6 +151,8 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
         self.lm_head = None if config.tie_word_embeddings else Dense(
             (t.hidden_size,), (t.vocab_size,), in_axes=(logical.EMBED,), out_axes=(logical.VOCAB,), use_bias=False,
             param_dtype=config.jnp_param_dtype, dtype=config.jnp_dtype, rngs=rngs)
+        if config.lora is not None:   # drawn after every base parameter: a seed's base is the same
+            init_adapters(self, rngs.params())
 
     # --- pieces --------------------------------------------------------------------------------------
     def _vision(self, pixels: jax.Array, grid: Grid):

@@ -115,13 +115,13 @@ class TextAttention(nnx.Module):
         pd, dt = config.jnp_param_dtype, config.jnp_dtype
         d, h, kv, hd = t.hidden_size, t.num_attention_heads, t.num_key_value_heads, t.head_dim
         self.q_proj = Dense((d,), (h, hd), in_axes=(logical.EMBED,), out_axes=(logical.HEADS, logical.HEAD_DIM),
-                            use_bias=False, param_dtype=pd, dtype=dt, rngs=rngs)
+                            use_bias=False, param_dtype=pd, dtype=dt, rngs=rngs, lora=config.lora_for("q_proj"))
         self.k_proj = Dense((d,), (kv, hd), in_axes=(logical.EMBED,), out_axes=(logical.KV_HEADS, logical.HEAD_DIM),
-                            use_bias=False, param_dtype=pd, dtype=dt, rngs=rngs)
+                            use_bias=False, param_dtype=pd, dtype=dt, rngs=rngs, lora=config.lora_for("k_proj"))
         self.v_proj = Dense((d,), (kv, hd), in_axes=(logical.EMBED,), out_axes=(logical.KV_HEADS, logical.HEAD_DIM),
-                            use_bias=False, param_dtype=pd, dtype=dt, rngs=rngs)
+                            use_bias=False, param_dtype=pd, dtype=dt, rngs=rngs, lora=config.lora_for("v_proj"))
         self.o_proj = Dense((h, hd), (d,), in_axes=(logical.HEADS, logical.HEAD_DIM), out_axes=(logical.EMBED,),
-                            use_bias=False, param_dtype=pd, dtype=dt, rngs=rngs)
+                            use_bias=False, param_dtype=pd, dtype=dt, rngs=rngs, lora=config.lora_for("o_proj"))
         self.q_norm = RMSNorm(hd, logical.HEAD_DIM, eps=t.rms_norm_eps, param_dtype=pd, rngs=rngs)
         self.k_norm = RMSNorm(hd, logical.HEAD_DIM, eps=t.rms_norm_eps, param_dtype=pd, rngs=rngs)
 
@@ -171,11 +171,11 @@ class TextMLP(nnx.Module):
         t = config.text
         kw = dict(use_bias=False, param_dtype=config.jnp_param_dtype, dtype=config.jnp_dtype, rngs=rngs)
         self.gate_proj = Dense((t.hidden_size,), (t.intermediate_size,), in_axes=(logical.EMBED,),
-                               out_axes=(logical.MLP,), **kw)
-        self.up_proj = Dense((t.hidden_size,), (t.intermediate_size,), in_axes=(logical.EMBED,), out_axes=(logical.MLP,
-                                                                                                           ), **kw)
+                               out_axes=(logical.MLP,), lora=config.lora_for("gate_proj"), **kw)
+        self.up_proj = Dense((t.hidden_size,), (t.intermediate_size,), in_axes=(logical.EMBED,),
+                             out_axes=(logical.MLP,), lora=config.lora_for("up_proj"), **kw)
         self.down_proj = Dense((t.intermediate_size,), (t.hidden_size,), in_axes=(logical.MLP,),
-                               out_axes=(logical.EMBED,), **kw)
+                               out_axes=(logical.EMBED,), lora=config.lora_for("down_proj"), **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)

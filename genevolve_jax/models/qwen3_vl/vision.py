@@ -174,14 +174,20 @@ class PositionTable(nnx.Module):
         return jnp.sum(rows * weights.astype(jnp.float32)[..., None], axis=-2)
 
 
+def no_lora(_target: str) -> None:
+    """The ``lora_for`` of a model without adapters."""
+    return None
+
+
 class VisionAttention(nnx.Module):
-    def __init__(self, vision: VisionConfig, *, param_dtype, dtype, rngs: nnx.Rngs):
+    def __init__(self, vision: VisionConfig, *, param_dtype, dtype, rngs: nnx.Rngs, lora_for=no_lora):
         d, h, hd = vision.hidden_size, vision.num_heads, vision.head_dim
         self.qkv = Dense((d,), (3, h, hd), in_axes=(logical.VIS_EMBED,),
                          out_axes=(None, logical.VIS_HEADS, logical.HEAD_DIM), use_bias=True,
-                         param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+                         param_dtype=param_dtype, dtype=dtype, rngs=rngs, lora=lora_for("vision.qkv"))
         self.proj = Dense((h, hd), (d,), in_axes=(logical.VIS_HEADS, logical.HEAD_DIM), out_axes=(logical.VIS_EMBED,),
-                          use_bias=True, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+                          use_bias=True, param_dtype=param_dtype, dtype=dtype, rngs=rngs,
+                          lora=lora_for("vision.proj"))
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array,
                  segment_length: int | None = None) -> jax.Array:
@@ -201,12 +207,12 @@ class VisionAttention(nnx.Module):
 
 
 class VisionMLP(nnx.Module):
-    def __init__(self, vision: VisionConfig, *, param_dtype, dtype, rngs: nnx.Rngs):
+    def __init__(self, vision: VisionConfig, *, param_dtype, dtype, rngs: nnx.Rngs, lora_for=no_lora):
         kw = dict(use_bias=True, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
         self.linear_fc1 = Dense((vision.hidden_size,), (vision.intermediate_size,), in_axes=(logical.VIS_EMBED,),
-                                out_axes=(logical.VIS_MLP,), **kw)
+                                out_axes=(logical.VIS_MLP,), lora=lora_for("vision.linear_fc1"), **kw)
         self.linear_fc2 = Dense((vision.intermediate_size,), (vision.hidden_size,), in_axes=(logical.VIS_MLP,),
-                                out_axes=(logical.VIS_EMBED,), **kw)
+                                out_axes=(logical.VIS_EMBED,), lora=lora_for("vision.linear_fc2"), **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # hidden_act = gelu_pytorch_tanh
@@ -214,12 +220,12 @@ class VisionMLP(nnx.Module):
 
 
 class VisionBlock(nnx.Module):
-    def __init__(self, vision: VisionConfig, *, param_dtype, dtype, rngs: nnx.Rngs):
+    def __init__(self, vision: VisionConfig, *, param_dtype, dtype, rngs: nnx.Rngs, lora_for=no_lora):
         kw = dict(param_dtype=param_dtype, rngs=rngs)
         self.norm1 = LayerNorm(vision.hidden_size, logical.VIS_EMBED, eps=_LN_EPS, **kw)
         self.norm2 = LayerNorm(vision.hidden_size, logical.VIS_EMBED, eps=_LN_EPS, **kw)
-        self.attn = VisionAttention(vision, dtype=dtype, **kw)
-        self.mlp = VisionMLP(vision, dtype=dtype, **kw)
+        self.attn = VisionAttention(vision, dtype=dtype, lora_for=lora_for, **kw)
+        self.mlp = VisionMLP(vision, dtype=dtype, lora_for=lora_for, **kw)
 
     def __call__(self, x, cos, sin, segment_ids, segment_length=None):
         x = x + self.attn(self.norm1(x), cos, sin, segment_ids, segment_length)
@@ -264,7 +270,7 @@ class Qwen3VLVisionModel(nnx.Module):
         self.patch_embed = PatchEmbed(v, **kw)
         self.pos_embed = PositionTable(v.num_position_embeddings, v.hidden_size,
                                        param_dtype=config.jnp_param_dtype, rngs=rngs)
-        self.blocks = nnx.List([VisionBlock(v, **kw) for _ in range(v.depth)])
+        self.blocks = nnx.List([VisionBlock(v, lora_for=config.lora_for, **kw) for _ in range(v.depth)])
         self.merger = PatchMerger(v, postshuffle=False, **kw)
         self.deepstack_merger_list = nnx.List(
             [PatchMerger(v, postshuffle=True, **kw) for _ in v.deepstack_visual_indexes])

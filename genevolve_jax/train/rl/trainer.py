@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from genevolve_jax.data.prompts import PromptSource
+from genevolve_jax.models.qwen3_vl.config import TEXT_LORA_TARGETS
 from genevolve_jax.rollout.engine import RolloutEngine
 from genevolve_jax.train.losses.step_losses import EvolveLoss
 from genevolve_jax.train.rl.batch_assembly import (assemble_evolve_batch, batch_row_multiple, choose_row_length,
@@ -68,7 +69,8 @@ class EvolveTrainer(Driver):
                          model=model, devices=devices, progress=progress, collective=collective)
         self.group_size = int(cfg.rl.group_size)
         self.pad_id = int(tokenizer.pad_token_id or 0)
-        self.model_config = self.setup.merge(self.params).config
+        # The policy's config as engines and exports hold it (LoRA adapters merged: no lora).
+        self.model_config = self.setup.merge(self.params).config.replace(lora=None)
         self.use_kl = cfg.loss.grpo.kl_coef > 0
         self.updates_per_batch = int(cfg.rl.updates_per_batch)
         # π_old: on-policy (the step's own log-probs), the sampler's, or one forward before the update.
@@ -79,11 +81,17 @@ class EvolveTrainer(Driver):
         # Packed rows of rl.max_tokens_per_row; row counts from a few buckets (train/runtime/compile_log.py).
         self.row_multiple = batch_row_multiple(self.setup.mesh, self.setup.rules, train_cfg.grad_accum_steps)
         self.compile_log = CompileLog()
-        # The KL reference is the starting policy (SFT output), frozen, sharded like the policy.
+        # The KL reference is the starting policy (SFT output), frozen, sharded like the policy: a
+        # copy of it, or with LoRA the base itself with the adapters off (reference_params).
         self.ref_params = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=self.setup.param_shardings)(
-            self.params) if self.use_kl else None
+            self.params) if self.use_kl and not self.lora_on else None
         self.engine = engine if engine is not None else self._make_engine()
         self.engine_version = -1 if (cfg.rl.engine == "sglang" and cfg.rl.sglang.sync_at_start) else 0
+        # Adapters alone reach an engine that takes them when they sit where SGLang's Qwen3-VL
+        # applies LoRA (the language model); vision-block adapters go merged, in full exports.
+        lora = self.setup.merge(self.params).config.lora
+        self.sync_adapters_only = (self.lora_on and self.engine.adapter_sync
+                                   and set(lora.targets) <= set(TEXT_LORA_TARGETS))
         if rollout_phase is None:
             self.rollout = self._make_rollout_phase()
         elif isinstance(rollout_phase, RolloutPhase):
@@ -235,7 +243,8 @@ class EvolveTrainer(Driver):
                 batch = {**batch, "old_logprobs": jax.block_until_ready(self.logprob_forward(self.params, batch))}
         if self.use_kl:
             with _timed(times, "reference"):
-                batch = {**batch, "ref_logprobs": jax.block_until_ready(self.logprob_forward(self.ref_params, batch))}
+                ref = self.reference_params()
+                batch = {**batch, "ref_logprobs": jax.block_until_ready(self.logprob_forward(ref, batch))}
         with _timed(times, "train_step"):
             skipped = stage = 0
             for _ in range(self.updates_per_batch):
@@ -252,6 +261,14 @@ class EvolveTrainer(Driver):
         mets["batch/row_tokens"] = float(batch["input_ids"].shape[1])
         return mets
 
+    def reference_params(self) -> dict:
+        """The KL reference's params: the frozen copy, or with LoRA the current base (the same
+        buffers; the step donates and returns them each update) with zero adapters."""
+        if not self.lora_on:
+            return self.ref_params
+        from genevolve_jax.models.lora import adapters_off
+        return {"train": adapters_off(self.params["train"]), "frozen": self.params["frozen"]}
+
     def sync_weights(self, step: int) -> dict[str, float]:
         """The engine samples with the current policy from now on (RolloutEngine.update_weights).
         Weights leave the trainer's layout one ``rl.sync_bucket_bytes`` bucket at a time. An engine
@@ -259,7 +276,9 @@ class EvolveTrainer(Driver):
         every process writes its share of, then process 0 asks the servers to reload it and every
         process adopts the outcome (Collective.sync_engine); a host-local engine drops its weights
         and every process streams the new ones into its layout."""
-        model = self.setup.merge(self.params)
+        if self.sync_adapters_only:
+            return self.sync_adapters(step)
+        model = self.policy_model()
         bucket = int(self.cfg.rl.sync_bucket_bytes)
         export = self.engine.weight_export
         if export is not None:
@@ -274,6 +293,26 @@ class EvolveTrainer(Driver):
             params = self.collective.engine_params(model, self.engine.weight_shardings, bucket_bytes=bucket,
                                                    dtype=self.engine.weight_dtype)
             out = self.collective.sync_engine(self.engine, lambda: self.engine.update_weights(params, step))
+        self.engine_version = step
+        return out
+
+    def sync_adapters(self, step: int) -> dict[str, float]:
+        """LoRA with an engine that takes adapters (SGLang servers): the base, once, when the engine
+        may hold other weights (a fresh or restored run: the servers loaded their own model), then
+        each step's adapters as a PEFT folder of a few MB (Driver.export_adapter) loaded under a
+        name of their own (RolloutEngine.load_adapter). No full model per step."""
+        from genevolve_jax.models.lora import adapters_off, merged_model
+        export, out = self.engine.weight_export, {}
+        if self.engine_version < 0:
+            base = merged_model(self.setup.merge({"train": adapters_off(self.params["train"]),
+                                                  "frozen": self.params["frozen"]}))
+            path = self.collective.export_hf(base, export.path(step), dtype=export.dtype,
+                                             bucket_bytes=int(self.cfg.rl.sync_bucket_bytes), config=self.model_config)
+            out.update(self.collective.sync_engine(self.engine, lambda: self.engine.reload_weights(path, step)))
+        t0 = time.perf_counter()
+        path = self.export_adapter(export.adapter_path(step), dtype=export.dtype)   # rl.sglang.export_dtype
+        out["time/adapter_export_s"] = time.perf_counter() - t0
+        out.update(self.collective.sync_engine(self.engine, lambda: self.engine.load_adapter(path, step)))
         self.engine_version = step
         return out
 
@@ -302,6 +341,8 @@ class EvolveTrainer(Driver):
             out["reward_curve"] = curve
         if self.cfg.rl.export_hf:
             out["hf_export"] = self.export_hf(os.path.join(self.workdir, "hf_export"), self.cfg.rl.export_dtype)
+            if self.lora_on:   # the adapters alone too, on the run's base (model.path)
+                out["hf_adapter"] = self.export_adapter(os.path.join(self.workdir, "hf_adapter"))
         return out
 
     def close(self) -> None:

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from genevolve_jax.sharding.collective import Collective, make_collective
-from genevolve_jax.train.runtime.checkpoint import TrainCheckpointer, abstract_like, rng_from_json, rng_to_json
+from genevolve_jax.train.runtime.checkpoint import (CheckpointError, TrainCheckpointer, abstract_like, rng_from_json,
+                                                    rng_to_json)
 from genevolve_jax.train.runtime.nonfinite import NonFiniteGuard
 from genevolve_jax.train.runtime.observability import RunLogger
 from genevolve_jax.train.runtime.preemption import PreemptionGuard, RunStopped
@@ -32,7 +33,9 @@ class Driver(abc.ABC):
                  log_dir: str, description: str, tokenizer=None, model=None, devices=None,
                  progress: bool | None = None, collective: Collective | None = None):
         from genevolve_jax.sharding.mesh import mesh_from_config
-        from genevolve_jax.train.runtime.model_setup import compiler_options, device_compiler_options, model_source
+        from genevolve_jax.models.lora import freeze_filter, has_adapters
+        from genevolve_jax.train.runtime.model_setup import (compiler_options, device_compiler_options, lora_config,
+                                                             model_source)
         from genevolve_jax.train.runtime.state import create_train_state, is_vision_path
 
         self.cfg = cfg
@@ -45,7 +48,9 @@ class Driver(abc.ABC):
         tc = train_cfg
         mesh = mesh_from_config(cfg.sharding, devices)
         source = model if model is not None else model_source(cfg.model, tokenizer, remat=tc.remat)
-        freeze = is_vision_path if tc.freeze_vision else None
+        # With LoRA only the adapters train: the base is frozen (no gradient, no optimiser state).
+        self.lora_on = has_adapters(model) if model is not None else lora_config(cfg.model) is not None
+        freeze = freeze_filter(self.lora_on, is_vision_path if tc.freeze_vision else None)
         self.setup, self.params, self.opt_state = create_train_state(source, tc, mesh, cfg.sharding.strategy,
                                                                      total_steps=self.total_steps, freeze=freeze)
         self.train_step = TrainStep(self.setup, loss, compute_dtype=self.compute_dtype,
@@ -80,23 +85,43 @@ class Driver(abc.ABC):
 
     def meta(self) -> dict:
         """JSON-able state saved with every checkpoint next to params and optimiser state."""
-        return {"rng": rng_to_json(self.rng), "losses": list(self.losses), "history": self.logger.history[-10000:],
+        meta = {"rng": rng_to_json(self.rng), "losses": list(self.losses), "history": self.logger.history[-10000:],
                 "nonfinite": self.nonfinite.state_dict()}
+        if self.lora_on:
+            meta["lora_base"] = self.lora_base()
+        return meta
 
     def load_meta(self, meta: dict) -> None:
+        if self.lora_on and meta.get("lora_base") != self.lora_base():
+            raise CheckpointError(f"checkpoint adapters under {self.ckpt.directory} were trained on the base "
+                                  f"{meta.get('lora_base')}, this run's is {self.lora_base()} "
+                                  "(model.path / preset / seed)")
         self.rng = rng_from_json(meta["rng"])
         self.nonfinite.load_state_dict(meta.get("nonfinite", {}))
         self.losses = list(meta.get("losses", []))
         self.logger.history = list(meta.get("history", []))
 
     # -- checkpoints -----------------------------------------------------------------------------
+    def lora_base(self) -> dict:
+        """What the adapters of a LoRA checkpoint sit on: the run's model source (a checkpoint path,
+        or a preset and seed), which rebuilds the frozen base exactly."""
+        m = self.cfg.model
+        return {"path": os.path.abspath(m.path) if m.path else "", "preset": "" if m.path else m.preset,
+                "seed": 0 if m.path else int(m.seed), "param_dtype": m.param_dtype}
+
+    def checkpointed(self, tree: dict) -> dict:
+        """The part of a ``{"train", "frozen"}`` tree a checkpoint holds: with LoRA the adapters
+        only (the frozen base comes from the model source, :meth:`lora_base`), else both."""
+        return {"train": tree["train"]} if self.lora_on else tree
+
     def save(self, force: bool = False) -> None:
-        self.ckpt.save(self.step, self.params, self.opt_state, self.meta(), force=force)
+        self.ckpt.save(self.step, self.checkpointed(self.params), self.opt_state, self.meta(), force=force)
 
     def restore(self, step: int | None = None) -> int:
-        r = self.ckpt.restore(abstract_like(self.params, self.setup.param_shardings),
-                              abstract_like(self.opt_state, self.setup.opt_shardings), step)
-        self.params, self.opt_state, self.step = r.params, r.opt_state, r.step
+        params = abstract_like(self.checkpointed(self.params), self.checkpointed(self.setup.param_shardings))
+        r = self.ckpt.restore(params, abstract_like(self.opt_state, self.setup.opt_shardings), step)
+        self.params = {**self.params, **r.params}
+        self.opt_state, self.step = r.opt_state, r.step
         self.load_meta(r.meta)
         for skipped in r.skipped:   # newer steps that did not restore (train/runtime/checkpoint.py)
             print(f"genevolve: {skipped.log_line()}; resumed from step {r.step}", flush=True)
@@ -106,12 +131,30 @@ class Driver(abc.ABC):
         if self.cfg.checkpoint.resume and self.ckpt.latest_step() is not None:
             self.restore()
 
+    def policy_model(self):
+        """The policy as engines and exports see it: a plain model, LoRA adapters merged in."""
+        from genevolve_jax.models.lora import merged_model
+        return merged_model(self.setup.merge(self.params))
+
+    def export_adapter(self, path: str, dtype: str = "float32") -> str:
+        """The LoRA adapters as a PEFT folder (models/peft_io.py) on the run's base, tensors in
+        ``dtype``: gathered to every host (they are small), written by process 0."""
+        from jax.experimental import multihost_utils
+
+        from genevolve_jax.models import peft_io
+        train = multihost_utils.process_allgather(self.params["train"], tiled=True)
+        model = self.setup.merge({"train": train, "frozen": self.params["frozen"]})
+        base = self.lora_base()["path"]
+        np_dtype = DTYPES[dtype]
+        self.collective.on_writer(lambda: peft_io.save_adapter(model, path, base_model=base, dtype=np_dtype))
+        return os.path.abspath(path)
+
     def export_hf(self, path: str, dtype: str) -> str:
         """An HF directory of the policy and its tokenizer (Collective.export_hf: every process
         writes its share, one ``rl.sync_bucket_bytes`` bucket at a time; process 0 the rest)."""
         tokenizer = self.tokenizer
         extra = None if tokenizer is None else tokenizer.save_pretrained
-        return self.collective.export_hf(self.setup.merge(self.params), path, dtype=dtype,
+        return self.collective.export_hf(self.policy_model(), path, dtype=dtype,
                                          bucket_bytes=int(self.cfg.rl.sync_bucket_bytes), write_extra=extra)
 
     # -- the run ---------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ import jax
 import ml_collections
 
 from genevolve_jax.config_checks import Checker
+from genevolve_jax.models.qwen3_vl.config import TEXT_LORA_TARGETS as LORA_TEXT_TARGETS
+from genevolve_jax.models.qwen3_vl.config import VISION_LORA_TARGETS as LORA_VISION_TARGETS
 from genevolve_jax.sharding.mesh import MeshError, resolve_axis_sizes
 
 PRESETS = ("tiny", "qwen3vl_2b", "qwen3vl_8b")
@@ -40,6 +42,12 @@ def default_model_config() -> ml_collections.ConfigDict:
         # (a 36-layer step compiles in a fraction of the unrolled time and memory; MaxText's TPU
         # default), same values. Engines decode with the layer list and convert what they receive.
         "scan_layers": False,
+        # Low-rank adapters (models/lora.py): rank 0 = off (the model is exactly the base). With a
+        # rank, only the adapters train (the base is frozen; it may be held in bf16 via param_dtype,
+        # the adapters stay float32); scale = alpha / rank as PEFT's. targets: the text decoder's
+        # projections by default; "vision.qkv", "vision.proj", "vision.linear_fc1/2" add the
+        # vision blocks'. (No adapter dropout yet: PEFT's default of 0.)
+        "lora": ml_collections.ConfigDict({"rank": 0, "alpha": 16.0, "targets": list(LORA_TEXT_TARGETS)}),
     })
 
 
@@ -56,7 +64,21 @@ def validate_model(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         check(cfg[name] in ("float32", "bfloat16"), name, "float32 or bfloat16", cfg[name])
     check.boolean(cfg.fast_compile, "fast_compile")
     check.boolean(cfg.scan_layers, "scan_layers")
+    lora = cfg.lora
+    check.integer(lora.rank, "lora.rank", 0)
+    check.number(lora.alpha, "lora.alpha", low=0, low_open=True)
+    targets = list(lora.targets) if isinstance(lora.targets, (list, tuple)) else None
+    check(bool(targets) and set(targets) <= set(LORA_TEXT_TARGETS + LORA_VISION_TARGETS), "lora.targets",
+          f"a non-empty list from {list(LORA_TEXT_TARGETS + LORA_VISION_TARGETS)}", lora.targets)
     return cfg
+
+
+def lora_config(model_cfg):
+    """``model.lora`` as the model's LoRAConfig, or None when its rank is 0."""
+    from genevolve_jax.models.qwen3_vl.config import LoRAConfig
+    lora = model_cfg.lora
+    rank, alpha, targets = int(lora.rank), float(lora.alpha), tuple(lora.targets)
+    return LoRAConfig(rank=rank, alpha=alpha, targets=targets) if rank else None
 
 
 def compiler_options(model_cfg) -> dict:
@@ -134,12 +156,13 @@ def model_source(model_cfg, tokenizer, remat: str | None = None):
     if model_cfg.path:
         from genevolve_jax.models.loading import load_model
         return load_model(model_cfg.path, param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype, remat=remat,
-                          scan_layers=model_cfg.scan_layers)
+                          scan_layers=model_cfg.scan_layers, lora=lora_config(model_cfg))
     from flax import nnx
 
     from genevolve_jax.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
 
-    config = random_model_config(model_cfg, tokenizer).replace(scan_layers=bool(model_cfg.scan_layers))
+    config = random_model_config(model_cfg, tokenizer).replace(scan_layers=bool(model_cfg.scan_layers),
+                                                               lora=lora_config(model_cfg))
     if remat:
         config = config.replace(remat=remat)
     seed = int(model_cfg.seed)

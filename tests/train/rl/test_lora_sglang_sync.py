@@ -1,0 +1,40 @@
+"""`genevolve train` with LoRA and rl.engine="sglang", against a stand-in SGLang server: the base is
+pushed once at the start (a full export with the adapters off), then every step sends only its
+adapters (a PEFT folder loaded as policy_v<step>, the previous one unloaded), and rollouts name
+the version the server holds in their lora_path. (The stand-in's canned tokens are no policy's: the
+run's losses are not looked at, only what crosses the wire.)"""
+import os
+
+import jax
+from safetensors.numpy import load_file
+
+from genevolve_jax.models import peft_io
+from genevolve_jax.models.qwen3_vl.config import LoRAConfig
+from tests.fixtures.sglang_fake import FakeBehaviour, running_fake_sglang
+from tests.fixtures.toy_task import toy_model, toy_trainer
+from tests.train.rl.test_trainer_sglang import sglang_config
+
+
+def test_lora_run_syncs_adapters_not_models(tmp_path):
+    with running_fake_sglang(FakeBehaviour(image_tokens=1)) as (url, log):
+        cfg = sglang_config(tmp_path / "run", [url])
+        model = toy_model(lora=LoRAConfig(4, 8.0))
+        trainer = toy_trainer(cfg, model=model)
+        try:
+            weights_dir = trainer.engine.weight_export.weights_dir
+            steps = [trainer.train_one_step() for _ in range(2)]
+            # One full push, of the base: the adapters off.
+            assert [b["weight_version"] for b in log.reload_bodies] == ["0"]
+            assert [b["lora_name"] for b in log.adapter_loads] == ["policy_v0", "policy_v1", "policy_v2"]
+            assert log.adapter_unloads == ["policy_v0", "policy_v1"] and log.adapters == {"policy_v2"}
+            named = [b.get("lora_path") for b in log.generate_bodies]
+            rows = cfg.data.rl.prompts_per_step * cfg.rl.group_size
+            assert named == ["policy_v0"] * rows + ["policy_v1"] * rows
+            assert all(m["time/adapter_export_s"] > 0 and m["sglang/servers_behind"] == 0 for m in steps)
+            assert sorted(os.listdir(weights_dir)) == ["adapter_v2"]
+            sent = load_file(os.path.join(weights_dir, "adapter_v2", peft_io.ADAPTER_WEIGHTS))
+            assert sum(v.nbytes for v in sent.values()) == sum(
+                x.nbytes for x in jax.tree.leaves(trainer.params["train"]))
+            assert peft_io.read_adapter_config(os.path.join(weights_dir, "adapter_v2")) == LoRAConfig(4, 8.0)
+        finally:
+            trainer.close()
