@@ -307,9 +307,14 @@ def _splash_kernel(group: int, t: int, causal: bool, interpret: bool):
     block = min(512, t) if t % 512 == 0 else _SPLASH_BLOCK
     sizes = sk.BlockSizes(block_q=block, block_kv_compute=block, block_kv=block, block_q_dkv=block,
                           block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
-    # One kernel per KV head: its `group` query heads share that K/V (MQA form of GQA).
-    return sk.make_splash_mqa_single_device(sm.MultiHeadMask([one] * group), block_sizes=sizes,
-                                            interpret=interpret)
+    # One kernel per KV head: its `group` query heads share that K/V (MQA form of GQA). The kernel
+    # holds its mask's block tables as arrays and is cached across calls, so they must be concrete:
+    # built inside the first caller's jit trace they would be that trace's tracers, and the next
+    # jit with the same shape (the reference or π_old forward after the train step) would fail
+    # with an UnexpectedTracerError.
+    with jax.ensure_compile_time_eval():
+        return sk.make_splash_mqa_single_device(sm.MultiHeadMask([one] * group), block_sizes=sizes,
+                                                interpret=interpret)
 
 
 def splash_attention(q, k, v, *, causal, q_positions=None, kv_valid_mask=None, q_segment_ids=None,

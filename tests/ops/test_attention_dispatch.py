@@ -70,6 +70,20 @@ def test_splash_under_a_mesh_runs_per_shard():
     np.testing.assert_allclose(np.asarray(got)[m], np.asarray(ref)[m], rtol=1e-5, atol=1e-5)
 
 
+def test_a_splash_kernel_built_inside_one_jit_serves_the_next():
+    """The train step builds the kernel inside its trace; the reference forward that follows, with
+    the same shape, reuses it. (A shape no other test uses: the kernel must be built in the trace.)"""
+    q, k, v, seg, valid = _inputs(t=384, h=6, kv=2, seed=7)
+    kw = dict(causal=True, q_segment_ids=seg, kv_segment_ids=seg, kv_valid_mask=valid, interpret=True)
+
+    def total(q, k, v):
+        return jnp.sum(jnp.where(np.asarray(valid)[..., None, None], attention.splash_attention(q, k, v, **kw), 0.0))
+
+    inside_grad, _ = jax.jit(jax.value_and_grad(total))(q, k, v)
+    again = jax.jit(total)(q, k, v)
+    np.testing.assert_allclose(again, inside_grad, rtol=1e-6)
+
+
 @pytest.mark.gpu
 def test_cudnn_matches_xla_in_bf16():
     q, k, v, seg, valid = _inputs(t=256, d=64, dtype=jnp.bfloat16)
