@@ -107,6 +107,10 @@ def default_rl_config() -> ml_collections.ConfigDict:
                                     # 1: always the maximum)
         "patch_multiple": 1024,     # (ours) per-row image patch budget rounded up to this (image batches)
         "render_seed": 0,
+        "stream_rewards": True,     # (ours) each rollout is rendered and judged as soon as it has its program,
+                                    # every group at once (bounded by render.throughput and the judge's
+                                    # limits); False: today's barrier (all rollouts, then group by group).
+                                    # The same samples and rewards either way (train/rl/rollout_phase.py)
         "export_hf": True,          # HF export of the final policy
         "export_dtype": "bfloat16",
         "sync_bucket_bytes": 1 << 30,  # (ours) weights leave the trainer's layout this many bytes at a time
@@ -128,6 +132,7 @@ def validate_rl(cfg) -> ml_collections.ConfigDict:
     _require(is_int(cfg.patch_multiple) and cfg.patch_multiple >= 1, "rl.patch_multiple", "an int >= 1",
              cfg.patch_multiple)
     _require(cfg.export_dtype in EXPORT_DTYPES, "rl.export_dtype", "float32 or bfloat16", cfg.export_dtype)
+    _require(isinstance(cfg.stream_rewards, bool), "rl.stream_rewards", "a bool", cfg.stream_rewards)
     _require(is_int(cfg.sync_bucket_bytes) and cfg.sync_bucket_bytes >= 1, "rl.sync_bucket_bytes",
              "a positive byte count", cfg.sync_bucket_bytes)
     _require(cfg.old_logprobs in OLD_LOGPROBS, "rl.old_logprobs", f"one of {OLD_LOGPROBS}", cfg.old_logprobs)

@@ -138,7 +138,8 @@ class EvolveTrainer(Driver):
                                           render_throughput=self.cfg.render.throughput)
         g = self.cfg.loss.grpo
         return AgentRolloutPhase(loop, scorer, self.group_size, render_seed=int(self.cfg.rl.render_seed),
-                                 mask_truncated=bool(g.mask_truncated), mask_error=bool(g.mask_error))
+                                 mask_truncated=bool(g.mask_truncated), mask_error=bool(g.mask_error),
+                                 stream_rewards=bool(self.cfg.rl.stream_rewards))
 
     def _make_prompt_source(self) -> PromptSource:
         from genevolve_jax.data.prompts import PoolPrompts
