@@ -41,17 +41,19 @@ class _Clock:
         return {f"{name}_s": v for name, v in self.marks[n].items() if name != "scoring"}
 
     def critical_path(self) -> dict[str, float]:
-        """``time/rollout_s``: until the last trajectory ended; ``time/render_wait_s``: then until
-        the last render arrived; ``time/judge_wait_s``: then until the last judge answered
-        (``time/judge_s`` is the two together: what rewards added after generation);
-        ``time/reward_overlap_s``: generation time during which rewards were already being scored."""
+        """``time/rollout_s``: the whole phase, its critical path: ``time/generation_s`` until the
+        last trajectory ended, then ``time/render_wait_s`` until the last render arrived, then
+        ``time/judge_wait_s`` until the last judge answered (``time/judge_s`` is the two together:
+        what rewards added after generation); ``time/reward_overlap_s``: generation time during
+        which rewards were already being scored."""
         def last(name, floor=0.0):
             return max([m[name] for m in self.marks if name in m], default=floor)
         gen = last("generated")
         rendered = max(gen, last("rendered", gen))
         judged = max(rendered, last("judged", rendered))
         first_scoring = min([m["scoring"] for m in self.marks if "scoring" in m], default=gen)
-        return {"time/rollout_s": gen, "time/render_wait_s": rendered - gen, "time/judge_wait_s": judged - rendered,
+        return {"time/rollout_s": judged, "time/generation_s": gen, "time/render_wait_s": rendered - gen,
+                "time/judge_wait_s": judged - rendered,
                 "time/judge_s": judged - gen, "time/reward_overlap_s": max(0.0, gen - first_scoring)}
 
 
