@@ -17,11 +17,12 @@ uses the random model (no program parses, nothing renders: it checks the harness
 
 Modes: ``barrier`` (rl.stream_rewards = False: every rollout, then the groups one after another),
 ``streaming`` (rl.stream_rewards = True) and ``stale1`` (streaming and rl.max_staleness = 1).
-Reported per mode: the steady step wall time (mean over the steps after the first two, which
-compile), the rollout phase's critical path (``time/rollout_s``: generation, then the render and
-judge tails), the trainer's idle seconds a step (waiting for rollouts: the collect in a synchronous
-step, ``time/rollout_wait_s`` with a producer) and the mean reward per step; with the ratios the
-issue asks for: streaming's rollout phase over the barrier's, and stale1's steady step over
+Reported per mode: the steady step wall time (mean over the steps after the first two, less any
+compile seconds a later step spent on a new row length; the median too), the rollout phase's
+critical path (``time/rollout_s``: generation, then the render and judge tails), the trainer's
+idle seconds a step (waiting for rollouts: the collect in a synchronous step,
+``time/rollout_wait_s`` with a producer) and the mean reward per step; with the ratios the issue
+asks for: streaming's rollout phase over the barrier's, and stale1's steady step over
 streaming's.
 """
 from __future__ import annotations
@@ -127,6 +128,9 @@ def run_mode(args, mode: str, root: str, url: str, model: tuple[str, str]) -> di
     cfg = apply_overrides(cfg, [f"--config.{k}={v!r}" for k, v in MODES[mode].items()])
     cfg.model.path, cfg.model.tokenizer = model[0] or cfg.model.path, model[1] or cfg.model.tokenizer
     cfg.render.backend, cfg.render.http.urls = "http", [url]
+    # The pixels the README's run renders in process (render.tiny), asked of the service instead.
+    cfg.render.sampling.long_side = cfg.render.tiny.long_side
+    cfg.render.sampling.num_inference_steps = cfg.render.tiny.num_inference_steps
     cfg.render.throughput.max_concurrency = args.render_concurrency
     prepare_data(cfg, sft=False, rl=True)
     trainer = EvolveTrainer(cfg, progress=False)
@@ -140,13 +144,18 @@ def run_mode(args, mode: str, root: str, url: str, model: tuple[str, str]) -> di
             walls.append(time.perf_counter() - t0)
     finally:
         trainer.close()
-    steady = walls[2:] or walls
+    # Steady: the steps after the first two, less the seconds they spent compiling (a new row
+    # length, time/compile_s), which the other modes may have read from the cache instead.
+    steady = [w - float(r.get("time/compile_s", 0.0)) for w, r in zip(walls, rows)][2:] or walls
     idle_key = "time/rollout_wait_s" if MODES[mode]["rl.max_staleness"] else "time/rollout_s"
 
     def mean(key, rows=rows[2:] or rows):
         return sum(float(r.get(key, 0.0)) for r in rows) / len(rows)
     return {"mode": mode, **{k.split(".")[1]: v for k, v in MODES[mode].items()}, "steps": args.steps,
             "step_wall_s": walls, "steady_step_s": sum(steady) / len(steady),
+            "steady_step_median_s": sorted(steady)[len(steady) // 2] if len(steady) % 2 else
+            sum(sorted(steady)[len(steady) // 2 - 1:len(steady) // 2 + 1]) / 2,
+            "compile_s": [float(r.get("time/compile_s", 0.0)) for r in rows],
             "rollout_phase_s": mean("time/rollout_s"), "generation_s": mean("time/generation_s"),
             "render_wait_s": mean("time/render_wait_s"), "judge_wait_s": mean("time/judge_wait_s"),
             "reward_overlap_s": mean("time/reward_overlap_s"), "trainer_idle_s": mean(idle_key),
