@@ -20,7 +20,7 @@ import dataclasses
 import hashlib
 import time
 import traceback
-from typing import Sequence
+from typing import Awaitable, Callable, Sequence
 
 from genevolve_jax.agent import protocol
 from genevolve_jax.agent.config import validate
@@ -326,9 +326,14 @@ class AgentLoop:
             self._batcher = EngineBatcher(self.engine, c.engine_batch_size, c.batch_wait_ms, self.max_inflight_batches)
 
     async def run_many(self, requests: Sequence[str | tuple[str, str]], progress: bool = False,
-                       decision_guides: Sequence[str | None] | None = None) -> list[Trajectory]:
+                       decision_guides: Sequence[str | None] | None = None,
+                       on_finished: Callable[[int, Trajectory], Awaitable[None]] | None = None) -> list[Trajectory]:
         """Run all requests concurrently (bounded by loop.max_concurrent_trajectories); items are a
-        request text or (traj_id, request text). Results come back in input order."""
+        request text or (traj_id, request text). Results come back in input order.
+
+        ``on_finished(i, trajectory)`` is awaited as soon as request ``i``'s trajectory ends, after
+        its slot is freed (a reward that streams does not hold a trajectory slot); this returns once
+        every trajectory and every ``on_finished`` has."""
         c = self.cfg
         self._batcher = EngineBatcher(self.engine, c.loop.engine_batch_size, c.loop.batch_wait_ms,
                                       self.max_inflight_batches)
@@ -344,15 +349,17 @@ class AgentLoop:
             task_id = bar.add_task("rollouts", total=len(items))
             bar.start()
 
-        async def one(item, guide):
+        async def one(index, item, guide):
             async with limit:
                 traj = await self.run(item[1], item[0], guide)
             if bar is not None:
                 bar.advance(task_id)
+            if on_finished is not None:
+                await on_finished(index, traj)
             return traj
 
         try:
-            return list(await asyncio.gather(*(one(it, g) for it, g in zip(items, guides))))
+            return list(await asyncio.gather(*(one(i, it, g) for i, (it, g) in enumerate(zip(items, guides)))))
         finally:
             self._batcher = None
             if bar is not None:

@@ -10,6 +10,8 @@ See genevolve_jax/serving/render_service.py for the contract.
 from __future__ import annotations
 
 import argparse
+import threading
+import time
 
 from genevolve_jax.serving.render_service import RenderLimits
 
@@ -38,6 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--max-ref-pixels", type=int, default=d.max_ref_pixels,
                         help="width x height of one reference, checked before it is decoded")
     limits.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="request body size")
+    parser.add_argument("--latency", type=float, default=0.0,
+                        help="seconds each image takes on top of its render (with --slots: a stand-in for a "
+                             "remote diffusion service, e.g. 8.0 for Qwen-Image-Edit-2511 on a GPU)")
+    parser.add_argument("--slots", type=int, default=0,
+                        help="images in flight at once, each waiting --latency (0: one per device); the "
+                             "devices' renderers are shared by the slots")
     parser.add_argument("--steps", type=int, default=40, help="default num_inference_steps")
     parser.add_argument("--true-cfg-scale", type=float, default=4.0)
     parser.add_argument("--long-side", type=int, default=1024)
@@ -77,7 +85,27 @@ def build_workers(args: argparse.Namespace) -> list:
                 workers.append(DiffusersRenderer.from_pretrained(args.model, args.text_model, dev, args.dtype,
                                                                  params))
             progress.advance(task)
+    if args.latency < 0 or args.slots < 0:
+        raise SystemExit("render-server: --latency and --slots must be >= 0")
+    if args.latency > 0 or args.slots:
+        locks = [threading.Lock() for _ in workers]     # one render at a time per renderer
+        workers = [SimulatedLatencyWorker(workers[i % len(workers)], args.latency, locks[i % len(workers)])
+                   for i in range(args.slots or len(workers))]
     return workers
+
+
+class SimulatedLatencyWorker:
+    """A render worker that takes ``latency_s`` longer than ``inner``: the stand-in for a remote
+    diffusion service in benchmarks (bench/async_step.py). The wait holds no lock, so N such
+    workers over one renderer have N images in flight; the render itself takes the renderer's lock."""
+
+    def __init__(self, inner, latency_s: float, lock: threading.Lock):
+        self.inner, self.latency_s, self.lock = inner, float(latency_s), lock
+
+    def render_images(self, request, refs):
+        time.sleep(self.latency_s)
+        with self.lock:
+            return self.inner.render_images(request, refs)
 
 
 def limits_from_args(args: argparse.Namespace) -> RenderLimits:

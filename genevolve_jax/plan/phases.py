@@ -195,8 +195,8 @@ def sft_loss(run_cfg, tc):
 
 def old_logprob_route(run_cfg) -> str:
     """"on_policy", "sampler" or "recompute" (train/rl/logprob_forward.py)."""
-    from genevolve_jax.train.rl.logprob_forward import resolve_old_logprobs
-    return resolve_old_logprobs(run_cfg.rl.old_logprobs, int(run_cfg.rl.updates_per_batch))
+    from genevolve_jax.train.rl.logprob_forward import old_logprobs_route_of
+    return old_logprobs_route_of(run_cfg.rl)
 
 
 def logprob_forwards_per_step(run_cfg) -> int:

@@ -13,6 +13,7 @@ import json
 import os
 import random
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable, TypeVar
@@ -162,18 +163,20 @@ class Throttle:
         self.interval = 60.0 / requests_per_minute if requests_per_minute else 0.0
         self._clock = clock
         self._sleep = sleep
-        self._sem: asyncio.Semaphore | None = None
-        self._lock: asyncio.Lock | None = None
+        self._per_loop: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._next_start = 0.0
         self.in_flight = 0
         self.peak_in_flight = 0
 
     def _primitives(self) -> tuple[asyncio.Semaphore, asyncio.Lock]:
-        # Created lazily so that a Throttle can be built outside the event loop that uses it.
-        if self._sem is None or self._lock is None:
-            self._sem = asyncio.Semaphore(self.max_concurrency)
-            self._lock = asyncio.Lock()
-        return self._sem, self._lock
+        # Made lazily, one pair per event loop: a Throttle is built outside the loop that uses it,
+        # and a trainer runs each step's rollout phase in an event loop of its own (asyncio.run);
+        # a semaphore bound to an earlier loop fails ("bound to a different event loop") as soon as
+        # a call has to wait for a slot. The limit holds within each loop.
+        loop = asyncio.get_running_loop()
+        if loop not in self._per_loop:
+            self._per_loop[loop] = (asyncio.Semaphore(self.max_concurrency), asyncio.Lock())
+        return self._per_loop[loop]
 
     async def __aenter__(self) -> "Throttle":
         sem, lock = self._primitives()

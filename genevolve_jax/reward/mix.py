@@ -43,6 +43,7 @@ class RewardRecord:
     proxy: bool = False              # True when the scores come from the offline rule judge
     details: dict = field(default_factory=dict)  # per-dimension scores, rationales, cache flags
     image_path: str | None = None    # the rendered image, when it was kept on disk
+    render_done_at: float | None = None  # time.perf_counter() when its render arrived (None: not rendered)
 
     def __post_init__(self) -> None:
         if self.masked and self.reward is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -89,7 +90,8 @@ class RewardScorer:
 
     # --- one sample ----------------------------------------------------------------------------
 
-    async def _render(self, s: RewardSample) -> tuple[Image.Image, dict]:
+    async def _render(self, s: RewardSample) -> tuple[Image.Image, dict, float]:
+        """(image, its cache details, the perf_counter reading when it arrived)."""
         paths = []
         for i, ref in enumerate(s.program.get("reference_images") or []):
             path = ref.get("path") if isinstance(ref, dict) else None
@@ -98,7 +100,8 @@ class RewardScorer:
             paths.append(path)
         assert self.renderer is not None
         out = await self.renderer.render(RenderRequest(s.program["gen_prompt"], tuple(paths), s.seed))
-        return out.image, {"render_cached": out.cached, "render_key": out.key, "image_path": out.path}
+        return out.image, {"render_cached": out.cached, "render_key": out.key, "image_path": out.path}, \
+            time.perf_counter()
 
     async def score_one(self, s: RewardSample) -> RewardRecord:
         proxy = self.rule_judge is not None
@@ -117,16 +120,17 @@ class RewardScorer:
         except ValueError as e:  # a malformed task row: say which field, do not train on it
             return masked(s.sample_id, f"bad_task_row: {e}", self.judge_name, proxy=True)
         details: dict = {"checks": v.checks}
-        image_path = None
+        image_path = rendered_at = None
         if self.renderer is not None:  # the image is not scored by the proxy, but is kept for logs
             try:
-                _, info = await self._render(s)
+                _, info, rendered_at = await self._render(s)
             except Exception as e:
                 return masked(s.sample_id, f"render_failed: {e}", self.judge_name, proxy=True)
             details.update(info)
             image_path = info["image_path"]
         return RewardRecord(s.sample_id, mix_reward(v.r_img, v.r_text, self.alpha), judge=self.judge_name,
-                            proxy=True, r_img=v.r_img, r_text=v.r_text, details=details, image_path=image_path)
+                            proxy=True, r_img=v.r_img, r_text=v.r_text, details=details, image_path=image_path,
+                            render_done_at=rendered_at)
 
     async def _score_vlm(self, s: RewardSample) -> RewardRecord:
         assert self.kscore_judge is not None and self.program_judge is not None
@@ -141,17 +145,19 @@ class RewardScorer:
         program_task = asyncio.create_task(self.program_judge.judge(s.request, gt, s.program))
         try:
             try:
-                image, info = await self._render(s)
+                image, info, rendered_at = await self._render(s)
             except Exception as e:
                 return masked(s.sample_id, f"render_failed: {e}", "vlm")
             try:
                 kv, k_cached = await self.kscore_judge.judge(s.request, image, gt)
             except JudgeFailed as e:
-                return masked(s.sample_id, f"judge_failed: {e}", "vlm", failed_judge="kscore", **info)
+                return _rendered_at(masked(s.sample_id, f"judge_failed: {e}", "vlm", failed_judge="kscore", **info),
+                                    rendered_at)
             try:
                 pv, p_cached = await program_task
             except JudgeFailed as e:
-                return masked(s.sample_id, f"judge_failed: {e}", "vlm", failed_judge="program", **info)
+                return _rendered_at(masked(s.sample_id, f"judge_failed: {e}", "vlm", failed_judge="program", **info),
+                                    rendered_at)
         finally:
             if not program_task.done():
                 program_task.cancel()
@@ -160,16 +166,28 @@ class RewardScorer:
         details = {**info, "kscore": kv.to_dict(), "program": {"score": pv.score, "rationale": pv.rationale},
                    "kscore_cached": k_cached, "program_cached": p_cached}
         return RewardRecord(s.sample_id, mix_reward(r_img, pv.score, self.alpha), judge="vlm", r_img=r_img,
-                            r_text=pv.score, details=details, image_path=info.get("image_path"))
+                            r_text=pv.score, details=details, image_path=info.get("image_path"),
+                            render_done_at=rendered_at)
 
     # --- a group -------------------------------------------------------------------------------
 
     async def score_group(self, samples: Sequence[RewardSample]) -> list[RewardRecord]:
-        """Score every sample concurrently (limits are the throttles'); order is preserved."""
-        records = await asyncio.gather(*(self.score_one(s) for s in samples))
-        for r in records:
-            (log.warning if r.masked else log.info)("%s", r.log_line())
-        return list(records)
+        """Score every sample concurrently (limits are the throttles'); order is preserved.
+        Nothing here is a group-level quantity: each record depends on its sample alone (group
+        advantages are the trainer's), so scoring a group's samples one by one as they arrive
+        (:meth:`score_logged`) gives the same records."""
+        return list(await asyncio.gather(*(self.score_logged(s) for s in samples)))
+
+    async def score_logged(self, s: RewardSample) -> RewardRecord:
+        """:meth:`score_one`, with its log line."""
+        record = await self.score_one(s)
+        (log.warning if record.masked else log.info)("%s", record.log_line())
+        return record
+
+
+def _rendered_at(record: RewardRecord, at: float) -> RewardRecord:
+    record.render_done_at = at
+    return record
 
 
 def summarize(records: Sequence[RewardRecord]) -> dict:

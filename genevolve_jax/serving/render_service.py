@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import dataclasses
 import contextlib
 import logging
@@ -182,6 +183,10 @@ class RenderService:
     @contextlib.asynccontextmanager
     async def lifespan(self, app):
         self.queue = asyncio.Queue(maxsize=self.queue_size)
+        # A thread for every worker at once (asyncio's default pool has min(32, CPUs + 4)): with
+        # more workers than that, the pool, not the workers, would bound the images in flight.
+        asyncio.get_running_loop().set_default_executor(
+            concurrent.futures.ThreadPoolExecutor(len(self.workers) + 4, thread_name_prefix="render-worker"))
         tasks = [asyncio.create_task(self._worker_loop(i, w)) for i, w in enumerate(self.workers)]
         yield
         for t in tasks:

@@ -91,6 +91,9 @@ def test_throttle_bounds_concurrency_and_spaces_starts():
     t = Throttle(max_concurrency=3)
     asyncio.run(run(t, 10))
     assert t.peak_in_flight == 3 and t.in_flight == 0
+    # The next event loop (a trainer runs each step's rollout phase in its own) waits for slots too.
+    asyncio.run(run(t, 10))
+    assert t.peak_in_flight == 3 and t.in_flight == 0
     # A clock that stands still: every start after the first waits one more interval (0.1 s at
     # 600 rpm), whatever the machine's speed.
     waits = []

@@ -107,6 +107,13 @@ def default_rl_config() -> ml_collections.ConfigDict:
                                     # 1: always the maximum)
         "patch_multiple": 1024,     # (ours) per-row image patch budget rounded up to this (image batches)
         "render_seed": 0,
+        "max_staleness": 0,         # 0: the paper's synchronous step. N >= 1: the rollouts of the next N steps
+                                    # are generated while this one trains, with a policy at most N steps
+                                    # behind (train/rl/async_rollouts.py; README "Asynchronous steps")
+        "stream_rewards": True,     # (ours) each rollout is rendered and judged as soon as it has its program,
+                                    # every group at once (bounded by render.throughput and the judge's
+                                    # limits); False: today's barrier (all rollouts, then group by group).
+                                    # The same samples and rewards either way (train/rl/rollout_phase.py)
         "export_hf": True,          # HF export of the final policy
         "export_dtype": "bfloat16",
         "sync_bucket_bytes": 1 << 30,  # (ours) weights leave the trainer's layout this many bytes at a time
@@ -128,6 +135,12 @@ def validate_rl(cfg) -> ml_collections.ConfigDict:
     _require(is_int(cfg.patch_multiple) and cfg.patch_multiple >= 1, "rl.patch_multiple", "an int >= 1",
              cfg.patch_multiple)
     _require(cfg.export_dtype in EXPORT_DTYPES, "rl.export_dtype", "float32 or bfloat16", cfg.export_dtype)
+    _require(isinstance(cfg.stream_rewards, bool), "rl.stream_rewards", "a bool", cfg.stream_rewards)
+    _require(is_int(cfg.max_staleness) and cfg.max_staleness >= 0, "rl.max_staleness",
+             "an int >= 0 (0: synchronous steps)", cfg.max_staleness)
+    _require(cfg.max_staleness == 0 or cfg.old_logprobs != "recompute" or cfg.sampler_correction == "tis",
+             "rl.old_logprobs", "'auto' or 'sampler' when rl.max_staleness >= 1 without rl.sampler_correction "
+             "'tis' (π_old of a stale rollout must be the policy that sampled it)", cfg.old_logprobs)
     _require(is_int(cfg.sync_bucket_bytes) and cfg.sync_bucket_bytes >= 1, "rl.sync_bucket_bytes",
              "a positive byte count", cfg.sync_bucket_bytes)
     _require(cfg.old_logprobs in OLD_LOGPROBS, "rl.old_logprobs", f"one of {OLD_LOGPROBS}", cfg.old_logprobs)

@@ -92,10 +92,24 @@ class LogprobForward:
         return len(self._compiled)
 
 
-def resolve_old_logprobs(mode: str, updates_per_batch: int) -> str:
-    """The π_old route a run takes: "on_policy" (no forward), "sampler" or "recompute"."""
+def resolve_old_logprobs(mode: str, updates_per_batch: int, behaviour_lags: bool = False) -> str:
+    """The π_old route a run takes: "on_policy" (no forward), "sampler" or "recompute".
+
+    ``behaviour_lags``: the rollouts may come from an older policy than the one trained
+    (``rl.max_staleness`` ≥ 1) and no sampler correction weighs that in; "auto" then takes π_old
+    from the sampler, the behaviour policy, so that the ratio π / π_old sees the lag. (With
+    ``rl.sampler_correction = "tis"`` π_old stays the trainer's and the truncated weight
+    min(π_old / π_sampler, C) carries the lag instead: the decoupled objective.)"""
     if mode not in OLD_LOGPROB_MODES:
         raise ValueError(f"rl.old_logprobs must be one of {OLD_LOGPROB_MODES}, got {mode!r}")
     if mode == "auto":
+        if behaviour_lags:
+            return "sampler"
         return "on_policy" if updates_per_batch == 1 else "recompute"
     return mode
+
+
+def old_logprobs_route_of(rl_cfg) -> str:
+    """:func:`resolve_old_logprobs` of an ``rl`` section (the trainer's and the plan's route)."""
+    lags = int(rl_cfg.max_staleness) > 0 and rl_cfg.sampler_correction == "none"
+    return resolve_old_logprobs(rl_cfg.old_logprobs, int(rl_cfg.updates_per_batch), behaviour_lags=lags)

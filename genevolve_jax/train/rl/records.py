@@ -39,6 +39,8 @@ class RolloutSample:
     stats: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # trajectory, reward record, image path
     images: Sequence[Any] = ()          # files, PIL images or bytes behind its image placeholders, in order
+    policy_version: int = 0             # the policy that generated it: the weights after this step
+                                        # (rl.max_staleness, train/rl/async_rollouts.py)
 
     def __post_init__(self):
         n = len(self.token_ids)

@@ -14,6 +14,7 @@ tokenizer may be passed in instead (tests drive the real step with toy tasks thi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 from typing import Any, Callable
@@ -25,10 +26,11 @@ from genevolve_jax.data.prompts import PromptSource
 from genevolve_jax.models.qwen3_vl.config import TEXT_LORA_TARGETS
 from genevolve_jax.rollout.engine import RolloutEngine
 from genevolve_jax.train.losses.step_losses import EvolveLoss
+from genevolve_jax.train.rl.async_rollouts import with_policy_version
 from genevolve_jax.train.rl.batch_assembly import (assemble_evolve_batch, batch_row_multiple, choose_row_length,
                                                    drop_oversized_teachers, row_lengths)
 from genevolve_jax.train.rl.config import rollouts_per_step, tis_cap_of, validate_evolve_run
-from genevolve_jax.train.rl.logprob_forward import LogprobForward, resolve_old_logprobs
+from genevolve_jax.train.rl.logprob_forward import LogprobForward, old_logprobs_route_of
 from genevolve_jax.train.rl.masking import MaskRules, mask_stage
 from genevolve_jax.train.rl.outage import OutagePolicy, health_checks_for_run
 from genevolve_jax.train.rl.pipeline import (RolloutPhase, attach_teacher_prompts, collect_rollouts, experience_guides,
@@ -73,8 +75,13 @@ class EvolveTrainer(Driver):
         self.model_config = self.setup.merge(self.params).config.replace(lora=None)
         self.use_kl = cfg.loss.grpo.kl_coef > 0
         self.updates_per_batch = int(cfg.rl.updates_per_batch)
+        # rl.max_staleness >= 1: a producer thread rolls out the coming steps (started on the first step).
+        self.max_staleness = int(cfg.rl.max_staleness)
+        self.producer = None
+        self.dropped_stale = 0
+        self._next_job_step = 0
         # π_old: on-policy (the step's own log-probs), the sampler's, or one forward before the update.
-        self.old_logprobs_route = resolve_old_logprobs(cfg.rl.old_logprobs, self.updates_per_batch)
+        self.old_logprobs_route = old_logprobs_route_of(cfg.rl)
         self.logprob_forward = LogprobForward(self.setup, cfg.loss, self.compute_dtype,
                                               micro_batches=int(train_cfg.grad_accum_steps),
                                               compiler_options=self.train_step.compiler_options)
@@ -146,7 +153,8 @@ class EvolveTrainer(Driver):
                                           render_throughput=self.cfg.render.throughput)
         g = self.cfg.loss.grpo
         return AgentRolloutPhase(loop, scorer, self.group_size, render_seed=int(self.cfg.rl.render_seed),
-                                 mask_truncated=bool(g.mask_truncated), mask_error=bool(g.mask_error))
+                                 mask_truncated=bool(g.mask_truncated), mask_error=bool(g.mask_error),
+                                 stream_rewards=bool(self.cfg.rl.stream_rewards))
 
     def _make_prompt_source(self) -> PromptSource:
         from genevolve_jax.data.prompts import PoolPrompts
@@ -172,14 +180,18 @@ class EvolveTrainer(Driver):
         if self.engine_version != self.step:   # a restored or fresh state the engine does not hold yet
             metrics.update(self.sync_weights(self.step))
 
-        prompts = next(self.prompts)
+        if self.max_staleness == 0:
+            prompts = next(self.prompts)
 
-        def collect():   # rollouts, then the mask stage; the outage policy calls it again after a wait
-            with _timed(times, "rollout"):
-                got = collect_rollouts(self.rollout, self.collective, step, prompts, self.prompts.shard,
-                                       group_size=k, embed_rendered=self.logger.should_dump(step))
-            masked = mask_stage(got, self.mask_rules, k)
-            return (got, masked), masked.counts, masked.num_samples
+            def collect():   # rollouts, then the mask stage; the outage policy calls it again after a wait
+                with _timed(times, "rollout"):
+                    got = collect_rollouts(self.rollout, self.collective, step, prompts, self.prompts.shard,
+                                           group_size=k, embed_rendered=self.logger.should_dump(step))
+                got = dataclasses.replace(got, samples=tuple(with_policy_version(got.samples, self.engine_version)))
+                masked = mask_stage(got, self.mask_rules, k)
+                return (got, masked), masked.counts, masked.num_samples
+        else:
+            collect = self._queued_rollouts(step, times, metrics)
 
         (rollouts, masked), outage_metrics = self.outage.collect(collect, self.collective.on_writer)
         metrics.update(outage_metrics)
@@ -207,10 +219,13 @@ class EvolveTrainer(Driver):
             # A judge that returned NaN/inf: this step's rewards cannot be trusted, so its update is
             # skipped (parameters and optimiser state unchanged) and counted with the sample ids.
             metrics.update({"loss": float("nan"), "train/update_skipped_reward": 1.0})
+            if self.producer is not None:   # the same weights, as version `step`: the producer waits on it
+                self.producer.publish(step, None)
+                self.engine_version = step
         else:
             metrics.update(self.update(batch, times))
             with _timed(times, "weight_sync"):
-                metrics.update(self.sync_weights(step))
+                metrics.update(self.sync_weights(step) if self.producer is None else self.publish_weights(step))
 
         self.step = step
         self.losses.append(metrics["loss"])
@@ -228,6 +243,90 @@ class EvolveTrainer(Driver):
         if self.ckpt.should_save(step):
             self.save()
         return metrics
+
+    # -- asynchronous steps (rl.max_staleness >= 1; train/rl/async_rollouts.py) -------------------
+    def _queued_rollouts(self, step: int, times: dict, metrics: dict) -> Callable:
+        """The outage policy's collect function of an asynchronous step: the producer's rollouts
+        of ``step`` (started here on the first step), handed to every process through the
+        Collective, without groups too stale to train. A second call (the outage policy's
+        recollect) rolls the same prompts out again on the current policy, as does a job whose
+        every group was too stale."""
+        from genevolve_jax.train.rl.async_rollouts import RolloutProducer, drop_stale, staleness_metrics
+
+        k, n = self.group_size, self.max_staleness
+        if self.producer is None:
+            self.producer = RolloutProducer(self._produce, version=self.engine_version)
+            self._next_job_step = step
+        self._submit_jobs(step + n)
+        taken = []    # the step's job once taken
+
+        def collect():
+            with _timed(times, "rollout_wait"):
+                while True:
+                    got = self._again(taken[0]) if taken else self.producer.take(step)
+                    taken[:] = [got.job]
+                    rollouts = self.collective.gather_rollouts(
+                        with_policy_version(got.samples, got.version), got.info, got.job.prompts,
+                        self.collective.group_ids(len(got.job.prompts), self.prompts.shard), group_size=k, step=step,
+                        embed_rendered=self.logger.should_dump(step))
+                    rollouts, dropped, kept = drop_stale(rollouts, k, self.step, n)
+                    self.dropped_stale += dropped
+                    if rollouts.samples:
+                        break
+            metrics.update(staleness_metrics(kept, dropped, self.dropped_stale, self.producer.depth,
+                                             times["time/rollout_wait_s"]))
+            masked = mask_stage(rollouts, self.mask_rules, k)
+            return (rollouts, masked), masked.counts, masked.num_samples
+
+        return collect
+
+    def _again(self, job):
+        """``job``'s prompts rolled out once more, first in the queue, on the newest policy."""
+        self.producer.submit(dataclasses.replace(job, min_version=self.step), first=True)
+        return self.producer.take(job.step)
+
+    def _produce(self, job) -> tuple[list, dict]:
+        """The producer thread's work: this host's rollouts of a job (no collective runs here)."""
+        return self.rollout.collect(job.step, list(job.prompts),
+                                    self.collective.group_ids(len(job.prompts), self.prompts.shard))
+
+    def _submit_jobs(self, last: int) -> None:
+        """Submit the jobs of the steps up to ``last`` (and the run's end). Only this thread reads
+        the prompt source, so the data order is the synchronous run's."""
+        from genevolve_jax.train.rl.async_rollouts import RolloutJob
+
+        while self._next_job_step <= min(last, self.total_steps):
+            t = self._next_job_step
+            state = self.prompts.get_state()
+            self.producer.submit(RolloutJob(t, tuple(next(self.prompts)), state, t - 1 - self.max_staleness))
+            self._next_job_step += 1
+
+    def publish_weights(self, step: int) -> dict[str, float]:
+        """The weight sync of an asynchronous step. An engine that reloads an export (SGLang) is
+        synced here as in a synchronous step (its servers take the weights between requests); a
+        host-local engine gets a copy in its layout made now (the next train step donates the
+        trainer's buffers), which the producer pushes between two jobs. The engine is not emptied
+        first as in :meth:`sync_weights`: it may be sampling, so both copies are held a while."""
+        if self.engine.weight_export is not None:
+            out = self.sync_weights(step)
+            self.producer.publish(step, None)
+            return out
+        engine, collective = self.engine, self.collective
+        params = collective.engine_params(self.setup.merge(self.params), engine.weight_shardings,
+                                          bucket_bytes=int(self.cfg.rl.sync_bucket_bytes), dtype=engine.weight_dtype)
+        self.producer.publish(step, lambda: collective.sync_engine(engine, lambda: engine.update_weights(params, step)))
+        self.engine_version = step
+        return {}
+
+    def stop_producer(self) -> None:
+        """Stop the producer thread and wait for it (after its job in progress). A job that does
+        not end soon is aborted by closing the engine, so that the run never hangs on exit."""
+        if self.producer is None:
+            return
+        if not self.producer.close(timeout_s=30.0):
+            self.engine.close()
+            self.producer.close()
+        self.producer = None
 
     def update(self, batch: dict, times: dict) -> dict[str, float]:
         """The sharded update: π_old when it needs a forward, the reference log-probs when KL is
@@ -319,7 +418,11 @@ class EvolveTrainer(Driver):
     # -- checkpoints and the end of the run --------------------------------------------------------
     def meta(self) -> dict:
         meta = super().meta()
-        meta["data"] = self.prompts.get_state()
+        # Asynchronous steps: the position before the first job not trained yet (its rollouts,
+        # queued or under way, are not saved; a resume generates them again from here).
+        pending = self.producer.pending() if self.producer is not None else []
+        meta["data"] = pending[0].data_state if pending else self.prompts.get_state()
+        meta["dropped_stale"] = self.dropped_stale
         meta["outage"] = self.outage.state_dict()
         if self.experience is not None:
             meta["memory"] = self.experience.state_dict()
@@ -330,6 +433,7 @@ class EvolveTrainer(Driver):
         if "data" in meta:
             self.prompts.set_state(meta["data"])
         self.outage.load_state_dict(meta.get("outage", {}))
+        self.dropped_stale = int(meta.get("dropped_stale", 0))
         if "memory" in meta and self.experience is not None:
             self.experience.load_state_dict(meta["memory"])
         self.engine_version = -1      # the engine holds other weights than the restored ones
@@ -345,7 +449,14 @@ class EvolveTrainer(Driver):
                 out["hf_adapter"] = self.export_adapter(os.path.join(self.workdir, "hf_adapter"))
         return out
 
+    def run(self) -> dict[str, Any]:
+        try:
+            return super().run()
+        finally:      # a stop, a preemption or an error: no producer thread outlives the run
+            self.stop_producer()
+
     def close(self) -> None:
+        self.stop_producer()
         super().close()
         self.engine.close()
 

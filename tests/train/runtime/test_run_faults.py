@@ -177,12 +177,15 @@ class OutageLog(logging.Handler):
 
 
 @pytest.mark.slow
-def test_render_service_down_past_its_retries_then_back(tmp_path):
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_render_service_down_past_its_retries_then_back(tmp_path, staleness):
     """A real render-server killed after step 1: step 2's renders fail past the client's retries,
     the step is degraded, the policy polls the service's /health and pauses while it is down; the
     server is started again only once the policy has seen it down, the next poll finds it back,
     and step 2 is collected again and trains on rendered images; step 3 is clean, and the totals
-    carry."""
+    carry. At rl.max_staleness = 1 step 2's rollouts were made during step 1 (the kill waits for
+    them), so the hit is step 3's, rolled out by the producer while step 2 trains; it is collected
+    again by the producer, and no producer thread outlives the run."""
     import jax
 
     from genevolve_jax.agent.protocol import format_answer, format_tool_call
@@ -196,6 +199,7 @@ def test_render_service_down_past_its_retries_then_back(tmp_path):
     cfg = load_config("tiny_cpu")
     cfg.workdir = str(tmp_path / "run")
     cfg.rl.num_steps = 3
+    cfg.rl.max_staleness = staleness
     cfg.data.rl.prompts_per_step = 2
     cfg.rl.group_size = 2
     cfg.train.grad_accum_steps = 1
@@ -237,6 +241,10 @@ def test_render_service_down_past_its_retries_then_back(tmp_path):
         first = trainer.train_one_step()
         assert first["outage/degraded"] == 0 and "masked/render_failed" not in first
         assert first["samples/masked"] == 0
+        hang_guard = time.monotonic() + HANG_GUARD_S
+        while staleness and trainer.producer.depth < 1:     # step 2's rollouts are in, rendered
+            assert time.monotonic() < hang_guard, "the producer did not finish step 2's rollouts (hung?)"
+            time.sleep(0.05)
         server.kill()                                        # down, for longer than the client's retries
         server.wait(timeout=HANG_GUARD_S)
 
@@ -257,7 +265,9 @@ def test_render_service_down_past_its_retries_then_back(tmp_path):
                 p.wait()
     assert out["steps"] == 3 and 3 in out["checkpoints"]
     rows = {int(r["step"]): r for r in _rows(cfg.workdir)}
-    hit = rows[2]
+    assert not [t for t in threading.enumerate() if t.name == "rollout-producer"]
+    hit = rows[2 + staleness]
+    assert rows[2]["outage/degraded"] == (staleness == 0)
     print({k: v for k, v in hit.items() if k.startswith("outage/")})
     assert hit["outage/degraded"] == 1 and hit["outage/recovered"] == 1 and hit["outage/recollected"] == 1
     assert hit["outage/masked/render_failed"] == 4 and hit["outage/masked_samples"] == 4
@@ -267,5 +277,8 @@ def test_render_service_down_past_its_retries_then_back(tmp_path):
     assert sum("TEST:" in m for m in events) == 1 and sum("services back" in m for m in events) == 1, events
     assert hit["outage/wait_s"] > 0                          # it paused, and says so
     assert hit.get("masked/render_failed", 0) == 0 and hit["samples/masked"] == 0   # trained on the recollection
-    assert rows[3]["outage/degraded"] == 0 and rows[3]["outage/degraded_steps"] == 1
-    assert rows[3]["outage/wait_s_total"] == hit["outage/wait_s"]
+    if staleness == 0:
+        assert rows[3]["outage/degraded"] == 0 and rows[3]["outage/degraded_steps"] == 1
+        assert rows[3]["outage/wait_s_total"] == hit["outage/wait_s"]
+    else:
+        assert hit["rollout/staleness_max"] <= 1 and hit["outage/degraded_steps"] == 1
