@@ -35,7 +35,8 @@
 # LoRA: LORA_RANK=R (the run's model.lora.rank) starts the policy server with adapters enabled:
 # --enable-lora --max-lora-rank R --lora-target-modules (the text decoder's seven projections; SGLang
 # fuses q/k/v and gate/up itself) --max-loras-per-batch MAX_LORAS (default 2: the current policy
-# version and the one before it while its last requests finish). Adapters then arrive as PEFT folders
+# version and the one before it while its last requests finish; at least rl.max_staleness + 1, the
+# versions the trainer keeps loaded). Adapters then arrive as PEFT folders
 # (`genevolve export-hf` of a LoRA checkpoint) through /load_lora_adapter.
 #
 # Images: the server's Qwen3-VL processor must give every image as many tokens as the trainer's

@@ -216,7 +216,8 @@ class SGLangEngine(RolloutEngine):
     def __init__(self, urls: Sequence[str] | str, *, timeout_s: float = 600.0, retries: int = 3,
                  backoff_s: float = 1.0, max_concurrency: int = 256, probation_s: float = 10.0,
                  api_key_env: str = "", model_config=None, weights_dir: str = "", export_dtype: str = "bfloat16",
-                 max_weight_lag_steps: int = 3, disconnect_poll_s: float = SGLANG_DISCONNECT_POLL_S):
+                 max_weight_lag_steps: int = 3, disconnect_poll_s: float = SGLANG_DISCONNECT_POLL_S,
+                 adapters_kept: int = 1):
         urls = [urls] if isinstance(urls, str) else list(urls)
         if not urls:
             raise ValueError("SGLangEngine needs at least one server URL")
@@ -233,33 +234,43 @@ class SGLangEngine(RolloutEngine):
         self.export = WeightExport(weights_dir, model_config, dtype=export_dtype) if weights_dir else None
         self.versions = WeightVersions(self.urls, max_weight_lag_steps)
         # LoRA: the adapter each server loaded last, named in the lora_path of its requests (absent:
-        # the server samples its own weights). Only a loaded version is ever named.
+        # the server samples its own weights). Only a loaded version is ever named. Each server keeps
+        # its last ``adapters_kept`` versions loaded (``loaded_adapters``, oldest first): with
+        # rl.max_staleness = N, requests of the N versions before the newest may still be in flight
+        # when it loads, so the trainer keeps N + 1.
+        if int(adapters_kept) < 1:
+            raise ValueError(f"adapters_kept must be >= 1, got {adapters_kept}")
+        self.adapters_kept = int(adapters_kept)
         self.adapters: dict[str, str] = {}
+        self.loaded_adapters: dict[str, list[str]] = {}
         self.deterministic: dict[str, bool | None] = {}
         # ``disconnect_waits``: retries held back to SGLang's disconnect poll (same server, dropped request).
         self.stats = {"requests": 0, "retries": 0, "failures": 0, "prompt_mismatches": 0, "disconnect_waits": 0}
 
     @classmethod
-    def from_config(cls, cfg, *, model_config=None, weights_dir: str = "") -> "SGLangEngine":
+    def from_config(cls, cfg, *, model_config=None, weights_dir: str = "", adapters_kept: int = 1) -> "SGLangEngine":
         """From an ``rl.sglang`` section (train/rl/config.py). ``model_config`` (the policy's
         Qwen3VLConfig: image-pad id, export layout) and ``weights_dir`` (a directory every server can
-        read; the trainer resolves an empty ``rl.sglang.weights_dir``) are needed for weight sync."""
+        read; the trainer resolves an empty ``rl.sglang.weights_dir``) are needed for weight sync;
+        ``adapters_kept``: LoRA versions each server keeps loaded (rl.max_staleness + 1)."""
         return cls(list(cfg.urls), timeout_s=float(cfg.timeout_s), retries=int(cfg.retries),
                    backoff_s=float(cfg.backoff_s), max_concurrency=int(cfg.max_concurrency),
                    api_key_env=str(cfg.api_key_env), model_config=model_config,
                    weights_dir=weights_dir or str(cfg.weights_dir), export_dtype=str(cfg.export_dtype),
-                   max_weight_lag_steps=int(cfg.max_weight_lag_steps))
+                   max_weight_lag_steps=int(cfg.max_weight_lag_steps), adapters_kept=adapters_kept)
 
     @property
     def serves_every_host(self) -> bool:
         return True  # rl.sglang.urls lists every host's servers: one process pushes for all
 
     def weight_sync_state(self) -> dict:
-        return {**self.versions.state_dict(), "adapters": dict(self.adapters)}
+        return {**self.versions.state_dict(), "adapters": dict(self.adapters),
+                "loaded_adapters": {u: list(names) for u, names in self.loaded_adapters.items()}}
 
     def adopt_weight_sync_state(self, state) -> None:
         state = dict(state)
         self.adapters = dict(state.pop("adapters", {}))
+        self.loaded_adapters = {u: list(names) for u, names in state.pop("loaded_adapters", {}).items()}
         self.versions.load_state_dict(state)
 
     @property
@@ -470,28 +481,38 @@ class SGLangEngine(RolloutEngine):
     def load_adapter(self, path: str, step: int) -> dict[str, float]:
         """Load the PEFT folder ``path`` on every server as adapter ``policy_v<step>``
         (/load_lora_adapter). A server that loaded it names it in the lora_path of every later
-        request and unloads its previous version (the synchronous trainer has no request in
-        flight at a sync). One whose load failed keeps its version and falls behind as after a failed
-        reload: no rollouts while another server is current, WeightLagError past the allowed lag."""
+        request and unloads the versions older than its last ``adapters_kept`` (a request of the
+        kept ones may still be in flight under rl.max_staleness; the synchronous trainer keeps one,
+        having no request in flight at a sync). One whose load failed keeps its versions and falls
+        behind as after a failed reload: no rollouts while another server is current, WeightLagError
+        past the allowed lag."""
         self._require_export()
         name = f"policy_v{int(step)}"
         t0 = time.perf_counter()
         outcomes = asyncio.run(self._all(lambda c, u: self._post_retried(
             c, u, "/load_lora_adapter", {"lora_name": name, "lora_path": path})))
-        superseded = {}
+        superseded: dict[str, list[str]] = {}
         for url, error in outcomes.items():
             if error:
                 log.warning("SGLang server %s did not load the adapter of step %d (%s); it gets no rollouts "
                             "until a load succeeds", url, step, error)
-            else:
-                if url in self.adapters:
-                    superseded[url] = self.adapters[url]
-                self.adapters[url] = name
-        unloaded = asyncio.run(self._all(lambda c, u: self._post_retried(
-            c, u, "/unload_lora_adapter", {"lora_name": superseded[u]}), list(superseded)))
+                continue
+            loaded = self.loaded_adapters.get(url) or ([self.adapters[url]] if url in self.adapters else [])
+            loaded = [n for n in loaded if n != name] + [name]
+            if len(loaded) > self.adapters_kept:
+                superseded[url] = loaded[:-self.adapters_kept]
+            self.loaded_adapters[url] = loaded[-self.adapters_kept:]
+            self.adapters[url] = name
+
+        async def unload(client, url):      # oldest first; the first refusal is the error reported
+            errors = [await self._post_retried(client, url, "/unload_lora_adapter", {"lora_name": old})
+                      for old in superseded[url]]
+            return next((e for e in errors if e), "")
+
+        unloaded = asyncio.run(self._all(unload, list(superseded)))
         for url, error in unloaded.items():
             if error:
-                log.warning("SGLang server %s kept adapter %s (%s)", url, superseded[url], error)
+                log.warning("SGLang server %s kept an adapter of %s (%s)", url, superseded[url], error)
         metrics = self.versions.record(step, outcomes)
         self.export.prune(path)
         return {"time/adapter_load_s": time.perf_counter() - t0, **metrics}

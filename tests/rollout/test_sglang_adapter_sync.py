@@ -63,3 +63,24 @@ def test_adapter_versions_only_loaded_are_named_and_a_failed_load_lags(tmp_path)
         flaky.refuse_adapter_loads = 1
         with pytest.raises(WeightLagError, match="max_weight_lag_steps = 1 exceeded"):
             engine.load_adapter(adapter_folder(engine, 3), 3)
+
+
+def test_under_staleness_the_versions_requests_may_still_use_stay_loaded(tmp_path):
+    """rl.max_staleness = 1 keeps two versions per server: a request of the version before the
+    newest may still be in flight when the newest loads, so only the one before that is unloaded."""
+    with running_fake_sglang() as (url, server):
+        engine = SGLangEngine([url], weights_dir=str(tmp_path), retries=0, backoff_s=0.0, adapters_kept=2)
+        for step in (1, 2):
+            engine.load_adapter(adapter_folder(engine, step), step)
+        assert server.adapter_unloads == [] and server.adapters == {"policy_v1", "policy_v2"}
+        engine.load_adapter(adapter_folder(engine, 3), 3)
+        assert server.adapter_unloads == ["policy_v1"] and server.adapters == {"policy_v2", "policy_v3"}
+        assert engine.adapters == {url: "policy_v3"}
+        assert all(r.error == "" for r in engine.generate(requests(2)))
+        assert {b["lora_path"] for b in server.generate_bodies} == {"policy_v3"}
+        # Another process adopts the loaded window with the table, and unloads what the writer would.
+        other = SGLangEngine([url], weights_dir=str(tmp_path), adapters_kept=2)
+        other.adopt_weight_sync_state(engine.weight_sync_state())
+        assert other.loaded_adapters == {url: ["policy_v2", "policy_v3"]}
+        with pytest.raises(ValueError, match="adapters_kept"):
+            SGLangEngine([url], adapters_kept=0)

@@ -122,8 +122,10 @@ class EvolveTrainer(Driver):
         if self.cfg.rl.engine == "sglang":
             from genevolve_jax.rollout.sglang_engine import SGLangEngine
             s = self.cfg.rl.sglang
+            # A LoRA adapter version stays loaded while requests of the steps behind may use it.
             engine = SGLangEngine.from_config(s, model_config=self.model_config,
-                                              weights_dir=s.weights_dir or os.path.join(self.workdir, "sglang_weights"))
+                                              weights_dir=s.weights_dir or os.path.join(self.workdir, "sglang_weights"),
+                                              adapters_kept=int(self.cfg.rl.max_staleness) + 1)
             # Fail here, before any rollout, when no server answers (errors name rl.sglang.urls).
             engine.wait_healthy(float(s.health_wait_s), field="rl.sglang.urls")
             return engine
