@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 from typing import Iterator
 
 import jax
@@ -299,22 +298,22 @@ def _splash_segments(b, t, kv_valid_mask, q_segment_ids, kv_segment_ids):
     return qs, ks
 
 
-@functools.lru_cache(maxsize=32)
 def _splash_kernel(group: int, t: int, causal: bool, interpret: bool):
+    """The splash kernel of one call. Built anew in every trace, never cached across calls: the
+    kernel holds its mask's block tables as arrays, which inside a jit trace are that trace's
+    values, so a kernel kept from the train step's trace would fail the next jit of the same shape
+    (the reference or π_old forward) with an UnexpectedTracerError. Building them eagerly instead
+    (``ensure_compile_time_eval``) fails a deviceless TPU compile, which has no device to put them
+    on. The costly part, the numpy block tables of the mask, is cached by jax's own mask processing."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
     one = sm.CausalMask((t, t)) if causal else sm.FullMask((t, t))
     block = min(512, t) if t % 512 == 0 else _SPLASH_BLOCK
     sizes = sk.BlockSizes(block_q=block, block_kv_compute=block, block_kv=block, block_q_dkv=block,
                           block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
-    # One kernel per KV head: its `group` query heads share that K/V (MQA form of GQA). The kernel
-    # holds its mask's block tables as arrays and is cached across calls, so they must be concrete:
-    # built inside the first caller's jit trace they would be that trace's tracers, and the next
-    # jit with the same shape (the reference or π_old forward after the train step) would fail
-    # with an UnexpectedTracerError.
-    with jax.ensure_compile_time_eval():
-        return sk.make_splash_mqa_single_device(sm.MultiHeadMask([one] * group), block_sizes=sizes,
-                                                interpret=interpret)
+    # One kernel per KV head: its `group` query heads share that K/V (MQA form of GQA).
+    return sk.make_splash_mqa_single_device(sm.MultiHeadMask([one] * group), block_sizes=sizes,
+                                            interpret=interpret)
 
 
 def splash_attention(q, k, v, *, causal, q_positions=None, kv_valid_mask=None, q_segment_ids=None,
