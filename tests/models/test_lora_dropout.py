@@ -140,3 +140,48 @@ def test_forwards_outside_training_ignore_the_rate(models):
     assert np.array_equal(*outs)
     logits = [np.asarray(m.prefill(ids, max_length=12)[0]) for m in (models[0.0], models[RATE])]
     assert np.array_equal(*logits)
+
+
+def test_on_policy_pi_old_is_the_deterministic_forward():
+    """With dropout and no stored π_old, the evolve loss takes π_old from a forward without dropout
+    (the policy that sampled): the same loss and gradient as when that forward's log-probs are
+    given as π_old, and not those of π_old = the dropped-out forward's own (ratio 1)."""
+    from genevolve_jax.train.losses.step_losses import EvolveLoss, policy_logprobs
+    from genevolve_jax.train.rl.batch_assembly import assemble_evolve_batch
+    from genevolve_jax.train.rl.records import RolloutSample
+    from tests.fixtures.toy_task import TOY_VOCAB, toy_model
+    from tests.train.losses.support import loss_config
+
+    rng = np.random.default_rng(4)
+    samples = []
+    for i in range(6):
+        p, body = int(rng.integers(2, 6)), int(rng.integers(4, 14))
+        mask = [0] * p + [1] * body
+        lp = [float(-rng.gamma(1.0, 0.7)) if m else 0.0 for m in mask]
+        samples.append(RolloutSample(f"s{i}", i // 3, rng.integers(1, TOY_VOCAB, p + body).tolist(), mask, lp,
+                                     float(rng.random()), prompt_length=p))
+    cfg = loss_config(grpo={"kl_coef": 0.0}, sdl={"coef": 0.0}, logprob={"chunk_size": 32})
+    batch = assemble_evolve_batch(samples, rng.normal(size=6).astype(np.float32), seq_len=24, row_multiple=2,
+                                  loss_cfg=cfg, old_logprobs=False)
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    model = with_random_b(toy_model(lora=LoRAConfig(4, 8.0, dropout=RATE)), std=0.2)
+    graphdef, adapters, rest = nnx.split(model, LoRAParam, ...)
+    key = jax.random.key(3)
+    logprobs = jax.jit(lambda ad, k: policy_logprobs(nnx.merge(graphdef, ad, rest), batch, cfg, dropout_key=k))
+    plain, dropped = logprobs(adapters, None), logprobs(adapters, jax.random.split(key)[0])
+    assert not np.allclose(plain, dropped, atol=1e-4)
+
+    @jax.jit
+    def loss_and_grads(ad, b):
+        def f(ad):
+            num, den, _ = EvolveLoss(cfg)(nnx.merge(graphdef, ad, rest), b, key)
+            return num / den
+        return jax.value_and_grad(f)(ad)
+
+    on_policy = loss_and_grads(adapters, batch)
+    given = loss_and_grads(adapters, {**batch, "old_logprobs": plain})
+    ratio_one = loss_and_grads(adapters, {**batch, "old_logprobs": dropped})   # same trace as ``given``
+    np.testing.assert_allclose(float(on_policy[0]), float(given[0]), rtol=1e-6)
+    for a, b in zip(leaves(on_policy[1]), leaves(given[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6)
+    assert not np.isclose(float(on_policy[0]), float(ratio_one[0]), rtol=1e-4)
