@@ -27,7 +27,10 @@ def get(cfg, path):
 
 # -- loading ----------------------------------------------------------------------------------------
 def test_every_shipped_config_loads_and_is_a_delta_on_base():
-    assert {"base", "tiny_cpu", "qwen3vl_2b_gpu", "qwen3vl_8b_gpu", "tpu_pod"} <= set(SHIPPED)
+    assert {"base", "tiny_cpu", "qwen3vl_2b_gpu", "qwen3vl_8b_gpu", "qwen3vl_8b_lora_gpu", "tpu_pod"} <= set(SHIPPED)
+    # Every shipped run config is planned by tests/test_config_fields_read.py (its reads recorded).
+    from tests.fixtures.config_read_runs import PLAN_TARGETS
+    assert set(SHIPPED) - {"base"} == set(PLAN_TARGETS)
     base_fields = set(leaf_paths(load_config("base")))
     for name in SHIPPED:
         cfg = load_config(name)

@@ -85,27 +85,39 @@ class Dense(nnx.Module):
             self.lora_b = LoRAParam(jnp.zeros((lora.rank,) + self.out_shape, LORA_PARAM_DTYPE),
                                     logical_axes=(logical.LORA_RANK,) + tuple(out_axes))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        """``dropout_key``: the train step's key for adapter dropout (PEFT's lora_dropout on the
+        adapter branch's input); None (every forward outside a train step) is deterministic."""
         n_in = len(self.in_shape)
         kernel = self.kernel.get_value().astype(self.dtype)
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
         y = jax.lax.dot_general(x.astype(self.dtype), kernel, (contract, ((), ())),
                                 preferred_element_type=self.dtype)
         if self.lora is not None:
-            y = y + self.adapter_delta(x)
+            y = y + self.adapter_delta(x, dropout_key)
         if self.bias is not None:
             y = y + self.bias.get_value().astype(self.dtype)
         return y
 
-    def adapter_delta(self, x: jax.Array) -> jax.Array:
-        """scale·(x·A)·B in the compute dtype: exactly zero while B is zero."""
+    def adapter_delta(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        """scale·(dropout(x)·A)·B in the compute dtype: exactly zero while B is zero. Dropout
+        (inverted, as torch's: kept inputs scaled by 1/(1−p)) only with a key and a rate > 0."""
         n_in = len(self.in_shape)
+        rate = self.lora.dropout
+        if dropout_key is not None and rate > 0:
+            keep = jax.random.bernoulli(dropout_key, 1.0 - rate, x.shape)
+            x = jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
         a = self.lora_a.get_value().astype(self.dtype)
         b = self.lora_b.get_value().astype(self.dtype)
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
         xa = jax.lax.dot_general(x.astype(self.dtype), a, (contract, ((), ())), preferred_element_type=self.dtype)
         delta = jax.lax.dot_general(xa, b, (((xa.ndim - 1,), (0,)), ((), ())), preferred_element_type=self.dtype)
         return delta * jnp.asarray(self.lora.scale, self.dtype)
+
+
+def sub_key(key: jax.Array | None, i: int) -> jax.Array | None:
+    """The ``i``-th independent key below ``key`` (None stays None: a deterministic forward)."""
+    return None if key is None else jax.random.fold_in(key, i)
 
 
 class Embed(nnx.Module):

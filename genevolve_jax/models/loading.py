@@ -137,7 +137,7 @@ def restore_model(directory: str | os.PathLike, *, param_dtype: str | None = Non
     from genevolve_jax.models.qwen3_vl.layer_layout import with_layer_layout
     directory = _abs(directory)
     saved = load_model_config(directory, param_dtype=param_dtype, dtype=dtype or param_dtype, remat=remat)
-    if lora is not None and saved.lora is not None and saved.lora != lora:
+    if lora is not None and saved.lora is not None and not saved.lora.same_adapters(lora):
         model = restore_model(directory, param_dtype=param_dtype, dtype=dtype, mesh=mesh, rules=rules, seed=seed,
                               remat=remat, scan_layers=scan_layers)
         return with_fresh_adapters(model, lora, seed=seed, mesh=mesh, rules=rules)

@@ -6,7 +6,9 @@ variables beside the base kernel W. B starts at zero, so a freshly adapted model
 exactly. The trainer freezes every parameter that is not a LoRAParam (:func:`freeze_filter`), so
 only adapters get gradients and optimiser state; "adapters off" (:func:`adapters_off`, the KL
 reference) is the same graph with zero adapters, and :func:`merged_model` folds W + s·A·B into a
-model without adapters (the engines sample with it, and the HF export writes it).
+model without adapters (the engines sample with it, and the HF export writes it). With
+``lora.dropout`` p > 0 a train step computes y = x·W + s·(dropout_p(x)·A)·B, as PEFT does; only
+the trained forward gets a key (:func:`adapter_dropout`), every other forward is deterministic.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from flax import nnx
 
 from genevolve_jax.models.layers import Dense, LoRAParam
 
-__all__ = ["LoRAParam", "adapted_projections", "init_adapters", "kernel_delta", "merged_base_state",
+__all__ = ["LoRAParam", "adapted_projections", "adapter_dropout", "init_adapters", "kernel_delta", "merged_base_state",
            "merged_model", "with_fresh_adapters", "adapters_off", "freeze_filter", "has_adapters"]
 
 
@@ -32,6 +34,12 @@ def adapted_projections(model: nnx.Module) -> Iterator[tuple[tuple, Dense]]:
 
 def has_adapters(model: nnx.Module) -> bool:
     return getattr(model, "config", None) is not None and model.config.lora is not None
+
+
+def adapter_dropout(model: nnx.Module) -> bool:
+    """Whether ``model``'s adapters drop out in a train step (model.lora.dropout > 0): the train
+    step's losses then pass their key to the trained forward, and only to it."""
+    return has_adapters(model) and model.config.lora.dropout > 0
 
 
 def init_adapters(model: nnx.Module, key: jax.Array) -> None:

@@ -48,3 +48,29 @@ def test_lora_plan_trains_adapters_and_shares_the_reference(states):
     assert all(x.dtype == jax.numpy.bfloat16 for x in jax.tree.leaves(lora.params["frozen"]))
     print(f"per device: optimiser {abstract.bytes_per_device(full.opt_state)} -> "
           f"{abstract.bytes_per_device(lora.opt_state)} bytes, KL reference copy {saved} bytes saved")
+
+
+def test_the_shipped_8b_lora_config_is_sized_as_benchmarks_says():
+    """configs/qwen3vl_8b_lora_gpu.py: qwen3vl_8b_gpu with rank-64 adapters, a bf16 base, 10× the
+    learning rates and 2 rows per device per micro-batch on 8 GPUs, the settings of BENCHMARKS.md's
+    2.52 GiB row (an fp32 base would be 4.56)."""
+    from tests.fixtures.config_reads import leaf_paths
+
+    lora, full = load_config("qwen3vl_8b_lora_gpu"), load_config("qwen3vl_8b_gpu")
+
+    def value(cfg, path):
+        for part in path.split("."):
+            cfg = cfg[part]
+        return cfg
+    changed = {p for p in leaf_paths(full) if value(lora, p) != value(full, p)}
+    assert changed == {"workdir", "model.lora.rank", "model.lora.alpha", "model.param_dtype",
+                       "train.optimizer.learning_rate", "sft.optimizer.learning_rate",
+                       "train.grad_accum_steps", "sft.grad_accum_steps"}
+    assert lora.model.lora.targets == full.model.lora.targets and lora.model.lora.dropout == 0
+    rollouts = lora.data.rl.prompts_per_step * lora.rl.group_size
+    assert rollouts // lora.train.grad_accum_steps == 2 * 8 and rollouts % lora.train.grad_accum_steps == 0
+    assert lora.data.sft.rows_per_batch // lora.sft.grad_accum_steps == 2 * 8
+    # The settings of BENCHMARKS.md's 2.52 GiB row (bench/lora_state_bytes.py: rank 64, bf16 base,
+    # fsdp over 8; the abstract 8B state costs ~6 CPU-s, so it is not rebuilt here).
+    assert (lora.model.lora.rank, lora.model.param_dtype, lora.sharding.strategy) == (64, "bfloat16", "fsdp")
+    assert lora.model.lora.alpha == 128.0

@@ -67,16 +67,22 @@ VISION_LORA_TARGETS = ("vision.qkv", "vision.proj", "vision.linear_fc1", "vision
 
 @dataclasses.dataclass(frozen=True)
 class LoRAConfig:
-    """Low-rank adapters W + (alpha / rank)·A·B on the named projections (not in config.json)."""
+    """Low-rank adapters W + (alpha / rank)·A·B on the named projections (not in config.json).
+
+    ``dropout``: PEFT's lora_dropout, on the adapter branch's input in train steps only. A training
+    setting, not part of the adapters: :meth:`same_adapters` ignores it."""
     rank: int
     alpha: float
     targets: tuple[str, ...] = TEXT_LORA_TARGETS
+    dropout: float = 0.0
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank < 1:
             raise ConfigError(f"lora rank must be a positive integer, got {self.rank!r}")
         if not self.alpha > 0:
             raise ConfigError(f"lora alpha must be > 0, got {self.alpha!r}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora dropout must be in [0, 1), got {self.dropout!r}")
         unknown = sorted(set(self.targets) - set(TEXT_LORA_TARGETS + VISION_LORA_TARGETS))
         if unknown or not self.targets:
             raise ConfigError(f"lora targets {unknown or '(none)'}: choose from "
@@ -85,6 +91,10 @@ class LoRAConfig:
     @property
     def scale(self) -> float:
         return float(self.alpha) / self.rank
+
+    def same_adapters(self, other: "LoRAConfig") -> bool:
+        """Whether ``other`` describes the same adapter parameters (rank, alpha, targets)."""
+        return (self.rank, self.alpha, tuple(self.targets)) == (other.rank, other.alpha, tuple(other.targets))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from genevolve_jax.models.layers import Dense
+from genevolve_jax.models.layers import Dense, sub_key
 from genevolve_jax.models.lora import init_adapters
 from genevolve_jax.models.qwen3_vl import rope
 from genevolve_jax.models.qwen3_vl.config import Qwen3VLConfig
@@ -155,21 +155,25 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
             init_adapters(self, rngs.params())
 
     # --- pieces --------------------------------------------------------------------------------------
-    def _vision(self, pixels: jax.Array, grid: Grid):
-        embeds, deepstack = self.visual(pixels.astype(self.config.jnp_dtype), np.asarray(grid, np.int64))
+    def _vision(self, pixels: jax.Array, grid: Grid, dropout_key: jax.Array | None = None):
+        embeds, deepstack = self.visual(pixels.astype(self.config.jnp_dtype), np.asarray(grid, np.int64),
+                                        dropout_key)
         return embeds, list(deepstack)
 
-    def embed(self, batch: ModelBatch) -> tuple[jax.Array, DeepstackInputs | None]:
+    def embed(self, batch: ModelBatch,
+              dropout_key: jax.Array | None = None) -> tuple[jax.Array, DeepstackInputs | None]:
         """Token embeddings with image/video features scattered into their placeholders, and the
-        deepstack features for the decoder (None for text only)."""
+        deepstack features for the decoder (None for text only). ``dropout_key``: the vision
+        adapters' dropout in a train step (None: deterministic)."""
         c = self.config
         x = self.language_model.embed_tokens(batch.input_ids)
         index, levels = None, None
-        for pixels, grid, token in ((batch.pixel_values, batch.image_grid_thw, c.image_token_id),
-                                    (batch.pixel_values_videos, batch.video_grid_thw, c.video_token_id)):
+        for j, (pixels, grid, token) in enumerate(((batch.pixel_values, batch.image_grid_thw, c.image_token_id),
+                                                   (batch.pixel_values_videos, batch.video_grid_thw,
+                                                    c.video_token_id))):
             if pixels is None:
                 continue
-            feats, deep = self._vision(pixels, grid)
+            feats, deep = self._vision(pixels, grid, sub_key(dropout_key, j))
             own = _placeholder_index(batch.input_ids, token)
             x = scatter_features(x, own, feats)
             if index is None:
@@ -224,14 +228,16 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
         return self.logits(self.hidden_states(batch_or_ids, attention_mask, **kw))
 
     # --- the train step's forward: packed rows, per-row image blocks -------------------------------
-    def encode_row_images(self, images: "RowImages") -> tuple[jax.Array, list[jax.Array]]:
+    def encode_row_images(self, images: "RowImages",
+                          dropout_key: jax.Array | None = None) -> tuple[jax.Array, list[jax.Array]]:
         """Vision features of per-row image blocks: (merged [B·P/m², D], deepstack levels).
 
         Row r carries its own images' patches in ``images.pixel_values[r]`` ([P, C·T·P·P],
         zero-padded to the batch's patch budget P) with the host-computed vision inputs of its grids
         (segment 0 marks padding). The blocks are flattened into one patch list and encoded once;
         attention segments are made unique per (row, image) and padding patches only see each
-        other, so every real image is encoded exactly as on its own."""
+        other, so every real image is encoded exactly as on its own. ``dropout_key``: adapter
+        dropout of a train step (None: deterministic)."""
         pix = images.pixel_values
         b, p, d = pix.shape
         seg = images.segment_ids
@@ -240,7 +246,7 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
                            pos_weights=images.pos_weights.reshape(b * p, -1),
                            rope_positions=images.rope_positions.reshape(b * p, -1),
                            segment_ids=seg.reshape(b * p))
-        feats, deepstack = self.visual.encode(pix.reshape(b * p, d), aux)
+        feats, deepstack = self.visual.encode(pix.reshape(b * p, d), aux, dropout_key=dropout_key)
         return feats, list(deepstack)
 
     def _row_image_embeddings(self, ids: jax.Array, images: "RowImages", features):
@@ -262,7 +268,8 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
 
     def packed_hidden_states(self, input_ids: jax.Array, position_ids: jax.Array, segment_ids: jax.Array | None, *,
                              pixel_values: jax.Array | None = None, image_grid_thw: Grid = (),
-                             row_images: "RowImages | None" = None, image_features=None) -> jax.Array:
+                             row_images: "RowImages | None" = None, image_features=None,
+                             dropout_key: jax.Array | None = None) -> jax.Array:
         """Final hidden states [B, T, D] of packed or padded rows, never the logits: the train
         step's forward (SFT, GRPO policy, SDL teacher, reference and π_old rows).
 
@@ -270,19 +277,22 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
         attention inside each packed trajectory (0 = padding). Images come either as SFT's flat
         ``pixel_values`` with static ``image_grid_thw`` (placeholders in row order), or as RL's
         per-row blocks ``row_images`` (:meth:`encode_row_images`); ``image_features`` passes the
-        latter already encoded (a teacher row reuses its student row's images)."""
+        latter already encoded (a teacher row reuses its student row's images). ``dropout_key``:
+        adapter dropout (the train step's policy forward only; None is deterministic), the
+        decoder's and the vision tower's masks drawn from independent sub-keys."""
         positions = jnp.swapaxes(position_ids, 0, 1)
         valid = jnp.ones(input_ids.shape, jnp.int32) if segment_ids is None else (segment_ids > 0).astype(jnp.int32)
         if row_images is not None:
             if image_features is None:
-                image_features = self.encode_row_images(row_images)
+                image_features = self.encode_row_images(row_images, sub_key(dropout_key, 1))
             x, deepstack = self._row_image_embeddings(input_ids, row_images, image_features)
         else:
             batch = ModelBatch(input_ids=input_ids, attention_mask=valid, position_ids=positions,
                                rope_deltas=jnp.zeros(input_ids.shape[:1], jnp.int32), pixel_values=pixel_values,
                                image_grid_thw=tuple(tuple(int(v) for v in row) for row in image_grid_thw))
-            x, deepstack = self.embed(batch)
-        hidden, _ = self.language_model(x, positions, valid, deepstack=deepstack, segment_ids=segment_ids)
+            x, deepstack = self.embed(batch, sub_key(dropout_key, 1))
+        hidden, _ = self.language_model(x, positions, valid, deepstack=deepstack, segment_ids=segment_ids,
+                                        dropout_key=sub_key(dropout_key, 0))
         return hidden
 
     # --- cached decoding ------------------------------------------------------------------------------

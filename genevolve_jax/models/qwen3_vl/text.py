@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from genevolve_jax.models.layers import Dense, Embed, RMSNorm
+from genevolve_jax.models.layers import Dense, Embed, RMSNorm, sub_key
 from genevolve_jax.models.qwen3_vl import rope
 from genevolve_jax.models.qwen3_vl.config import Qwen3VLConfig
 from genevolve_jax.ops.attention import attention, cached_attention
@@ -128,7 +128,7 @@ class TextAttention(nnx.Module):
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, kv_valid: jax.Array | None,
                  cache_kv: tuple[jax.Array, jax.Array] | None = None, cache_length: jax.Array | None = None,
                  cache_valid: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                 cache_window: int | None = None):
+                 cache_window: int | None = None, dropout_key: jax.Array | None = None):
         """x [B, T, D]. Without a cache: causal self-attention over x (kv_valid masks padding).
 
         With ``cache_kv`` (k, v of [B, KV, S, hd]): the new keys/values are written at slots
@@ -137,13 +137,14 @@ class TextAttention(nnx.Module):
         (output [B, T, D], updated (k, v) or None). ``segment_ids`` [B, T] (packed rows, no cache):
         a token attends only to tokens of its own segment. ``cache_window`` (static): attend over
         the first that many slots only (every valid key lies there); the cache is still written
-        in place, so a caller never copies it to narrow attention.
+        in place, so a caller never copies it to narrow attention. ``dropout_key``: adapter
+        dropout (train steps only), an independent mask per projection.
         """
-        q = apply_qk(self.q_norm(self.q_proj(x)), cos, sin, (logical.BATCH, logical.SEQ, logical.HEADS,
-                                                             logical.HEAD_DIM))
-        k = apply_qk(self.k_norm(self.k_proj(x)), cos, sin, (logical.BATCH, logical.SEQ, logical.KV_HEADS,
-                                                             logical.HEAD_DIM))
-        v = logical.constrain(self.v_proj(x), (logical.BATCH, logical.SEQ, logical.KV_HEADS, logical.HEAD_DIM))
+        q_axes = (logical.BATCH, logical.SEQ, logical.HEADS, logical.HEAD_DIM)
+        kv_axes = (logical.BATCH, logical.SEQ, logical.KV_HEADS, logical.HEAD_DIM)
+        q = apply_qk(self.q_norm(self.q_proj(x, sub_key(dropout_key, 0))), cos, sin, q_axes)
+        k = apply_qk(self.k_norm(self.k_proj(x, sub_key(dropout_key, 1))), cos, sin, kv_axes)
+        v = logical.constrain(self.v_proj(x, sub_key(dropout_key, 2)), kv_axes)
         if cache_kv is None:
             out = attention(q, k, v, causal=True, kv_valid_mask=kv_valid, q_segment_ids=segment_ids,
                             kv_segment_ids=segment_ids)
@@ -157,7 +158,7 @@ class TextAttention(nnx.Module):
                                    kv_valid_mask=cache_valid[:, :w])
             new_cache = (ck, cv)
         out = logical.constrain(out, (logical.BATCH, logical.SEQ, logical.HEADS, logical.HEAD_DIM))
-        return self.o_proj(out), new_cache
+        return self.o_proj(out, sub_key(dropout_key, 3)), new_cache
 
 
 def apply_qk(x: jax.Array, cos: jax.Array, sin: jax.Array, axes) -> jax.Array:
@@ -177,9 +178,10 @@ class TextMLP(nnx.Module):
         self.down_proj = Dense((t.intermediate_size,), (t.hidden_size,), in_axes=(logical.MLP,),
                                out_axes=(logical.EMBED,), lora=config.lora_for("down_proj"), **kw)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
-        return self.down_proj(logical.constrain(hidden, (logical.BATCH, logical.SEQ, logical.MLP)))
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        hidden = jax.nn.silu(self.gate_proj(x, sub_key(dropout_key, 0))) * self.up_proj(x, sub_key(dropout_key, 1))
+        return self.down_proj(logical.constrain(hidden, (logical.BATCH, logical.SEQ, logical.MLP)),
+                              sub_key(dropout_key, 2))
 
 
 class TextDecoderLayer(nnx.Module):
@@ -193,11 +195,11 @@ class TextDecoderLayer(nnx.Module):
                                                 rngs=rngs)
 
     def __call__(self, x, cos, sin, kv_valid, cache_kv=None, cache_length=None, cache_valid=None,
-                 segment_ids=None, cache_window=None):
+                 segment_ids=None, cache_window=None, dropout_key=None):
         attn, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, kv_valid, cache_kv, cache_length,
-                                         cache_valid, segment_ids, cache_window)
+                                         cache_valid, segment_ids, cache_window, sub_key(dropout_key, 0))
         x = x + attn
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.mlp(self.post_attention_layernorm(x), sub_key(dropout_key, 1))
         return logical.constrain(x, (logical.BATCH, logical.SEQ, logical.EMBED)), new_cache
 
 
@@ -251,7 +253,8 @@ class Qwen3VLTextModel(nnx.Module):
     def __call__(self, inputs_embeds: jax.Array, position_ids: jax.Array, attention_mask: jax.Array | None = None,
                  *, deepstack: DeepstackInputs | None = None,
                  cache: KVCache | None = None, cache_window: int | None = None,
-                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+                 segment_ids: jax.Array | None = None,
+                 dropout_key: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         """Final (normed) hidden states [B, T, D], and the updated cache when one is given.
 
         inputs_embeds: [B, T, D]; position_ids: [3, B, T] (or [B, T] for text only);
@@ -259,6 +262,8 @@ class Qwen3VLTextModel(nnx.Module):
         ``cache.length``; ``cache.next_position`` is left for the caller to advance.
         segment_ids: [B, T] for packed rows (no cache): attention stays within a segment.
         cache_window (static): with a cache, attend over its first that many slots only.
+        dropout_key: adapter dropout in a train step (layer i uses ``sub_key(dropout_key, i)``,
+        scanned or not); None, as every other forward passes, is deterministic.
         """
         x = logical.constrain(inputs_embeds.astype(self.config.jnp_dtype), (logical.BATCH, logical.SEQ, logical.EMBED))
         b, t = x.shape[:2]
@@ -269,7 +274,7 @@ class Qwen3VLTextModel(nnx.Module):
             raise ValueError(f"{len(deepstack.features)} deepstack levels for {n_layers} decoder layers")
         n_deep = 0 if deepstack is None else len(deepstack.features)
         if self.config.scan_layers and cache is None:
-            x = self._scanned(x, cos, sin, mask, segment_ids, deepstack)
+            x = self._scanned(x, cos, sin, mask, segment_ids, deepstack, dropout_key)
             return self.norm(x), None
         new_k, new_v, cache_valid = [], [], None
         if cache is not None:
@@ -279,9 +284,10 @@ class Qwen3VLTextModel(nnx.Module):
             layer = self.layers[i] if not self.config.scan_layers else self._layer_slice(i)
             kv = None if cache is None else (cache.k[i], cache.v[i])
             graphdef, state = nnx.split(layer)
-            window = () if cache is None else (cache_window,)   # cached calls are not rematerialised
+            # cached calls (decoding) are neither rematerialised nor dropped out
+            extra = (None, sub_key(dropout_key, i)) if cache is None else (cache_window,)
             x, layer_cache = apply(graphdef, state, x, cos, sin, mask, kv,
-                                   None if cache is None else cache.length, cache_valid, segment_ids, *window)
+                                   None if cache is None else cache.length, cache_valid, segment_ids, *extra)
             if layer_cache is not None:
                 new_k.append(layer_cache[0])
                 new_v.append(layer_cache[1])
@@ -306,7 +312,7 @@ class Qwen3VLTextModel(nnx.Module):
         graphdef, state = nnx.split(self.layers)
         return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
 
-    def _scanned(self, x, cos, sin, mask, segment_ids, deepstack):
+    def _scanned(self, x, cos, sin, mask, segment_ids, deepstack, dropout_key=None):
         """All decoder layers as one ``lax.scan`` over the stacked parameters.
 
         Deepstack levels ride along as a stacked [L, N, D] addend that is zero past the last
@@ -323,13 +329,14 @@ class Qwen3VLTextModel(nnx.Module):
             feats, index = None, None
 
         def body(h, xs):
-            layer_state, feat = xs
-            h, _ = apply(graphdef, layer_state, h, cos, sin, mask, None, None, None, segment_ids)
+            layer_state, feat, i = xs
+            key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
+            h, _ = apply(graphdef, layer_state, h, cos, sin, mask, None, None, None, segment_ids, None, key)
             if feat is not None:
                 h = add_visual_features(h, index, feat)
             return h, None
 
-        x, _ = jax.lax.scan(body, x, (state, feats))
+        x, _ = jax.lax.scan(body, x, (state, feats, jnp.arange(n_layers)))
         return x
 
 

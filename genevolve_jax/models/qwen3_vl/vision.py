@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from genevolve_jax.models.layers import Dense, LayerNorm
+from genevolve_jax.models.layers import Dense, LayerNorm, sub_key
 from genevolve_jax.models.qwen3_vl.config import Qwen3VLConfig, VisionConfig
 from genevolve_jax.models.qwen3_vl.text import REMAT_POLICIES
 from genevolve_jax.ops.attention import attention
@@ -190,8 +190,8 @@ class VisionAttention(nnx.Module):
                           lora=lora_for("vision.proj"))
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array,
-                 segment_length: int | None = None) -> jax.Array:
-        qkv = self.qkv(x)                                            # [N, 3, H, hd]
+                 segment_length: int | None = None, dropout_key: jax.Array | None = None) -> jax.Array:
+        qkv = self.qkv(x, sub_key(dropout_key, 0))                                            # [N, 3, H, hd]
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
         q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
         n, h, d = q.shape
@@ -203,7 +203,7 @@ class VisionAttention(nnx.Module):
         else:
             seg = segment_ids[None, :]
             out = attention(q[None], k[None], v[None], causal=False, q_segment_ids=seg, kv_segment_ids=seg)[0]
-        return self.proj(out)
+        return self.proj(out, sub_key(dropout_key, 1))
 
 
 class VisionMLP(nnx.Module):
@@ -214,9 +214,10 @@ class VisionMLP(nnx.Module):
         self.linear_fc2 = Dense((vision.intermediate_size,), (vision.hidden_size,), in_axes=(logical.VIS_MLP,),
                                 out_axes=(logical.VIS_EMBED,), lora=lora_for("vision.linear_fc2"), **kw)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
         # hidden_act = gelu_pytorch_tanh
-        return self.linear_fc2(jax.nn.gelu(self.linear_fc1(x), approximate=True))
+        hidden = jax.nn.gelu(self.linear_fc1(x, sub_key(dropout_key, 0)), approximate=True)
+        return self.linear_fc2(hidden, sub_key(dropout_key, 1))
 
 
 class VisionBlock(nnx.Module):
@@ -227,9 +228,9 @@ class VisionBlock(nnx.Module):
         self.attn = VisionAttention(vision, dtype=dtype, lora_for=lora_for, **kw)
         self.mlp = VisionMLP(vision, dtype=dtype, lora_for=lora_for, **kw)
 
-    def __call__(self, x, cos, sin, segment_ids, segment_length=None):
-        x = x + self.attn(self.norm1(x), cos, sin, segment_ids, segment_length)
-        x = x + self.mlp(self.norm2(x))
+    def __call__(self, x, cos, sin, segment_ids, segment_length=None, dropout_key=None):
+        x = x + self.attn(self.norm1(x), cos, sin, segment_ids, segment_length, sub_key(dropout_key, 0))
+        x = x + self.mlp(self.norm2(x), sub_key(dropout_key, 1))
         return logical.constrain(x, (logical.VIS_TOKENS, logical.VIS_EMBED))
 
 
@@ -275,16 +276,20 @@ class Qwen3VLVisionModel(nnx.Module):
         self.deepstack_merger_list = nnx.List(
             [PatchMerger(v, postshuffle=True, **kw) for _ in v.deepstack_visual_indexes])
 
-    def __call__(self, pixel_values: jax.Array, grid_thw) -> tuple[jax.Array, list[jax.Array]]:
+    def __call__(self, pixel_values: jax.Array, grid_thw,
+                 dropout_key: jax.Array | None = None) -> tuple[jax.Array, list[jax.Array]]:
         aux = vision_inputs(grid_thw, self.config.vision)
-        return self.encode(pixel_values, aux, segment_length=uniform_segment_length(grid_thw))
+        return self.encode(pixel_values, aux, segment_length=uniform_segment_length(grid_thw),
+                           dropout_key=dropout_key)
 
     def encode(self, pixel_values: jax.Array, aux: VisionInputs,
-               segment_length: int | None = None) -> tuple[jax.Array, list[jax.Array]]:
+               segment_length: int | None = None,
+               dropout_key: jax.Array | None = None) -> tuple[jax.Array, list[jax.Array]]:
         """The jittable forward; ``aux`` comes from :func:`vision_inputs` (numpy or device arrays).
 
         ``segment_length`` (static; see :func:`uniform_segment_length`) says every image/frame has
         that many patches, which lets attention run per block instead of under an N×N mask.
+        ``dropout_key``: adapter dropout of a train step (None: deterministic).
         """
         v = self.config.vision
         n = aux.segment_ids.shape[0]
@@ -305,16 +310,16 @@ class Qwen3VLVisionModel(nnx.Module):
         deepstack: list[jax.Array] = []
         for i, block in enumerate(self.blocks):
             graphdef, state = nnx.split(block)
-            x = apply(graphdef, state, x, cos, sin, segment_ids)
+            x = apply(graphdef, state, x, cos, sin, segment_ids, sub_key(dropout_key, i))
             if i in v.deepstack_visual_indexes:
                 deepstack.append(self.deepstack_merger_list[v.deepstack_visual_indexes.index(i)](x))
         return self.merger(x), deepstack
 
     def _block_apply(self, segment_length: int | None):
-        """(graphdef, state, x, cos, sin, segment_ids) -> x, checkpointed per config.remat (as the
-        text decoder's layers are)."""
-        def apply(graphdef, state, x, cos, sin, segment_ids):
-            return nnx.merge(graphdef, state)(x, cos, sin, segment_ids, segment_length)
+        """(graphdef, state, x, cos, sin, segment_ids, dropout_key) -> x, checkpointed per
+        config.remat (as the text decoder's layers are)."""
+        def apply(graphdef, state, x, cos, sin, segment_ids, dropout_key):
+            return nnx.merge(graphdef, state)(x, cos, sin, segment_ids, segment_length, dropout_key)
         if self.config.remat == "none":
             return apply
         return jax.checkpoint(apply, policy=REMAT_POLICIES[self.config.remat], static_argnums=(0,))

@@ -22,6 +22,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
+from genevolve_jax.models.lora import adapter_dropout
 from genevolve_jax.ops.fused_logprob import token_logprobs
 from genevolve_jax.train.losses.sdl import evolve_loss_weighted
 from genevolve_jax.train.losses.sft import sft_loss_from_hidden
@@ -48,8 +49,7 @@ class SFTLoss(LossFunction):
         self.cfg = loss_cfg
 
     def __call__(self, model, batch, rng):
-        del rng
-        hidden = hidden_states_of(model, batch)
+        hidden = hidden_states_of(model, batch, dropout_key=rng if adapter_dropout(model) else None)
         kernel = model.lm_head_kernel().astype(hidden.dtype)
         mask = batch["loss_mask"].astype(jnp.float32)
         loss, mets = sft_loss_from_hidden(hidden, kernel, batch["targets"], mask, self.cfg)
@@ -58,10 +58,12 @@ class SFTLoss(LossFunction):
         return loss * tokens, tokens, {"sft/bad_targets": mets["sft/bad_targets"]}
 
 
-def policy_logprobs(model, batch: Mapping[str, Any], loss_cfg, *, entropy: bool = False, image_features=None):
+def policy_logprobs(model, batch: Mapping[str, Any], loss_cfg, *, entropy: bool = False, image_features=None,
+                    dropout_key=None):
     """Log-probs [B, T] of ``batch["targets"]`` at the RL temperature (and the entropy [B, T] when
-    asked), through the model's packed-row forward and the fused op."""
-    hidden = hidden_states_of(model, batch, image_features)
+    asked), through the model's packed-row forward and the fused op (``dropout_key``: adapter
+    dropout; None, for every forward but the trained one, is deterministic)."""
+    hidden = hidden_states_of(model, batch, image_features, dropout_key)
     kernel = model.lm_head_kernel().astype(hidden.dtype)
     return token_logprobs(hidden, kernel, batch["targets"], chunk_size=int(loss_cfg.logprob.chunk_size),
                           temperature=float(loss_cfg.logprob.rl_temperature), return_entropy=entropy)
@@ -96,13 +98,24 @@ class EvolveLoss(LossFunction):
         self.tis_cap = None if tis_cap is None else float(tis_cap)
 
     def __call__(self, model, batch, rng):
-        del rng
         images = row_images_of(batch)
-        feats = None if images is None else model.encode_row_images(images)
-        lp, ent = policy_logprobs(model, batch, self.cfg, entropy=True, image_features=feats)
-        # On-policy (no π_old in the batch): π_old is this forward's own log-probs, held fixed.
-        old = batch["old_logprobs"] if "old_logprobs" in batch else jax.lax.stop_gradient(lp)
-        teacher_lp = teacher_logprobs(model, batch, self.cfg, feats) if self.use_sdl else None
+        # Adapter dropout (model.lora.dropout > 0) acts on the trained forward alone: the teacher
+        # rows (a stop-gradient target) and their image features stay deterministic.
+        drop = adapter_dropout(model)
+        policy_key, vision_key = jax.random.split(rng) if drop else (None, None)
+        feats = None if images is None else model.encode_row_images(images, vision_key)
+        lp, ent = policy_logprobs(model, batch, self.cfg, entropy=True, image_features=feats, dropout_key=policy_key)
+        plain_feats = feats if images is None or not drop else model.encode_row_images(images)
+        # On-policy (no π_old in the batch): π_old is the pre-update policy's log-probs, held fixed:
+        # this forward's own (the ratio is then exactly 1), or with adapter dropout a deterministic
+        # forward, the policy that sampled (sampling and π_old recomputes never drop out).
+        if "old_logprobs" in batch:
+            old = batch["old_logprobs"]
+        elif drop:
+            old = jax.lax.stop_gradient(policy_logprobs(model, batch, self.cfg, image_features=plain_feats))
+        else:
+            old = jax.lax.stop_gradient(lp)
+        teacher_lp = teacher_logprobs(model, batch, self.cfg, plain_feats) if self.use_sdl else None
         cfg = self.cfg if self.use_sdl or self.cfg.sdl.coef == 0 else _without_sdl(self.cfg)
         weights = weights_view(batch)
         loss, metrics = evolve_loss_weighted(lp, old, batch["advantages"], batch["segment_ids"], weights, cfg,

@@ -61,9 +61,11 @@ def teacher_view(batch: Mapping[str, Any]) -> dict:
     return view
 
 
-def hidden_states_of(model, batch: Mapping[str, Any], image_features=None):
-    """[B, T, D] final hidden states of the batch's rows through the model's packed-row forward."""
+def hidden_states_of(model, batch: Mapping[str, Any], image_features=None, dropout_key=None):
+    """[B, T, D] final hidden states of the batch's rows through the model's packed-row forward
+    (``dropout_key``: adapter dropout, the train step's trained forward only)."""
     return model.packed_hidden_states(batch["input_ids"], batch["position_ids"], batch.get("segment_ids"),
                                       pixel_values=batch.get("pixel_values"),
                                       image_grid_thw=batch.get("image_grid_thw", ()),
-                                      row_images=row_images_of(batch), image_features=image_features)
+                                      row_images=row_images_of(batch), image_features=image_features,
+                                      dropout_key=dropout_key)

@@ -46,8 +46,10 @@ def default_model_config() -> ml_collections.ConfigDict:
         # rank, only the adapters train (the base is frozen; it may be held in bf16 via param_dtype,
         # the adapters stay float32); scale = alpha / rank as PEFT's. targets: the text decoder's
         # projections by default; "vision.qkv", "vision.proj", "vision.linear_fc1/2" add the
-        # vision blocks'. (No adapter dropout yet: PEFT's default of 0.)
-        "lora": ml_collections.ConfigDict({"rank": 0, "alpha": 16.0, "targets": list(LORA_TEXT_TARGETS)}),
+        # vision blocks'. dropout: PEFT's lora_dropout on the adapters' input, in train steps only
+        # (sampling, the KL reference, π_old and teacher forwards, eval and export are deterministic).
+        "lora": ml_collections.ConfigDict({"rank": 0, "alpha": 16.0, "targets": list(LORA_TEXT_TARGETS),
+                                           "dropout": 0.0}),
     })
 
 
@@ -67,6 +69,7 @@ def validate_model(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     lora = cfg.lora
     check.integer(lora.rank, "lora.rank", 0)
     check.number(lora.alpha, "lora.alpha", low=0, low_open=True)
+    check.number(lora.dropout, "lora.dropout", low=0, high=1, high_open=True)
     targets = list(lora.targets) if isinstance(lora.targets, (list, tuple)) else None
     check(bool(targets) and set(targets) <= set(LORA_TEXT_TARGETS + LORA_VISION_TARGETS), "lora.targets",
           f"a non-empty list from {list(LORA_TEXT_TARGETS + LORA_VISION_TARGETS)}", lora.targets)
@@ -77,8 +80,8 @@ def lora_config(model_cfg):
     """``model.lora`` as the model's LoRAConfig, or None when its rank is 0."""
     from genevolve_jax.models.qwen3_vl.config import LoRAConfig
     lora = model_cfg.lora
-    rank, alpha, targets = int(lora.rank), float(lora.alpha), tuple(lora.targets)
-    return LoRAConfig(rank=rank, alpha=alpha, targets=targets) if rank else None
+    rank, alpha, targets, dropout = int(lora.rank), float(lora.alpha), tuple(lora.targets), float(lora.dropout)
+    return LoRAConfig(rank=rank, alpha=alpha, targets=targets, dropout=dropout) if rank else None
 
 
 def compiler_options(model_cfg) -> dict:
