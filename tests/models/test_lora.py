@@ -14,6 +14,7 @@ from genevolve_jax.models.qwen3_vl.config import TEXT_LORA_TARGETS, VISION_LORA_
 from genevolve_jax.models.qwen3_vl.model import forward, prepare_inputs
 from genevolve_jax.train.runtime.model_setup import default_model_config, lora_config, validate_model
 from tests.fixtures import hf_qwen3_vl as R
+from tests.fixtures.lora import with_random_b
 
 RANK, ALPHA = 4, 8.0
 
@@ -52,17 +53,6 @@ def logits(model, b):
     batch = prepare_inputs(model.config, b["input_ids"], b["attention_mask"], pixel_values=b["pixel_values"],
                            image_grid_thw=b["image_grid_thw"])
     return np.asarray(_forward(graphdef, state, batch))
-
-
-def with_random_b(model, seed=1, std=0.05):
-    """A copy of ``model`` whose every B is random (an adapter that has trained)."""
-    graphdef, state = nnx.split(model)
-    flat = dict(nnx.to_flat_state(state))
-    rng = np.random.default_rng(seed)
-    for path, var in flat.items():
-        if path[-1] == "lora_b":
-            flat[path] = var.replace(rng.normal(0, std, var.get_value().shape).astype(np.float32))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def test_rank_zero_is_the_base_tree_and_the_config_is_checked():

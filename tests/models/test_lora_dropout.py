@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from genevolve_jax.data.packing import Trajectory, pack
 from genevolve_jax.models import hf_io
 from genevolve_jax.models.layers import Dense, LoRAParam
 from genevolve_jax.models.qwen3_vl.config import ConfigError, LoRAConfig, tiny
 from genevolve_jax.models.qwen3_vl.model import forward, prepare_inputs
 from genevolve_jax.train.losses.step_losses import SFTLoss
 from genevolve_jax.train.runtime.model_setup import default_model_config, lora_config, validate_model
+from tests.fixtures.batches import packed_text_batch
+from tests.fixtures.lora import with_random_b
 
 RATE = 0.5
 
@@ -64,17 +65,6 @@ def small(rate):
                        lora=LoRAConfig(4, 8.0, dropout=rate))
 
 
-def with_random_b(model, seed=1, std=0.05):
-    """``model`` with every B random (a trained adapter: A's gradient is then non-zero too)."""
-    graphdef, state = nnx.split(model)
-    flat = dict(nnx.to_flat_state(state))
-    rng = np.random.default_rng(seed)
-    for path, var in flat.items():
-        if path[-1] == "lora_b":
-            flat[path] = var.replace(jnp.asarray(rng.normal(0, std, var.get_value().shape), jnp.float32))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
-
-
 @pytest.fixture(scope="module")
 def models():
     """{rate: model} with the same weights (random B)."""
@@ -85,12 +75,8 @@ def models():
     return {0.0: base, RATE: nnx.merge(graphdef, state)}
 
 
-def text_batch(rows=2, length=16, seed=0, vocab=400):
-    rng = np.random.default_rng(seed)
-    trajs = [Trajectory(rng.integers(1, vocab, n), (rng.random(n) < 0.6).astype(np.float32))
-             for n in rng.integers(5, length + 1, rows * 2)]
-    batch, _ = pack(trajs, length, num_rows=rows * 2)
-    return {k: jnp.asarray(v[:rows]) for k, v in batch.items()}
+def text_batch(rows=2, length=16, seed=0):
+    return {k: jnp.asarray(v) for k, v in packed_text_batch(rows, length, seed, min_len=5).items()}
 
 
 def adapter_grads(model, batch):

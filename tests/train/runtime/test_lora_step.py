@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from genevolve_jax.data.packing import Trajectory, pack
 from genevolve_jax.models import hf_io
 from genevolve_jax.models.layers import LoRAParam
 from genevolve_jax.models.lora import freeze_filter
@@ -20,6 +19,7 @@ from genevolve_jax.train.losses.step_losses import SFTLoss
 from genevolve_jax.train.runtime import step_config
 from genevolve_jax.train.runtime.state import create_train_state, is_vision_path
 from genevolve_jax.train.runtime.step import TrainStep
+from tests.fixtures.batches import packed_text_batch
 
 FAST = {"xla_backend_optimization_level": 0}
 STEPS = 2
@@ -41,12 +41,8 @@ def train_cfg():
     return step_config.validate(c)
 
 
-def text_batch(rows=8, length=24, seed=0, vocab=400):
-    rng = np.random.default_rng(seed)
-    trajs = [Trajectory(rng.integers(1, vocab, n), (rng.random(n) < 0.6).astype(np.float32))
-             for n in rng.integers(6, length + 1, rows * 2)]
-    batch, _ = pack(trajs, length, num_rows=rows * 2)
-    return {k: v[:rows] for k, v in batch.items()}
+def text_batch(rows=8, length=24, seed=0):
+    return packed_text_batch(rows, length, seed)
 
 
 def host(tree):

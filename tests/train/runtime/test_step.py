@@ -17,6 +17,7 @@ from genevolve_jax.train.losses.step_losses import SFTLoss
 from genevolve_jax.train.runtime import step_config
 from genevolve_jax.train.runtime.state import bytes_per_device, create_train_state, is_vision_path, make_schedule
 from genevolve_jax.train.runtime.step import TrainStep
+from tests.fixtures.batches import packed_text_batch
 
 FAST = {"xla_backend_optimization_level": 0}
 
@@ -44,12 +45,8 @@ def train_cfg(**kw):
     return step_config.validate(c)
 
 
-def text_batch(rows=16, length=32, seed=0, vocab=400):
-    rng = np.random.default_rng(seed)
-    trajs = [Trajectory(rng.integers(1, vocab, n), (rng.random(n) < 0.6).astype(np.float32))
-             for n in rng.integers(6, length + 1, rows * 2)]
-    batch, _ = pack(trajs, length, num_rows=rows * 2)
-    return {k: v[:rows] for k, v in batch.items()}
+def text_batch(rows=16, length=32, seed=0):
+    return packed_text_batch(rows, length, seed)
 
 
 @pytest.fixture(scope="module")
