@@ -44,9 +44,10 @@ def get_config() -> ml_collections.ConfigDict:
     # a second row per device (2 × (23.03 − 4.08) = 37.90) the RL step would peak at 2.52 + 0.16 +
     # 37.90 = 40.58 GiB of 43.81 (48 rollouts in 3 micro-batches of 16 rows), and SFT at 2.52 + 0.16 +
     # 2 × (22.49 − 4.08) = 39.50 of 59.74 (32 rows in 2 micro-batches).
-    # An estimate from planned figures: before a run, `genevolve plan --config qwen3vl_8b_lora_gpu
-    # --target gpu:h100x8` (needs jax's CUDA plugin and cuDNN, no GPU) compiles the steps and says
-    # whether they fit; `--config.train.grad_accum_steps=-1` goes back to one row per device.
+    # Compiled for the target (`genevolve plan --config qwen3vl_8b_lora_gpu --target gpu:h100x8`, with
+    # jax's CUDA plugin and cuDNN, no GPU; BENCHMARKS.md "LoRA"): RL peak 39.15 of 43.81 GiB, SFT
+    # 38.75 of 59.74. `--config.train.grad_accum_steps=-1` goes back to one row per device (on one
+    # H100 beside its server: peak 36.89 of 43.81 GiB).
     cfg.train.grad_accum_steps = 3
     cfg.sft.grad_accum_steps = 2
     return cfg
