@@ -32,22 +32,16 @@ The device functions (prefill, decode chunk) and their layouts live in
 genevolve_jax/rollout/engine_functions.py, where ``genevolve plan --phase engine`` compiles them
 too: ``jax.jit`` with explicit shardings from the "sample" rules of genevolve_jax/sharding/logical.py
 (weights tensor-parallel only, slots split over ``data``), under ``logical.use_rules``. Prefer
-tensor parallelism: with slots split over ``data`` the ragged per-row cache writes reshard the whole
-cache (planned on 8 × H100 for 2B: 24 GiB of decode temporaries a device at data 4, 1.3 GiB at
-tensor 8).
+tensor parallelism: over ``data`` the ragged per-row cache writes reshard the whole cache
+(BENCHMARKS.md, "Plans").
 
 Log-probs: see genevolve_jax/rollout/sampling.py. By default the recorded log-prob is that of
 ``log_softmax(logits / temperature)`` (what the trainer recomputes for the importance ratio);
 ``cfg.raw_logprobs = True`` records temperature-1 log-probs instead. The weights are held in the
-trainer's compute dtype and the head accumulates in float32 like the trainer's fused op. In fp32
-the recorded log-probs are the trainer's to 1e-5; in bf16 they differ by the bf16 arithmetic of two
-differently compiled programs (cached decode against packed rows), no longer by the head: mean |Δ|
-1.9e-2 on a random tiny model with LM-like logits, where the trainer's own bf16 forward is 1.1e-2
-from f32 (6.3e-2 while the head rounded the logits to bf16; tests/rollout/test_engine_bf16_logprobs.py).
-Reuse changes no token's inputs, only where its keys/values were computed, so outputs agree with
-fresh prefills to float rounding (tests/rollout/test_jax_engine_reuse.py compares a whole phase with
-reuse on and off).
-
+trainer's compute dtype and the head accumulates in float32 like the trainer's fused op: in fp32
+the recorded log-probs are the trainer's to 1e-5, in bf16 they differ by the bf16 arithmetic of two
+differently compiled programs (BENCHMARKS.md; tests/rollout/test_engine_bf16_logprobs.py). Reuse
+changes only where a token's keys/values were computed (tests/rollout/test_jax_engine_reuse.py).
 A request whose prompt plus ``max_new_tokens`` exceeds ``cfg.max_seq_len`` generates up to the
 limit and finishes with "length"; a prompt that alone fills it is aborted with the reason.
 """

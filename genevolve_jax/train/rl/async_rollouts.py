@@ -90,10 +90,18 @@ class RolloutProducer:
                 self._push = push
             self._cond.notify_all()
 
+    def wait_collected(self, step: int, timeout_s: float | None = None) -> bool:
+        """Wait until ``step``'s job is collected (or failed), or the producer stops; True when
+        it is there to take."""
+        with self._cond:
+            self._cond.wait_for(lambda: step in self._done or self._stopping or not self._thread.is_alive(),
+                                timeout_s)
+            return step in self._done
+
     def take(self, step: int) -> CollectedJob:
         """The rollouts of ``step``'s job, waiting for them; re-raises the job's error."""
+        self.wait_collected(step)
         with self._cond:
-            self._cond.wait_for(lambda: step in self._done or self._stopping or not self._thread.is_alive())
             if step not in self._done:
                 raise ProducerStopped(f"the rollout producer stopped before step {step}'s rollouts")
             got = self._done.pop(step)
