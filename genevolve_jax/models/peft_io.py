@@ -99,18 +99,11 @@ def adapter_config(lora: LoRAConfig, base_model: str = "") -> dict[str, Any]:
             "base_model_name_or_path": base_model or None}
 
 
-def _module_at(model: nnx.Module, path: tuple) -> Any:
-    obj: Any = model
-    for part in path:
-        obj = obj[part] if isinstance(part, int) else getattr(obj, part)
-    return obj
-
-
 def adapter_tensors(model: nnx.Module, dtype=np.float32) -> dict[str, np.ndarray]:
     """PEFT-named lora_A / lora_B weights of ``model``'s adapters, as numpy arrays."""
     out = {}
     for e in adapter_entries(model.config):
-        dense = _module_at(model, e.dense)
+        dense = keymap.node_at(model, e.dense)
         a, b = dense.lora_a.get_value(), dense.lora_b.get_value()
         if e.stack_index is not None:
             a, b = a[e.stack_index], b[e.stack_index]
@@ -186,7 +179,7 @@ def load_adapter(model: nnx.Module, path: str | os.PathLike) -> None:
         raise ValueError(f"{file}: adapter tensors do not match the model's adapters: missing {missing[:3]}, "
                          f"unexpected {extra[:3]}")
     for e in entries:
-        dense = _module_at(model, e.dense)
+        dense = keymap.node_at(model, e.dense)
         for var, name in ((dense.lora_a, e.a_name), (dense.lora_b, e.b_name)):
             current = var.get_value()
             row_shape = tuple(current.shape[1:] if e.stack_index is not None else current.shape)

@@ -205,10 +205,16 @@ def check_hf_keys(config: Qwen3VLConfig, shapes: Mapping[str, Sequence[int]], so
             raise ValueError(f"{source} tensor {e.hf!r} has shape {got}, the config expects {e.hf_shape}")
 
 
-def _variable_at(model: nnx.Module, path: tuple[str | int, ...]) -> nnx.Variable:
+def node_at(model: nnx.Module, path: tuple[str | int, ...]) -> Any:
+    """The module or variable at an NNX path (attribute names and list indices)."""
     obj: Any = model
     for part in path:
         obj = obj[part] if isinstance(part, int) else getattr(obj, part)
+    return obj
+
+
+def _variable_at(model: nnx.Module, path: tuple[str | int, ...]) -> nnx.Variable:
+    obj = node_at(model, path)
     if not isinstance(obj, nnx.Variable):
         raise TypeError(f"NNX path {'.'.join(map(str, path))} is not a parameter")
     return obj
