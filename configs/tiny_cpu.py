@@ -66,6 +66,15 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.data.sft.pack = True
     cfg.data.sft.num_epochs = 30
     cfg.data.sharding = "none"
+    # With LoRA on (model.lora.rank > 0) the random base's head is adapted too: its kernel is drawn
+    # from N(0, 0.02²) and the final norm is frozen, so whatever the decoder's adapters do, no logit
+    # can exceed about 128 × 0.02 = 2.6 (hidden 128), and SFT stalled at loss 5.47 (7.5 at the start,
+    # 0.018 fully tuned). A pretrained base's head needs no adapter: configs/base.py leaves it out.
+    # Scale alpha / rank = 8 at rank 8 (the adapters' step, as a larger lr would be, for these
+    # lr's set for full tuning): rank-8 SFT ends at loss 0.60 with alpha 16, 0.067 with 64, 0.16
+    # with 128 (measured, 195 steps).
+    cfg.model.lora.targets = list(cfg.model.lora.targets) + ["lm_head"]
+    cfg.model.lora.alpha = 64.0
     cfg.checkpoint.save_every = 6             # GRPO steps 6 and 12; every 6th of SFT's ~200 steps
     cfg.checkpoint.keep = 2
     cfg.logging.sample_every = 6

@@ -34,7 +34,8 @@
 #
 # LoRA: LORA_RANK=R (the run's model.lora.rank) starts the policy server with adapters enabled:
 # --enable-lora --max-lora-rank R --lora-target-modules (the text decoder's seven projections; SGLang
-# fuses q/k/v and gate/up itself) --max-loras-per-batch MAX_LORAS (default 2: the current policy
+# fuses q/k/v and gate/up itself; LORA_HEAD=1 adds lm_head, for a run whose model.lora.targets has
+# it) --max-loras-per-batch MAX_LORAS (default 2: the current policy
 # version and the one before it while its last requests finish; at least rl.max_staleness + 1, the
 # versions the trainer keeps loaded). Adapters then arrive as PEFT folders
 # (`genevolve export-hf` of a LoRA checkpoint) through /load_lora_adapter.
@@ -56,6 +57,11 @@ esac
 PORT=${4:-$DEFAULT_PORT}
 shift $(( $# < 4 ? $# : 4 ))
 LORA_TARGETS=(q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)
+case "${LORA_HEAD:-0}" in
+  1) LORA_TARGETS+=(lm_head) ;;
+  0) ;;
+  *) echo "sglang_server.sh: LORA_HEAD must be 0 or 1, got '$LORA_HEAD'" >&2; exit 2 ;;
+esac
 case "${LORA_RANK:-0}" in
   0) ;;
   *[!0-9]*) echo "sglang_server.sh: LORA_RANK must be a positive integer, got '$LORA_RANK'" >&2; exit 2 ;;

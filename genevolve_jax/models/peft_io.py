@@ -7,10 +7,10 @@ the transposes of those, flattened the way the key map flattens their kernel (ke
 so an adapter entry is derived from the kernel's key-map entry; a scanned decoder's stacked
 adapters give one PEFT tensor per layer row.
 
-``target_modules`` is written as PEFT's list of module names when only the text decoder is
-adapted (Qwen3-VL's vision blocks use other names, so the list is exact), and as a regular
-expression over full module names when vision blocks are too (their ``proj`` would otherwise also
-match the patch embedding).
+``target_modules`` is written as PEFT's list of module names when only the text decoder (and the
+head, ``lm_head``) is adapted (Qwen3-VL's vision blocks use other names, so the list is exact), and
+as a regular expression over full module names when vision blocks are too (their ``proj`` would
+otherwise also match the patch embedding).
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ import numpy as np
 from flax import nnx
 
 from genevolve_jax.models.qwen3_vl import keymap
-from genevolve_jax.models.qwen3_vl.config import (TEXT_LORA_TARGETS, VISION_LORA_TARGETS, ConfigError, LoRAConfig,
-                                                  Qwen3VLConfig)
+from genevolve_jax.models.qwen3_vl.config import (HEAD_LORA_TARGET, LORA_TARGETS, TEXT_LORA_TARGETS,
+                                                  VISION_LORA_TARGETS, ConfigError, LoRAConfig, Qwen3VLConfig)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -55,6 +55,8 @@ class AdapterEntry:
 
 def target_of(module: str) -> str | None:
     """Our target name (config.TEXT/VISION_LORA_TARGETS) of an HF module name, or None."""
+    if module == HEAD_LORA_TARGET:      # transformers' Qwen3VLForConditionalGeneration.lm_head
+        return HEAD_LORA_TARGET
     text, vision = _TEXT_MODULE.fullmatch(module), _VISION_MODULE.fullmatch(module)
     if text and text.group(2) in TEXT_LORA_TARGETS:
         return text.group(2)
@@ -83,12 +85,14 @@ def adapter_entries(config: Qwen3VLConfig) -> list[AdapterEntry]:
 def target_modules(lora: LoRAConfig) -> list[str] | str:
     """PEFT's ``target_modules`` for our targets (module docstring)."""
     text = [t for t in TEXT_LORA_TARGETS if t in lora.targets]
+    head = [HEAD_LORA_TARGET] if HEAD_LORA_TARGET in lora.targets else []
     vision = [t[len("vision."):] for t in VISION_LORA_TARGETS if t in lora.targets]
     if not vision:
-        return text
+        return text + head
     parts = [rf"model\.visual\.blocks\.\d+\.(attn|mlp)\.({'|'.join(vision)})"]
     if text:
         parts.insert(0, rf"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(text)})")
+    parts += head
     return "|".join(f"(.*\\.)?{p}" for p in parts)
 
 
@@ -144,7 +148,7 @@ def read_adapter_config(path: str | os.PathLike) -> LoRAConfig:
     targets = d.get("target_modules")
     names = _targets_from(targets)
     if not names:
-        raise ConfigError(f"{file}: target_modules {targets!r} name none of {list(TEXT_LORA_TARGETS)}")
+        raise ConfigError(f"{file}: target_modules {targets!r} name none of {list(LORA_TARGETS)}")
     return LoRAConfig(rank=int(d["r"]), alpha=float(d["lora_alpha"]), targets=names)
 
 
@@ -155,6 +159,7 @@ def _targets_from(targets) -> tuple[str, ...]:
                for t in TEXT_LORA_TARGETS}
     samples.update({t: f"model.visual.blocks.0.{'attn' if t in ('vision.qkv', 'vision.proj') else 'mlp'}."
                        f"{t[len('vision.'):]}" for t in VISION_LORA_TARGETS})
+    samples[HEAD_LORA_TARGET] = HEAD_LORA_TARGET
     if isinstance(targets, str):
         hit = [t for t, m in samples.items() if re.fullmatch(targets, m)]
     else:

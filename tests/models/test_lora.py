@@ -10,7 +10,7 @@ from flax import nnx
 
 from genevolve_jax.models import hf_io, lora
 from genevolve_jax.models.layers import LoRAParam
-from genevolve_jax.models.qwen3_vl.config import TEXT_LORA_TARGETS, VISION_LORA_TARGETS, ConfigError, LoRAConfig, tiny
+from genevolve_jax.models.qwen3_vl.config import LORA_TARGETS, TEXT_LORA_TARGETS, ConfigError, LoRAConfig, tiny
 from genevolve_jax.models.qwen3_vl.model import forward, prepare_inputs
 from genevolve_jax.train.runtime.model_setup import default_model_config, lora_config, validate_model
 from tests.fixtures import hf_qwen3_vl as R
@@ -27,10 +27,11 @@ def small_config(**kw):
 
 @pytest.fixture(scope="module")
 def models():
-    """(base, adapted) from the same random HF weights; the adapted one on text and vision blocks."""
+    """(base, adapted) from the same random HF weights; the adapted one on text and vision blocks
+    and the head."""
     cfg = small_config()
     sd = hf_io.random_state_dict(cfg, seed=0)
-    adapted_cfg = cfg.replace(lora=LoRAConfig(RANK, ALPHA, TEXT_LORA_TARGETS + VISION_LORA_TARGETS))
+    adapted_cfg = cfg.replace(lora=LoRAConfig(RANK, ALPHA, LORA_TARGETS))
     return hf_io.model_from_state_dict(cfg, sd), hf_io.model_from_state_dict(adapted_cfg, sd)
 
 
@@ -60,13 +61,22 @@ def test_rank_zero_is_the_base_tree_and_the_config_is_checked():
     assert lora_config(validate_model(cfg)) is None
     cfg.lora.rank = 8
     assert lora_config(cfg) == LoRAConfig(8, 16.0, TEXT_LORA_TARGETS)
-    for field, bad in (("rank", -1), ("alpha", 0.0), ("targets", ["q_proj", "lm_head"])):
+    for field, bad in (("rank", -1), ("alpha", 0.0), ("targets", ["q_proj", "embed_tokens"])):
         broken = default_model_config()
         broken.lora[field] = bad
         with pytest.raises(ValueError, match=f"model.lora.{field}"):
             validate_model(broken)
     with pytest.raises(ConfigError, match="lora targets"):
         LoRAConfig(4, 8.0, ("embed_tokens",))
+    # The head's adapter is a kernel delta: no input dropout, and no separate head when tied.
+    head = default_model_config()
+    head.lora.rank, head.lora.dropout, head.lora.targets = 8, 0.1, ["q_proj", "lm_head"]
+    with pytest.raises(ValueError, match="model.lora.dropout"):
+        validate_model(head)
+    with pytest.raises(ConfigError, match="dropout"):
+        LoRAConfig(4, 8.0, ("lm_head",), dropout=0.1)
+    with pytest.raises(ConfigError, match="untied head"):
+        small_config(tie_word_embeddings=True, lora=LoRAConfig(4, 8.0, ("q_proj", "lm_head")))
 
 
 def test_adapters_are_float32_params_on_the_targets_and_the_base_is_untouched(models):
@@ -78,14 +88,18 @@ def test_adapters_are_float32_params_on_the_targets_and_the_base_is_untouched(mo
         np.testing.assert_array_equal(a, b)
     flat = dict(nnx.to_flat_state(nnx.state(adapted, LoRAParam)))
     cfg = adapted.config
-    # 7 text projections × 2 layers + 4 vision projections × 2 blocks, an A and a B each
-    assert len(flat) == 2 * (7 * cfg.text.num_hidden_layers + 4 * cfg.vision.depth)
+    # 7 text projections × 2 layers + 4 vision projections × 2 blocks + the head, an A and a B each
+    assert len(flat) == 2 * (7 * cfg.text.num_hidden_layers + 4 * cfg.vision.depth + 1)
     q = adapted.language_model.layers[0].self_attn.q_proj
     t = cfg.text
     assert q.lora_a.get_value().shape == (t.hidden_size, RANK)
     assert q.lora_b.get_value().shape == (RANK, t.num_attention_heads, t.head_dim)
     assert q.lora_a.get_metadata()["logical_axes"] == ("embed", "lora_rank")
     assert q.lora_b.get_metadata()["logical_axes"] == ("lora_rank", "heads", "head_dim")
+    head = adapted.lm_head
+    assert head.lora_a.get_metadata()["logical_axes"] == ("embed", "lora_rank")
+    assert head.lora_b.get_value().shape == (RANK, t.vocab_size)
+    assert head.lora_b.get_metadata()["logical_axes"] == ("lora_rank", "vocab")
     for path, var in flat.items():
         assert var.get_value().dtype == np.float32, path
         if path[-1] == "lora_b":

@@ -1,6 +1,6 @@
 """LoRA adapters in PEFT's format against the installed ``peft``: an adapter we write, loaded by
 ``peft.PeftModel.from_pretrained`` on transformers' Qwen3VLForConditionalGeneration, gives our
-logits (fp32, with an image) within 1e-4, text and vision adapters; the config round-trips and
+logits (fp32, with an image) within 1e-4, text, vision and head adapters; the config round-trips and
 reading it back into fresh adapters gives the same tensors."""
 import dataclasses
 import json
@@ -20,7 +20,7 @@ from tests.fixtures import hf_qwen3_vl as R
 
 peft = pytest.importorskip("peft")
 
-LORA = LoRAConfig(4, 8.0, TEXT_LORA_TARGETS + ("vision.qkv", "vision.proj"))
+LORA = LoRAConfig(4, 8.0, TEXT_LORA_TARGETS + ("vision.qkv", "vision.proj", "lm_head"))
 
 
 def small_config():
@@ -68,8 +68,10 @@ def test_peft_loads_our_adapter_and_gives_our_logits(written):
                      image_grid_thw=inputs["image_grid_thw"])
     wrapped = peft.PeftModel.from_pretrained(hf, str(path))    # injects the LoRA layers into ``hf``
     adapted = [n for n, m in wrapped.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
-    # 7 text projections × 2 layers + qkv and proj × 2 vision blocks (not the patch embedding's proj)
-    assert len(adapted) == 7 * 2 + 2 * 2 and not any("patch_embed" in n or "merger" in n for n in adapted)
+    # 7 text projections × 2 layers + qkv and proj × 2 vision blocks (not the patch embedding's
+    # proj) + the head
+    assert len(adapted) == 7 * 2 + 2 * 2 + 1 and not any("patch_embed" in n or "merger" in n for n in adapted)
+    assert any(n.endswith(".lm_head") for n in adapted)
     want = hf_logits(hf, cfg, inputs["input_ids"], pixel_values=inputs["pixel_values"],
                      image_grid_thw=inputs["image_grid_thw"])
     got = our_logits(ours, inputs)
@@ -82,6 +84,12 @@ def test_the_config_round_trips_and_import_fills_fresh_adapters(written):
     assert peft_io.read_adapter_config(path) == LORA
     text_only = peft_io.adapter_config(LoRAConfig(8, 16.0))
     assert text_only["target_modules"] == list(TEXT_LORA_TARGETS) and text_only["r"] == 8
+    head_lora = LoRAConfig(8, 16.0, TEXT_LORA_TARGETS + ("lm_head",))
+    with_head = peft_io.adapter_config(head_lora)
+    assert with_head["target_modules"] == list(TEXT_LORA_TARGETS) + ["lm_head"]
+    (path.parent / "with_head").mkdir()
+    (path.parent / "with_head" / peft_io.ADAPTER_CONFIG).write_text(json.dumps(with_head))
+    assert peft_io.read_adapter_config(path.parent / "with_head") == head_lora
     graphdef, state = nnx.split(ours)
     flat = dict(nnx.to_flat_state(state))
     for key, var in flat.items():

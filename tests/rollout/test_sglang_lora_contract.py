@@ -2,7 +2,8 @@
 reads adapter_config.json, its target-name normalisation maps our separate projections onto the
 fused modules its Qwen3-VL applies LoRA to (qkv_proj, gate_up_proj, o_proj, down_proj: the
 model's ``_lora_pattern``, read from the wheel's source), and its LoRAAdapter stacks our q/k/v and
-gate/up tensors so that every fused slice gives our W + s·A·B delta of that projection."""
+gate/up tensors so that every fused slice gives our W + s·A·B delta of that projection; the head's
+adapter (``lm_head``) lands where its LoRA manager reads the head's."""
 import dataclasses
 import importlib.util
 import os
@@ -17,7 +18,7 @@ from safetensors.numpy import load_file
 from genevolve_jax.models import hf_io, peft_io
 from genevolve_jax.models.layers import LoRAParam
 from genevolve_jax.models.lora import kernel_delta
-from genevolve_jax.models.qwen3_vl.config import LoRAConfig, tiny
+from genevolve_jax.models.qwen3_vl.config import HEAD_LORA_TARGET, TEXT_LORA_TARGETS, LoRAConfig, tiny
 from tests.fixtures.sglang_cpu import load_lora
 
 torch = pytest.importorskip("torch")
@@ -36,7 +37,7 @@ def adapter(tmp_path_factory):
     cfg = tiny()
     cfg = cfg.replace(text=dataclasses.replace(cfg.text, num_hidden_layers=2),
                       vision=dataclasses.replace(cfg.vision, depth=1, deepstack_visual_indexes=(0,)),
-                      lora=LoRAConfig(RANK, ALPHA))
+                      lora=LoRAConfig(RANK, ALPHA, TEXT_LORA_TARGETS + (HEAD_LORA_TARGET,)))
     model = hf_io.model_from_state_dict(cfg, hf_io.random_state_dict(cfg.replace(lora=None), seed=4))
     graphdef, state = nnx.split(model)
     flat = dict(nnx.to_flat_state(state))
@@ -56,16 +57,26 @@ def test_sglang_reads_our_adapter_and_fuses_it_as_its_qwen3_vl_expects(adapter):
     config = sgl.lora_config.LoRAConfig(str(path))
     assert (config.r, config.lora_alpha) == (RANK, ALPHA)
     fused = sgl.utils.get_normalized_target_modules(config.target_modules)
-    assert fused == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    assert fused == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"}
     pattern = sglang_lora_pattern()
     assert all(pattern.match(f"model.layers.0.{'self_attn' if m in ('qkv_proj', 'o_proj') else 'mlp'}.{m}")
-               for m in fused)
+               for m in fused - {"lm_head"})
     t = model.config.text
     loaded = sgl.lora.LoRAAdapter("v1", config, types.SimpleNamespace(num_hidden_layers=t.num_hidden_layers),
                                   None, None)
     loaded.initialize_weights_from_tensors({k: torch.from_numpy(v) for k, v in
                                             load_file(path / peft_io.ADAPTER_WEIGHTS).items()})
     assert loaded.scaling == ALPHA / RANK
+    # The head's adapter: outside the layers, in the embedding-layer tensors its LoRA manager gives
+    # the lm_head module (wrapped before the model's should_apply_lora gate).
+    head = {k: v.numpy() for k, v in loaded.embedding_layers.items()}
+    assert set(head) == {f"{peft_io.PEFT_PREFIX}lm_head.lora_{ab}.weight" for ab in "AB"}
+    want = np.asarray(kernel_delta(model.lm_head.lora_a.get_value(), model.lm_head.lora_b.get_value(), 2,
+                                   model.lm_head.lora.scale)).T                                   # HF (vocab, hidden)
+    got = loaded.scaling * head[f"{peft_io.PEFT_PREFIX}lm_head.lora_B.weight"] @ head[
+        f"{peft_io.PEFT_PREFIX}lm_head.lora_A.weight"]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    assert np.abs(want).max() > 1e-3
     slices = {"self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"), "mlp.gate_up_proj": ("gate_proj", "up_proj"),
               "self_attn.o_proj": ("o_proj",), "mlp.down_proj": ("down_proj",)}
     for i, layer in enumerate(loaded.layers):
@@ -97,8 +108,11 @@ def test_the_launch_scripts_lora_targets_are_sglangs_and_ours():
     default adapters' targets (what an export names in adapter_config.json)."""
     script = open(os.path.join(os.path.dirname(__file__), "..", "..", "launch", "sglang_server.sh")).read()
     targets = re.search(r"LORA_TARGETS=\(([^)]*)\)", script).group(1).split()
-    assert set(targets) <= set(load_lora().common.SUPPORTED_LORA_TARGET_MODULES)
+    head = re.search(r"LORA_TARGETS\+=\(([^)]*)\)", script).group(1).split()     # LORA_HEAD=1
+    assert set(targets + head) <= set(load_lora().common.SUPPORTED_LORA_TARGET_MODULES)
     assert targets == peft_io.adapter_config(LoRAConfig(RANK, ALPHA))["target_modules"]
+    assert targets + head == peft_io.adapter_config(
+        LoRAConfig(RANK, ALPHA, TEXT_LORA_TARGETS + (HEAD_LORA_TARGET,)))["target_modules"]
 
 
 def test_adapter_sync_bodies_are_sglangs(tmp_path):

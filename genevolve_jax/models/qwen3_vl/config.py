@@ -59,10 +59,15 @@ class VisionConfig:
         return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
 
 
-# LoRA targets: the text decoder's projections by their HF/PEFT module names, and the vision
-# blocks' (not the patch embedding or the mergers) under a "vision." prefix.
+# LoRA targets: the text decoder's projections by their HF/PEFT module names, the vision blocks'
+# (not the patch embedding or the mergers) under a "vision." prefix, and the untied output head.
 TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 VISION_LORA_TARGETS = ("vision.qkv", "vision.proj", "vision.linear_fc1", "vision.linear_fc2")
+# The head's adapter (PEFT's and SGLang's "lm_head" target) enters every loss as the kernel
+# W + s·A·B (Qwen3VLForConditionalGeneration.lm_head_kernel): there is no input to drop out, and a
+# tied head's kernel is the embedding table, so it needs an untied head and lora.dropout 0.
+HEAD_LORA_TARGET = "lm_head"
+LORA_TARGETS = TEXT_LORA_TARGETS + VISION_LORA_TARGETS + (HEAD_LORA_TARGET,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,10 +88,12 @@ class LoRAConfig:
             raise ConfigError(f"lora alpha must be > 0, got {self.alpha!r}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"lora dropout must be in [0, 1), got {self.dropout!r}")
-        unknown = sorted(set(self.targets) - set(TEXT_LORA_TARGETS + VISION_LORA_TARGETS))
+        unknown = sorted(set(self.targets) - set(LORA_TARGETS))
         if unknown or not self.targets:
-            raise ConfigError(f"lora targets {unknown or '(none)'}: choose from "
-                              f"{list(TEXT_LORA_TARGETS + VISION_LORA_TARGETS)}")
+            raise ConfigError(f"lora targets {unknown or '(none)'}: choose from {list(LORA_TARGETS)}")
+        if HEAD_LORA_TARGET in self.targets and self.dropout > 0:
+            raise ConfigError(f"lora dropout {self.dropout} with the {HEAD_LORA_TARGET!r} target: the head's adapter "
+                              "is applied as a kernel (W + s·A·B), so its input cannot drop out; use dropout 0")
 
     @property
     def scale(self) -> float:
@@ -141,6 +148,9 @@ class Qwen3VLConfig:
             raise ConfigError(f"vision_config.deepstack_visual_indexes {bad} outside [0, depth={v.depth})")
         if len(v.deepstack_visual_indexes) > t.num_hidden_layers:
             raise ConfigError("more deepstack_visual_indexes than text decoder layers")
+        if self.tie_word_embeddings and self.lora_for(HEAD_LORA_TARGET) is not None:
+            raise ConfigError(f"lora target {HEAD_LORA_TARGET!r} needs an untied head; this model ties it to "
+                              "embed_tokens (tie_word_embeddings)")
 
     def lora_for(self, target: str) -> LoRAConfig | None:
         """The adapter config of the projection named ``target`` (TEXT/VISION_LORA_TARGETS), or None."""

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from genevolve_jax.data.prompts import PromptSource
-from genevolve_jax.models.qwen3_vl.config import TEXT_LORA_TARGETS
+from genevolve_jax.models.qwen3_vl.config import HEAD_LORA_TARGET, TEXT_LORA_TARGETS
 from genevolve_jax.rollout.engine import RolloutEngine
 from genevolve_jax.train.losses.step_losses import EvolveLoss
 from genevolve_jax.train.rl.async_rollouts import with_policy_version
@@ -95,10 +95,11 @@ class EvolveTrainer(Driver):
         self.engine = engine if engine is not None else self._make_engine()
         self.engine_version = -1 if (cfg.rl.engine == "sglang" and cfg.rl.sglang.sync_at_start) else 0
         # Adapters alone reach an engine that takes them when they sit where SGLang's Qwen3-VL
-        # applies LoRA (the language model); vision-block adapters go merged, in full exports.
+        # applies LoRA (the language model's projections, and lm_head, which its LoRA manager wraps
+        # outside the model's pattern); vision-block adapters go merged, in full exports.
         lora = self.setup.merge(self.params).config.lora
         self.sync_adapters_only = (self.lora_on and self.engine.adapter_sync
-                                   and set(lora.targets) <= set(TEXT_LORA_TARGETS))
+                                   and set(lora.targets) <= set(TEXT_LORA_TARGETS + (HEAD_LORA_TARGET,)))
         if rollout_phase is None:
             self.rollout = self._make_rollout_phase()
         elif isinstance(rollout_phase, RolloutPhase):

@@ -10,8 +10,8 @@ import jax
 import ml_collections
 
 from genevolve_jax.config_checks import Checker
+from genevolve_jax.models.qwen3_vl.config import HEAD_LORA_TARGET, LORA_TARGETS
 from genevolve_jax.models.qwen3_vl.config import TEXT_LORA_TARGETS as LORA_TEXT_TARGETS
-from genevolve_jax.models.qwen3_vl.config import VISION_LORA_TARGETS as LORA_VISION_TARGETS
 from genevolve_jax.sharding.mesh import MeshError, resolve_axis_sizes
 
 PRESETS = ("tiny", "qwen3vl_2b", "qwen3vl_8b")
@@ -46,8 +46,10 @@ def default_model_config() -> ml_collections.ConfigDict:
         # rank, only the adapters train (the base is frozen; it may be held in bf16 via param_dtype,
         # the adapters stay float32); scale = alpha / rank as PEFT's. targets: the text decoder's
         # projections by default; "vision.qkv", "vision.proj", "vision.linear_fc1/2" add the
-        # vision blocks'. dropout: PEFT's lora_dropout on the adapters' input, in train steps only
-        # (sampling, the KL reference, π_old and teacher forwards, eval and export are deterministic).
+        # vision blocks', and "lm_head" the untied output head's (for a base whose head must move,
+        # e.g. configs/tiny_cpu.py's random one; it costs a [D, V] temporary). dropout: PEFT's
+        # lora_dropout on the adapters' input, in train steps only (sampling, the KL reference, π_old
+        # and teacher forwards, eval and export are deterministic); 0 when the head is a target.
         "lora": ml_collections.ConfigDict({"rank": 0, "alpha": 16.0, "targets": list(LORA_TEXT_TARGETS),
                                            "dropout": 0.0}),
     })
@@ -71,8 +73,10 @@ def validate_model(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     check.number(lora.alpha, "lora.alpha", low=0, low_open=True)
     check.number(lora.dropout, "lora.dropout", low=0, high=1, high_open=True)
     targets = list(lora.targets) if isinstance(lora.targets, (list, tuple)) else None
-    check(bool(targets) and set(targets) <= set(LORA_TEXT_TARGETS + LORA_VISION_TARGETS), "lora.targets",
-          f"a non-empty list from {list(LORA_TEXT_TARGETS + LORA_VISION_TARGETS)}", lora.targets)
+    check(bool(targets) and set(targets) <= set(LORA_TARGETS), "lora.targets",
+          f"a non-empty list from {list(LORA_TARGETS)}", lora.targets)
+    check(not (lora.rank and lora.dropout > 0 and HEAD_LORA_TARGET in (targets or ())), "lora.dropout",
+          f"0 when lora.targets has {HEAD_LORA_TARGET!r} (its adapter is applied as a kernel)", lora.dropout)
     return cfg
 
 

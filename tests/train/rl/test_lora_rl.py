@@ -11,8 +11,8 @@ from flax import nnx
 
 from genevolve_jax.models import peft_io
 from genevolve_jax.models.layers import LoRAParam
-from genevolve_jax.models.qwen3_vl.config import LoRAConfig
 from tests.fixtures.toy_task import toy_model, toy_run_config, toy_trainer
+from tests.fixtures.lora import HEADED_LORA
 
 STEPS = 2
 
@@ -32,7 +32,7 @@ def host(tree):
 def run(tmp_path_factory):
     """The uninterrupted run: (config, base model, trainer after STEPS steps, per-step metrics)."""
     cfg = lora_run_config(tmp_path_factory.mktemp("lora_rl"))
-    model = toy_model(lora=LoRAConfig(4, 8.0))
+    model = toy_model(lora=HEADED_LORA)
     base = host(nnx.state(model, nnx.Not(LoRAParam)))
     trainer = toy_trainer(cfg, model=model)
     metrics = [trainer.train_one_step() for _ in range(STEPS)]
@@ -59,7 +59,7 @@ def test_reference_is_the_base_and_the_engine_samples_the_trainers_policy(run):
     assert max(float(np.abs(x).max()) for x in jax.tree.leaves(host(trainer.params["train"]))) > 0
     # The PEFT export of the run's adapters reads back into fresh ones as they are.
     out = trainer.export_adapter(os.path.join(cfg.workdir, "hf_adapter"))
-    fresh = toy_model(lora=LoRAConfig(4, 8.0))
+    fresh = toy_model(lora=HEADED_LORA)
     peft_io.load_adapter(fresh, out)
     for a, b in zip(jax.tree.leaves(host(nnx.state(fresh, LoRAParam))), jax.tree.leaves(host(trainer.params["train"]))):
         np.testing.assert_array_equal(a, b)
@@ -76,7 +76,7 @@ def test_checkpoints_hold_adapters_and_a_resume_equals_the_run(run):
     adapters = sum(x.nbytes for x in jax.tree.leaves(trainer.params["train"]))
     base = sum(x.nbytes for x in jax.tree.leaves(trainer.params["frozen"]))
     assert adapters <= saved < base / 4, (saved, adapters, base)
-    resumed = toy_trainer(cfg, model=toy_model(lora=LoRAConfig(4, 8.0)))   # resume: the last step, STEPS
+    resumed = toy_trainer(cfg, model=toy_model(lora=HEADED_LORA))   # resume: the last step, STEPS
     try:
         assert resumed.step == STEPS
         resumed.restore(STEPS - 1)

@@ -9,16 +9,16 @@ import jax
 from safetensors.numpy import load_file
 
 from genevolve_jax.models import peft_io
-from genevolve_jax.models.qwen3_vl.config import LoRAConfig
 from tests.fixtures.sglang_fake import FakeBehaviour, running_fake_sglang
 from tests.fixtures.toy_task import toy_model, toy_trainer
+from tests.fixtures.lora import HEADED_LORA
 from tests.train.rl.test_trainer_sglang import sglang_config
 
 
 def test_lora_run_syncs_adapters_not_models(tmp_path):
     with running_fake_sglang(FakeBehaviour(image_tokens=1)) as (url, log):
         cfg = sglang_config(tmp_path / "run", [url])
-        model = toy_model(lora=LoRAConfig(4, 8.0))
+        model = toy_model(lora=HEADED_LORA)
         trainer = toy_trainer(cfg, model=model)
         try:
             weights_dir = trainer.engine.weight_export.weights_dir
@@ -35,6 +35,6 @@ def test_lora_run_syncs_adapters_not_models(tmp_path):
             sent = load_file(os.path.join(weights_dir, "adapter_v2", peft_io.ADAPTER_WEIGHTS))
             assert sum(v.nbytes for v in sent.values()) == sum(
                 x.nbytes for x in jax.tree.leaves(trainer.params["train"]))
-            assert peft_io.read_adapter_config(os.path.join(weights_dir, "adapter_v2")) == LoRAConfig(4, 8.0)
+            assert peft_io.read_adapter_config(os.path.join(weights_dir, "adapter_v2")) == HEADED_LORA
         finally:
             trainer.close()

@@ -13,13 +13,14 @@ from flax import nnx
 from genevolve_jax.models import hf_io
 from genevolve_jax.models.layers import LoRAParam
 from genevolve_jax.models.lora import freeze_filter
-from genevolve_jax.models.qwen3_vl.config import LoRAConfig, tiny
+from genevolve_jax.models.qwen3_vl.config import tiny
 from genevolve_jax.sharding.mesh import make_mesh
 from genevolve_jax.train.losses.step_losses import SFTLoss
 from genevolve_jax.train.runtime import step_config
 from genevolve_jax.train.runtime.state import create_train_state, is_vision_path
 from genevolve_jax.train.runtime.step import TrainStep
 from tests.fixtures.batches import packed_text_batch
+from tests.fixtures.lora import HEADED_LORA
 
 FAST = {"xla_backend_optimization_level": 0}
 STEPS = 2
@@ -29,7 +30,7 @@ def lora_model():
     cfg = tiny()
     cfg = cfg.replace(text=dataclasses.replace(cfg.text, num_hidden_layers=1),
                       vision=dataclasses.replace(cfg.vision, depth=1, deepstack_visual_indexes=(0,)),
-                      param_dtype="bfloat16", dtype="float32", lora=LoRAConfig(4, 8.0))
+                      param_dtype="bfloat16", dtype="float32", lora=HEADED_LORA)
     return hf_io.model_from_state_dict(cfg, hf_io.random_state_dict(cfg, seed=0))
 
 
