@@ -32,9 +32,17 @@ class AbstractEngine:
     rest: Any
     head: Any       # the decode head's abstract copy (tied head on CPU) or None
     build: Any      # () -> a new EngineFunctions (fresh jitted functions)
+    asynchronous: bool = False   # rl.max_staleness ≥ 1: a second copy of the weights (resident())
 
     def resident(self) -> dict[str, Any]:
-        return {"engine params": self.params, "engine KV cache": self.fns.abstract_cache()}
+        """The engine's weights and KV cache. With ``rl.max_staleness`` ≥ 1 also a second copy of
+        its weights: the trainer publishes each version as a copy in the engine's layout, which the
+        producer thread hands to the engine between two jobs (train/rl/trainer.py:publish_weights),
+        so from one publish until that hand-over, a train step included, both versions are held."""
+        out = {"engine params": self.params, "engine KV cache": self.fns.abstract_cache()}
+        if self.asynchronous:
+            out["engine params, the published next version"] = self.params
+        return out
 
 
 def abstract_engine(run_cfg, config, devices) -> AbstractEngine:
@@ -59,7 +67,8 @@ def abstract_engine(run_cfg, config, devices) -> AbstractEngine:
     fns = EngineFunctions(graphdef, config, params, ecfg, mesh, dtype)
     params = fns.held(abstract.with_shardings(params, fns.param_shardings))
     return AbstractEngine(fns, params, rest, fns.abstract_decode_head(params, rest),
-                          lambda: EngineFunctions(graphdef, config, params, ecfg, mesh, dtype))
+                          lambda: EngineFunctions(graphdef, config, params, ecfg, mesh, dtype),
+                          asynchronous=int(run_cfg.rl.max_staleness) >= 1)
 
 
 def sampling_mode_of(run_cfg) -> str:

@@ -145,3 +145,18 @@ def test_plan_engine_phase_reports_cache_and_trainer_state(tmp_path, capsys):
     assert [f["runs_per_step"] for f in sync["functions"]] == [1] == [f["runs_per_step"] for f in build["functions"]]
     assert sync["resident_bytes"]["engine KV cache"] == cache and "engine KV cache" not in build["resident_bytes"]
     assert sync["peak_bytes"] > build["peak_bytes"]
+
+
+def test_an_asynchronous_run_plans_a_second_copy_of_the_engine_weights():
+    """rl.max_staleness ≥ 1: the trainer publishes each version as a copy in the engine's layout
+    while the engine samples with its own (train/rl/trainer.py:publish_weights), so every phase
+    that holds the engine holds its weights twice; a synchronous run once."""
+    cfg = load_config("tiny_cpu")
+    config = plan_abstract.model_config(cfg, cfg.train)
+    sync = abstract_engine(cfg, config, jax.devices()).resident()
+    cfg.rl.max_staleness = int(np.random.default_rng().integers(1, 4))
+    stale = abstract_engine(cfg, config, jax.devices()).resident()
+    second = "engine params, the published next version"
+    assert set(stale) - set(sync) == {second} and set(sync) <= set(stale)
+    weights = plan_abstract.bytes_per_device(sync["engine params"])
+    assert plan_abstract.bytes_per_device(stale[second]) == weights > 0
