@@ -171,15 +171,20 @@ PREEMPTED_WORKER = HEADER + textwrap.dedent('''
     from genevolve_jax.train.runtime.preemption import RunStopped
     from tests.fixtures.toy_task import (TOY_GUIDE, TOY_PROMPTS, TOY_TARGETS, CyclingPrompts,
                                          FixedGuideExperience, TokenChoicePhase, toy_model, toy_run_config)
+    import threading
     phase = os.environ["PHASE"]
     cfg = toy_run_config(os.path.join(out_dir, "run"), lr=1e-2, sdl=2.0, kl=1e-3, steps=4, save_every=100,
                          mesh={"fsdp": 4})
     cfg.loss.sdl.topk_frac = 1.0
+    cfg.rl.max_staleness = 1 if phase == "stale" else 0      # PHASE=stale: asynchronous, one step off
+    collected = []
 
     class Phase(TokenChoicePhase):
         def collect(self, step, prompts, group_ids):
             if phase == "first" and rank == 1 and step == 2:
                 os.kill(os.getpid(), signal.SIGTERM)      # mid-step: the rollouts are still to come
+            collected.append({"step": step, "prompts": [list(p) for p in prompts], "groups": list(group_ids),
+                              "thread": threading.current_thread().name})
             return super().collect(step, prompts, group_ids)
 
     trainer = EvolveTrainer(
@@ -202,9 +207,13 @@ PREEMPTED_WORKER = HEADER + textwrap.dedent('''
     record["memory"] = trainer.experience.state_dict()
     record["engine_processes"] = sorted({d.process_index for d in trainer.engine.mesh.devices.flat})
     record["checkpoints"] = trainer.ckpt.all_steps()
+    record["collected"] = collected
+    record["staleness_max"] = [h.get("rollout/staleness_max", 0.0) for h in history]
+    record["dropped_stale"] = [h.get("rollout/dropped_stale", 0.0) for h in history]
     full = multihost_utils.process_allgather(trainer.params, tiled=True)
     trainer.close()
     np.savez(os.path.join(out_dir, f"params_{phase}{rank}.npz"), *[np.asarray(x) for x in jax.tree.leaves(full)])
+    record["threads_after_close"] = sorted(t.name for t in threading.enumerate() if t.name == "rollout-producer")
     with open(os.path.join(out_dir, f"record{rank}.json"), "w") as f:
         json.dump(record, f)
 ''')
@@ -507,3 +516,30 @@ def test_two_processes_equal_one_then_resume_after_sigterm_to_its_losses(tmp_pat
     for r in resumed:
         assert r["start_step"] == 2 and r["stopped"] is None and 4 in r["checkpoints"]
         np.testing.assert_allclose(r["losses"], [h["loss"] for h in history], rtol=1e-5, atol=1e-6)
+
+
+def test_two_processes_train_one_step_off_policy(tmp_path):
+    """The toy evolve run of the test above at ``rl.max_staleness=1`` over two processes: each
+    process's producer thread rolls out its own shard of the data order (steps 1 to 4, each once and
+    in order, on the producer thread, not the trainer's), the trainer thread hands the rollouts to
+    every process through the Collective, both train the same sharded state on every sample
+    (nothing dropped; the policy at most one version behind, and some step one behind), and the run
+    ends with no producer thread left."""
+    from tests.fixtures.toy_task import TOY_PROMPTS, CyclingPrompts, toy_run_config
+
+    runs = _finish(tmp_path, launch_two_processes(tmp_path, PREEMPTED_WORKER, local_devices=2,
+                                                  extra_env={"PHASE": "stale"}))
+    per_step = toy_run_config(str(tmp_path / "unused"), steps=4).data.rl.prompts_per_step
+    for rank, r in enumerate(runs):
+        assert r["stopped"] is None and len(r["losses"]) == 4 and all(np.isfinite(r["losses"]))
+        shard = CyclingPrompts(TOY_PROMPTS, per_step, shard_index=rank, shard_count=2)
+        assert [c["step"] for c in r["collected"]] == [1, 2, 3, 4]
+        assert [c["prompts"] for c in r["collected"]] == [next(shard) for _ in range(4)]
+        assert {c["thread"] for c in r["collected"]} == {"rollout-producer"}
+        assert [c["groups"] for c in r["collected"]][0] == list(range(rank, per_step, 2))
+        assert r["retrieved"] == [16] * 4 and all(b > 1000 for b in r["gathered_bytes"])
+        assert max(r["staleness_max"]) == 1.0 and r["dropped_stale"] == [0.0] * 4
+        assert r["threads_after_close"] == []
+    assert runs[0]["losses"] == runs[1]["losses"] and runs[0]["rewards"] == runs[1]["rewards"]
+    a, b = np.load(tmp_path / "params_stale0.npz"), np.load(tmp_path / "params_stale1.npz")
+    assert all(np.array_equal(a[k], b[k]) for k in a.files)
