@@ -24,11 +24,11 @@ Measured on the 2-core CPU box, |engine − trainer| over the 2,304 tokens:
 - after (2026-12-08: every rounding the model names kept in every program): mean 8.30e-4, p99
   2.30e-2, max 6.36e-2, 75× below before; against f32 the engine 1.54e-2, the trainer 1.53e-2.
   92% of the tokens agree to 1e-5; the rest follow a step where the two programs' float32 values
-  differed slightly and tipped a bf16 rounding, which the cache carries on. That is XLA:CPU's
-  YNNPACK fusions (it picks them by shape): with them off (XLA_FLAGS
-  --xla_cpu_experimental_ynn_fusion_type=) the mean is 5.0e-5, and 7e-8 at 6e08433 (they had
-  been the whole 1.87e-2 on this box; GPU and TPU compilers may drop roundings by their own fusion
-  choices, not measured here).
+  differed slightly and tipped a bf16 rounding, which the cache carries on: XLA:CPU computes some
+  reductions (a norm's sum of squares among them) in YNNPACK kernels, picked by shape. Without those (XLA_FLAGS
+  --xla_cpu_experimental_ynn_fusion_type=-reduce) the mean is 5.8e-5; without any YNNPACK fusion
+  5.0e-5, and 7e-8 at 6e08433: on this box they had been the whole 1.87e-2 (GPU and TPU compilers
+  may drop roundings by their own fusion choices; not measured here).
 On the unmodified random weights: mean 9.47e-3 before, 8.65e-3 with the f32 head, 8.0e-5 after
 (against f32 the engine 7.28e-3, the trainer 7.29e-3).
 """
