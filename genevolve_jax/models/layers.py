@@ -2,7 +2,7 @@
 
 Every parameter is tagged with logical axis names (see ``genevolve_jax.sharding.logical``). Kernels are
 stored input-major ([in..., out...]); the HF key map transposes/reshapes on import and export.
-Norm statistics are computed in float32 whatever the compute dtype, as transformers does.
+Norms are computed in float32 whatever the compute dtype, as transformers does.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from genevolve_jax.ops.precision import narrow, widen
 from genevolve_jax.sharding import logical
 
 default_kernel_init = nnx.initializers.normal(0.02)
@@ -26,18 +27,27 @@ LORA_PARAM_DTYPE = jnp.float32   # adapters stay float32 whatever the base is he
 
 
 class RMSNorm(nnx.Module):
-    """y = x / rms(x) * scale, statistics in float32 (Qwen3 RMSNorm; ``scale`` is HF ``weight``)."""
+    """y = x / rms(x) * scale (Qwen3 RMSNorm; ``scale`` is HF ``weight``), in float32 and rounded to
+    x's dtype once, at the end (``ops.precision.narrow``).
+
+    transformers rounds x / rms(x) to bf16 before the weight multiplies it, a second rounding; XLA
+    keeps that one in some programs and drops it in others (ops/precision.py), which made the
+    engine's decode and the trainer's packed rows disagree. In float32 the numbers are the
+    two-step form's."""
 
     def __init__(self, dim: int, axis_name: str | None, *, eps: float, param_dtype, rngs: nnx.Rngs):
         self.eps = eps
         self.scale = logical.param(rngs, nnx.initializers.ones, (dim,), (axis_name,), param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        dtype = x.dtype
-        x32 = x.astype(jnp.float32)
+        return narrow(self.normalized(x), x.dtype)
+
+    def normalized(self, x: jax.Array) -> jax.Array:
+        """The norm in float32, not rounded (for a caller that goes on in float32 and rounds once);
+        the weight as x's dtype holds it."""
+        x32 = widen(x)
         var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
-        y = (x32 * jax.lax.rsqrt(var + self.eps)).astype(dtype)
-        return self.scale.get_value().astype(dtype) * y
+        return x32 * jax.lax.rsqrt(var + self.eps) * widen(self.scale.get_value().astype(x.dtype))
 
 
 class LayerNorm(nnx.Module):

@@ -9,8 +9,9 @@ cache, odd lengths). All paths honour causal, padding and segment masks; the cho
 from the backend, or forced with :func:`use_implementation`.
 
 Numerics follow transformers: scores and softmax in float32, probabilities cast back to the value
-dtype before the weighted sum. Grouped-query attention is done by viewing the query heads as
-[kv_heads, group] instead of repeating K/V, so no [B, S, H, hd] copy of the cache is made.
+dtype before the weighted sum (a rounding that every program keeps: ops/precision.py).
+Grouped-query attention is done by viewing the query heads as [kv_heads, group] instead of
+repeating K/V, so no [B, S, H, hd] copy of the cache is made.
 
 A query with no visible key (a padding row) gets a uniform distribution over masked keys instead
 of NaN: masked scores are a large finite negative number. Its output is meaningless but finite,
@@ -24,6 +25,8 @@ from typing import Iterator
 
 import jax
 import jax.numpy as jnp
+
+from genevolve_jax.ops.precision import narrow
 
 # Large and finite: exp(mask - max) underflows to exactly 0 next to any real score, and a fully
 # masked row stays finite (uniform) instead of NaN.
@@ -105,7 +108,7 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
                           kv_segment_ids=kv_segment_ids)
     if mask is not None:
         scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    probs = narrow(jax.nn.softmax(scores, axis=-1), v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=v.dtype)
     return out.reshape(b, t, h, d).astype(q.dtype)
 
@@ -138,7 +141,7 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, q_
     mask = attention_mask(batch=b, q_len=t, kv_len=s, causal=True, q_positions=q_positions,
                           kv_valid_mask=kv_valid_mask)
     scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+    probs = narrow(jax.nn.softmax(scores, axis=-1), v_cache.dtype)
     # [B, KV, G, T, S] · [B, KV, S, hd] into [B, KV, G, T, hd], reordered after (it is small):
     # written straight into [B, T, KV, G, hd], XLA:CPU took a transposed matmul 5× slower.
     out = jnp.einsum("bkgts,bksd->bkgtd", probs, v_cache, preferred_element_type=v_cache.dtype)

@@ -39,9 +39,9 @@ Log-probs: see genevolve_jax/rollout/sampling.py. By default the recorded log-pr
 ``log_softmax(logits / temperature)`` (what the trainer recomputes for the importance ratio);
 ``cfg.raw_logprobs = True`` records temperature-1 log-probs instead. The weights are held in the
 trainer's compute dtype and the head accumulates in float32 like the trainer's fused op: in fp32
-the recorded log-probs are the trainer's to 1e-5, in bf16 they differ by the bf16 arithmetic of two
-differently compiled programs (BENCHMARKS.md; tests/rollout/test_engine_bf16_logprobs.py). Reuse
-changes only where a token's keys/values were computed (tests/rollout/test_jax_engine_reuse.py).
+the recorded log-probs are the trainer's to 1e-5, in bf16 a mean 8.3e-4 from them on the CPU
+(ops/precision.py; tests/rollout/test_engine_bf16_logprobs.py). Reuse changes only where a token's
+keys/values were computed (tests/rollout/test_jax_engine_reuse.py).
 A request whose prompt plus ``max_new_tokens`` exceeds ``cfg.max_seq_len`` generates up to the
 limit and finishes with "length"; a prompt that alone fills it is aborted with the reason.
 """

@@ -14,14 +14,23 @@ dimension 0 that the untied head reads for every token (the common direction tra
 have), and the head is scaled ×4: the probable tokens' logits sit near 38 with a spread of 3.9, and
 the mean sampled log-prob is −1.8 at T = 0.7.
 
-Measured on the 2-core CPU box (2026-12-07), |engine − trainer| over the 2,304 tokens:
-- before (engine weights fp32, logits rounded to bf16 by the head): mean 6.25e-2, p99 2.26e-1, max
-  3.55e-1; the engine's error against the f32 forward 6.2e-2, 5.5× the trainer's own (1.12e-2);
-- after (weights in bf16, head accumulated and returned in f32): mean 1.86e-2, p99 7.96e-2, max
-  1.71e-1; the engine's error against f32 1.64e-2, 1.5× the trainer's own (1.10e-2).
-What remains is bf16 arithmetic in two differently compiled programs (cached decode against packed
-rows), as large as either's error against f32. On the unmodified random weights the head was a
-small share of the gap: mean 9.47e-3 before, 8.64e-3 after (the trainer's own error 5.8e-3).
+Measured on the 2-core CPU box, |engine − trainer| over the 2,304 tokens:
+- before (2026-12-07: engine weights fp32, logits rounded to bf16 by the head): mean 6.25e-2, p99
+  2.26e-1, max 3.55e-1; the engine's error against the f32 forward 6.2e-2, 5.5× the trainer's own;
+- with the weights in bf16 and the head accumulated and returned in f32 (2026-12-07): mean 1.87e-2,
+  p99 8.39e-2, max 1.71e-1; against f32 the engine 1.64e-2, the trainer 1.10e-2. The rest was
+  XLA: it drops an f32 → bf16 → f32 round trip inside a fusion where it likes, so the same model
+  rounded differently in the trainer's 64 packed rows and in the engine's decode (ops/precision.py);
+- after (2026-12-08: every rounding the model names kept in every program): mean 8.30e-4, p99
+  2.30e-2, max 6.36e-2, 75× below before; against f32 the engine 1.54e-2, the trainer 1.53e-2.
+  92% of the tokens agree to 1e-5; the rest follow a step where the two programs' float32 values
+  differed slightly and tipped a bf16 rounding, which the cache carries on: XLA:CPU computes some
+  reductions (a norm's sum of squares among them) in YNNPACK kernels, picked by shape. Without those (XLA_FLAGS
+  --xla_cpu_experimental_ynn_fusion_type=-reduce) the mean is 5.8e-5; without any YNNPACK fusion
+  5.0e-5, and 7e-8 at 6e08433: on this box they had been the whole 1.87e-2 (GPU and TPU compilers
+  may drop roundings by their own fusion choices; not measured here).
+On the unmodified random weights: mean 9.47e-3 before, 8.65e-3 with the f32 head, 8.0e-5 after
+(against f32 the engine 7.28e-3, the trainer 7.29e-3).
 """
 
 import jax
@@ -45,7 +54,7 @@ from tests.fixtures.engines import two_layer_config
 TEMPERATURE = 0.7
 ROLLOUTS, NEW_TOKENS = 48, 48
 # Twice what was measured after the change (module docstring).
-MEAN_BOUND, P99_BOUND, MAX_BOUND = 3.7e-2, 1.6e-1, 3.4e-1
+MEAN_BOUND, P99_BOUND, MAX_BOUND = 1.7e-3, 4.6e-2, 1.3e-1
 
 
 def bf16_config(tok):
@@ -117,6 +126,6 @@ def test_bf16_engine_logprobs_agree_with_the_trainers_forward():
           f"sampled log-prob mean {trainer.mean():.2f}")
     assert trainer.mean() < -1.0          # the sampled tokens are not near-certain ones, whose log-probs hide errors
     assert mean <= MEAN_BOUND and p99 <= P99_BOUND and worst <= MAX_BOUND
-    # The engine is about as close to the exact log-probs as the trainer's own bf16 forward (1.5×
-    # measured; 5.5× with the logits rounded to bf16).
-    assert engine_err <= 2.0 * trainer_err
+    # The engine is as close to the exact log-probs as the trainer's own bf16 forward (1.007× measured;
+    # 1.5× before the roundings were pinned, 5.5× with the logits rounded to bf16).
+    assert engine_err <= 1.1 * trainer_err

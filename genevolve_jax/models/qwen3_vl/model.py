@@ -206,7 +206,8 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
         and returned in float32, as the trainer's fused log-prob op forms its logits
         (ops/fused_logprob.py). Rounded to bf16, logits in the tens (a trained LM's probable tokens)
         move by up to 0.06–0.125: the engine's log-probs were a mean 6.3e-2 from the trainer's in
-        tests/rollout/test_engine_bf16_logprobs.py, 1.9e-2 since.
+        tests/rollout/test_engine_bf16_logprobs.py, 1.9e-2 with this head, 8.3e-4 with the model's
+        roundings pinned too (ops/precision.py).
         ``head_kernel``: a [D, V] copy of :meth:`lm_head_kernel` to use instead (the engine's CPU decode)."""
         dtype = self.config.jnp_dtype
         kernel = self.lm_head_kernel() if head_kernel is None else head_kernel

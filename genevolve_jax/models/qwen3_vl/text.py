@@ -23,6 +23,7 @@ from genevolve_jax.models.layers import Dense, Embed, RMSNorm, sub_key
 from genevolve_jax.models.qwen3_vl import rope
 from genevolve_jax.models.qwen3_vl.config import Qwen3VLConfig
 from genevolve_jax.ops.attention import attention, cached_attention
+from genevolve_jax.ops.precision import narrow, widen
 from genevolve_jax.sharding import logical
 
 
@@ -142,8 +143,8 @@ class TextAttention(nnx.Module):
         """
         q_axes = (logical.BATCH, logical.SEQ, logical.HEADS, logical.HEAD_DIM)
         kv_axes = (logical.BATCH, logical.SEQ, logical.KV_HEADS, logical.HEAD_DIM)
-        q = apply_qk(self.q_norm(self.q_proj(x, sub_key(dropout_key, 0))), cos, sin, q_axes)
-        k = apply_qk(self.k_norm(self.k_proj(x, sub_key(dropout_key, 1))), cos, sin, kv_axes)
+        q = apply_qk(self.q_norm, self.q_proj(x, sub_key(dropout_key, 0)), cos, sin, q_axes)
+        k = apply_qk(self.k_norm, self.k_proj(x, sub_key(dropout_key, 1)), cos, sin, kv_axes)
         v = logical.constrain(self.v_proj(x, sub_key(dropout_key, 2)), kv_axes)
         if cache_kv is None:
             out = attention(q, k, v, causal=True, kv_valid_mask=kv_valid, q_segment_ids=segment_ids,
@@ -161,8 +162,12 @@ class TextAttention(nnx.Module):
         return self.o_proj(out, sub_key(dropout_key, 3)), new_cache
 
 
-def apply_qk(x: jax.Array, cos: jax.Array, sin: jax.Array, axes) -> jax.Array:
-    return logical.constrain(rope.apply_rotary(x, cos, sin), axes)
+def apply_qk(norm: RMSNorm, x: jax.Array, cos: jax.Array, sin: jax.Array, axes) -> jax.Array:
+    """The per-head norm and the rotary embedding of a projected q or k, in float32 and rounded to
+    x's dtype once: no rounding in between for XLA to keep in one program and drop in another
+    (ops/precision.py). The tables stay as rounded to the compute dtype (as transformers does)."""
+    rotated = rope.apply_rotary(norm.normalized(x), widen(cos), widen(sin))
+    return logical.constrain(narrow(rotated, x.dtype), axes)
 
 
 class TextMLP(nnx.Module):
@@ -179,7 +184,10 @@ class TextMLP(nnx.Module):
                                out_axes=(logical.EMBED,), lora=config.lora_for("down_proj"), **kw)
 
     def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
-        hidden = jax.nn.silu(self.gate_proj(x, sub_key(dropout_key, 0))) * self.up_proj(x, sub_key(dropout_key, 1))
+        gate = self.gate_proj(x, sub_key(dropout_key, 0))
+        up = self.up_proj(x, sub_key(dropout_key, 1))
+        # In float32, rounded once (ops/precision.py).
+        hidden = narrow(jax.nn.silu(widen(gate)) * widen(up), gate.dtype)
         return self.down_proj(logical.constrain(hidden, (logical.BATCH, logical.SEQ, logical.MLP)),
                               sub_key(dropout_key, 2))
 
@@ -198,9 +206,14 @@ class TextDecoderLayer(nnx.Module):
                  segment_ids=None, cache_window=None, dropout_key=None):
         attn, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, kv_valid, cache_kv, cache_length,
                                          cache_valid, segment_ids, cache_window, sub_key(dropout_key, 0))
-        x = x + attn
-        x = x + self.mlp(self.post_attention_layernorm(x), sub_key(dropout_key, 1))
+        x = residual_add(x, attn)
+        x = residual_add(x, self.mlp(self.post_attention_layernorm(x), sub_key(dropout_key, 1)))
         return logical.constrain(x, (logical.BATCH, logical.SEQ, logical.EMBED)), new_cache
+
+
+def residual_add(x: jax.Array, update: jax.Array) -> jax.Array:
+    """x + update in x's dtype, the sum rounded in every program (ops/precision.py)."""
+    return narrow(widen(x) + widen(update), x.dtype)
 
 
 class DeepstackInputs(NamedTuple):

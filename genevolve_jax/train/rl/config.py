@@ -19,10 +19,12 @@ tokens) in both modes: it is the health check of a sampler and of its weight syn
 - JaxEngine records log_softmax(logits / T) over the whole vocabulary in float32
   (rollout/sampling.py), the trainer's quantity, from its weights in the trainer's compute dtype
   and logits accumulated in float32 as the fused op forms them. In fp32 "sampler" is the trainer's
-  to 1e-5; in bf16 the two forwards' arithmetic differs (cached decode against packed rows): mean
-  |Δ| 1.9e-2 on a random tiny model with LM-like logits, where the trainer's own bf16 error against
-  f32 is 1.1e-2 (tests/rollout/test_engine_bf16_logprobs.py). Not exact: "sampler" is then an
-  off-policy estimate of that size.
+  to 1e-5. In bf16 the model's roundings are the same in both programs (ops/precision.py), and what
+  differs is a float32 value computed by another kernel tipping a bf16 rounding now and then: mean
+  |Δ| 8.3e-4 (p99 2.3e-2) on a random tiny model with LM-like logits on the CPU, where either side's
+  error against f32 is 1.5e-2 (tests/rollout/test_engine_bf16_logprobs.py). On GPU and TPU the
+  trainer's packed rows attend through cuDNN or splash and the engine through XLA: not measured.
+  Not exact: "sampler" is then an off-policy estimate of that size.
 - SGLang (read in sgl-project/sglang, python/sglang/srt/layers/sampler.py and
   layers/logits_processor.py): logits are the lm_head matmul in the model dtype (bf16) cast to
   float32 (``_get_logits``). When a batch samples, the returned ``output_token_logprobs`` are

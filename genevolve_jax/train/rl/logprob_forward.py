@@ -10,7 +10,8 @@ be computed before the update.
   compares with the engine's log-probs: on-policy its weight min(π_old / π_sampler, C) is a
   constant of the step's own forward, the same number a recompute would give.
 - "sampler": the log-probs the rollout engine recorded (the JaxEngine's are the trainer's to 1e-5
-  in fp32 and a mean 1.9e-2 from them in bf16; see train/rl/config.py, also for what SGLang returns).
+  in fp32 and a mean 8.3e-4 from them in bf16 on the CPU; see train/rl/config.py, also for other
+  backends and for what SGLang returns).
 - "recompute": one jitted forward of the pre-update params over the assembled batch.
 In every mode the step logs ``rollout/logprob_mismatch`` between the sampler and the trainer.
 """
