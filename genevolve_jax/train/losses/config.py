@@ -52,6 +52,11 @@ def default_loss_config() -> ml_collections.ConfigDict:
     cfg.sdl.rho_max = 2.0               # ρ = min(π_S / π_S,old, 2) (paper)
     cfg.sdl.token_cap = 10.0            # c_tok (ours; not reported)
     cfg.sdl.topk_frac = 0.10            # top 10% of a sample's tokens by |log π_E - log π_S|
+    # (ours) SDL trains a rollout at most this many policy versions older than the policy being
+    # trained (rl.max_staleness >= 1); an older one trains on GRPO alone. 0: on-policy rollouts
+    # only, the paper's setting, which turns SDL off at rl.max_staleness >= 1 (README
+    # "Asynchronous steps": SDL on rollouts one version old broke the tiny run's learning).
+    cfg.sdl.max_staleness = 0
     return cfg
 
 
@@ -95,6 +100,8 @@ def validate(cfg: ml_collections.ConfigDict, prefix: str = "") -> ml_collections
     check(is_number(s.rho_max) and s.rho_max > 0, "sdl.rho_max", "> 0", s.rho_max)
     check(is_number(s.token_cap) and s.token_cap > 0, "sdl.token_cap", "> 0", s.token_cap)
     check(is_number(s.topk_frac) and 0 < s.topk_frac <= 1, "sdl.topk_frac", "in (0, 1]", s.topk_frac)
+    check(is_int(s.max_staleness) and s.max_staleness >= 0, "sdl.max_staleness", "an int >= 0 (0: on-policy only)",
+          s.max_staleness)
     return cfg
 
 

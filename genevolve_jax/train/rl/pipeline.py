@@ -87,6 +87,19 @@ def experience_guides(experience, collective: Collective, rollouts: StepRollouts
     return guides, metrics
 
 
+def fresh_guides(samples: Sequence[RolloutSample], guides: Sequence[str | None], trainer_version: int,
+                 max_staleness: int) -> tuple[list[str | None], int]:
+    """(``guides`` without those of samples generated more than ``max_staleness`` policy versions
+    before ``trainer_version``, how many were taken): such a sample gets no teacher row and trains
+    on GRPO alone (``loss.sdl.max_staleness``). Pure."""
+    out, stale = [], 0
+    for s, guide in zip(samples, guides, strict=True):
+        if guide is not None and trainer_version - s.policy_version > max_staleness:
+            guide, stale = None, stale + 1
+        out.append(guide)
+    return out, stale
+
+
 def attach_teacher_prompts(samples: Sequence[RolloutSample], guides: Sequence[str | None], phase: RolloutPhase,
                            forbidden_ids: Sequence[int] = ()) -> tuple[list[RolloutSample], dict]:
     """Samples with the teacher prompt of their guide (trainable samples with a guide only). A

@@ -34,7 +34,7 @@ from genevolve_jax.train.rl.logprob_forward import LogprobForward, old_logprobs_
 from genevolve_jax.train.rl.masking import MaskRules, mask_stage
 from genevolve_jax.train.rl.outage import OutagePolicy, health_checks_for_run
 from genevolve_jax.train.rl.pipeline import (RolloutPhase, attach_teacher_prompts, collect_rollouts, experience_guides,
-                                             sample_advantages, step_metrics)
+                                             fresh_guides, sample_advantages, step_metrics)
 from genevolve_jax.train.rl.sample_images import ImageBatchSpec
 from genevolve_jax.train.runtime.compile_log import CompileLog
 from genevolve_jax.train.runtime.driver import Driver
@@ -79,6 +79,7 @@ class EvolveTrainer(Driver):
         self.max_staleness = int(cfg.rl.max_staleness)
         self.producer = None
         self.dropped_stale = 0
+        self.sdl_max_staleness = int(cfg.loss.sdl.max_staleness)
         self._next_job_step = 0
         # π_old: on-policy (the step's own log-probs), the sampler's, or one forward before the update.
         self.old_logprobs_route = old_logprobs_route_of(cfg.rl)
@@ -206,8 +207,12 @@ class EvolveTrainer(Driver):
         if self.experience is not None:
             with _timed(times, "experience"):
                 guides, exp_metrics = experience_guides(self.experience, self.collective, rollouts, samples, k, step)
+                # SDL on rollouts of an older policy (rl.max_staleness >= 1) only up to loss.sdl.max_staleness.
+                guides, stale = fresh_guides(samples, guides, self.step, self.sdl_max_staleness)
                 samples, refused = attach_teacher_prompts(samples, guides, self.rollout, self.placeholder_ids)
             metrics.update(exp_metrics, **refused)
+            if stale:
+                metrics["experience/guides_stale"] = stale
         with _timed(times, "assemble"):
             budget = int(cfg.rl.max_tokens_per_row)
             samples, long_guides = drop_oversized_teachers(samples, budget)

@@ -13,6 +13,7 @@ def test_defaults_are_the_papers_values():
     assert g.mask_error and g.mask_truncated and g.mask_repeated
     assert (s.coef, s.k3_clamp, s.rho_max, s.topk_frac, s.divergence) == (2.0, 10.0, 2.0, 0.1,
                                                                           "k3")
+    assert s.max_staleness == 0   # SDL on on-policy rollouts only (ours; the paper's step is synchronous)
     assert cfg.sft.aggregation == "token-mean" and cfg.logprob.rl_temperature == 0.7
 
 
@@ -35,6 +36,7 @@ def test_defaults_are_the_papers_values():
     ("sdl.divergence", "tv", "sdl.divergence"),
     ("sdl.divergence", "reverse", "sdl.divergence must be one of \\('k3', 'forward', 'jsd'\\)"),
     ("sdl.jsd_beta", 1.0, "sdl.jsd_beta"),
+    ("sdl.max_staleness", -1, "sdl.max_staleness must be an int >= 0"),
     ("sft.aggregation", "seq", "sft.aggregation"),
     ("logprob.chunk_size", 0, "logprob.chunk_size"),
     ("logprob.rl_temperature", 0.0, "logprob.rl_temperature"),

@@ -2,8 +2,9 @@
 rolls out the coming steps while the trainer updates. Checked here: the producer's order, version
 gate and hand-off (no JAX); the stale-group drop against a plain reference; and a real toy run at
 N = 1 that is SIGTERMed mid-run and resumed: every prompt of the data order trains exactly once,
-every sample carries the version that made it, no producer thread outlives either run, and a
-failing rollout phase stops the run with its error and the producer gone. (N = 0 never builds a
+every sample carries the version that made it, only its on-policy rollouts train the SDL term
+(loss.sdl.max_staleness = 0), no producer thread outlives either run, and a failing rollout phase
+stops the run with its error and the producer gone. (N = 0 never builds a
 producer: the synchronous step is the code path it was.)"""
 import dataclasses
 import os
@@ -17,9 +18,11 @@ import numpy as np
 import pytest
 
 from genevolve_jax.train.rl.async_rollouts import RolloutJob, RolloutProducer, drop_stale, with_policy_version
+from genevolve_jax.train.rl.pipeline import fresh_guides
 from genevolve_jax.train.rl.records import RolloutSample, StepRollouts
 from genevolve_jax.train.runtime.preemption import RunStopped
-from tests.fixtures.toy_task import TOY_GUIDE, TOY_TARGETS, CyclingPrompts, TokenChoicePhase, toy_model, toy_run_config
+from tests.fixtures.toy_task import (TOY_GUIDE, TOY_TARGETS, CyclingPrompts, FixedGuideExperience, TokenChoicePhase,
+                                    toy_model, toy_run_config)
 
 
 def producer_threads():
@@ -91,6 +94,18 @@ def test_drop_stale_matches_a_plain_reference():
     assert {s.policy_version for s in with_policy_version(samples, 5)} == {5}
 
 
+def test_fresh_guides_matches_a_plain_reference():
+    rng = random.Random(11)
+    for _ in range(20):
+        trainer_v, n = rng.randint(2, 6), rng.randint(0, 2)
+        samples = [RolloutSample(f"s{i}", i, [1], [1], [0.0], 1.0, policy_version=rng.randint(0, trainer_v))
+                   for i in range(rng.randint(1, 8))]
+        guides = [rng.choice([None, f"guide {i}"]) for i in range(len(samples))]
+        kept, stale = fresh_guides(samples, guides, trainer_v, n)
+        want = [g if trainer_v - s.policy_version <= n else None for s, g in zip(samples, guides)]
+        assert kept == want and stale == sum(g is not None and w is None for g, w in zip(guides, want))
+
+
 # --- a real toy run at N = 1 -------------------------------------------------------------------------------
 UNIQUE_PROMPTS = [[a, b, 3, 4] for a in (1, 5, 9) for b in (2, 6, 7, 17)]   # 12 distinct prompts
 
@@ -115,10 +130,10 @@ class RecordingPhase(TokenChoicePhase):
         return samples, info
 
 
-def async_trainer(workdir, steps, max_nonfinite=3, **phase_kw):
+def async_trainer(workdir, steps, max_nonfinite=3, experience=None, sdl=0.0, **phase_kw):
     from genevolve_jax.train.rl.trainer import EvolveTrainer
 
-    cfg = toy_run_config(str(workdir), steps=steps, group=2, save_every=100)
+    cfg = toy_run_config(str(workdir), steps=steps, group=2, save_every=100, sdl=sdl)
     cfg.rl.max_staleness = 1
     cfg.train.max_consecutive_nonfinite = max_nonfinite
     holder = {}
@@ -129,7 +144,7 @@ def async_trainer(workdir, steps, max_nonfinite=3, **phase_kw):
 
     trainer = EvolveTrainer(cfg, model=toy_model(), tokenizer=types.SimpleNamespace(pad_token_id=0),
                             rollout_phase=phase, prompt_source=CyclingPrompts(UNIQUE_PROMPTS, 2), progress=False,
-                            devices=jax.devices()[:1])
+                            devices=jax.devices()[:1], experience=experience)
     return trainer, holder["phase"]
 
 
@@ -141,7 +156,9 @@ def trained(phase, first_step, last_step):
 
 def test_a_stale_run_is_preempted_and_resumed_training_every_prompt_once(tmp_path):
     steps = 4
-    trainer, phase = async_trainer(tmp_path, steps, sigterm_at=3)
+    # With SDL on and a guide for every request: the guides of rollouts one version old are taken
+    # (loss.sdl.max_staleness = 0), so only step 1's on-policy rollouts train the SDL term.
+    trainer, phase = async_trainer(tmp_path, steps, sigterm_at=3, experience=FixedGuideExperience(), sdl=1.0)
     assert trainer.old_logprobs_route == "sampler"           # π_old of a stale rollout: the behaviour policy
     with pytest.raises(RunStopped) as stop:
         trainer.run()
@@ -155,13 +172,16 @@ def test_a_stale_run_is_preempted_and_resumed_training_every_prompt_once(tmp_pat
     # Each job was generated with a policy at most one step behind the one that trained it (in
     # practice exactly one: the next job starts while the trainer updates), never a newer one.
     assert history[0]["rollout/staleness_max"] == 0
+    assert history[0]["sdl/samples"] == 4 and "experience/guides_stale" not in history[0]
+    for row in history[1:]:
+        assert row["sdl/samples"] == 0 and row["experience/guides_stale"] == 4
     versions = [(s, v) for s, _, v in phase.collected if s <= stopped]
     assert [s for s, _ in versions] == list(range(1, stopped + 1))
     assert all(max(0, s - 2) <= v <= s - 1 or (s, v) == (1, 0) for s, v in versions), versions
     first = trained(phase, 1, stopped)
     trainer.close()
 
-    resumed, phase2 = async_trainer(tmp_path, steps)
+    resumed, phase2 = async_trainer(tmp_path, steps, experience=FixedGuideExperience(), sdl=1.0)
     assert resumed.step == stopped
     resumed.run()
     resumed.close()
