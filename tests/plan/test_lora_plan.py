@@ -7,6 +7,7 @@ from flax import nnx
 
 from genevolve_jax.config_loader import load_config
 from genevolve_jax.models.layers import LoRAParam
+from genevolve_jax.models.qwen3_vl.config import TEXT_LORA_TARGETS
 from genevolve_jax.plan import abstract, phases
 from genevolve_jax.sharding.mesh import make_mesh
 
@@ -22,6 +23,7 @@ def states():
         cfg.model.preset, cfg.model.num_layers, cfg.model.vision_depth, cfg.model.hidden_size = "qwen3vl_2b", 2, 1, 0
         cfg.model.param_dtype = "bfloat16"
         cfg.model.lora.rank = rank
+        cfg.model.lora.targets = list(TEXT_LORA_TARGETS)   # the 2B preset ties its head: no head adapter
         cfg.sharding.strategy = "fsdp"
         config = abstract.model_config(cfg, cfg.train)
         out[rank] = cfg, phases.rl_state(cfg, config, mesh)
