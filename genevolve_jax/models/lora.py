@@ -21,7 +21,7 @@ from flax import nnx
 
 from genevolve_jax.models.layers import Dense, LoRAParam
 
-__all__ = ["LoRAParam", "adapted_projections", "adapter_dropout", "init_adapters", "kernel_delta", "merged_base_state",
+__all__ = ["LoRAParam", "adapted_projections", "adapter_dropout", "init_adapters", "kernel_delta", "merged_base_state", "merged_kernel",
            "merged_model", "with_fresh_adapters", "adapters_off", "freeze_filter", "has_adapters"]
 
 
@@ -69,10 +69,16 @@ def merged_base_state(model: nnx.Module) -> nnx.State:
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Not(LoRAParam))))
     for path, dense in adapted_projections(model):
         key = path + ("kernel",)
-        kernel = flat[key].get_value()
-        delta = kernel_delta(dense.lora_a.get_value(), dense.lora_b.get_value(), kernel.ndim, dense.lora.scale)
-        flat[key] = flat[key].replace((kernel.astype(jnp.float32) + delta).astype(kernel.dtype))
+        flat[key] = flat[key].replace(merged_kernel(dense))
     return nnx.from_flat_state(flat)
+
+
+def merged_kernel(dense: Dense) -> jax.Array:
+    """An adapted projection's W + s·A·B, computed in float32 and stored in W's dtype: the kernel a
+    merged model holds, and the head kernel every loss uses when the head is adapted."""
+    kernel = dense.kernel.get_value()
+    delta = kernel_delta(dense.lora_a.get_value(), dense.lora_b.get_value(), kernel.ndim, dense.lora.scale)
+    return (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
 
 
 def base_graphdef(config) -> Any:

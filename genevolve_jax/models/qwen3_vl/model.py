@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx, struct
 
 from genevolve_jax.models.layers import Dense, sub_key
-from genevolve_jax.models.lora import init_adapters, kernel_delta
+from genevolve_jax.models.lora import init_adapters, merged_kernel
 from genevolve_jax.models.qwen3_vl import rope
 from genevolve_jax.models.qwen3_vl.config import HEAD_LORA_TARGET, Qwen3VLConfig
 from genevolve_jax.models.qwen3_vl.text import DeepstackInputs, KVCache, Qwen3VLTextModel, init_cache
@@ -188,18 +188,15 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
 
     def lm_head_kernel(self) -> jax.Array:
         """The output projection as an input-major [D, V] kernel (the embedding table when tied).
-        With an adapter on the head it is W + s·A·B, formed in float32 and stored in W's dtype as
-        models/lora.py:merged_base_state stores it, so the trainer's logits and a merged model's
-        (the engine's) are the same; the losses differentiate A and B through it. That costs one
-        [D, V] temporary, which is why the shipped configs leave the head out of model.lora.targets."""
+        With an adapter on the head it is the merged kernel W + s·A·B (models/lora.py:merged_kernel,
+        as a merged model, the engine's, holds it); the losses differentiate A and B through it. That
+        costs one [D, V] temporary, which is why the shipped configs leave the head out of
+        model.lora.targets."""
         if self.lm_head is None:
             return self.language_model.embed_tokens.embedding.get_value().T
-        kernel = self.lm_head.kernel.get_value()
         if self.lm_head.lora is None:
-            return kernel
-        delta = kernel_delta(self.lm_head.lora_a.get_value(), self.lm_head.lora_b.get_value(), kernel.ndim,
-                             self.lm_head.lora.scale)
-        return (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+            return self.lm_head.kernel.get_value()
+        return merged_kernel(self.lm_head)
 
     def logits(self, hidden: jax.Array, head_kernel: jax.Array | None = None) -> jax.Array:
         """``hidden @ head`` in float32: both operands in the compute dtype, the products accumulated

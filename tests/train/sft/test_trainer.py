@@ -55,21 +55,28 @@ def host(tree):
     return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
 
 
-def test_sft_learns_keeps_vision_frozen_and_exports(tmp_path):
-    data = tmp_path / "sft.jsonl"
-    write_rows(data)
-    trainer = SFTTrainer(sft_config(tmp_path, data), devices=jax.devices()[:1])
+def run_keeping_frozen(trainer, label: str) -> dict:
+    """``trainer.run()`` (closed after), asserting that its frozen parameters (there are some) came
+    out bit for bit as they went in; prints the losses under ``label``."""
     frozen_before = host(trainer.params["frozen"])
-    assert jax.tree.leaves(frozen_before), "the vision tower should be frozen in SFT"
+    assert jax.tree.leaves(frozen_before), "nothing is frozen"
     try:
         out = trainer.run()
     finally:
         trainer.close()
+    print(label, np.round(out["losses"], 3).tolist())
+    jax.tree.map(np.testing.assert_array_equal, host(trainer.params["frozen"]), frozen_before)
+    return out
+
+
+def test_sft_learns_keeps_vision_frozen_and_exports(tmp_path):
+    data = tmp_path / "sft.jsonl"
+    write_rows(data)
+    trainer = SFTTrainer(sft_config(tmp_path, data), devices=jax.devices()[:1])
+    out = run_keeping_frozen(trainer, "sft losses")     # the vision tower is frozen in SFT
     losses = out["losses"]
-    print("sft losses", np.round(losses, 3).tolist())
     assert out["steps"] == trainer.total_steps >= 6
     assert np.mean(losses[-2:]) < 0.6 * np.mean(losses[:2]), losses
-    jax.tree.map(np.testing.assert_array_equal, host(trainer.params["frozen"]), frozen_before)
     # The orbax model reloads with the trained weights; the HF export has its config and weights.
     model = load_model(out["model"])
     trained_embed = host(trainer.params["train"])["language_model"]["embed_tokens"]["embedding"]
