@@ -32,7 +32,8 @@
 # adds that flag (batch-invariant kernels: replayable rollouts, slower decoding). The trainer reads
 # /server_info at start and logs every server that runs without it.
 #
-# LoRA: LORA_RANK=R (the run's model.lora.rank) starts the policy server with adapters enabled:
+# LoRA: LORA_RANK=R (the run's model.lora.rank, or its model.lora.head_rank when that is larger:
+# each synced adapter is padded to one rank, the largest) starts the policy server with adapters enabled:
 # --enable-lora --max-lora-rank R --lora-target-modules (the text decoder's seven projections; SGLang
 # fuses q/k/v and gate/up itself; LORA_HEAD=1 adds lm_head, for a run whose model.lora.targets has
 # it) --max-loras-per-batch MAX_LORAS (default 2: the current policy

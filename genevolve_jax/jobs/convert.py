@@ -91,7 +91,7 @@ def _import_hf(args: argparse.Namespace) -> int:
         shutil.rmtree(assets_dir)
     assets = checkpoint_io.copy_hf_assets(args.hf_dir, assets_dir)
     if lora is not None:
-        console.print(f"with the LoRA adapter of {args.adapter} (rank {lora.rank}, alpha {lora.alpha:g})")
+        console.print(f"with the LoRA adapter of {args.adapter} ({lora.ranks}, alpha {lora.alpha:g})")
     console.print(f"saved {n} tensors ({param_dtype}) to {path}"
                   f"{' with ' + ', '.join(assets) if assets else ''} in {time.perf_counter() - start:.1f}s")
     return 0
@@ -130,7 +130,7 @@ def _export_hf(args: argparse.Namespace) -> int:
         with hf_io.atomic_directory(args.hf_dir) as partial:
             peft_io.save_adapter(model, partial, base_model=args.base_model)
         n = len(peft_io.adapter_entries(model.config))
-        console.print(f"exported the LoRA adapters of {n} projections (rank {model.config.lora.rank}) as a PEFT "
+        console.print(f"exported the LoRA adapters of {n} projections ({model.config.lora.ranks}) as a PEFT "
                       f"folder to {args.hf_dir} in {time.perf_counter() - start:.1f}s")
         return 0
     model = merged_model(model)

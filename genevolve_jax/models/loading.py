@@ -71,7 +71,8 @@ def config_to_json(config: Qwen3VLConfig) -> dict[str, Any]:
     lora = config.lora
     return {"hf_config": config.to_hf_dict(), "param_dtype": config.param_dtype, "dtype": config.dtype,
             "scan_layers": bool(config.scan_layers),
-            "lora": None if lora is None else {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets)}}
+            "lora": None if lora is None else {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets),
+                                               "head_rank": lora.head_rank}}
 
 
 def config_from_json(d: dict[str, Any], *, source: str = CONFIG_FILE, **overrides) -> Qwen3VLConfig:
@@ -85,8 +86,10 @@ def config_from_json(d: dict[str, Any], *, source: str = CONFIG_FILE, **override
     kw.update({k: v for k, v in overrides.items() if v is not None})
     try:
         if d.get("lora") and "lora" not in kw:
+            head_rank = d["lora"].get("head_rank")    # absent in checkpoints from before head_rank
             kw["lora"] = LoRAConfig(rank=int(d["lora"]["rank"]), alpha=float(d["lora"]["alpha"]),
-                                    targets=tuple(d["lora"]["targets"]))
+                                    targets=tuple(d["lora"]["targets"]),
+                                    head_rank=None if head_rank is None else int(head_rank))
         return Qwen3VLConfig.from_hf_dict(d["hf_config"], **kw)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None

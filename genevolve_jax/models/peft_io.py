@@ -11,6 +11,11 @@ adapters give one PEFT tensor per layer row.
 head, ``lm_head``) is adapted (Qwen3-VL's vision blocks use other names, so the list is exact), and
 as a regular expression over full module names when vision blocks are too (their ``proj`` would
 otherwise also match the patch embedding).
+
+A head adapter of a rank of its own (LoRAConfig.head_rank) is written with PEFT's ``rank_pattern`` and
+``alpha_pattern`` for ``lm_head``. SGLang 0.5.23 reads only ``r`` (one rank and one scaling per
+adapter), so the folders a run syncs to SGLang servers are written ``one_rank``: every adapter padded
+with zeros to the largest rank, at the common scale, which leaves every delta B·A unchanged.
 """
 from __future__ import annotations
 
@@ -96,38 +101,59 @@ def target_modules(lora: LoRAConfig) -> list[str] | str:
     return "|".join(f"(.*\\.)?{p}" for p in parts)
 
 
-def adapter_config(lora: LoRAConfig, base_model: str = "") -> dict[str, Any]:
-    return {"peft_type": "LORA", "task_type": None, "r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": 0.0,
+def adapter_config(lora: LoRAConfig, base_model: str = "", *, one_rank: bool = False) -> dict[str, Any]:
+    """PEFT's adapter_config.json for ``lora``. A head rank of its own is PEFT's ``rank_pattern`` and
+    ``alpha_pattern`` for ``lm_head``; ``one_rank`` writes instead one rank for every module, the
+    largest, at the common scale (the form :func:`adapter_tensors` pads to, for SGLang)."""
+    rank, alpha, patterns = lora.rank, lora.alpha, {}
+    if one_rank:
+        if lora.max_rank > lora.rank:
+            rank, alpha = lora.head_rank, lora.head_alpha
+    elif lora.head_rank is not None:
+        patterns = {"rank_pattern": {HEAD_LORA_TARGET: lora.head_rank},
+                    "alpha_pattern": {HEAD_LORA_TARGET: lora.head_alpha}}
+    return {"peft_type": "LORA", "task_type": None, "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
             "target_modules": target_modules(lora), "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
             "use_dora": False, "init_lora_weights": True, "modules_to_save": None, "inference_mode": True,
-            "base_model_name_or_path": base_model or None}
+            "base_model_name_or_path": base_model or None, **patterns}
 
 
-def adapter_tensors(model: nnx.Module, dtype=np.float32) -> dict[str, np.ndarray]:
-    """PEFT-named lora_A / lora_B weights of ``model``'s adapters, as numpy arrays."""
+def adapter_tensors(model: nnx.Module, dtype=np.float32, *, one_rank: bool = False) -> dict[str, np.ndarray]:
+    """PEFT-named lora_A / lora_B weights of ``model``'s adapters, as numpy arrays. ``one_rank``:
+    every adapter zero-padded to the largest rank (extra rows of A and columns of B are zero, so
+    each delta B·A is unchanged), for a loader that takes one rank per adapter (SGLang 0.5.23's
+    LoRAConfig reads only ``r``)."""
     out = {}
+    pad_to = model.config.lora.max_rank if one_rank else 0
     for e in adapter_entries(model.config):
         dense = keymap.node_at(model, e.dense)
         a, b = dense.lora_a.get_value(), dense.lora_b.get_value()
         if e.stack_index is not None:
             a, b = a[e.stack_index], b[e.stack_index]
         rank = a.shape[-1]
-        a, b = (np.asarray(jax.device_get(x), np.float32) for x in (a, b))
-        out[e.a_name] = np.ascontiguousarray(a.reshape(e.in_features, rank).T.astype(dtype))
-        out[e.b_name] = np.ascontiguousarray(b.reshape(rank, e.out_features).T.astype(dtype))
+        a = np.asarray(jax.device_get(a), np.float32).reshape(e.in_features, rank).T
+        b = np.asarray(jax.device_get(b), np.float32).reshape(rank, e.out_features).T
+        if pad_to > rank:
+            a = np.concatenate([a, np.zeros((pad_to - rank, e.in_features), np.float32)], axis=0)
+            b = np.concatenate([b, np.zeros((e.out_features, pad_to - rank), np.float32)], axis=1)
+        out[e.a_name] = np.ascontiguousarray(a.astype(dtype))
+        out[e.b_name] = np.ascontiguousarray(b.astype(dtype))
     return out
 
 
-def save_adapter(model: nnx.Module, path: str | os.PathLike, *, dtype=np.float32, base_model: str = "") -> list[str]:
-    """Write ``model``'s adapters as a PEFT adapter directory; returns the file names."""
+def save_adapter(model: nnx.Module, path: str | os.PathLike, *, dtype=np.float32, base_model: str = "",
+                 one_rank: bool = False) -> list[str]:
+    """Write ``model``'s adapters as a PEFT adapter directory; returns the file names. ``one_rank``:
+    as :func:`adapter_tensors` (the folder an SGLang server loads)."""
     from safetensors.numpy import save_file
     if model.config.lora is None:
         raise ValueError("save_adapter: the model has no LoRA adapters (model.lora.rank is 0)")
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
-    save_file(adapter_tensors(model, dtype), os.path.join(path, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    save_file(adapter_tensors(model, dtype, one_rank=one_rank), os.path.join(path, ADAPTER_WEIGHTS),
+              metadata={"format": "pt"})
     with open(os.path.join(path, ADAPTER_CONFIG), "w") as f:
-        json.dump(adapter_config(model.config.lora, base_model), f, indent=2)
+        json.dump(adapter_config(model.config.lora, base_model, one_rank=one_rank), f, indent=2)
     return [ADAPTER_WEIGHTS, ADAPTER_CONFIG]
 
 
@@ -143,13 +169,39 @@ def read_adapter_config(path: str | os.PathLike) -> LoRAConfig:
     for key, ok in (("use_dora", False), ("use_rslora", False), ("fan_in_fan_out", False), ("bias", "none")):
         if d.get(key, ok) != ok:
             raise ConfigError(f"{file}: {key}={d[key]!r} is not supported (only {ok!r})")
-    if d.get("rank_pattern") or d.get("alpha_pattern") or d.get("modules_to_save"):
-        raise ConfigError(f"{file}: rank_pattern / alpha_pattern / modules_to_save are not supported")
+    if d.get("modules_to_save"):
+        raise ConfigError(f"{file}: modules_to_save is not supported")
     targets = d.get("target_modules")
     names = _targets_from(targets)
     if not names:
         raise ConfigError(f"{file}: target_modules {targets!r} name none of {list(LORA_TARGETS)}")
-    return LoRAConfig(rank=int(d["r"]), alpha=float(d["lora_alpha"]), targets=names)
+    rank, alpha = int(d["r"]), float(d["lora_alpha"])
+    head_rank = _head_rank(file, d, rank, alpha)
+    try:
+        return LoRAConfig(rank=rank, alpha=alpha, targets=names, head_rank=head_rank)
+    except ConfigError as e:
+        raise ConfigError(f"{file}: {e}") from None
+
+
+def _head_rank(file: str, d: dict, rank: int, alpha: float) -> int | None:
+    """The head's rank from PEFT's rank_pattern / alpha_pattern: only ``lm_head`` may have a rank of
+    its own, and only at the adapter's scale alpha / r (LoRAConfig.head_rank)."""
+    ranks, alphas = d.get("rank_pattern") or {}, d.get("alpha_pattern") or {}
+    for key, pattern in (("rank_pattern", ranks), ("alpha_pattern", alphas)):
+        if not isinstance(pattern, dict) or set(pattern) - {HEAD_LORA_TARGET}:
+            raise ConfigError(f"{file}: {key} {pattern!r} is not supported (only {{{HEAD_LORA_TARGET!r}: ...}})")
+    if not ranks:
+        if alphas and not math.isclose(float(alphas[HEAD_LORA_TARGET]), alpha, rel_tol=1e-6):
+            raise ConfigError(f"{file}: alpha_pattern {alphas!r} without a rank_pattern changes the head's scale")
+        return None
+    head_rank = ranks[HEAD_LORA_TARGET]
+    if not isinstance(head_rank, int) or head_rank < 1:
+        raise ConfigError(f"{file}: rank_pattern[{HEAD_LORA_TARGET!r}] must be a positive integer, got {head_rank!r}")
+    head_alpha = float(alphas.get(HEAD_LORA_TARGET, alpha))
+    if not math.isclose(head_alpha / head_rank, alpha / rank, rel_tol=1e-6):
+        raise ConfigError(f"{file}: alpha_pattern[{HEAD_LORA_TARGET!r}] {head_alpha:g} gives the head the scale "
+                          f"{head_alpha / head_rank:g}, not the adapter's {alpha / rank:g} (lora_alpha / r)")
+    return head_rank
 
 
 def _targets_from(targets) -> tuple[str, ...]:

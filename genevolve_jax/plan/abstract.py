@@ -89,7 +89,8 @@ def abstract_train_state(config, train_cfg, mesh: Mesh, strategy: str, *, freeze
         raise ValueError("the model has non-parameter state; an abstract plan cannot hold it")
     train_sh = logical.state_shardings(train_abs, mesh, rules)
     frozen_sh = logical.state_shardings(frozen_abs, mesh, rules)
-    tx, schedule = make_optimizer(train_cfg, total_steps=1)   # its length changes no shape or byte
+    # Its length and peak change no shape or byte.
+    tx, schedule = make_optimizer(train_cfg, total_steps=1, adapters=config.lora is not None)
     params = {"train": with_shardings(train_abs, train_sh), "frozen": with_shardings(frozen_abs, frozen_sh)}
     with logical.use_rules(mesh, rules):
         opt_abs = jax.eval_shape(tx.init, params["train"])

@@ -290,6 +290,6 @@ def rl_phase(run_cfg, target, mesh, shapes: Shapes, *, model_config_path: str = 
     desc = f"{rows} rollouts × {seq_len} tokens{img}, {tc.grad_accum_steps} micro-batch(es)"
     saved = reference_bytes_saved(run_cfg, state)
     if saved:
-        desc += (f", LoRA rank {config.lora.rank}: KL reference = the base with adapters off "
+        desc += (f", LoRA {config.lora.ranks}: KL reference = the base with adapters off "
                  f"({fmt_bytes(saved)} a device not copied)")
     return Phase("rl", state, resident, abstract.bytes_per_device(state.params["train"]), fns, desc)

@@ -15,10 +15,11 @@ from genevolve_jax import cli
 from genevolve_jax.models import hf_io, peft_io
 from genevolve_jax.models.layers import LoRAParam
 from genevolve_jax.models.loading import load_model
-from genevolve_jax.models.qwen3_vl.config import LoRAConfig, tiny
+from genevolve_jax.models.qwen3_vl.config import HEAD_LORA_TARGET, TEXT_LORA_TARGETS, LoRAConfig, tiny
 from genevolve_jax.models.qwen3_vl.model import forward, prepare_inputs
 
-LORA = LoRAConfig(4, 8.0)
+# The head adapted at a rank of its own (rank_pattern / alpha_pattern in the PEFT folder).
+LORA = LoRAConfig(4, 8.0, TEXT_LORA_TARGETS + (HEAD_LORA_TARGET,), head_rank=8)
 
 
 def logits(model, ids):
@@ -55,7 +56,7 @@ def test_export_writes_the_imported_adapter_and_merge_writes_the_adapted_model(d
     assert json.loads((root / "peft_out" / peft_io.ADAPTER_CONFIG).read_text()) == \
         json.loads((root / "adapter" / peft_io.ADAPTER_CONFIG).read_text())
     want, got = (load_file(d / peft_io.ADAPTER_WEIGHTS) for d in (root / "adapter", root / "peft_out"))
-    assert set(got) == set(want) and len(want) == 2 * 7 * 2
+    assert set(got) == set(want) and len(want) == 2 * (7 * 2 + 1)
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
     assert cli.main(["export-hf", str(root / "ckpt"), str(root / "merged"), "--merge", "--dtype", "float32"]) == 0
@@ -70,6 +71,7 @@ def test_training_loads_keep_same_adapters_and_merge_others(dirs):
     ids = np.random.default_rng(1).integers(10, 400, (2, 10))
     want = logits(adapted, ids)
     same = load_model(root / "ckpt", lora=LORA)                      # adapters go on training
+    assert same.config.lora == LORA and same.lm_head.lora_b.get_value().shape[0] == 8
     np.testing.assert_array_equal(np.asarray(same.language_model.layers[0].mlp.up_proj.lora_b.get_value()),
                                   np.asarray(adapted.language_model.layers[0].mlp.up_proj.lora_b.get_value()))
     other = load_model(root / "ckpt", lora=LoRAConfig(2, 4.0, ("q_proj", "v_proj")))   # merged, then fresh

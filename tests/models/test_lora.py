@@ -77,6 +77,17 @@ def test_rank_zero_is_the_base_tree_and_the_config_is_checked():
         LoRAConfig(4, 8.0, ("lm_head",), dropout=0.1)
     with pytest.raises(ConfigError, match="untied head"):
         small_config(tie_word_embeddings=True, lora=LoRAConfig(4, 8.0, ("q_proj", "lm_head")))
+    # A head rank of its own: only with the head as a target, at the adapters' scale.
+    head.lora.dropout, head.lora.head_rank = 0.0, 32
+    lora = lora_config(validate_model(head))
+    assert (lora.head.rank, lora.head.scale, lora.max_rank) == (32, lora.scale, 32)
+    assert not lora.same_adapters(LoRAConfig(8, 16.0, ("q_proj", "lm_head")))
+    assert LoRAConfig(8, 16.0, ("q_proj", "lm_head"), head_rank=8) == LoRAConfig(8, 16.0, ("q_proj", "lm_head"))
+    head.lora.targets = ["q_proj"]
+    with pytest.raises(ValueError, match="model.lora.head_rank"):
+        validate_model(head)
+    with pytest.raises(ConfigError, match="head_rank"):
+        LoRAConfig(4, 8.0, ("q_proj",), head_rank=8)
 
 
 def test_adapters_are_float32_params_on_the_targets_and_the_base_is_untouched(models):

@@ -20,7 +20,8 @@ from tests.fixtures import hf_qwen3_vl as R
 
 peft = pytest.importorskip("peft")
 
-LORA = LoRAConfig(4, 8.0, TEXT_LORA_TARGETS + ("vision.qkv", "vision.proj", "lm_head"))
+# The head at a rank of its own (PEFT's rank_pattern / alpha_pattern for lm_head).
+LORA = LoRAConfig(4, 8.0, TEXT_LORA_TARGETS + ("vision.qkv", "vision.proj", "lm_head"), head_rank=8)
 
 
 def small_config():
@@ -77,6 +78,25 @@ def test_peft_loads_our_adapter_and_gives_our_logits(written):
     got = our_logits(ours, inputs)
     assert np.abs(want - base).max() > 1e-2     # the adapters change the logits
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+    assert wrapped.base_model.model.lm_head.r["default"] == 8 and wrapped.base_model.model.lm_head.scaling[
+        "default"] == LORA.scale
+
+
+def test_one_rank_form_pads_every_adapter_and_peft_gives_the_same_logits(written, tmp_path):
+    """The folder an SGLang server loads (one ``r`` for every module): every adapter padded with
+    zeros to the head's rank 8 at the common scale; PEFT reads it to the same logits."""
+    cfg, ours, _, inputs = written
+    peft_io.save_adapter(ours, tmp_path, one_rank=True)
+    d = json.loads((tmp_path / peft_io.ADAPTER_CONFIG).read_text())
+    assert (d["r"], d["lora_alpha"]) == (8, 16.0) and "rank_pattern" not in d
+    tensors = load_file(tmp_path / peft_io.ADAPTER_WEIGHTS)
+    q_a = tensors[f"{peft_io.PEFT_PREFIX}model.language_model.layers.0.self_attn.q_proj.lora_A.weight"]
+    assert q_a.shape[0] == 8 and np.any(q_a[:4]) and not np.any(q_a[4:])
+    assert all(v.shape[0 if ".lora_A." in k else 1] == 8 for k, v in tensors.items())
+    wrapped = peft.PeftModel.from_pretrained(R.random_hf_model(cfg, seed=0), str(tmp_path))
+    want = hf_logits(wrapped.base_model.model, cfg, inputs["input_ids"], pixel_values=inputs["pixel_values"],
+                     image_grid_thw=inputs["image_grid_thw"])
+    np.testing.assert_allclose(our_logits(ours, inputs), want, rtol=0, atol=1e-4)
 
 
 def test_the_config_round_trips_and_import_fills_fresh_adapters(written):
@@ -115,4 +135,13 @@ def test_the_config_round_trips_and_import_fills_fresh_adapters(written):
     (path.parent / "dora" / peft_io.ADAPTER_CONFIG).write_text(json.dumps({**d, "use_dora": True}))
     with pytest.raises(ConfigError, match="use_dora"):
         peft_io.read_adapter_config(path.parent / "dora")
+    # A head rank is read from rank_pattern only at the adapter's scale, and only for lm_head.
+    assert (d["rank_pattern"], d["alpha_pattern"]) == ({"lm_head": 8}, {"lm_head": 16.0})
+    for name, bad, field in (("scale", {"alpha_pattern": {"lm_head": 8.0}}, "alpha_pattern"),
+                             ("other", {"rank_pattern": {"q_proj": 8}}, "rank_pattern"),
+                             ("bad_rank", {"rank_pattern": {"lm_head": 0}}, "rank_pattern")):
+        (path.parent / name).mkdir()
+        (path.parent / name / peft_io.ADAPTER_CONFIG).write_text(json.dumps({**d, **bad}))
+        with pytest.raises(ConfigError, match=field):
+            peft_io.read_adapter_config(path.parent / name)
     assert set(VISION_LORA_TARGETS) - set(LORA.targets) == {"vision.linear_fc1", "vision.linear_fc2"}

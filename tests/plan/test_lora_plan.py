@@ -24,6 +24,7 @@ def states():
         cfg.model.param_dtype = "bfloat16"
         cfg.model.lora.rank = rank
         cfg.model.lora.targets = list(TEXT_LORA_TARGETS)   # the 2B preset ties its head: no head adapter
+        cfg.model.lora.head_rank = 0
         cfg.sharding.strategy = "fsdp"
         config = abstract.model_config(cfg, cfg.train)
         out[rank] = cfg, phases.rl_state(cfg, config, mesh)

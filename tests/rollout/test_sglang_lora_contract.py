@@ -3,7 +3,8 @@ reads adapter_config.json, its target-name normalisation maps our separate proje
 fused modules its Qwen3-VL applies LoRA to (qkv_proj, gate_up_proj, o_proj, down_proj: the
 model's ``_lora_pattern``, read from the wheel's source), and its LoRAAdapter stacks our q/k/v and
 gate/up tensors so that every fused slice gives our W + s·A·B delta of that projection; the head's
-adapter (``lm_head``) lands where its LoRA manager reads the head's."""
+adapter (``lm_head``), at a rank of its own, lands where its LoRA manager reads the head's: the
+folder a sync writes has one rank, the head's, the decoder's adapters zero-padded to it."""
 import dataclasses
 import importlib.util
 import os
@@ -22,7 +23,7 @@ from genevolve_jax.models.qwen3_vl.config import HEAD_LORA_TARGET, TEXT_LORA_TAR
 from tests.fixtures.sglang_cpu import load_lora
 
 torch = pytest.importorskip("torch")
-RANK, ALPHA = 4, 8.0
+RANK, ALPHA, HEAD_RANK = 4, 8.0, 8
 
 
 def sglang_lora_pattern() -> re.Pattern:
@@ -37,7 +38,7 @@ def adapter(tmp_path_factory):
     cfg = tiny()
     cfg = cfg.replace(text=dataclasses.replace(cfg.text, num_hidden_layers=2),
                       vision=dataclasses.replace(cfg.vision, depth=1, deepstack_visual_indexes=(0,)),
-                      lora=LoRAConfig(RANK, ALPHA, TEXT_LORA_TARGETS + (HEAD_LORA_TARGET,)))
+                      lora=LoRAConfig(RANK, ALPHA, TEXT_LORA_TARGETS + (HEAD_LORA_TARGET,), head_rank=HEAD_RANK))
     model = hf_io.model_from_state_dict(cfg, hf_io.random_state_dict(cfg.replace(lora=None), seed=4))
     graphdef, state = nnx.split(model)
     flat = dict(nnx.to_flat_state(state))
@@ -47,7 +48,7 @@ def adapter(tmp_path_factory):
             flat[key] = var.replace(rng.normal(0, 0.05, var.get_value().shape).astype(np.float32))
     model = nnx.merge(graphdef, nnx.from_flat_state(flat))
     path = tmp_path_factory.mktemp("sglang_lora") / "v1"
-    peft_io.save_adapter(model, path)
+    peft_io.save_adapter(model, path, one_rank=True)     # as Trainer.sync_adapters writes it
     return model, path
 
 
@@ -55,7 +56,7 @@ def test_sglang_reads_our_adapter_and_fuses_it_as_its_qwen3_vl_expects(adapter):
     model, path = adapter
     sgl = load_lora()
     config = sgl.lora_config.LoRAConfig(str(path))
-    assert (config.r, config.lora_alpha) == (RANK, ALPHA)
+    assert (config.r, config.lora_alpha) == (HEAD_RANK, ALPHA / RANK * HEAD_RANK)   # one rank, one scale
     fused = sgl.utils.get_normalized_target_modules(config.target_modules)
     assert fused == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"}
     pattern = sglang_lora_pattern()
@@ -67,6 +68,8 @@ def test_sglang_reads_our_adapter_and_fuses_it_as_its_qwen3_vl_expects(adapter):
     loaded.initialize_weights_from_tensors({k: torch.from_numpy(v) for k, v in
                                             load_file(path / peft_io.ADAPTER_WEIGHTS).items()})
     assert loaded.scaling == ALPHA / RANK
+    assert model.lm_head.lora_a.get_value().shape[-1] == HEAD_RANK
+    assert model.language_model.layers[0].self_attn.q_proj.lora_a.get_value().shape[-1] == RANK
     # The head's adapter: outside the layers, in the embedding-layer tensors its LoRA manager gives
     # the lm_head module (wrapped before the model's should_apply_lora gate).
     head = {k: v.numpy() for k, v in loaded.embedding_layers.items()}
@@ -92,7 +95,7 @@ def test_sglang_reads_our_adapter_and_fuses_it_as_its_qwen3_vl_expects(adapter):
             for j, name in enumerate(parts):
                 dense = getattr(ours.self_attn if module.startswith("self_attn") else ours.mlp, name)
                 out = int(np.prod(dense.out_shape))
-                a_j = a[j * RANK:(j + 1) * RANK] if a.shape[0] == len(parts) * RANK else a
+                a_j = a[j * HEAD_RANK:(j + 1) * HEAD_RANK] if a.shape[0] == len(parts) * HEAD_RANK else a
                 delta = loaded.scaling * b[row:row + out] @ a_j                     # HF (out, in)
                 want = np.asarray(kernel_delta(dense.lora_a.get_value(), dense.lora_b.get_value(),
                                                dense.kernel.get_value().ndim, dense.lora.scale))

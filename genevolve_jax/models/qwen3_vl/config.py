@@ -75,11 +75,17 @@ class LoRAConfig:
     """Low-rank adapters W + (alpha / rank)·A·B on the named projections (not in config.json).
 
     ``dropout``: PEFT's lora_dropout, on the adapter branch's input in train steps only. A training
-    setting, not part of the adapters: :meth:`same_adapters` ignores it."""
+    setting, not part of the adapters: :meth:`same_adapters` ignores it.
+
+    ``head_rank``: the head's adapter rank when it differs from ``rank`` (None: ``rank``), at the
+    same scale alpha / rank as every other adapter (PEFT's ``rank_pattern`` and ``alpha_pattern``
+    for ``lm_head``). The head's delta s·h·A·B moves the logits only within a rank-r subspace of the
+    vocabulary, so a head that must learn new outputs needs more rank than the decoder's adapters."""
     rank: int
     alpha: float
     targets: tuple[str, ...] = TEXT_LORA_TARGETS
     dropout: float = 0.0
+    head_rank: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -94,14 +100,44 @@ class LoRAConfig:
         if HEAD_LORA_TARGET in self.targets and self.dropout > 0:
             raise ConfigError(f"lora dropout {self.dropout} with the {HEAD_LORA_TARGET!r} target: the head's adapter "
                               "is applied as a kernel (W + s·A·B), so its input cannot drop out; use dropout 0")
+        if self.head_rank is not None:
+            if not isinstance(self.head_rank, int) or self.head_rank < 1:
+                raise ConfigError(f"lora head_rank must be a positive integer or None, got {self.head_rank!r}")
+            if HEAD_LORA_TARGET not in self.targets:
+                raise ConfigError(f"lora head_rank {self.head_rank} without the {HEAD_LORA_TARGET!r} target")
+            if self.head_rank == self.rank:    # one spelling per adapter set: equality and same_adapters
+                object.__setattr__(self, "head_rank", None)
 
     @property
     def scale(self) -> float:
         return float(self.alpha) / self.rank
 
+    @property
+    def head(self) -> "LoRAConfig":
+        """The head's adapter: rank ``head_rank`` at this config's scale (alpha / rank)."""
+        if self.head_rank is None:
+            return self
+        return dataclasses.replace(self, rank=self.head_rank, alpha=self.head_alpha, head_rank=None)
+
+    @property
+    def head_alpha(self) -> float:
+        """The alpha that gives the head's rank this config's scale (PEFT's alpha_pattern value)."""
+        return float(self.alpha) * (self.head_rank or self.rank) / self.rank
+
+    @property
+    def max_rank(self) -> int:
+        """The largest adapter rank (an SGLang server's --max-lora-rank must be at least this)."""
+        return max(self.rank, self.head_rank or 0)
+
+    @property
+    def ranks(self) -> str:
+        """The ranks for logs and reports: 'rank 8', or 'rank 8, head rank 64'."""
+        return f"rank {self.rank}" + (f", head rank {self.head_rank}" if self.head_rank else "")
+
     def same_adapters(self, other: "LoRAConfig") -> bool:
-        """Whether ``other`` describes the same adapter parameters (rank, alpha, targets)."""
-        return (self.rank, self.alpha, tuple(self.targets)) == (other.rank, other.alpha, tuple(other.targets))
+        """Whether ``other`` describes the same adapter parameters (ranks, alpha, targets)."""
+        return ((self.rank, self.alpha, tuple(self.targets), self.head_rank)
+                == (other.rank, other.alpha, tuple(other.targets), other.head_rank))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +190,9 @@ class Qwen3VLConfig:
 
     def lora_for(self, target: str) -> LoRAConfig | None:
         """The adapter config of the projection named ``target`` (TEXT/VISION_LORA_TARGETS), or None."""
-        return self.lora if self.lora is not None and target in self.lora.targets else None
+        if self.lora is None or target not in self.lora.targets:
+            return None
+        return self.lora.head if target == HEAD_LORA_TARGET else self.lora
 
     @property
     def jnp_param_dtype(self):

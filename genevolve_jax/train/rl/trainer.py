@@ -417,7 +417,8 @@ class EvolveTrainer(Driver):
                                              bucket_bytes=int(self.cfg.rl.sync_bucket_bytes), config=self.model_config)
             out.update(self.collective.sync_engine(self.engine, lambda: self.engine.reload_weights(path, step)))
         t0 = time.perf_counter()
-        path = self.export_adapter(export.adapter_path(step), dtype=export.dtype)   # rl.sglang.export_dtype
+        # One rank for every module (a head rank of its own padded to): SGLang reads only ``r``.
+        path = self.export_adapter(export.adapter_path(step), dtype=export.dtype, one_rank=True)
         out["time/adapter_export_s"] = time.perf_counter() - t0
         out.update(self.collective.sync_engine(self.engine, lambda: self.engine.load_adapter(path, step)))
         self.engine_version = step

@@ -136,9 +136,10 @@ class Driver(abc.ABC):
         from genevolve_jax.models.lora import merged_model
         return merged_model(self.setup.merge(self.params))
 
-    def export_adapter(self, path: str, dtype: str = "float32") -> str:
+    def export_adapter(self, path: str, dtype: str = "float32", *, one_rank: bool = False) -> str:
         """The LoRA adapters as a PEFT folder (models/peft_io.py) on the run's base, tensors in
-        ``dtype``: gathered to every host (they are small), written by process 0."""
+        ``dtype``: gathered to every host (they are small), written by process 0. ``one_rank``: every
+        adapter padded to the largest rank (peft_io.save_adapter), for SGLang servers."""
         from jax.experimental import multihost_utils
 
         from genevolve_jax.models import peft_io
@@ -146,7 +147,8 @@ class Driver(abc.ABC):
         model = self.setup.merge({"train": train, "frozen": self.params["frozen"]})
         base = self.lora_base()["path"]
         np_dtype = DTYPES[dtype]
-        self.collective.on_writer(lambda: peft_io.save_adapter(model, path, base_model=base, dtype=np_dtype))
+        self.collective.on_writer(lambda: peft_io.save_adapter(model, path, base_model=base, dtype=np_dtype,
+                                                                    one_rank=one_rank))
         return os.path.abspath(path)
 
     def export_hf(self, path: str, dtype: str) -> str:

@@ -50,8 +50,10 @@ def default_model_config() -> ml_collections.ConfigDict:
         # e.g. configs/tiny_cpu.py's random one; it costs a [D, V] temporary). dropout: PEFT's
         # lora_dropout on the adapters' input, in train steps only (sampling, the KL reference, π_old
         # and teacher forwards, eval and export are deterministic); 0 when the head is a target.
+        # head_rank: the head adapter's rank when "lm_head" is a target (0 = rank), at the same
+        # scale alpha / rank (PEFT's rank_pattern / alpha_pattern; SGLang syncs pad to the larger).
         "lora": ml_collections.ConfigDict({"rank": 0, "alpha": 16.0, "targets": list(LORA_TEXT_TARGETS),
-                                           "dropout": 0.0}),
+                                           "dropout": 0.0, "head_rank": 0}),
     })
 
 
@@ -77,6 +79,9 @@ def validate_model(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
           f"a non-empty list from {list(LORA_TARGETS)}", lora.targets)
     check(not (lora.rank and lora.dropout > 0 and HEAD_LORA_TARGET in (targets or ())), "lora.dropout",
           f"0 when lora.targets has {HEAD_LORA_TARGET!r} (its adapter is applied as a kernel)", lora.dropout)
+    check.integer(lora.head_rank, "lora.head_rank", 0)
+    check(not (lora.rank and lora.head_rank and HEAD_LORA_TARGET not in (targets or ())), "lora.head_rank",
+          f"0 unless lora.targets has {HEAD_LORA_TARGET!r}", lora.head_rank)
     return cfg
 
 
@@ -85,7 +90,8 @@ def lora_config(model_cfg):
     from genevolve_jax.models.qwen3_vl.config import LoRAConfig
     lora = model_cfg.lora
     rank, alpha, targets, dropout = int(lora.rank), float(lora.alpha), tuple(lora.targets), float(lora.dropout)
-    return LoRAConfig(rank=rank, alpha=alpha, targets=targets, dropout=dropout) if rank else None
+    head_rank = int(lora.head_rank) or None
+    return LoRAConfig(rank=rank, alpha=alpha, targets=targets, dropout=dropout, head_rank=head_rank) if rank else None
 
 
 def compiler_options(model_cfg) -> dict:

@@ -18,6 +18,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from genevolve_jax.models.lora import has_adapters
 from genevolve_jax.sharding import logical
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -28,10 +29,19 @@ def is_vision_path(path: tuple, _value: Any = None) -> bool:
     return len(path) > 0 and path[0] == "visual"
 
 
-def make_schedule(cfg, total_steps: int) -> optax.Schedule:
+def peak_learning_rate(cfg, adapters: bool = False) -> float:
+    """``optimizer.learning_rate``, or ``optimizer.lora_learning_rate`` when it is set and the
+    trained parameters are LoRA adapters."""
+    o = cfg.optimizer
+    lora_lr = float(o.lora_learning_rate)
+    return lora_lr if adapters and lora_lr > 0 else float(o.learning_rate)
+
+
+def make_schedule(cfg, total_steps: int, *, adapters: bool = False) -> optax.Schedule:
     """Warmup (linear from 0) then cosine / linear decay / constant, from ``cfg.schedule``, over the
-    run's ``total_steps`` (the driver's: SFT from its epochs × batches, RL from ``rl.num_steps``)."""
-    s, peak = cfg.schedule, cfg.optimizer.learning_rate
+    run's ``total_steps`` (the driver's: SFT from its epochs × batches, RL from ``rl.num_steps``), to
+    the peak of :func:`peak_learning_rate` (``adapters``: the model trains LoRA adapters)."""
+    s, peak = cfg.schedule, peak_learning_rate(cfg, adapters)
     warmup = int(round(s.warmup_ratio * total_steps))
     decay_steps = max(1, total_steps - warmup)
     end = peak * s.final_lr_ratio
@@ -46,10 +56,12 @@ def make_schedule(cfg, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])
 
 
-def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """Global-norm clipping, then AdamW on the schedule. ``cfg`` is the train ConfigDict."""
+def make_optimizer(cfg, total_steps: int, *, adapters: bool = False) -> tuple[optax.GradientTransformation,
+                                                                              optax.Schedule]:
+    """Global-norm clipping, then AdamW on the schedule. ``cfg`` is the train ConfigDict;
+    ``adapters``: the model trains LoRA adapters (:func:`peak_learning_rate`)."""
     o = cfg.optimizer
-    schedule = make_schedule(cfg, total_steps)
+    schedule = make_schedule(cfg, total_steps, adapters=adapters)
     adamw = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                         mu_dtype=_DTYPES[o.mu_dtype])
     if o.max_grad_norm > 0:
@@ -125,12 +137,13 @@ def create_train_state(model: nnx.Module | Callable[[], nnx.Module], cfg, mesh: 
     if isinstance(rules, str):
         rules = logical.rules_for(rules)
     built = isinstance(model, nnx.Module)
-    graphdef, train_abs, frozen_abs, rest_abs = _split(model if built else nnx.eval_shape(model), freeze)
+    shape = model if built else nnx.eval_shape(model)
+    graphdef, train_abs, frozen_abs, rest_abs = _split(shape, freeze)
     train_sh = logical.state_shardings(train_abs, mesh, rules)
     frozen_sh = logical.state_shardings(frozen_abs, mesh, rules)
     rest_sh = jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), rest_abs)
     param_shardings = {"train": train_sh, "frozen": frozen_sh}
-    tx, schedule = make_optimizer(cfg, total_steps)
+    tx, schedule = make_optimizer(cfg, total_steps, adapters=has_adapters(shape))
 
     with logical.use_rules(mesh, rules):
         if built:

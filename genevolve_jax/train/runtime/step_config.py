@@ -35,6 +35,11 @@ def default_config() -> ml_collections.ConfigDict:
         "eps": 1e-8,
         "max_grad_norm": 1.0,   # (ours) global-norm clipping; 0 disables it
         "mu_dtype": "float32",  # first-moment dtype; bf16 halves its memory
+        # (ours) The peak lr when the model trains LoRA adapters (model.lora.rank > 0); 0 = the
+        # learning_rate above. Adapters want their own step: Adam moves A and B by about the lr,
+        # which moves the product s·A·B by far more or less than full tuning moves W, depending on
+        # alpha / rank; and SFT's adapters are merged before RL's fresh ones, so each phase has its own.
+        "lora_learning_rate": 0.0,
     })
     cfg.schedule = ml_collections.ConfigDict({
         "kind": "cosine",
@@ -56,6 +61,7 @@ def validate(cfg: ml_collections.ConfigDict, prefix: str = "train") -> ml_collec
     check = Checker(prefix)
     o, s = cfg.optimizer, cfg.schedule
     check.number(o.learning_rate, "optimizer.learning_rate", low=0, low_open=True)
+    check.number(o.lora_learning_rate, "optimizer.lora_learning_rate", low=0, rule=">= 0 (0: learning_rate)")
     check.number(o.weight_decay, "optimizer.weight_decay", low=0)
     for name in ("b1", "b2"):
         check.number(o[name], f"optimizer.{name}", low=0, high=1, high_open=True)

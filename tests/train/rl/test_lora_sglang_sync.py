@@ -6,9 +6,11 @@ run's losses are not looked at, only what crosses the wire.)"""
 import os
 
 import jax
+import numpy as np
 from safetensors.numpy import load_file
 
 from genevolve_jax.models import peft_io
+from genevolve_jax.models.qwen3_vl.config import LoRAConfig
 from tests.fixtures.sglang_fake import FakeBehaviour, running_fake_sglang
 from tests.fixtures.toy_task import toy_model, toy_trainer
 from tests.fixtures.lora import HEADED_LORA
@@ -32,9 +34,18 @@ def test_lora_run_syncs_adapters_not_models(tmp_path):
             assert named == ["policy_v0"] * rows + ["policy_v1"] * rows
             assert all(m["time/adapter_export_s"] > 0 and m["sglang/servers_behind"] == 0 for m in steps)
             assert sorted(os.listdir(weights_dir)) == ["adapter_v2"]
+            # One rank for SGLang: the decoder's rank-4 adapters padded with zeros to the head's 8,
+            # at the common scale; the deltas are the trainer's.
             sent = load_file(os.path.join(weights_dir, "adapter_v2", peft_io.ADAPTER_WEIGHTS))
-            assert sum(v.nbytes for v in sent.values()) == sum(
-                x.nbytes for x in jax.tree.leaves(trainer.params["train"]))
-            assert peft_io.read_adapter_config(os.path.join(weights_dir, "adapter_v2")) == HEADED_LORA
+            one_rank = LoRAConfig(8, HEADED_LORA.scale * 8, HEADED_LORA.targets)
+            assert peft_io.read_adapter_config(os.path.join(weights_dir, "adapter_v2")) == one_rank
+            policy = trainer.setup.merge(trainer.params)
+            assert peft_io.adapter_tensors(policy, one_rank=True).keys() == sent.keys()
+            for name, tensor in peft_io.adapter_tensors(policy, one_rank=True).items():
+                np.testing.assert_array_equal(sent[name], tensor.astype(sent[name].dtype))
+            q_a = [v for k, v in sent.items() if k.endswith("q_proj.lora_A.weight")][0]
+            assert np.any(q_a[:4]) and not np.any(q_a[4:])
+            trained = sum(x.size for x in jax.tree.leaves(trainer.params["train"]))
+            assert sum(v.size for v in sent.values()) > trained     # the padding
         finally:
             trainer.close()

@@ -36,7 +36,8 @@ def lora_model():
 
 def train_cfg():
     c = step_config.default_config()
-    c.optimizer.learning_rate = 1e-2
+    c.optimizer.learning_rate = 1e-3
+    c.optimizer.lora_learning_rate = 1e-2        # the one a model with adapters trains at
     c.optimizer.eps = 1e-3
     c.schedule.warmup_ratio = 0.0
     return step_config.validate(c)
@@ -75,6 +76,7 @@ def one_device(model):
 
 def test_only_adapters_train_and_the_base_stays_bit_for_bit(one_device):
     setup, first, params, opt, metrics = one_device
+    assert float(setup.schedule(0)) == np.float32(1e-2)      # optimizer.lora_learning_rate
     train_vars = jax.tree.leaves(params["train"], is_leaf=lambda x: isinstance(x, nnx.Variable))
     assert train_vars and all(isinstance(v, LoRAParam) for v in train_vars)
     assert not any(isinstance(v, LoRAParam) for v in

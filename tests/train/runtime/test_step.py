@@ -202,6 +202,11 @@ def test_schedule_warmup_then_cosine():
     np.testing.assert_allclose(float(s(2)), 1e-5, rtol=1e-6)  # 2% of 100 steps of warmup
     np.testing.assert_allclose(float(s(51)), 0.5e-5, rtol=1e-3)
     assert float(s(100)) < 1e-9
+    # optimizer.lora_learning_rate: the peak of a model that trains adapters, when set.
+    assert make_schedule(c, 100, adapters=True)(2) == s(2)
+    c.optimizer.lora_learning_rate = 3e-4
+    np.testing.assert_allclose(float(make_schedule(c, 100, adapters=True)(2)), 3e-4, rtol=1e-6)
+    np.testing.assert_allclose(float(make_schedule(c, 100)(2)), 1e-5, rtol=1e-6)
 
 
 def test_sft_loss_honours_the_loss_config(model):
@@ -248,6 +253,10 @@ def test_bad_batches_and_configs_are_refused(model):
     c = step_config.default_config()
     c.optimizer.weight_decay = -1.0
     with pytest.raises(ValueError, match="train.optimizer.weight_decay must be >= 0"):
+        step_config.validate(c)
+    c = step_config.default_config()
+    c.optimizer.lora_learning_rate = -1e-4
+    with pytest.raises(ValueError, match="train.optimizer.lora_learning_rate"):
         step_config.validate(c)
     c = step_config.default_config()
     c.remat = "some"
