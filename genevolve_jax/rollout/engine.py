@@ -150,6 +150,10 @@ class RolloutEngine(abc.ABC):
         (:meth:`load_adapter`), so that a LoRA trainer sends adapters, not whole models."""
         return False
 
+    def check_adapters(self, lora) -> None:
+        """Raise before the first sync when the engine could not load adapters of ``lora`` (a
+        config.LoRAConfig); engines that check nothing (those without :attr:`adapter_sync`) pass."""
+
     def load_adapter(self, path: str, step: int) -> dict[str, float]:
         """Sample with the PEFT adapter folder at ``path`` (on the base the engine holds) as the
         weights of ``step``; metrics as :meth:`update_weights`. Only engines with :attr:`adapter_sync`."""

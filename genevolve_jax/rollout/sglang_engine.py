@@ -56,6 +56,7 @@ from typing import Any, Sequence
 
 import httpx
 
+from genevolve_jax.models.qwen3_vl.config import HEAD_LORA_TARGET
 from genevolve_jax.rollout.engine import GenerationRequest, GenerationResult, RolloutEngine
 from genevolve_jax.rollout.sglang_weights import WeightExport, WeightLagError, WeightVersions
 
@@ -477,6 +478,31 @@ class SGLangEngine(RolloutEngine):
         metrics = self.versions.record(step, outcomes)
         self.export.prune(path)
         return {"time/weight_reload_s": t2 - t1, **metrics}
+
+    def check_adapters(self, lora) -> None:
+        """Every server that reports its arguments (/server_info) must take the adapters a sync
+        sends (peft_io ``one_rank`` folders): LoRA enabled, --max-lora-rank at least the largest
+        rank, and lm_head among its --lora-target-modules when the head is adapted. Else an
+        SGLangError naming the server and the launch/sglang_server.sh setting, before any sync (a
+        load the server refuses would only show as a lagging server). A server that does not say
+        is not judged."""
+        problems = []
+        for url, info in asyncio.run(self.server_infos()).items():
+            if not info:
+                continue
+            enabled, max_rank = _find_key(info, "enable_lora"), _find_key(info, "max_lora_rank")
+            modules = _find_key(info, "lora_target_modules")
+            if enabled is False:
+                problems.append(f"{url} runs without --enable-lora (LORA_RANK={lora.max_rank})")
+            elif max_rank is not None and int(max_rank) < lora.max_rank:
+                problems.append(f"{url} has --max-lora-rank {max_rank}, below the adapters' {lora.ranks} "
+                                f"(LORA_RANK={lora.max_rank})")
+            if (enabled is not False and HEAD_LORA_TARGET in lora.targets and isinstance(modules, (list, tuple))
+                    and not {HEAD_LORA_TARGET, "all"} & set(modules)):
+                problems.append(f"{url} does not adapt {HEAD_LORA_TARGET} (LORA_HEAD=1)")
+        if problems:
+            raise SGLangError("SGLang servers cannot load this run's LoRA adapters (model.lora): "
+                              + "; ".join(problems))
 
     def load_adapter(self, path: str, step: int) -> dict[str, float]:
         """Load the PEFT folder ``path`` on every server as adapter ``policy_v<step>``

@@ -147,3 +147,30 @@ def get_module_name_ok(sgl, module: str) -> bool:
     """sglang resolves the module's name to one of its fused targets."""
     fused = {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
     return sgl.utils.get_target_module_name(f"model.layers.0.{module}", fused) == module.split(".")[-1]
+
+
+def test_servers_that_cannot_load_the_adapters_are_named_before_any_sync(tmp_path):
+    """SGLangEngine.check_adapters reads each server's arguments as sglang 0.5.23's /server_info
+    reports them (ServerArgs field names, launch/sglang_server.sh's flags) and refuses a server
+    without LoRA, with a --max-lora-rank below the adapters' largest rank (the head's, which a sync
+    pads every adapter to) or without lm_head among its targets when the head is adapted."""
+    from genevolve_jax.rollout.sglang_engine import SGLangEngine, SGLangError
+    from tests.fixtures.lora import HEADED_LORA
+    from tests.fixtures.sglang_fake import FakeBehaviour, running_fake_sglang
+    fields = set(load_lora().server_args.ServerArgs.__struct_fields__)
+    assert {"enable_lora", "max_lora_rank", "lora_target_modules"} <= fields
+    launched = {"enable_lora": True, "max_lora_rank": HEADED_LORA.max_rank,
+                "lora_target_modules": list(TEXT_LORA_TARGETS) + [HEAD_LORA_TARGET]}
+    cases = [({}, None), (launched, None), ({**launched, "lora_target_modules": ["all"]}, None),
+             ({**launched, "enable_lora": False}, "without --enable-lora"),
+             ({**launched, "max_lora_rank": HEADED_LORA.rank}, "--max-lora-rank 4.*LORA_RANK=8"),
+             ({**launched, "lora_target_modules": list(TEXT_LORA_TARGETS)}, "LORA_HEAD=1")]
+    for server_args, error in cases:
+        with running_fake_sglang(FakeBehaviour(server_args=server_args)) as (url, _):
+            engine = SGLangEngine([url], weights_dir=str(tmp_path))
+            if error is None:
+                engine.check_adapters(HEADED_LORA)
+                engine.check_adapters(LoRAConfig(RANK, ALPHA))       # no head: its targets do not matter
+            else:
+                with pytest.raises(SGLangError, match=error):
+                    engine.check_adapters(HEADED_LORA)

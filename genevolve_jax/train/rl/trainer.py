@@ -101,6 +101,8 @@ class EvolveTrainer(Driver):
         lora = self.setup.merge(self.params).config.lora
         self.sync_adapters_only = (self.lora_on and self.engine.adapter_sync
                                    and set(lora.targets) <= set(TEXT_LORA_TARGETS + (HEAD_LORA_TARGET,)))
+        if self.sync_adapters_only:
+            self.engine.check_adapters(lora)
         if rollout_phase is None:
             self.rollout = self._make_rollout_phase()
         elif isinstance(rollout_phase, RolloutPhase):

@@ -7,6 +7,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 
 from genevolve_jax.models import peft_io
@@ -49,3 +50,14 @@ def test_lora_run_syncs_adapters_not_models(tmp_path):
             assert sum(v.size for v in sent.values()) > trained     # the padding
         finally:
             trainer.close()
+
+
+def test_a_server_whose_lora_rank_is_too_small_stops_the_run_before_any_sync(tmp_path):
+    """The head's rank 8 is the rank every synced adapter is padded to: a server started with
+    LORA_RANK=4 (the decoder's rank) is refused when the trainer is built, not after a failed load."""
+    from genevolve_jax.rollout.sglang_engine import SGLangError
+    args = {"enable_lora": True, "max_lora_rank": HEADED_LORA.rank, "lora_target_modules": ["all"]}
+    with running_fake_sglang(FakeBehaviour(image_tokens=1, server_args=args)) as (url, log):
+        with pytest.raises(SGLangError, match=f"LORA_RANK={HEADED_LORA.max_rank}"):
+            toy_trainer(sglang_config(tmp_path / "run", [url]), model=toy_model(lora=HEADED_LORA))
+        assert log.adapter_loads == [] and log.reload_bodies == []
