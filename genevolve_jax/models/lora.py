@@ -21,8 +21,8 @@ from flax import nnx
 
 from genevolve_jax.models.layers import Dense, LoRAParam
 
-__all__ = ["LoRAParam", "adapted_projections", "adapter_dropout", "init_adapters", "kernel_delta", "merged_base_state", "merged_kernel",
-           "merged_model", "with_fresh_adapters", "adapters_off", "freeze_filter", "has_adapters"]
+__all__ = ["LoRAParam", "adapted_projections", "adapter_dropout", "init_adapters", "kernel_delta", "merged_base_state",
+           "merged_kernel", "merged_model", "with_fresh_adapters", "adapters_off", "freeze_filter", "has_adapters"]
 
 
 def adapted_projections(model: nnx.Module) -> Iterator[tuple[tuple, Dense]]:

@@ -70,6 +70,20 @@ HEAD_LORA_TARGET = "lm_head"
 LORA_TARGETS = TEXT_LORA_TARGETS + VISION_LORA_TARGETS + (HEAD_LORA_TARGET,)
 
 
+def head_rules_broken(targets, dropout: float, head_rank) -> list[tuple[str, str]]:
+    """(field, what it must be) for each rule on the head's adapter that these settings break: a
+    head adapter is applied as a kernel (W + s·A·B), so its input cannot drop out, and a head rank
+    needs the head as a target. LoRAConfig and the run config check (model_setup) both ask here."""
+    head = HEAD_LORA_TARGET in tuple(targets)
+    out = []
+    if head and dropout > 0:
+        out.append(("dropout", f"0 when the targets have {HEAD_LORA_TARGET!r} (its adapter is applied as a kernel "
+                               "W + s·A·B, so its input cannot drop out)"))
+    if head_rank and not head:
+        out.append(("head_rank", f"0 (unset) unless the targets have {HEAD_LORA_TARGET!r}"))
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class LoRAConfig:
     """Low-rank adapters W + (alpha / rank)·A·B on the named projections (not in config.json).
@@ -97,16 +111,12 @@ class LoRAConfig:
         unknown = sorted(set(self.targets) - set(LORA_TARGETS))
         if unknown or not self.targets:
             raise ConfigError(f"lora targets {unknown or '(none)'}: choose from {list(LORA_TARGETS)}")
-        if HEAD_LORA_TARGET in self.targets and self.dropout > 0:
-            raise ConfigError(f"lora dropout {self.dropout} with the {HEAD_LORA_TARGET!r} target: the head's adapter "
-                              "is applied as a kernel (W + s·A·B), so its input cannot drop out; use dropout 0")
-        if self.head_rank is not None:
-            if not isinstance(self.head_rank, int) or self.head_rank < 1:
-                raise ConfigError(f"lora head_rank must be a positive integer or None, got {self.head_rank!r}")
-            if HEAD_LORA_TARGET not in self.targets:
-                raise ConfigError(f"lora head_rank {self.head_rank} without the {HEAD_LORA_TARGET!r} target")
-            if self.head_rank == self.rank:    # one spelling per adapter set: equality and same_adapters
-                object.__setattr__(self, "head_rank", None)
+        if self.head_rank is not None and (not isinstance(self.head_rank, int) or self.head_rank < 1):
+            raise ConfigError(f"lora head_rank must be a positive integer or None, got {self.head_rank!r}")
+        for field, rule in head_rules_broken(self.targets, self.dropout, self.head_rank):
+            raise ConfigError(f"lora {field} must be {rule}, got {getattr(self, field)!r}")
+        if self.head_rank == self.rank:    # one spelling per adapter set: equality and same_adapters
+            object.__setattr__(self, "head_rank", None)
 
     @property
     def scale(self) -> float:

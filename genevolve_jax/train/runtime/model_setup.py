@@ -10,7 +10,7 @@ import jax
 import ml_collections
 
 from genevolve_jax.config_checks import Checker
-from genevolve_jax.models.qwen3_vl.config import HEAD_LORA_TARGET, LORA_TARGETS
+from genevolve_jax.models.qwen3_vl.config import LORA_TARGETS, head_rules_broken
 from genevolve_jax.models.qwen3_vl.config import TEXT_LORA_TARGETS as LORA_TEXT_TARGETS
 from genevolve_jax.sharding.mesh import MeshError, resolve_axis_sizes
 
@@ -77,11 +77,10 @@ def validate_model(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     targets = list(lora.targets) if isinstance(lora.targets, (list, tuple)) else None
     check(bool(targets) and set(targets) <= set(LORA_TARGETS), "lora.targets",
           f"a non-empty list from {list(LORA_TARGETS)}", lora.targets)
-    check(not (lora.rank and lora.dropout > 0 and HEAD_LORA_TARGET in (targets or ())), "lora.dropout",
-          f"0 when lora.targets has {HEAD_LORA_TARGET!r} (its adapter is applied as a kernel)", lora.dropout)
     check.integer(lora.head_rank, "lora.head_rank", 0)
-    check(not (lora.rank and lora.head_rank and HEAD_LORA_TARGET not in (targets or ())), "lora.head_rank",
-          f"0 unless lora.targets has {HEAD_LORA_TARGET!r}", lora.head_rank)
+    if lora.rank:
+        for field, rule in head_rules_broken(targets, lora.dropout, lora.head_rank):
+            check(False, f"lora.{field}", rule, lora[field])
     return cfg
 
 

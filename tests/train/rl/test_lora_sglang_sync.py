@@ -14,14 +14,14 @@ from genevolve_jax.models import peft_io
 from genevolve_jax.models.qwen3_vl.config import LoRAConfig
 from tests.fixtures.sglang_fake import FakeBehaviour, running_fake_sglang
 from tests.fixtures.toy_task import toy_model, toy_trainer
-from tests.fixtures.lora import HEADED_LORA
+from tests.fixtures.lora import HEADED_LORA, with_random_b
 from tests.train.rl.test_trainer_sglang import sglang_config
 
 
 def test_lora_run_syncs_adapters_not_models(tmp_path):
     with running_fake_sglang(FakeBehaviour(image_tokens=1)) as (url, log):
         cfg = sglang_config(tmp_path / "run", [url])
-        model = toy_model(lora=HEADED_LORA)
+        model = with_random_b(toy_model(lora=HEADED_LORA))   # adapters with non-zero deltas to send
         trainer = toy_trainer(cfg, model=model)
         try:
             weights_dir = trainer.engine.weight_export.weights_dir
@@ -46,6 +46,17 @@ def test_lora_run_syncs_adapters_not_models(tmp_path):
                 np.testing.assert_array_equal(sent[name], tensor.astype(sent[name].dtype))
             q_a = [v for k, v in sent.items() if k.endswith("q_proj.lora_A.weight")][0]
             assert np.any(q_a[:4]) and not np.any(q_a[4:])
+            # Independently of peft_io: the folder's scale · B·A, as SGLang forms it, is the
+            # trainer's s·A·B for the head and a padded decoder projection.
+            scale = one_rank.alpha / one_rank.rank
+            down = policy.language_model.layers[1].mlp.down_proj
+            for module, dense in (("lm_head", policy.lm_head), ("model.language_model.layers.1.mlp.down_proj", down)):
+                a, b = (np.asarray(jax.device_get(v.get_value()), np.float64) for v in (dense.lora_a, dense.lora_b))
+                want = HEADED_LORA.scale * (a @ b).T                       # HF's (out, in)
+                got = scale * (np.asarray(sent[f"{peft_io.PEFT_PREFIX}{module}.lora_B.weight"], np.float64)
+                               @ np.asarray(sent[f"{peft_io.PEFT_PREFIX}{module}.lora_A.weight"], np.float64))
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9, err_msg=module)   # float32 export
+                assert np.abs(want).max() > 0, module
             trained = sum(x.size for x in jax.tree.leaves(trainer.params["train"]))
             assert sum(v.size for v in sent.values()) > trained     # the padding
         finally:
